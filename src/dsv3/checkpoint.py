@@ -1,0 +1,252 @@
+"""Loading and saving Hugging Face-layout checkpoints (single file or sharded safetensors).
+
+Loading builds the model on the meta device, allocates it once in the target dtype and copies
+each tensor straight from the memory-mapped file, so peak memory stays near the model's own size.
+FP8 e4m3 weights with 128×128 `weight_scale_inv` blocks are dequantized on the way in. Per-expert
+checkpoint tensors are written into the stacked expert weights, and layer `num_hidden_layers + k`
+into MTP module k. Pickle formats are refused: loading them can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from dsv3.config import ModelConfig
+from dsv3.errors import CheckpointError
+from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.safetensors_io import SafetensorsFile
+
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
+_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.weight_scale_inv)$")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+Target = tuple[str, tuple]  # internal parameter name, index into it (() = whole tensor)
+
+
+def map_name(name: str, cfg: ModelConfig, with_mtp: bool) -> Target | None:
+    """Checkpoint tensor name -> (model parameter name, index), or None to skip it."""
+    L = cfg.num_hidden_layers
+    m = _LAYER.match(name)
+    if m and int(m.group(1)) >= L:
+        k, rest = int(m.group(1)) - L, m.group(2)
+        if not with_mtp or k >= cfg.num_nextn_predict_layers or rest in _MTP_SHARED:
+            return None
+        prefix = f"model.mtp.{k}." if rest.startswith(_MTP_OWN) else f"model.mtp.{k}.block."
+        mapped = map_name(f"model.layers.0.{rest}", cfg, with_mtp)
+        if mapped is None:
+            return None
+        return prefix + mapped[0].removeprefix("model.layers.0."), mapped[1]
+    e = _EXPERT.match(name)
+    if e:
+        base, j, proj = e.group(1), int(e.group(2)), e.group(3)
+        Im = cfg.moe_intermediate_size
+        if proj == "down_proj":
+            return f"{base}.down_proj", (j,)
+        rows = slice(0, Im) if proj == "gate_proj" else slice(Im, 2 * Im)
+        return f"{base}.gate_up_proj", (j, rows)
+    return name, ()
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, through the index when sharded."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise CheckpointError(f"{index} is not a valid safetensors index (no 'weight_map')") from None
+        files = sorted({model_dir / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"shard {f.name} listed in {index.name} is missing from {model_dir}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise CheckpointError(f"{model_dir} only has pickle weights ({pickles[0]}); pickle is refused because loading it can run code — convert to safetensors")
+    raise CheckpointError(f"no *.safetensors weights in {model_dir}")
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str) -> torch.Tensor:
+    """W[n, k] = fp32(Wq[n, k]) · S[n // bn, k // bk]; edge blocks smaller than the block use their block's scale."""
+    (N, K), (bn, bk) = w.shape, block
+    grid = (-(-N // bn), -(-K // bk))
+    if tuple(scale_inv.shape) != grid:
+        raise CheckpointError(f"tensor {name!r}: weight_scale_inv shape {list(scale_inv.shape)} does not match the {bn}×{bk} block grid {list(grid)}")
+    s = scale_inv.float().repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]
+    return w.float() * s
+
+
+def has_mtp_weights(files: list[Path], cfg: ModelConfig) -> bool:
+    """Whether the checkpoint stores the MTP modules (HF's save_pretrained drops them, for one)."""
+    key = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"
+    for path in files:
+        with SafetensorsFile(path) as sf:
+            if key in sf.entries:
+                return True
+    return False
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+               with_mtp: bool | None = None, progress: bool = True) -> DeepseekV3ForCausalLM:
+    """Load a checkpoint directory into a `DeepseekV3ForCausalLM` (eval mode).
+
+    with_mtp: True loads the MTP modules (an error if absent), False skips them, None loads them if present.
+    """
+    model_dir = Path(model_dir)
+    cfg = ModelConfig.from_dir(model_dir)
+    dtype = resolve_dtype(dtype, cfg)
+    files = checkpoint_files(model_dir)
+    if cfg.num_nextn_predict_layers == 0:
+        with_mtp = False
+    elif with_mtp is None:
+        with_mtp = has_mtp_weights(files, cfg)
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(cfg, with_mtp=with_mtp)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.cast(dtype)
+    model.reset_buffers()
+    targets = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    needed = {n for n, t in targets.items() if n in model.state_dict()}
+    if cfg.tie_word_embeddings:
+        needed.discard("lm_head.weight")
+    filled: dict[str, int] = {}
+    qc = cfg.quantization_config or {}
+    block = tuple(qc.get("weight_block_size") or (128, 128))
+    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="loading", disable=not progress)
+    for path in files:
+        with SafetensorsFile(path) as sf:
+            for name in sf.keys():
+                if _IGNORED.search(name) and not name.endswith("weight_scale_inv"):
+                    continue
+                if name.endswith("weight_scale_inv"):
+                    if name.removesuffix("_scale_inv") not in sf.entries:
+                        raise CheckpointError(f"{path.name}: {name!r} has no matching weight in the same file")
+                    continue
+                target = map_name(name, cfg, with_mtp)
+                if target is None:
+                    continue
+                pname, index = target
+                if pname == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                if pname not in targets:
+                    raise CheckpointError(f"{path.name}: unexpected tensor {name!r} (does config.json match this checkpoint?)")
+                dest = targets[pname][index] if index else targets[pname]
+                src = sf.get(name)
+                if src.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    scale = name.removesuffix("weight") + "weight_scale_inv"
+                    if scale not in sf.entries:
+                        raise CheckpointError(f"{path.name}: FP8 tensor {name!r} has no {scale!r}")
+                    src = dequantize_fp8(src, sf.get(scale), block, name)
+                if tuple(src.shape) != tuple(dest.shape):
+                    raise CheckpointError(f"{path.name}: tensor {name!r} has shape {list(src.shape)}, the model expects {list(dest.shape)}")
+                with torch.no_grad():
+                    dest.copy_(src)
+                del src
+                sf.release(name)
+                filled[pname] = filled.get(pname, 0) + 1
+                bar.update(sf.entries[name][3] - sf.entries[name][2])
+    bar.close()
+    expected_counts = {n: _pieces(n, cfg) for n in needed}
+    for n in sorted(needed):
+        if filled.get(n, 0) < expected_counts[n]:
+            raise CheckpointError(f"tensor for {n!r} is missing from the checkpoint in {model_dir}")
+    return model.eval()
+
+
+def _pieces(name: str, cfg: ModelConfig) -> int:
+    """How many checkpoint tensors fill one model tensor (per-expert files fill stacked experts)."""
+    if name.endswith("experts.gate_up_proj"):
+        return 2 * cfg.n_routed_experts
+    if name.endswith("experts.down_proj"):
+        return cfg.n_routed_experts
+    return 1
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, cfg: ModelConfig) -> torch.dtype:
+    """'auto'/None -> the checkpoint's dtype (bf16 for FP8 checkpoints); names like 'bf16' accepted."""
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return names.get(str(cfg.torch_dtype), torch.bfloat16)
+    if dtype not in names:
+        raise CheckpointError(f"unknown dtype {dtype!r} (use auto, fp32, bf16 or fp16)")
+    return names[dtype]
+
+
+def export_tensors(model: DeepseekV3ForCausalLM) -> Iterator[tuple[str, callable, int]]:
+    """(checkpoint name, producer of the tensor, byte size) in HF layout: experts split, MTP as layer L+k."""
+    cfg, L = model.config, model.config.num_hidden_layers
+    Im = cfg.moe_intermediate_size
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        out = name
+        m = re.match(r"^model\.mtp\.(\d+)\.(block\.)?(.*)$", name)
+        if m:
+            out = f"model.layers.{L + int(m.group(1))}.{m.group(3)}"
+        if out.endswith("experts.gate_up_proj") or out.endswith("experts.down_proj"):
+            base, proj = out.rsplit(".", 1)
+            for j in range(t.shape[0]):
+                if proj == "down_proj":
+                    yield f"{base}.{j}.down_proj.weight", (lambda t=t, j=j: t[j].contiguous()), t[j].nbytes
+                else:
+                    yield f"{base}.{j}.gate_proj.weight", (lambda t=t, j=j: t[j, :Im].contiguous()), t[j].nbytes // 2
+                    yield f"{base}.{j}.up_proj.weight", (lambda t=t, j=j: t[j, Im:].contiguous()), t[j].nbytes // 2
+        else:
+            yield out, (lambda t=t: t.contiguous()), t.nbytes
+    for k in range(len(model.model.mtp)):  # copies of the shared embedding and head, as the official files have
+        yield f"model.layers.{L + k}.embed_tokens.weight", (lambda: model.model.embed_tokens.weight.clone()), model.model.embed_tokens.weight.nbytes
+        yield f"model.layers.{L + k}.shared_head.head.weight", (lambda: model.lm_head.weight.clone()), model.lm_head.weight.nbytes
+
+
+def save_model(model: DeepseekV3ForCausalLM, out_dir: str | Path, max_shard_bytes: int = 4 * 2**30,
+               tokenizer_from: str | Path | None = None) -> Path:
+    """Write config.json and safetensors weights (sharded with an index past `max_shard_bytes`)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save(out)
+    shards: list[list[tuple[str, callable]]] = [[]]
+    size = 0
+    for name, make, nbytes in export_tensors(model):
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, make))
+        size += nbytes
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file({name: make().detach().cpu() for name, make in shard}, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name, _ in shard})
+    if n > 1:
+        total = sum(p.nbytes for p in model.state_dict().values())
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if tokenizer_from is not None:
+        copy_tokenizer_files(tokenizer_from, out)
+    return out
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
+    for name in TOKENIZER_FILES:
+        if Path(src, name).is_file():
+            shutil.copy2(Path(src, name), Path(dst, name))

@@ -1,0 +1,50 @@
+"""The `dsv3` command: one sub-command per capability.
+
+Each capability owns a small module exposing `register(subparsers)`, which adds its
+sub-parser(s) and sets `func` to a callable taking the parsed namespace and returning an
+exit code. This file only dispatches and turns user errors into one-line messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from dsv3.errors import DSV3Error
+
+# Modules that contribute sub-commands, in the order they appear in `dsv3 --help`.
+COMMAND_MODULES: tuple[str, ...] = (
+    "dsv3.commands.run",
+    "dsv3.commands.tokenizer",
+    "dsv3.commands.data",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dsv3", description="DeepSeek-V3 models: run, serve, shrink, adapt, train, measure.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DSV3Error as e:
+        print(f"dsv3: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsv3: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Sub-commands of the `dsv3` CLI, one module per capability."""

@@ -1,0 +1,16 @@
+"""Pretraining data: build deduplicated token shards, read them memory-mapped, pack windows.
+
+`build` (heavy: tokenizers) is imported on first use so that training code importing the
+reader and the packer does not pay for it.
+"""
+
+from dsv3.data.packing import FIMTokens, PackedBatch, PackedDataset, fim_transform
+from dsv3.data.shards import DataError, TokenShards, load_manifest
+
+__all__ = ["DataError", "FIMTokens", "PackedBatch", "PackedDataset", "TokenShards", "build", "fim_transform", "load_manifest"]
+
+
+def build(*args, **kwargs) -> dict:
+    """See `dsv3.data.build.build`."""
+    from dsv3.data.build import build as _build
+    return _build(*args, **kwargs)

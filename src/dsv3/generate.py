@@ -1,0 +1,122 @@
+"""The single-request generator: prefill, then one token at a time over a contiguous latent cache.
+
+This is the simple path (one request at a time, absorbed-MLA decode); `dsv3.engine` adds
+continuous batching over a paged cache on top of the same model code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from dsv3.errors import DSV3Error
+from dsv3.model import DeepseekV3ForCausalLM, DenseLatentCache
+from dsv3.sampling import SamplingParams, apply_penalties, sample
+from dsv3.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class CompletionOutput:
+    """One generated continuation (vLLM's shape)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length"
+    cumulative_logprob: float = 0.0
+
+
+@dataclass
+class RequestOutput:
+    """All continuations of one prompt."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = True
+
+
+@dataclass
+class StreamEvent:
+    """An increment of a streamed completion: new text, the token that produced it, and whether it ended."""
+
+    text: str
+    token_id: int | None
+    finish_reason: str | None = None
+
+
+class Generator:
+    """Decodes one prompt with a `DenseLatentCache`, honouring every `SamplingParams` field but `n`."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM, tokenizer: Tokenizer, max_model_len: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_model_len = max_model_len or model.config.max_position_embeddings
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        vocab = self.model.config.vocab_size
+        if not prompt_ids:
+            raise DSV3Error("the prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise DSV3Error(f"the prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise DSV3Error(f"prompt token ids must be in [0, {vocab})")
+
+    @torch.inference_mode()
+    def stream(self, prompt_ids: list[int], params: SamplingParams, seed: int | None = None) -> Iterator[StreamEvent]:
+        self.check_prompt(prompt_ids)
+        cfg, dev = self.model.config, self.model.device
+        budget = self.max_model_len - len(prompt_ids)
+        max_new = min(params.max_tokens or budget, budget)
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(seed if seed is not None else (params.seed if params.seed is not None else torch.seed()))
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= set(self.tokenizer.stop_token_ids) | set(cfg.eos_token_ids)
+        cache = DenseLatentCache(cfg.num_hidden_layers, 1, len(prompt_ids) + max_new, cfg.latent_dim, self.model.dtype, dev)
+        logits = self.model(torch.tensor([prompt_ids], device=dev), None, cache)[:, -1].float()
+        penalties = params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty
+        seen = torch.zeros(1, cfg.vocab_size, dtype=torch.bool, device=dev)
+        seen[0, prompt_ids] = True
+        counts = torch.zeros(1, cfg.vocab_size, device=dev)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        holdback = max((len(s) for s in params.stop), default=1) - 1
+        text, emitted, n_out = "", 0, 0
+        while True:
+            if n_out < params.min_tokens and stop_ids:
+                logits[:, sorted(stop_ids)] = float("-inf")
+            if penalties:
+                logits = apply_penalties(logits, [params], seen, counts)
+            token = int(sample(logits, [params], [gen])[0])
+            n_out += 1
+            if token in stop_ids:
+                yield StreamEvent(text[emitted:], token, "stop")
+                return
+            seen[0, token] = True
+            counts[0, token] += 1
+            text += detok.push(token)
+            cut = min((i for i in (text.find(s, max(0, emitted - holdback)) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                yield StreamEvent(text[emitted:cut], token, "stop")
+                return
+            if n_out >= max_new:
+                text += detok.flush()
+                yield StreamEvent(text[emitted:], token, "length")
+                return
+            safe = max(emitted, len(text) - holdback)
+            yield StreamEvent(text[emitted:safe], token)
+            emitted = safe
+            logits = self.model(torch.tensor([[token]], device=dev), None, cache)[:, -1].float()
+
+    def complete(self, prompt_ids: list[int], params: SamplingParams, index: int = 0, seed: int | None = None) -> CompletionOutput:
+        text, tokens, reason = [], [], None
+        for ev in self.stream(prompt_ids, params, seed):
+            text.append(ev.text)
+            if ev.token_id is not None:
+                tokens.append(ev.token_id)
+            reason = ev.finish_reason or reason
+        return CompletionOutput(index, "".join(text), tokens, reason)

@@ -1,0 +1,106 @@
+"""`dsv3.LLM`: the Python API, in the shape users know from vLLM."""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from dsv3.checkpoint import load_model
+from dsv3.errors import DSV3Error
+from dsv3.generate import Generator, RequestOutput, StreamEvent
+from dsv3.paths import default_model_dir
+from dsv3.sampling import SamplingParams
+from dsv3.tokenizer import Tokenizer
+
+Prompt = str | dict[str, Any]
+
+
+@dataclass
+class ScoreOutput:
+    """Per-token log-probabilities of a sequence under the model (for perplexity, MMLU, ...)."""
+
+    logprobs: list[float]  # log p(t_i | t_<i) for i = 1 .. n-1
+    is_greedy: list[bool]  # whether t_i was the argmax
+
+
+class LLM:
+    """Load a checkpoint directory once; generate, chat and score with it.
+
+    >>> llm = LLM()                                    # the embedded default model
+    >>> out = llm.generate(["def fib(n):"], SamplingParams(max_tokens=32, temperature=0))
+    >>> out[0].outputs[0].text
+    """
+
+    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
+                 max_model_len: int | None = None, seed: int = 0, progress: bool = False):
+        self.model_dir = Path(model) if model is not None else default_model_dir()
+        self.model = load_model(self.model_dir, dtype=dtype, device=device, progress=progress)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.generator = Generator(self.model, self.tokenizer, max_model_len)
+        self.seed = seed
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and isinstance(prompt.get("prompt_token_ids"), list):
+            return None, [int(t) for t in prompt["prompt_token_ids"]]
+        raise DSV3Error("a prompt must be a string or {'prompt_token_ids': [...]}")
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete each prompt; `sampling_params.n` continuations per prompt."""
+        params = sampling_params or SamplingParams()
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        encoded = [self._prompt_ids(p) for p in prompts]
+        for _, ids in encoded:
+            self.generator.check_prompt(ids)
+        results = []
+        for text, ids in tqdm(encoded, desc="generating", disable=not use_tqdm or len(encoded) < 2):
+            rid = str(next(self._ids))
+            outs = [self.generator.complete(ids, params, index=i, seed=self._seed(rid, i, params)) for i in range(params.n)]
+            results.append(RequestOutput(rid, text, ids, outs))
+        return results
+
+    def _seed(self, request_id: str, index: int, params: SamplingParams) -> int:
+        """A request's seed gives sample i the seed `seed + i`; otherwise derive one from the LLM's seed."""
+        if params.seed is not None:
+            return params.seed + index
+        return zlib.crc32(f"{self.seed}:{request_id}:{index}".encode())
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = False, **template_kwargs: Any) -> list[RequestOutput]:
+        """Apply the model's chat template (it already holds BOS) and generate the assistant turn."""
+        convs = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [{"prompt_token_ids": self.chat_prompt_ids(c, **template_kwargs)} for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def chat_prompt_ids(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+        """Yield text increments as they are decoded (never a broken UTF-8 character)."""
+        _, ids = self._prompt_ids(prompt)
+        params = sampling_params or SamplingParams()
+        return self.generator.stream(ids, params, seed=self._seed(str(next(self._ids)), 0, params))
+
+    @torch.inference_mode()
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[ScoreOutput]:
+        """log p(t_i | t_<i) for every token after the first, one full forward pass per sequence."""
+        out = []
+        for seq in sequences:
+            ids = torch.tensor([list(seq)], device=self.model.device)
+            logp = self.model(ids).float().log_softmax(-1)[0, :-1]
+            target = ids[0, 1:]
+            out.append(ScoreOutput(logp.gather(1, target[:, None])[:, 0].tolist(), (logp.argmax(-1) == target).tolist()))
+        return out

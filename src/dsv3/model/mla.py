@@ -1,0 +1,92 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3).
+
+Keys and values are compressed into one `kv_lora_rank` latent per token plus a single rotary key
+shared by all heads, so a cache holds `kv_lora_rank + qk_rope_head_dim` values per token per layer
+(576 for V3) instead of 2·H·head_dim. Two mathematically equal forms of attention:
+
+* expanded: re-project the latent to per-head keys/values with `kv_b_proj` (prefill, training);
+* absorbed: fold W_UK into the query and W_UV into the output, attending over the latent itself
+  (decode, where re-expanding every cached token each step would dominate).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.attention import AttentionContext
+from dsv3.model.layers import RMSNorm
+from dsv3.model.rope import apply_rotary
+
+
+class MLA(nn.Module):
+    """MLA with HF tensor names (q_a_proj/q_b_proj or q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.scale = cfg.softmax_scale
+        D, H, dqk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * dqk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)  # eps 1e-6 regardless of config (as HF)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * dqk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """x [B, T, D]; cos/sin [B, T, dr/2] for the tokens' positions."""
+        B, T, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rotary(q_pe, cos[:, :, None], sin[:, :, None])
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = torch.cat([self.kv_a_layernorm(c), apply_rotary(k_pe, cos, sin)], dim=-1)
+        out = ctx.attend(self.layer_idx, self, q_nope, q_pe, latent)
+        return self.o_proj(out.flatten(2))
+
+    def kv_b_weight(self) -> torch.Tensor:
+        """kv_b_proj as a dense [H, dn+dv, kv_lora_rank] tensor (quantized layers dequantize here)."""
+        w = getattr(self.kv_b_proj, "dense_weight", None)
+        w = w() if callable(w) else self.kv_b_proj.weight
+        return w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+
+    def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
+                        mask: torch.Tensor | None) -> torch.Tensor:
+        """Standard attention after expanding the latent. q_* [B,T,H,*], kv [B,S,Rkv+dr] -> [B,T,H,dv]."""
+        B, S, _ = kv.shape
+        c, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(c).view(B, S, self.n_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        causal = mask is None and q.shape[1] > 1
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, is_causal=causal, scale=self.scale)
+        return o.transpose(1, 2)
+
+    def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
+                        mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over the latent: scores = (q_nope W_UK)·c + q_pe·k_pe, output = W_UV (p·c)."""
+        w = self.kv_b_weight()
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]
+        c, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        scores = torch.einsum("bthc,bsc->bhts", q_lat, c) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
+        scores = scores.float() * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        elif q_nope.shape[1] > 1:
+            T, S = q_nope.shape[1], kv.shape[1]
+            scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=kv.device).tril(S - T).logical_not(), float("-inf"))
+        p = scores.softmax(dim=-1).to(c.dtype)
+        o_lat = torch.einsum("bhts,bsc->bthc", p, c)
+        return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)

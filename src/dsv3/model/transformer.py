@@ -1,0 +1,154 @@
+"""The DeepSeek-V3 transformer: embedding, pre-norm MLA + FFN blocks, final norm, LM head, MTP.
+
+Parameter names equal the Hugging Face checkpoint names (`model.layers.3.self_attn.kv_b_proj.weight`)
+except that routed experts are stacked per layer and MTP modules live in `model.mtp` — see
+`dsv3.checkpoint` for the mapping. The same module serves inference, fine-tuning and pretraining.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.attention import AttentionContext
+from dsv3.model.layers import MLP, RMSNorm
+from dsv3.model.mla import MLA
+from dsv3.model.moe import MoE
+from dsv3.model.mtp import MTPLayer
+from dsv3.model.rope import RotaryEmbedding, rope_inv_freq
+
+
+class Block(nn.Module):
+    """x + MLA(norm(x)), then + FFN(norm(x)); the FFN is dense for the first layers, MoE after."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLA(cfg, layer_idx)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV3Model(nn.Module):
+    """The `model.` part of the checkpoint: embeddings, blocks, final norm, and the MTP modules."""
+
+    def __init__(self, cfg: ModelConfig, with_mtp: bool = True):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k, Block) for k in range(n_mtp))
+        self.rotary = RotaryEmbedding(cfg)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    """Causal LM head over `DeepseekV3Model`; `mtp_logits` runs the multi-token-prediction modules."""
+
+    def __init__(self, cfg: ModelConfig, with_mtp: bool = True):
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekV3Model(cfg, with_mtp)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the embedding when the config says so (again after `to_empty`)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      ctx: AttentionContext | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> final-norm hidden states [B, T, D]."""
+        ctx = ctx if ctx is not None else AttentionContext()
+        if positions is None:
+            start = getattr(ctx, "length", 0)
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        cos, sin = self.model.rotary(positions)
+        ctx.begin_step(input_ids.shape[1])
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, ctx)
+        ctx.end_step()
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                ctx: AttentionContext | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V]."""
+        return self.lm_head(self.hidden_states(input_ids, positions, ctx))
+
+    def mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                   ctx: AttentionContext | None = None, depth: int = 0) -> torch.Tensor:
+        """MTP module `depth`: from the hidden state at position i and token i+1, predict token i+2.
+
+        hidden [B, T, D] is the previous depth's output (main model: post-norm hidden states),
+        next_ids [B, T] the tokens one step ahead, positions [B, T] those of `hidden`.
+        """
+        ctx = ctx if ctx is not None else AttentionContext()
+        cos, sin = self.model.rotary(positions)
+        ctx.begin_step(hidden.shape[1])
+        out = self.model.mtp[depth](hidden, self.model.embed_tokens(next_ids), cos, sin, ctx)
+        ctx.end_step()
+        return out
+
+    def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                   ctx: AttentionContext | None = None, depth: int = 0) -> torch.Tensor:
+        return self.lm_head(self.mtp_hidden(hidden, next_ids, positions, ctx, depth))
+
+    # ---- dtype and initialisation -------------------------------------------------------
+    def cast(self, dtype: torch.dtype) -> "DeepseekV3ForCausalLM":
+        """Cast floating tensors to `dtype`, keeping routers (`keep_fp32`) in fp32."""
+        for module in self.modules():
+            keep = getattr(module, "keep_fp32", False)
+            for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                if t is not None and t.is_floating_point():
+                    t.data = t.data.to(torch.float32 if keep else dtype)
+        return self
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (needed after building on the meta device)."""
+        inv_freq, _ = rope_inv_freq(self.config)
+        self.model.rotary.inv_freq = inv_freq.to(self.device)
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.expert_load.zero_()
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Fresh initialisation for pretraining: N(0, std) matrices, unit norms, zero router bias."""
+        std = self.config.initializer_range if std is None else std
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+        for module in self.modules():
+            bias = getattr(module, "e_score_correction_bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.zero_()
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Total parameters, or those used per token (K of E routed experts) with `active=True`."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        cfg = self.config
+        for m in self.modules():
+            if isinstance(m, MoE):
+                per_expert = m.experts.gate_up_proj[0].numel() + m.experts.down_proj[0].numel()
+                total -= per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
+        return total

@@ -226,20 +226,21 @@ def test_resume_is_exact(corpus):
     shards = TokenShards(corpus["out"], "train")
     tok = corpus["tok"]
     fim = FIMTokens(tok.token_to_id(SPECIAL[4]), tok.token_to_id(SPECIAL[3]), tok.token_to_id(SPECIAL[5]))
-    kw = dict(seq_len=96, batch_size=3, seed=11, fim_rate=0.5, fim_tokens=fim)
+    kw = dict(seq_len=96, batch_size=6, seed=11, fim_rate=0.5, fim_tokens=fim)
     full = PackedDataset(shards, **kw)
     it = iter(full)
-    reference = [next(it) for _ in range(8)]
-    assert full.state_dict()["step"] == 8
+    reference = [next(it) for _ in range(80)]  # > 1 epoch, so it crosses an epoch boundary
+    assert full.state_dict()["step"] == 80 and 96 * 6 * 80 > full.epoch_tokens(0)
+    assert any(torch.isin(b.input_ids, torch.tensor(fim)).any() for b in reference[37:])
     resumed = PackedDataset(shards, **kw)
-    resumed.load_state_dict({**full.state_dict(), "step": 5})
-    for a, b in zip(reference[5:], iter(resumed)):
+    resumed.load_state_dict({**full.state_dict(), "step": 37})
+    for a, b in zip(reference[37:], iter(resumed)):
         assert all(torch.equal(u, v) for u, v in zip(a, b))
     workers = DataLoader(PackedDataset(shards, start_step=2, **kw), batch_size=None, num_workers=2)
     for a, b in zip(reference[2:6], workers):
         assert all(torch.equal(u, v) for u, v in zip(a, b))
     r0, r1 = (PackedDataset(shards, rank=r, world_size=2, **kw).batch(4) for r in (0, 1))
-    assert torch.equal(r1.input_ids[0], torch.from_numpy(full.sample((4 * 2 + 1) * 3)[0]))
+    assert torch.equal(r1.input_ids[0], torch.from_numpy(full.sample((4 * 2 + 1) * 6)[0]))
     assert not torch.equal(r0.input_ids, r1.input_ids)
     with pytest.raises(DataError, match="seq_len"):
         PackedDataset(shards, **{**kw, "seq_len": 64}).load_state_dict(full.state_dict())

@@ -163,6 +163,6 @@ def parse_config(cls, raw: dict[str, Any]):
     for k in ("bos_token_id", "pad_token_id"):
         if kw[k] is not None and (isinstance(kw[k], bool) or not isinstance(kw[k], int)):
             raise ConfigError(f"config.json: field '{k}' must be an integer or null")
-    known = {f.name for f in dataclasses.fields(cls)} | {"rope_parameters", "dtype", "num_mtp_layers"}
+    known = {f.name for f in dataclasses.fields(cls)} | {"rope_parameters", "dtype", "num_mtp_layers", "architectures", "transformers_version"}
     kw["extra"] = {k: v for k, v in raw.items() if k not in known}
     return cls(**kw)

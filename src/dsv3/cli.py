@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dsv3.commands.run",
     "dsv3.commands.tokenizer",
     "dsv3.commands.data",
+    "dsv3.commands.eval",
 )
 
 

@@ -52,7 +52,7 @@ def boundaries(inputs: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]
     starts[0] = True
     starts[1:] = inputs[:-1] == eos_id
     doc_ids = np.cumsum(starts) - 1
-    position_ids = np.arange(len(inputs))
+    position_ids = np.arange(len(inputs)) - np.flatnonzero(starts)[doc_ids]
     return position_ids, doc_ids
 
 

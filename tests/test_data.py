@@ -224,8 +224,8 @@ def test_epoch_covers_every_document_once_and_seed_shuffles(corpus):
 
 def test_resume_is_exact(corpus):
     shards = TokenShards(corpus["out"], "train")
-    tok = corpus["tok"]
-    fim = FIMTokens(tok.token_to_id(SPECIAL[4]), tok.token_to_id(SPECIAL[3]), tok.token_to_id(SPECIAL[5]))
+    fim = FIMTokens.from_tokenizer(corpus["tok"])
+    assert fim == tuple(corpus["tok"].token_to_id(SPECIAL[i]) for i in (4, 3, 5))
     kw = dict(seq_len=96, batch_size=6, seed=11, fim_rate=0.5, fim_tokens=fim)
     full = PackedDataset(shards, **kw)
     it = iter(full)
@@ -302,10 +302,13 @@ def test_cli_builds_and_rejects_bad_input(corpus, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["files"] == corpus["manifest"]["files"]
     (tmp_path / "empty").mkdir()
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.py").write_text("  \n")
     for args, culprit in [(["--inputs", str(tmp_path / "empty")], "no files matched"),
+                          (["--inputs", str(tmp_path / "blank")], "has text"),
                           (["--inputs", str(corpus["src"]), "--include", "*.rs"], "no files matched"),
                           (["--inputs", str(tmp_path / "missing")], "does not exist")]:
-        r = _cli(*args, "--tokenizer", str(corpus["root"] / "tok"), "-o", str(tmp_path / "o2"))
+        r = _cli(*args, "--tokenizer", str(corpus["root"] / "tok"), "-o", str(tmp_path / "o2"), "-q")
         assert r.returncode == 2 and culprit in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = _cli("--inputs", str(corpus["src"]), "--tokenizer", str(tmp_path / "no_tok"), "-o", str(tmp_path / "o3"))
     assert r.returncode == 2 and "tokenizer.json" in r.stderr and r.stderr.count("\n") == 1, r.stderr

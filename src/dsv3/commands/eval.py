@@ -81,6 +81,7 @@ def register(subparsers) -> None:
     cmp_.add_argument("--output", "-o", required=True, metavar="chart.png")
     cmp_.add_argument("--labels", nargs="+", help="one legend label per results file (default: file names)")
     cmp_.add_argument("--title", help="chart title")
+    cmp_.add_argument("--metrics", nargs="+", metavar="NAME", help="metrics to draw (default: all but perplexities)")
     cmp_.set_defaults(func=_compare)
 
 
@@ -111,12 +112,13 @@ def _run(args: argparse.Namespace) -> int:
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "num_fewshot" else 1):
             raise DSV3Error(f"--{name.replace('_', '-')} must be positive, got {value}.")
-    backend = make_backend(args)
-    start = time.perf_counter()
     if args.task == "humaneval":
         ks = args.k or ([1, 10] if args.n >= 10 else [1])
-        if max(ks) > args.n:
-            raise DSV3Error(f"--k {max(ks)} needs --n of at least {max(ks)} samples per problem.")
+        if min(ks) < 1 or max(ks) > args.n:
+            raise DSV3Error(f"--k {max(ks)} needs --n of at least {max(ks)} samples per problem (and k >= 1).")
+    backend = make_backend(args)  # after argument checks: loading a model or probing a server takes time
+    start = time.perf_counter()
+    if args.task == "humaneval":
         limits = SandboxLimits(timeout=args.timeout, memory_bytes=args.memory_mb << 20)
         result = humaneval.evaluate(backend, args.data, n=args.n, ks=ks, temperature=args.temperature,
                                     top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, limit=args.limit,
@@ -148,6 +150,6 @@ def _compare(args: argparse.Namespace) -> int:
     labels = args.labels or [Path(p).stem for p in args.results]
     if len(labels) != len(results):
         raise DSV3Error(f"--labels has {len(labels)} names for {len(results)} results files.")
-    print(format_table(results))
-    print(f"chart written to {bar_chart(results, labels, args.output, args.title)}")
+    print(format_table(results, labels))
+    print(f"chart written to {bar_chart(results, labels, args.output, args.title, args.metrics)}")
     return 0

@@ -162,7 +162,7 @@ def build(inputs: list[str], tokenizer_dir: str | Path, out: str | Path, include
     # Pass 1: exact and near-duplicate removal, in sorted path order (the first copy wins).
     hasher, index = MinHasher(NUM_PERM, seed), NearDupIndex(near_dup_threshold, NUM_PERM)
     by_sha: dict[str, str] = {}
-    kept, kept_paths, removed = [], [], []
+    kept, removed = [], []
     skipped = {"binary_or_not_utf8": 0, "empty": 0}
     for rel, path in tqdm(files, desc="dedup", unit="file", disable=not progress):
         data, text = _read_text(path)
@@ -178,12 +178,13 @@ def build(inputs: list[str], tokenizer_dir: str | Path, out: str | Path, include
         sig = hasher.signature(shingles)
         hit = max(((jaccard(shingles, _shingles_of(kept[j][1])), -j) for j in index.candidates(sig)), default=None)
         if hit is not None and hit[0] >= near_dup_threshold:
-            removed.append({"path": rel, "sha256": sha, "reason": "near", "duplicate_of": kept_paths[-hit[1]],
+            removed.append({"path": rel, "sha256": sha, "reason": "near", "duplicate_of": kept[-hit[1]][0],
                             "similarity": round(hit[0], 4)})
             continue
         index.add(sig)
-        kept_paths.append(rel)
         kept.append((rel, path, sha, len(data)))
+    if not kept:
+        raise DataError(f"none of the {len(files)} files matched by --inputs has text (they are empty, binary or not UTF-8).")
 
     # Pass 2: tokenize kept files in batches and stream them into per-split shards.
     out.mkdir(parents=True, exist_ok=True)

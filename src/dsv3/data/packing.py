@@ -23,11 +23,22 @@ IGNORE_INDEX = -100
 _ORDER, _FIM, _SPLIT = 1, 2, 3  # tags that keep the seeded random streams independent
 
 
+FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
+
+
 class FIMTokens(NamedTuple):
     """Ids of `<｜fim▁begin｜>`, `<｜fim▁hole｜>` and `<｜fim▁end｜>`."""
     begin: int
     hole: int
     end: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "FIMTokens":
+        """Look the DeepSeek sentinels up in anything with `token_to_id` (a `tokenizers.Tokenizer`)."""
+        ids = [tokenizer.token_to_id(t) for t in (FIM_BEGIN, FIM_HOLE, FIM_END)]
+        if None in ids:
+            raise DataError(f"the tokenizer lacks the FIM token {(FIM_BEGIN, FIM_HOLE, FIM_END)[ids.index(None)]}.")
+        return cls(*ids)
 
 
 class PackedBatch(NamedTuple):

@@ -97,9 +97,14 @@ class OpenAIBackend(Backend):
                 tqdm(total=len(items), desc=desc, unit=unit, disable=None) as bar:
             futures = [pool.submit(fn, x) for x in items]
             results = []
-            for f in futures:
-                results.append(f.result())
-                bar.update(1)
+            try:
+                for f in futures:
+                    results.append(f.result())
+                    bar.update(1)
+            except BaseException:
+                for f in futures:  # fail fast: drop what has not started
+                    f.cancel()
+                raise
             return results
 
     # -- prompt log-probabilities ------------------------------------------------------------

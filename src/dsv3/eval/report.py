@@ -78,23 +78,29 @@ def _nan(x) -> float:
     return math.nan if x is None else float(x)
 
 
-def format_table(results: Sequence[TaskResult]) -> str:
-    """A fixed-width table: task, model, metric, value ± stderr, samples, time."""
-    rows = [("task", "model", "metric", "value", "± stderr", "samples", "time")]
-    for r in results:
+def format_table(results: Sequence[TaskResult], labels: Sequence[str] | None = None) -> str:
+    """A fixed-width table: [run,] task, model, metric, value ± stderr, samples, time."""
+    head = ("run",) if labels else ()
+    rows = [head + ("task", "model", "metric", "value", "± stderr", "samples", "time")]
+    for i, r in enumerate(results):
         for name, m in r.metrics.items():
             se = "" if math.isnan(m.stderr) else f"{m.stderr:.4f}"
-            rows.append((r.task, r.model, name + (" *" if name == r.primary else ""), f"{m.value:.4f}", se,
-                         str(m.n), f"{r.seconds:.1f}s"))
+            rows.append(((labels[i],) if labels else ()) + (r.task, r.model, name + (" *" if name == r.primary else ""),
+                        f"{m.value:.4f}", se, str(m.n), f"{r.seconds:.1f}s"))
+    left = len(head) + 3
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines) + "\n(* = primary metric)"
 
 
-def bar_chart(results: Sequence[TaskResult], labels: Sequence[str], out: str | Path, title: str | None = None) -> Path:
-    """Grouped bars: one group per (task, metric) shared by the runs, one bar per run, stderr whiskers."""
+def bar_chart(results: Sequence[TaskResult], labels: Sequence[str], out: str | Path, title: str | None = None,
+              metrics: Sequence[str] | None = None) -> Path:
+    """Grouped bars: one group per (task, metric) of the runs, one bar per run, stderr whiskers.
+
+    By default perplexities are left out: their scale (often hundreds) would flatten every score.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,8 +109,11 @@ def bar_chart(results: Sequence[TaskResult], labels: Sequence[str], out: str | P
     keys: list[tuple[str, str]] = []
     for r in results:
         for name in r.metrics:
-            if (r.task, name) not in keys:
+            wanted = name in metrics if metrics else not name.endswith("perplexity")
+            if wanted and (r.task, name) not in keys:
                 keys.append((r.task, name))
+    if not keys:
+        raise DataError(f"none of the results files has the metric(s) {', '.join(metrics or [])} to draw.")
     width = 0.8 / max(1, len(results))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(keys) * max(1, len(results)) ** 0.5), 4.5))
     for i, (r, label) in enumerate(zip(results, labels)):

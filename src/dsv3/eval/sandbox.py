@@ -78,9 +78,14 @@ def run_programs(programs: Sequence[str], limits: SandboxLimits = SandboxLimits(
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(programs), desc=desc, unit="sample", disable=None) as bar:
         futures = [pool.submit(run_program, p, limits) for p in programs]
         results = []
-        for f in futures:
-            results.append(f.result())
-            bar.update(1)
+        try:
+            for f in futures:
+                results.append(f.result())
+                bar.update(1)
+        except BaseException:  # e.g. Ctrl-C: do not start the remaining samples
+            for f in futures:
+                f.cancel()
+            raise
     return results
 
 

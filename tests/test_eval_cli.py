@@ -74,7 +74,10 @@ def test_compare_draws_a_png(tmp_path, capsys):
     assert code == 2 and "junk.json is not a dsv3 eval results.json" in one_line_error(err)
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DSV3_DEFAULT_MODEL", str(tmp_path / "no-default-model"))
+    text = tmp_path / "x.txt"
+    text.write_text("some text")
     root = make_mmlu(tmp_path / "d")
     with FakeOpenAIServer() as server:
         code, _, err = run(capsys, "eval", "mmlu", "--base-url", server.url, "--data", str(tmp_path / "missing"))
@@ -88,12 +91,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
-        code, _, err = run(capsys, "eval", "gsm8k", "--base-url", url, "--data", "x.jsonl")
+        code, _, err = run(capsys, "eval", "perplexity", "--base-url", url, "--data", str(text))
         assert code == 2 and f"cannot reach the server at {url}/v1/models" in one_line_error(err)
-    code, _, err = run(capsys, "eval", "perplexity", "--model", str(tmp_path / "no-model"), "--data", "x.txt")
+    code, _, err = run(capsys, "eval", "gsm8k", "--base-url", url, "--data", str(tmp_path / "x.jsonl"))
+    assert code == 2 and "GSM8K test file" in one_line_error(err) and "x.jsonl does not exist" in err
+    code, _, err = run(capsys, "eval", "perplexity", "--model", str(tmp_path / "no-model"), "--data", str(text))
     assert code == 2 and "no-model is not a model directory" in one_line_error(err)
-    code, _, err = run(capsys, "eval", "perplexity", "--data", "x.txt")
-    assert code == 2 and "--model DIR" in one_line_error(err)
+    code, _, err = run(capsys, "eval", "perplexity", "--data", str(text))
+    assert code == 2 and "no-default-model" in one_line_error(err) and "--model DIR" in err
     code, _, err = run(capsys, "eval", "humaneval", "--base-url", "http://127.0.0.1:9", "--n", "2", "--k", "5")
     assert code == 2 and "--k 5 needs --n of at least 5" in one_line_error(err)
     with pytest.raises(SystemExit) as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -82,7 +83,7 @@ class FakeOpenAIServer:
     def __init__(self, generator: Callable[[str], str] | None = None, mode: str = "full", api_key: str | None = None):
         self.generator = generator or (lambda prompt: " 0")
         self.mode, self.api_key = mode, api_key
-        self.fail_429 = self.fail_500 = 0
+        self.fail_429 = self.fail_500 = self.stall = 0  # stall: the next N requests answer after 1 s
         self.requests: list[tuple[str, dict | None, dict]] = []  # (path, payload, headers)
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -111,7 +112,8 @@ class FakeOpenAIServer:
                 if self.mode == "gen_only" or not payload.get("echo"):
                     toks = [(o, t) for o, t in toks if o >= len(prompt)]
                 lps = [None if o == 0 else toy_logprob(full[:o], t) for o, t in toks]
-                tops = [None if lp is None else ({t: lp} if lp > -0.2 else {"<other>": -0.1}) for (_, t), lp in zip(toks, lps)]
+                tops = [None if lp is None else ({t: lp} if lp > -0.2 else {"<other>": -0.1})
+                        for (_, t), lp in zip(toks, lps)]
                 choice["logprobs"] = {"tokens": [t for _, t in toks], "token_logprobs": lps, "top_logprobs": tops,
                                       "text_offset": [o for o, _ in toks]}
             else:
@@ -142,6 +144,9 @@ class FakeOpenAIServer:
                     fail = "429" if server.fail_429 else "500" if server.fail_500 else None
                     server.fail_429 = max(0, server.fail_429 - 1) if fail == "429" else server.fail_429
                     server.fail_500 = max(0, server.fail_500 - 1) if fail == "500" else server.fail_500
+                    stall, server.stall = server.stall > 0, max(0, server.stall - 1)
+                if stall:
+                    time.sleep(1.0)
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     return self.reply(401, {"error": {"message": "Invalid API key", "type": "auth"}})
                 if fail == "429":

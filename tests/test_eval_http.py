@@ -88,6 +88,16 @@ def test_retries_on_429_and_5xx_then_gives_up():
             b.loglikelihood([("a b", " c")])
 
 
+def test_timeouts_are_retried():
+    with FakeOpenAIServer() as server:
+        b = backend(server, timeout=0.3, max_retries=2)
+        server.stall = 1
+        assert b.loglikelihood([("a b", " c")])[0].logprob == pytest.approx(toy_logprob("a b", " c"))
+        server.stall = 3
+        with pytest.raises(ServerError, match=r"cannot reach the server at .*/v1/completions: timed out"):
+            b.loglikelihood([("a b", " c")])
+
+
 def test_unreachable_server_names_the_url():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,8 @@ import torch
 from dsv3.errors import DSV3Error
 from dsv3.model import DeepseekV3ForCausalLM, DenseLatentCache
 from dsv3.sampling import SamplingParams, apply_penalties, sample
-from dsv3.tokenizer import IncrementalDetokenizer, Tokenizer
+from dsv3.output import OutputTracker
+from dsv3.tokenizer import Tokenizer
 
 
 @dataclass
@@ -74,42 +75,26 @@ class Generator:
         if not params.greedy:
             gen = torch.Generator(device=dev)
             gen.manual_seed(seed if seed is not None else (params.seed if params.seed is not None else torch.seed()))
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids |= set(self.tokenizer.stop_token_ids) | set(cfg.eos_token_ids)
+        eos = set(self.tokenizer.stop_token_ids) | set(cfg.eos_token_ids)
+        out = OutputTracker(self.tokenizer, prompt_ids, params, eos, max_new)
         cache = DenseLatentCache(cfg.num_hidden_layers, 1, len(prompt_ids) + max_new, cfg.latent_dim, self.model.dtype, dev)
         logits = self.model(torch.tensor([prompt_ids], device=dev), None, cache)[:, -1].float()
         penalties = params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty
         seen = torch.zeros(1, cfg.vocab_size, dtype=torch.bool, device=dev)
         seen[0, prompt_ids] = True
         counts = torch.zeros(1, cfg.vocab_size, device=dev)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
-        holdback = max((len(s) for s in params.stop), default=1) - 1
-        text, emitted, n_out = "", 0, 0
         while True:
-            if n_out < params.min_tokens and stop_ids:
-                logits[:, sorted(stop_ids)] = float("-inf")
+            if out.banned_ids:
+                logits[:, out.banned_ids] = float("-inf")
             if penalties:
                 logits = apply_penalties(logits, [params], seen, counts)
             token = int(sample(logits, [params], [gen])[0])
-            n_out += 1
-            if token in stop_ids:
-                yield StreamEvent(text[emitted:], token, "stop")
-                return
             seen[0, token] = True
             counts[0, token] += 1
-            text += detok.push(token)
-            cut = min((i for i in (text.find(s, max(0, emitted - holdback)) for s in params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                yield StreamEvent(text[emitted:cut], token, "stop")
+            text = out.append(token)
+            yield StreamEvent(text, token, out.finish_reason)
+            if out.finish_reason:
                 return
-            if n_out >= max_new:
-                text += detok.flush()
-                yield StreamEvent(text[emitted:], token, "length")
-                return
-            safe = max(emitted, len(text) - holdback)
-            yield StreamEvent(text[emitted:safe], token)
-            emitted = safe
             logits = self.model(torch.tensor([[token]], device=dev), None, cache)[:, -1].float()
 
     def complete(self, prompt_ids: list[int], params: SamplingParams, index: int = 0, seed: int | None = None) -> CompletionOutput:

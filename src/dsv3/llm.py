@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from dsv3.checkpoint import load_model
+from dsv3.engine import EngineConfig, LLMEngine
 from dsv3.errors import DSV3Error
 from dsv3.generate import Generator, RequestOutput, StreamEvent
 from dsv3.paths import default_model_dir
@@ -38,11 +37,12 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
-                 max_model_len: int | None = None, seed: int = 0, progress: bool = False):
+                 max_model_len: int | None = None, seed: int = 0, progress: bool = False, **engine_args: Any):
         self.model_dir = Path(model) if model is not None else default_model_dir()
         self.model = load_model(self.model_dir, dtype=dtype, device=device, progress=progress)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
-        self.generator = Generator(self.model, self.tokenizer, max_model_len)
+        self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(max_model_len=max_model_len, seed=seed, **engine_args))
+        self.generator = Generator(self.model, self.tokenizer, max_model_len)  # the simple one-request path
         self.seed = seed
         self._ids = itertools.count()
 
@@ -61,21 +61,7 @@ class LLM:
         """Complete each prompt; `sampling_params.n` continuations per prompt."""
         params = sampling_params or SamplingParams()
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        encoded = [self._prompt_ids(p) for p in prompts]
-        for _, ids in encoded:
-            self.generator.check_prompt(ids)
-        results = []
-        for text, ids in tqdm(encoded, desc="generating", disable=not use_tqdm or len(encoded) < 2):
-            rid = str(next(self._ids))
-            outs = [self.generator.complete(ids, params, index=i, seed=self._seed(rid, i, params)) for i in range(params.n)]
-            results.append(RequestOutput(rid, text, ids, outs))
-        return results
-
-    def _seed(self, request_id: str, index: int, params: SamplingParams) -> int:
-        """A request's seed gives sample i the seed `seed + i`; otherwise derive one from the LLM's seed."""
-        if params.seed is not None:
-            return params.seed + index
-        return zlib.crc32(f"{self.seed}:{request_id}:{index}".encode())
+        return self.engine.generate(prompts, params, use_tqdm=use_tqdm and len(prompts) > 1)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = False, **template_kwargs: Any) -> list[RequestOutput]:
@@ -90,9 +76,21 @@ class LLM:
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         """Yield text increments as they are decoded (never a broken UTF-8 character)."""
-        _, ids = self._prompt_ids(prompt)
-        params = sampling_params or SamplingParams()
-        return self.generator.stream(ids, params, seed=self._seed(str(next(self._ids)), 0, params))
+        rid = f"stream-{next(self._ids)}"
+        self.engine.add_request(rid, prompt, sampling_params or SamplingParams())
+        emitted = 0
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    o = out.outputs[0]
+                    yield StreamEvent(o.text[emitted:], o.token_ids[-1] if o.token_ids else None, o.finish_reason)
+                    emitted = len(o.text)
+                    if out.finished:
+                        return
+        finally:
+            self.engine.abort(rid)
 
     @torch.inference_mode()
     def score(self, sequences: Sequence[Sequence[int]]) -> list[ScoreOutput]:

@@ -21,7 +21,8 @@ TASKS = ("humaneval", "mmlu", "gsm8k", "perplexity")
 def _common(p: argparse.ArgumentParser, fewshot: int | None) -> None:
     src = p.add_argument_group("model (one of)")
     src.add_argument("--model", metavar="DIR|NAME",
-                     help="model directory (in-process), or the model name to request with --base-url")
+                     help="model directory to run in-process (default: the embedded default model), "
+                          "or the model name to request with --base-url")
     src.add_argument("--base-url", metavar="URL", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     src.add_argument("--api-key", metavar="KEY", default=os.environ.get("OPENAI_API_KEY"),
                      help="bearer token for --base-url (default: $OPENAI_API_KEY)")
@@ -32,7 +33,8 @@ def _common(p: argparse.ArgumentParser, fewshot: int | None) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N items (per subject for MMLU)")
     if fewshot is not None:
-        run.add_argument("--num-fewshot", type=int, default=fewshot, metavar="K", help=f"examples in the prompt (default {fewshot})")
+        run.add_argument("--num-fewshot", type=int, default=fewshot, metavar="K",
+                         help=f"examples in the prompt (default {fewshot})")
     run.add_argument("--seed", type=int, default=1234, help="seed for few-shot sampling and generation (default 1234)")
     run.add_argument("--output", "-o", metavar="results.json", help="write the results (with per-sample log) here")
 
@@ -95,7 +97,9 @@ def make_backend(args: argparse.Namespace):
     if args.chat:
         raise DSV3Error("--chat needs --base-url (it selects the server's chat endpoint).")
     if not args.model:
-        raise DSV3Error("pass --model DIR to evaluate in-process or --base-url URL to evaluate a server.")
+        from dsv3.paths import default_model_dir
+
+        args.model = str(default_model_dir())  # the embedded default model, or a one-line error
     if not Path(args.model).is_dir():
         raise DSV3Error(f"--model {args.model} is not a model directory (to name a served model, add --base-url).")
     from dsv3.eval.backends import InProcessBackend
@@ -116,7 +120,8 @@ def _run(args: argparse.Namespace) -> int:
         ks = args.k or ([1, 10] if args.n >= 10 else [1])
         if min(ks) < 1 or max(ks) > args.n:
             raise DSV3Error(f"--k {max(ks)} needs --n of at least {max(ks)} samples per problem (and k >= 1).")
-    backend = make_backend(args)  # after argument checks: loading a model or probing a server takes time
+    _check_paths(args)
+    backend = make_backend(args)  # after cheap checks: loading a model or probing a server takes time
     start = time.perf_counter()
     if args.task == "humaneval":
         limits = SandboxLimits(timeout=args.timeout, memory_bytes=args.memory_mb << 20)
@@ -141,6 +146,23 @@ def _run(args: argparse.Namespace) -> int:
         result.save(args.output)
         print(f"results written to {args.output}")
     return 0
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Fail on a missing data path before spending minutes loading a model."""
+    from dsv3.eval.data import require_dir, require_file
+
+    if args.task == "mmlu":
+        require_dir(args.data, "MMLU data")
+    elif args.task == "gsm8k":
+        require_file(args.data, "GSM8K test")
+        if args.train:
+            require_file(args.train, "GSM8K train")
+    elif args.task == "perplexity":
+        for path in args.data:
+            require_file(path, "text")
+    elif args.data:
+        require_file(args.data, "HumanEval")
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ Only the standard library is used (urllib + a thread pool), so no extra dependen
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import time
@@ -76,12 +77,13 @@ class OpenAIBackend(Backend):
                 if not retry or attempt == self.max_retries:
                     raise ServerError(f"the server at {url} answered HTTP {e.code}: {_error_message(e)}.") from None
                 delay = _retry_after(e) or self.backoff * 2 ** attempt
-            except (socket.timeout, TimeoutError):
-                if attempt == self.max_retries:
-                    raise ServerError(f"the server at {url} did not answer within {self.timeout:g} s.") from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                reason = e.reason if isinstance(e, urllib.error.URLError) else e
+                transient = isinstance(reason, (socket.timeout, TimeoutError, ConnectionResetError,
+                                                http.client.RemoteDisconnected))
+                if not transient or attempt == self.max_retries:
+                    raise ServerError(f"cannot reach the server at {url}: {reason or type(reason).__name__}.") from None
                 delay = self.backoff * 2 ** attempt
-            except urllib.error.URLError as e:
-                raise ServerError(f"cannot reach the server at {url}: {e.reason}.") from None
             time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -190,7 +192,8 @@ def parse_echo(resp: dict, prompt: str, url: str) -> list[tuple[int, str, float 
     offsets = _align(tokens, prompt, lp.get("text_offset"))
     tops = lp.get("top_logprobs") or [None] * len(tokens)
     rows = [(o, str(t), v, top) for o, t, v, top in zip(offsets, tokens, values, tops) if 0 <= o < len(prompt)]
-    if not rows or rows[-1][0] + len(rows[-1][1]) < len(prompt) or (len(rows) > 1 and all(r[2] is None for r in rows[1:])):
+    unscored = len(rows) > 1 and all(r[2] is None for r in rows[1:])
+    if not rows or rows[-1][0] + len(rows[-1][1]) < len(prompt) or unscored:
         raise refuse  # logprobs only for generated tokens, or a prompt cut short
     return rows
 

@@ -77,7 +77,8 @@ def load(data_dir: str | Path, num_fewshot: int, subjects: Sequence[str] | None 
         if num_fewshot > 0:
             dev_file = root / "dev" / f"{subject}_dev.csv"
             if not dev_file.is_file():
-                raise DataError(f"MMLU few-shot file {dev_file} does not exist (needed for --num-fewshot {num_fewshot}).")
+                raise DataError(f"MMLU few-shot file {dev_file} does not exist "
+                                f"(needed for --num-fewshot {num_fewshot}).")
             dev = read_questions(dev_file, subject)
             if len(dev) < num_fewshot:
                 raise DataError(f"{dev_file} has {len(dev)} questions, fewer than --num-fewshot {num_fewshot}.")

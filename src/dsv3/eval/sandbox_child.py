@@ -166,16 +166,22 @@ def main() -> None:
     with open(os.path.join(root, cfg["program"])) as f:
         code = compile(f.read(), cfg["program"], "exec")
     protections = []
-    if new_network_namespace():
+    linux = sys.platform.startswith("linux")  # the raw syscall numbers below are Linux's
+    if linux and new_network_namespace():
         protections.append("netns")
-    abi = landlock(root)
+    abi = landlock(root) if linux else 0
     if abi:
         protections.append(f"landlock-v{abi}")
-    forks_blocked = seccomp()
+    forks_blocked = linux and seccomp()
     if forks_blocked:
         protections.append("seccomp")
-    limits(cfg, forks_blocked)
+    try:
+        limits(cfg, forks_blocked)
+        protections.append("rlimits")
+    except (ValueError, OSError):
+        pass
     python_guard(root)
+    protections.append("python-guard")
     write, dumps, settimer = os.write, json.dumps, signal.setitimer
 
     def on_alarm(*_):

@@ -55,11 +55,12 @@ def update_bias(moes: list[MoE], gamma: float) -> None:
         m.expert_load.zero_()
 
 
-def sequence_balance_loss(moes: list[MoE], batch: int, seq_len: int) -> torch.Tensor:
+def sequence_balance_loss(moes: list[MoE], batch: int) -> torch.Tensor:
     """Σ_i f_i·P_i per sequence, averaged over sequences and summed over MoE layers (unscaled by α).
 
     f_i = E/(K·T)·#{t : expert i in token t's top-K}, P_i = mean_t of s_i,t / Σ_j s_j,t, with s
-    the router's unbiased scores; both use the routing of each layer's latest forward.
+    the router's unbiased scores; both use the routing of each layer's latest forward, whose
+    tokens are `batch` sequences of equal length.
     """
     total = None
     for m in moes:
@@ -67,8 +68,8 @@ def sequence_balance_loss(moes: list[MoE], batch: int, seq_len: int) -> torch.Te
             continue
         scores, idx = m.last_routing
         E, K = scores.shape[-1], idx.shape[-1]
-        scores = scores.view(batch, seq_len, E)
-        chosen = torch.zeros_like(scores).scatter_(2, idx.view(batch, seq_len, K), 1.0)
+        scores = scores.view(batch, -1, E)  # the MTP block sees one token fewer per sequence
+        chosen = torch.zeros_like(scores).scatter_(2, idx.view(batch, -1, K), 1.0)
         f = chosen.mean(1) * (E / K)                                         # [B, E]
         p = (scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)).mean(1)  # [B, E]
         term = (f * p).sum(-1).mean()

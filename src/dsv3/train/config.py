@@ -34,7 +34,8 @@ class PretrainConfig:
     seq_len: int = 256
     batch_size: int = 8                 # sequences per micro-batch
     grad_accum: int = 1                 # micro-batches per optimizer step
-    max_steps: int = 1000
+    max_steps: int = 1000               # length of the schedule
+    stop_after: int | None = None       # leave this invocation after N more steps (checkpointed)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -111,6 +112,8 @@ class PretrainConfig:
         for key in ("fim_rate", "min_lr_ratio", "beta1", "beta2"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise PretrainConfigError(f"{key} {getattr(self, key)} must be in [0, 1].")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise PretrainConfigError(f"stop_after {self.stop_after} must be a positive integer.")
         if self.save_dtype not in ("float32", "bfloat16"):
             raise PretrainConfigError(f"save_dtype {self.save_dtype!r} must be float32 or bfloat16.")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -137,6 +140,11 @@ def _check(key: str, value: Any, annotation: str) -> Any:
     options = [t.strip() for t in str(annotation).split("|")]
     if value is None and "None" in options:
         return None
+    if isinstance(value, str) and "float" in options:  # YAML 1.1 reads `1e-3` (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     for opt in options:
         base = opt.split("[")[0]
         if base in _TYPES and isinstance(value, _TYPES[base]) and not (base != "bool" and isinstance(value, bool)):

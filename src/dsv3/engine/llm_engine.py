@@ -1,0 +1,199 @@
+"""LLMEngine: continuous batching of many requests over one model and one paged latent cache."""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dsv3.engine.block_manager import BlockManager
+from dsv3.engine.runner import ModelRunner
+from dsv3.engine.scheduler import Scheduler
+from dsv3.engine.sequence import Sequence, SequenceStatus
+from dsv3.errors import DSV3Error
+from dsv3.generate import CompletionOutput, RequestOutput
+from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.output import OutputTracker
+from dsv3.sampling import SamplingParams, apply_penalties, sample
+from dsv3.tokenizer import Tokenizer
+
+
+class RequestError(DSV3Error, ValueError):
+    """A request the engine cannot accept (raised before anything is scheduled)."""
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30  # bytes for the latent cache
+    num_blocks: int | None = None  # overrides kv_cache_memory
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    kv_cache_dtype: str = "auto"  # auto | int8
+    seed: int = 0
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    seqs: list[Sequence]
+    arrival_time: float
+
+
+class LLMEngine:
+    def __init__(self, model: DeepseekV3ForCausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = c = config or EngineConfig()
+        cfg = model.config
+        self.max_model_len = c.max_model_len or cfg.max_position_embeddings
+        if c.kv_cache_dtype not in ("auto", "int8"):
+            raise RequestError(f"kv_cache_dtype must be auto or int8, got {c.kv_cache_dtype!r}")
+        per_token = (cfg.num_hidden_layers + len(model.model.mtp)) * (
+            cfg.latent_dim * (1 if c.kv_cache_dtype == "int8" else model.dtype.itemsize) + (8 if c.kv_cache_dtype == "int8" else 0))
+        enough = c.max_num_seqs * (-(-self.max_model_len // c.block_size)) + 1  # never more than can be used
+        num_blocks = c.num_blocks or max(1, min(enough, c.kv_cache_memory // (per_token * c.block_size)))
+        self.block_manager = BlockManager(num_blocks, c.block_size, c.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens, c.enable_chunked_prefill)
+        self.runner = ModelRunner(model, num_blocks, c.block_size, c.kv_cache_dtype)
+        self.eos_ids = set(tokenizer.stop_token_ids) | set(cfg.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+
+    # ---- requests -----------------------------------------------------------------------
+    def validate(self, prompt: str | list[int] | dict[str, Any], params: SamplingParams) -> tuple[str | None, list[int], int]:
+        """Check a request without queueing it: (prompt text, prompt ids, max new tokens) or `RequestError`."""
+        if not isinstance(params, SamplingParams):
+            raise RequestError("params must be a SamplingParams")
+        text, ids = self._encode(prompt)
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if params.n > self.config.max_num_seqs:
+            raise RequestError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        budget = self.max_model_len - len(ids)
+        return text, ids, min(params.max_tokens or budget, budget)
+
+    def add_request(self, request_id: str, prompt: str | list[int] | dict[str, Any], params: SamplingParams | None = None,
+                    adapter_id: int = 0, cache_salt: str | None = None, arrival_time: float | None = None) -> None:
+        """Validate and queue a request; raises `RequestError` (a ValueError) before scheduling anything."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        text, ids, max_new = self.validate(prompt, params)
+        now = arrival_time if arrival_time is not None else time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if not params.greedy:
+                gen = torch.Generator(device=self.runner.device)
+                gen.manual_seed(params.seed + i if params.seed is not None else zlib.crc32(f"{self.config.seed}:{request_id}:{i}".encode()))
+            seq = Sequence(next(self._seq_ids), request_id, i, list(ids), len(ids), params,
+                           OutputTracker(self.tokenizer, ids, params, self.eos_ids, max_new), gen, adapter_id, cache_salt, now)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, text, list(ids), seqs, now)
+        self.stats["prompt_tokens"] += len(ids)
+
+    def _encode(self, prompt: str | list[int] | dict[str, Any]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and isinstance(prompt.get("prompt_token_ids"), list):
+            prompt = prompt["prompt_token_ids"]
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return None, list(prompt)
+        raise RequestError("a prompt must be a string, a list of token ids or {'prompt_token_ids': [...]}")
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free all its blocks (unknown or finished ids are ignored)."""
+        req = self.requests.pop(request_id, None)
+        for seq in req.seqs if req else []:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.status = SequenceStatus.FINISHED
+                seq.output.finish_reason = seq.output.finish_reason or "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and report every request that made progress."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        logits = self.runner.execute(chunks)
+        self.stats["steps"] += 1
+        done = [c for c in chunks if c.completes]
+        for c in chunks:
+            c.seq.num_computed_tokens += c.num_tokens
+            self.block_manager.commit(c.seq)
+        tokens = self._sample([c.seq for c in done], logits) if done else []
+        touched: dict[str, None] = {}
+        now = time.monotonic()
+        for c, tok in zip(done, tokens):
+            seq = c.seq
+            seq.first_token_time = seq.first_token_time or now
+            seq.token_ids.append(tok)
+            seq.output.append(tok)
+            self.stats["generation_tokens"] += 1
+            if seq.output.finish_reason:
+                self.scheduler.remove(seq)
+                seq.status = SequenceStatus.FINISHED
+            touched[seq.request_id] = None
+        return [self._request_output(self.requests[r]) for r in touched if r in self.requests]
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        for i, seq in enumerate(seqs):
+            params = seq.params
+            if seq.output.banned_ids:
+                logits[i, seq.output.banned_ids] = float("-inf")
+            if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
+                V = logits.shape[-1]
+                seen = torch.zeros(1, V, dtype=torch.bool, device=logits.device)
+                seen[0, seq.token_ids] = True
+                counts = torch.bincount(torch.tensor(seq.token_ids[seq.num_prompt_tokens:], dtype=torch.long), minlength=V).float()[None]
+                logits[i:i + 1] = apply_penalties(logits[i:i + 1], [params], seen, counts.to(logits.device))
+        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+
+    def _request_output(self, req: _Request) -> RequestOutput:
+        outs = [CompletionOutput(s.index, s.output.text[: s.output.emitted], s.output.token_ids[:], s.output.finish_reason)
+                for s in req.seqs]
+        finished = all(s.is_finished for s in req.seqs)
+        if finished:
+            self.requests.pop(req.request_id, None)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished)
+
+    # ---- offline convenience ------------------------------------------------------------
+    def generate(self, prompts: list[Any], params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        from tqdm.auto import tqdm
+
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        for p, sp in zip(prompts, plist):
+            self.validate(p, sp)  # all or nothing: reject before any request is queued
+        ids = [f"gen-{next(self._seq_ids)}" for _ in prompts]
+        for rid, p, sp in zip(ids, prompts, plist):
+            self.add_request(rid, p, sp)
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(prompts), desc="generating", disable=not use_tqdm)
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    results[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [results[r] for r in ids]

@@ -1,0 +1,84 @@
+"""Attention over the paged MLA latent cache for one engine step.
+
+A step is a flat batch of tokens from many sequences (decodes and prefill chunks mixed). Every
+token's latent (`kv_lora_rank + qk_rope_head_dim` values) is written to its slot; decode tokens
+are then attended together in the absorbed form over their gathered latents, and each prefill
+chunk attends in the expanded form over its cached prefix plus itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv3.model.attention import AttentionContext
+from dsv3.model.mla import MLA
+
+
+class LatentCache:
+    """Per-layer block storage: [layers, blocks·block_size, latent_dim], fp or int8 with per-token scales."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, latent_dim: int, kv_lora_rank: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu", quantized: bool = False):
+        self.block_size, self.kv_lora_rank, self.quantized = block_size, kv_lora_rank, quantized
+        self.dtype = dtype
+        slots = num_blocks * block_size
+        self.data = torch.zeros(num_layers, slots, latent_dim, dtype=torch.int8 if quantized else dtype, device=device)
+        # int8: one scale for the latent part and one for the rotary key of each token
+        self.scales = torch.ones(num_layers, slots, 2, dtype=torch.float32, device=device) if quantized else None
+
+    def bytes_per_token(self) -> int:
+        per_layer = self.data.shape[-1] * self.data.element_size() + (8 if self.quantized else 0)
+        return per_layer * self.data.shape[0]
+
+    def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor) -> None:
+        if not self.quantized:
+            self.data[layer, slots] = latent.to(self.dtype)
+            return
+        parts = latent.float().split([self.kv_lora_rank, latent.shape[-1] - self.kv_lora_rank], dim=-1)
+        scales = torch.stack([p.abs().amax(-1).clamp(min=1e-8) / 127.0 for p in parts], dim=-1)
+        q = torch.cat([(p / scales[:, i:i + 1]).round().clamp(-127, 127) for i, p in enumerate(parts)], dim=-1)
+        self.data[layer, slots] = q.to(torch.int8)
+        self.scales[layer, slots] = scales
+
+    def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            return self.data[layer, slots]
+        q, s = self.data[layer, slots].float(), self.scales[layer, slots]
+        r = self.kv_lora_rank
+        return torch.cat([q[..., :r] * s[..., :1], q[..., r:] * s[..., 1:]], dim=-1).to(self.dtype)
+
+
+@dataclass
+class PrefillChunk:
+    token_slice: slice  # this chunk's tokens within the flat step batch
+    context_slots: torch.Tensor  # slots of positions [0, start + n)
+    start: int
+
+
+class PagedContext(AttentionContext):
+    """The attention context the engine passes to the model for one step (tokens flattened as batch 1)."""
+
+    def __init__(self, cache: LatentCache, slot_mapping: torch.Tensor, decode_tokens: torch.Tensor,
+                 decode_slots: torch.Tensor, decode_mask: torch.Tensor, prefills: list[PrefillChunk]):
+        super().__init__(None)
+        self.cache, self.slot_mapping = cache, slot_mapping
+        self.decode_tokens, self.decode_slots, self.decode_mask = decode_tokens, decode_slots, decode_mask
+        self.prefills = prefills
+
+    def attend(self, layer_idx: int, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        self.cache.write(layer_idx, self.slot_mapping, latent[0])
+        out = q_nope.new_empty(q_nope.shape[1], mla.n_heads, mla.v_dim)
+        if self.decode_tokens.numel():
+            d = self.decode_tokens
+            kv = self.cache.read(layer_idx, self.decode_slots)  # [Bd, S, W]
+            out[d] = mla.attend_absorbed(q_nope[0, d, None], q_pe[0, d, None], kv, self.decode_mask)[:, 0]
+        for p in self.prefills:
+            kv = self.cache.read(layer_idx, p.context_slots)[None]
+            n = p.token_slice.stop - p.token_slice.start
+            mask = None
+            if p.start:
+                mask = torch.ones(n, p.start + n, dtype=torch.bool, device=kv.device).tril(p.start)[None, None]
+            out[p.token_slice] = mla.attend_expanded(q_nope[:, p.token_slice], q_pe[:, p.token_slice], kv, mask)[0]
+        return out[None]

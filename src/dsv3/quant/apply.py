@@ -1,0 +1,100 @@
+"""Quantize a loaded model in place: pick the linears and experts, optionally calibrate (AWQ), swap.
+
+What is converted: every `nn.Linear` of the decoder layers and MTP modules (MLA projections, dense
+MLPs, shared experts, `eh_proj`) and every routed-expert stack; the LM head only on request.
+What is never converted: embeddings, norms and the fp32 router (`mlp.gate`, with its correction
+bias), because they are small and routing decisions are sensitive to them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dsv3.model.moe import Experts
+from dsv3.quant.experts import QuantExperts
+from dsv3.quant.formats import Format, make_format
+from dsv3.quant.linear import QuantLinear
+from dsv3.quant.schemes import QuantError
+
+METHODS = ("int8", "int4", "awq", "fp8")
+FORMAT_OF = {"int8": "int8", "int4": "int4", "awq": "int4", "fp8": "fp8"}
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise QuantError(f"unknown quantization method {method!r} (use {', '.join(METHODS)})")
+    return method
+
+
+def quant_targets(model: nn.Module, include_lm_head: bool = False) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every linear / expert stack that a quantization method converts."""
+    out = []
+    for name, m in model.named_modules():
+        if not (name.startswith("model.layers.") or name.startswith("model.mtp.")):
+            continue
+        if isinstance(m, (nn.Linear, Experts)):
+            out.append((name, m))
+    if include_lm_head and not model.config.tie_word_embeddings:
+        out.append(("lm_head", model.lm_head))
+    return out
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def convert(module: nn.Module, fmt: Format, clip: dict[str, torch.Tensor] | torch.Tensor | None = None) -> nn.Module:
+    if isinstance(module, Experts):
+        return QuantExperts.from_experts(module, fmt, clip)
+    return QuantLinear.from_linear(module, fmt, clip)
+
+
+def quantization_config(method: str, fmt: Format, include_lm_head: bool) -> dict:
+    """The `quantization_config` written to config.json (DeepSeek's own spelling for fp8)."""
+    if method == "fp8":
+        return {"quant_method": "fp8", **fmt.config()}
+    return {"quant_method": "dsv3", "format": fmt.name, **fmt.config(),
+            "calibration": "awq" if method == "awq" else "rtn", "lm_head": include_lm_head,
+            "modules_not_converted": ["model.embed_tokens", "*norm*", "*.mlp.gate"] + ([] if include_lm_head else ["lm_head"]),
+            "version": 1}
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int = 128, zero_point: bool = True,
+                   calib: torch.Tensor | Sequence[Sequence[int]] | None = None, include_lm_head: bool = False,
+                   progress: bool = True, **awq_options) -> dict:
+    """Quantize `model` in place with int8 | int4 | awq | fp8; returns (and sets) its quantization_config.
+
+    calib: token ids [n_samples, seq_len] (AWQ only). Call after any dtype cast: the packed buffers
+    are not meant to be cast again.
+    """
+    check_method(method)
+    fmt = make_format(FORMAT_OF[method], group_size, zero_point, device=model.device)
+    clips: dict[str, object] = {}
+    if method == "awq":
+        if calib is None or len(calib) == 0:
+            raise QuantError("AWQ needs calibration text: pass --calib FILE (calib= in Python)")
+        from dsv3.quant.awq import awq_calibrate
+
+        clips = awq_calibrate(model, calib, group_size, zero_point, progress=progress, **awq_options)
+    targets = quant_targets(model, include_lm_head)
+    for name, module in tqdm(targets, desc=f"quantizing ({method})", disable=not progress):
+        set_module(model, name, convert(module, fmt, clips.get(name)))
+    qc = quantization_config(method, fmt, include_lm_head)
+    model.config.quantization_config = qc
+    return qc
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes of all convertible linear / expert weights as currently stored (packed or dense)."""
+    total = 0
+    for _, m in quant_targets(model, include_lm_head=False):
+        total += sum(t.numel() * t.element_size() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
+    for name, m in model.named_modules():
+        if name.startswith(("model.layers.", "model.mtp.")) and isinstance(m, (QuantLinear, QuantExperts)):
+            total += sum(t.numel() * t.element_size() for t in m.buffers(recurse=False))
+    return total

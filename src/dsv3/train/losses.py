@@ -1,0 +1,86 @@
+"""The pretraining objective: next-token CE + λ·MTP CE (+ α·sequence-wise balance loss).
+
+Windows are packed documents: attention is causal *within* each document (`doc_ids`), positions
+restart per document, and a multi-token-prediction target is dropped whenever the input token
+or the target lies in a different document from the hidden state it is predicted from.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from dsv3.data.packing import IGNORE_INDEX, PackedBatch
+from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.model.attention import AttentionContext
+from dsv3.model.moe import MoE
+from dsv3.train.balance import sequence_balance_loss
+
+
+class Losses(NamedTuple):
+    total: torch.Tensor
+    main: torch.Tensor
+    mtp: torch.Tensor | None
+    seq_aux: torch.Tensor | None
+
+
+def mtp_targets(input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor, depth: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next_ids, targets), both [B, T-depth-1], for MTP depth `depth` (0-based).
+
+    At position i the module sees token i+depth+1 and predicts token i+depth+2 (= labels[i+depth+1]);
+    both must belong to position i's document.
+    """
+    s = depth + 1
+    next_ids = input_ids[:, s:]
+    targets = labels[:, s:].clone()
+    targets[doc_ids[:, s:] != doc_ids[:, :-s]] = IGNORE_INDEX
+    return next_ids, targets
+
+
+def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def pretrain_losses(model: DeepseekV3ForCausalLM, batch: PackedBatch, mtp_lambda: float = 0.0,
+                    seq_aux_alpha: float = 0.0, moes: list[MoE] | None = None) -> Losses:
+    """Forward one packed micro-batch (already on the model's device) and return its losses.
+
+    The MTP term is the mean over depths; it is computed (and logged) even when λ = 0 so
+    that its curve is comparable, but then contributes nothing to the gradient.
+    """
+    ids, labels, pos, docs = batch
+    hidden = model.hidden_states(ids, pos, AttentionContext.causal(doc_ids=docs))
+    main = _ce(model.lm_head(hidden), labels)
+    total, mtp = main, None
+    n_mtp = len(model.model.mtp)
+    if n_mtp:
+        terms, h = [], hidden
+        for k in range(n_mtp):
+            T = h.shape[1] - 1
+            next_ids, targets = mtp_targets(ids, labels, docs, k)
+            h = model.mtp_hidden(h[:, :T], next_ids, pos[:, :T], AttentionContext.causal(doc_ids=docs[:, :T]), k)
+            terms.append(_ce(model.lm_head(h), targets))
+        mtp = torch.stack(terms).mean()
+        total = total + mtp_lambda * mtp if mtp_lambda else total + 0.0 * mtp
+    seq_aux = None
+    if seq_aux_alpha > 0:
+        seq_aux = sequence_balance_loss(moes or [], ids.shape[0])
+        total = total + seq_aux_alpha * seq_aux
+    return Losses(total, main, mtp, seq_aux)
+
+
+@torch.no_grad()
+def heldout_loss(model: DeepseekV3ForCausalLM, batches, device: torch.device, autocast) -> tuple[float, int]:
+    """Mean next-token CE (nats/token) over `batches` and the number of scored tokens."""
+    total, count = 0.0, 0
+    for batch in batches:
+        ids, labels, pos, docs = (t.to(device) for t in batch)
+        with autocast():
+            logits = model(ids, pos, AttentionContext.causal(doc_ids=docs))
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="sum"))
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / max(count, 1), count

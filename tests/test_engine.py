@@ -183,3 +183,29 @@ def test_int8_latent_cache_is_close(parts):
     assert q8.runner.cache.bytes_per_token() < fp.runner.cache.bytes_per_token() / 3
     agree = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(fp.generate(prompts, sp), q8.generate(prompts, sp)))
     assert agree >= 6
+
+
+def test_logprobs_prompt_logprobs_and_logits_processors(parts):
+    model, tok = parts
+    engine = LLMEngine(model, tok)
+    ids = [5, 6, 7, 8, 9, 10, 11]
+    out = engine.generate([ids], SamplingParams(max_tokens=4, temperature=0, logprobs=3, prompt_logprobs=2, ignore_eos=True))[0]
+    seq = ids + out.outputs[0].token_ids
+    with torch.no_grad():
+        ref = model(torch.tensor([seq]))[0].float().log_softmax(-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for i in range(1, len(ids)):
+        assert abs(out.prompt_logprobs[i][ids[i]] - float(ref[i - 1, ids[i]])) < 1e-4
+        assert len(out.prompt_logprobs[i]) <= 3
+    for j, entry in enumerate(out.outputs[0].logprobs):
+        t = out.outputs[0].token_ids[j]
+        assert abs(entry[t] - float(ref[len(ids) - 1 + j, t])) < 1e-4 and len(entry) == 3  # greedy: chosen is in the top 3
+    assert abs(out.outputs[0].cumulative_logprob - sum(e[t] for e, t in zip(out.outputs[0].logprobs, out.outputs[0].token_ids))) < 1e-4
+
+    def only_token_42(prev, logits):
+        mask = torch.full_like(logits, float("-inf"))
+        mask[42] = 0
+        return logits + mask
+
+    forced = engine.generate([ids], SamplingParams(max_tokens=5, temperature=0.8, logits_processors=[only_token_42], ignore_eos=True))
+    assert forced[0].outputs[0].token_ids == [42] * 5

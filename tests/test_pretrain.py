@@ -257,3 +257,33 @@ def test_unknown_key_in_config_file(tmp_path, capsys):
     bad.write_text("data: x\nmodel: {hidden_size: 64}\nlearning_rate: 0.1\n")
     rc, err = _cli(["pretrain", "--config", str(bad)], capsys)
     assert rc == 2 and "learning_rate" in err and err.count("\n") == 1
+
+
+def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(shards, tmp_path):
+    """DDP on CPU (gloo): 2 ranks × batch 1 see the windows 1 process × batch 2 sees, so losses,
+    router loads and the final weights agree up to summation order."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    script.write_text("import json, sys\nfrom dsv3.train.config import PretrainConfig\n"
+                      "from dsv3.train.pretrain import pretrain\n"
+                      "pretrain(PretrainConfig.from_dict(json.loads(sys.argv[1])))\n")
+    common = {"model": MODEL, "data": str(shards / "shards"), "seq_len": 32, "max_steps": 3, "warmup_steps": 1,
+              "fim_rate": 0.0, "eval_every": 100, "eval_batches": 1, "bias_update_rate": 1e-2, "progress": False,
+              "threads": 1}
+    env = {"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    two = {**common, "batch_size": 1, "out": str(tmp_path / "ddp")}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script), json.dumps(two)], check=True, env=env, capture_output=True, timeout=300)
+    from dsv3.train.pretrain import pretrain
+    pretrain(PretrainConfig.from_dict({**common, "batch_size": 2, "out": str(tmp_path / "one")}))
+    rows = [[json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("ddp", "one")]
+    assert [r["tokens"] for r in rows[0]] == [r["tokens"] for r in rows[1]]
+    for a, b in zip(*rows):
+        assert a["load_max_over_mean"] == pytest.approx(b["load_max_over_mean"], rel=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    sa = torch.load(tmp_path / "ddp/checkpoints/step-00000003/state.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "one/checkpoints/step-00000003/state.pt", weights_only=True)["model"]
+    assert all(torch.allclose(sa[n], sb[n], atol=1e-4) for n in sa)

@@ -25,8 +25,9 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length"
-    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, float]] | None = None  # per token: the chosen token and the top-N
 
 
 @dataclass
@@ -38,6 +39,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # None for the first prompt token
 
 
 @dataclass

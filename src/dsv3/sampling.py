@@ -8,6 +8,7 @@ generator and the batching engine share one implementation. Each row draws from 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -37,6 +38,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logits_processors: list[Callable] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -70,8 +73,12 @@ class SamplingParams:
             bad(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 20):
+                bad(f"{name} must be an integer in [0, 20], got {v!r}")
+        if not all(callable(f) for f in self.logits_processors):
+            bad("logits_processors must be callables (output_token_ids, logits) -> logits")
 
     @property
     def greedy(self) -> bool:

@@ -130,13 +130,15 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ---- one step -----------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and report every request that made progress."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        logits = self.runner.execute(chunks)
+        hidden, logits = self.runner.execute(chunks)
         self.stats["steps"] += 1
+        self._prompt_logprobs(chunks, hidden)
         done = [c for c in chunks if c.completes]
         for c in chunks:
             c.seq.num_computed_tokens += c.num_tokens
@@ -156,7 +158,24 @@ class LLMEngine:
             touched[seq.request_id] = None
         return [self._request_output(self.requests[r]) for r in touched if r in self.requests]
 
+    def _prompt_logprobs(self, chunks, hidden: torch.Tensor) -> None:
+        """For requests asking for prompt logprobs: log p(prompt token | earlier tokens) as the prompt is computed."""
+        offset = 0
+        for c in chunks:
+            seq, n = c.seq, c.num_tokens
+            k = seq.params.prompt_logprobs
+            if k is not None and c.start < seq.num_prompt_tokens:
+                if seq.prompt_logprobs is None:
+                    seq.prompt_logprobs = [None]
+                end = min(c.start + n, seq.num_prompt_tokens - 1)  # predicts tokens start+1 .. end
+                if end > c.start:
+                    lp = self.model.lm_head(hidden[offset:offset + end - c.start]).float().log_softmax(-1)
+                    targets = seq.token_ids[c.start + 1:end + 1]
+                    seq.prompt_logprobs.extend(_top_logprobs(lp, targets, k))
+            offset += n
+
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        raw = logits.clone() if any(s.params.logprobs is not None for s in seqs) else None
         for i, seq in enumerate(seqs):
             params = seq.params
             if seq.output.banned_ids:
@@ -167,15 +186,26 @@ class LLMEngine:
                 seen[0, seq.token_ids] = True
                 counts = torch.bincount(torch.tensor(seq.token_ids[seq.num_prompt_tokens:], dtype=torch.long), minlength=V).float()[None]
                 logits[i:i + 1] = apply_penalties(logits[i:i + 1], [params], seen, counts.to(logits.device))
-        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+            for proc in params.logits_processors:
+                logits[i] = proc(seq.token_ids[seq.num_prompt_tokens:], logits[i])
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        if raw is not None:
+            lp = raw.log_softmax(-1)
+            for i, seq in enumerate(seqs):
+                if seq.params.logprobs is not None:
+                    entry = _top_logprobs(lp[i:i + 1], [tokens[i]], seq.params.logprobs)[0]
+                    seq.logprobs = (seq.logprobs or []) + [entry]
+                    seq.cumulative_logprob += entry[tokens[i]]
+        return tokens
 
     def _request_output(self, req: _Request) -> RequestOutput:
-        outs = [CompletionOutput(s.index, s.output.text[: s.output.emitted], s.output.token_ids[:], s.output.finish_reason)
-                for s in req.seqs]
+        outs = [CompletionOutput(s.index, s.output.text[: s.output.emitted], s.output.token_ids[:], s.output.finish_reason,
+                                 s.cumulative_logprob if s.logprobs is not None else None,
+                                 s.logprobs[:] if s.logprobs is not None else None) for s in req.seqs]
         finished = all(s.is_finished for s in req.seqs)
         if finished:
             self.requests.pop(req.request_id, None)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.seqs[0].prompt_logprobs)
 
     # ---- offline convenience ------------------------------------------------------------
     def generate(self, prompts: list[Any], params: SamplingParams | list[SamplingParams] | None = None,
@@ -197,3 +227,15 @@ class LLMEngine:
                     bar.update(1)
         bar.close()
         return [results[r] for r in ids]
+
+
+def _top_logprobs(logprobs: torch.Tensor, targets: list[int], k: int) -> list[dict[int, float]]:
+    """Per row: the target token's log-prob and the top-k alternatives (OpenAI's `top_logprobs`)."""
+    out = []
+    top = logprobs.topk(k, dim=-1) if k else None
+    for i, t in enumerate(targets):
+        entry = {int(t): float(logprobs[i, t])}
+        if top is not None:
+            entry.update({int(j): float(v) for j, v in zip(top.indices[i], top.values[i])})
+        out.append(entry)
+    return out

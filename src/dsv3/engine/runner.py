@@ -56,8 +56,9 @@ class ModelRunner:
         return (torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), ctx, sample_rows)
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Run one step; logits [rows, V] (fp32) for the chunks that complete their sequence."""
+    def execute(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one step: (hidden states [N, D] of every scheduled token, fp32 logits [rows, V] of the
+        last token of each chunk that completes its sequence)."""
         input_ids, positions, ctx, rows = self.prepare(chunks)
-        hidden = self.model.hidden_states(input_ids, positions, ctx)
-        return self.model.lm_head(hidden[0, rows]).float()
+        hidden = self.model.hidden_states(input_ids, positions, ctx)[0]
+        return hidden, self.model.lm_head(hidden[rows]).float()

@@ -106,7 +106,7 @@ def inject_lora(model: nn.Module, spec: LoRASpec, init: bool = True) -> list[str
 def wrap_frozen_experts(model: nn.Module) -> None:
     """Give every plain `Experts` an autograd-safe wrapper without adapters (CPU training needs it)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, Experts) and not _is_mtp(name):
+        if isinstance(module, Experts) and not _is_mtp(name) and not name.endswith(".base_layer"):
             replace_module(model, name, ExpertsLoRA(module, {}))
 
 

@@ -8,6 +8,7 @@ bias), because they are small and routing decisions are sensitive to them.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -81,6 +82,11 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, zero_po
         from dsv3.quant.awq import awq_calibrate
 
         clips = awq_calibrate(model, calib, group_size, zero_point, progress=progress, **awq_options)
+        forced = sum(len(v) for v in clips.forced_experts.values())
+        if forced:
+            warnings.warn(f"AWQ: {forced} routed expert(s) received no calibration tokens and were calibrated on all "
+                          f"tokens (forced routing): {clips.forced_experts}", stacklevel=2)
+        model.awq_forced_experts = clips.forced_experts
     targets = quant_targets(model, include_lm_head)
     for name, module in tqdm(targets, desc=f"quantizing ({method})", disable=not progress):
         set_module(model, name, convert(module, fmt, clips.get(name)))

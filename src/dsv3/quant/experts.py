@@ -82,7 +82,7 @@ class QuantExperts(nn.Module):
         return y
 
     def _grouped(self, xs: torch.Tensor, active: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        w = {p: self.fmt.dequant(self.proj(p, active), self.shapes[p][1]).to(xs.dtype) for p in PROJ}
+        w = {p: self.fmt.dequant(self.proj(p, active), *self.shapes[p]).to(xs.dtype) for p in PROJ}
         gate = grouped_linear(xs, w["gate_proj"], offs)
         up = grouped_linear(xs, w["up_proj"], offs)
         return grouped_linear(F.silu(gate) * up, w["down_proj"], offs)

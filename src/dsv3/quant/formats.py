@@ -59,7 +59,7 @@ class Int8Format:
     def matmul(self, x: torch.Tensor, t: Tensors, out_features: int) -> torch.Tensor:
         return kn.int8_mm(x, t["qweight"], t["scale"])
 
-    def dequant(self, t: Tensors, in_features: int) -> torch.Tensor:
+    def dequant(self, t: Tensors, out_features: int, in_features: int) -> torch.Tensor:
         return t["qweight"].float() * t["scale"].float()[..., None]
 
     def export(self, t: Tensors, out_features: int, in_features: int) -> Tensors:
@@ -104,9 +104,9 @@ class Int4Format:
     def matmul(self, x: torch.Tensor, t: Tensors, out_features: int) -> torch.Tensor:
         return kn.int4_mm(x, t["packed"], t["scale_zeros"], self.group_size, out_features, self.kernel)
 
-    def dequant(self, t: Tensors, in_features: int) -> torch.Tensor:
+    def dequant(self, t: Tensors, out_features: int, in_features: int) -> torch.Tensor:
         def one(p: torch.Tensor, scz: torch.Tensor) -> torch.Tensor:
-            return kn.int4_dequant(p, scz, self.kernel)[:, :in_features]
+            return kn.int4_dequant(p, scz, self.kernel)[:out_features, :in_features]
         p, scz = t["packed"], t["scale_zeros"]
         if p.dim() == 2:
             return one(p, scz)
@@ -146,9 +146,9 @@ class FP8Format:
         return {k: v.to(self.device) for k, v in t.items()}
 
     def matmul(self, x: torch.Tensor, t: Tensors, out_features: int) -> torch.Tensor:
-        return F.linear(x, self.dequant(t, x.shape[-1]).to(x.dtype))
+        return F.linear(x, self.dequant(t, out_features, x.shape[-1]).to(x.dtype))
 
-    def dequant(self, t: Tensors, in_features: int) -> torch.Tensor:
+    def dequant(self, t: Tensors, out_features: int, in_features: int) -> torch.Tensor:
         return dequantize_fp8_block(t["qweight"], t["scale_inv"], self.block)
 
     def export(self, t: Tensors, out_features: int, in_features: int) -> Tensors:

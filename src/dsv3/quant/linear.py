@@ -44,7 +44,7 @@ class QuantLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The dequantized weight [out, in] (cached), in the module's activation dtype."""
         if self._dense is None:
-            self._dense = self.fmt.dequant(self.tensors, self.in_features).to(self.act_dtype)
+            self._dense = self.fmt.dequant(self.tensors, self.out_features, self.in_features).to(self.act_dtype)
         return self._dense
 
     def export(self) -> Tensors:

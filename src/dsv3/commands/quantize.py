@@ -1,0 +1,78 @@
+"""`dsv3 quantize`: write an int8 / int4 / AWQ / FP8 checkpoint that `dsv3 generate --model OUT` loads."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dsv3.commands.run import model_dir, positive_int
+
+METHODS = ("int8", "int4", "awq", "fp8")
+ON_THE_FLY = ("int8", "int4", "fp8")
+
+
+def add_load_quantization_arg(p: argparse.ArgumentParser) -> None:
+    """`--quantization int8|int4|fp8` for commands that load a model (quantize on the fly after loading)."""
+    p.add_argument("--quantization", choices=ON_THE_FLY, default=None, help="quantize the weights on load")
+
+
+def calibration_ids(path: Path, tokenizer, n_samples: int, seq_len: int):
+    """Token blocks [n, seq_len] cut from a text file (the last block may be shorter if the text is short)."""
+    import torch
+
+    from dsv3.quant.schemes import QuantError
+
+    if not path.is_file():
+        raise QuantError(f"calibration file {str(path)!r} does not exist")
+    ids = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
+    if len(ids) < 16:
+        raise QuantError(f"calibration file {str(path)!r} has only {len(ids)} tokens; AWQ needs at least 16")
+    seq_len = min(seq_len, len(ids))
+    n = min(n_samples, len(ids) // seq_len)
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from dsv3.checkpoint import load_model
+    from dsv3.quant import quantize_model, save_quantized
+    from dsv3.quant.apply import linear_weight_bytes
+    from dsv3.quant.schemes import QuantError, check_group_size
+    from dsv3.tokenizer import Tokenizer
+
+    check_group_size(args.group_size)
+    if args.method == "awq" and args.calib is None:
+        raise QuantError("--method awq needs calibration text: pass --calib FILE")
+    if Path(args.output).resolve() == Path(args.model).resolve():
+        raise QuantError(f"output directory {args.output!r} is the input model directory; choose another -o")
+    model = load_model(args.model, dtype=args.dtype, progress=True)
+    calib = None
+    if args.method == "awq":
+        calib = calibration_ids(Path(args.calib), Tokenizer.from_dir(args.model), args.calib_samples, args.calib_seq_len)
+    before = linear_weight_bytes(model)
+    quantize_model(model, args.method, group_size=args.group_size, zero_point=not args.symmetric, calib=calib,
+                   include_lm_head=args.lm_head, progress=True)
+    after = linear_weight_bytes(model)
+    out = save_quantized(model, args.output, tokenizer_from=args.model)
+    forced = getattr(model, "awq_forced_experts", {})
+    if forced:
+        print(f"note: {sum(map(len, forced.values()))} expert(s) got no calibration tokens; calibrated with forced routing",
+              file=sys.stderr)
+    print(f"{args.method}: linear weights {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({after / before:.3f}x); wrote {out}",
+          file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a checkpoint (int8, int4, awq, fp8) and save it")
+    p.add_argument("--method", required=True, choices=METHODS, help="int8: per-channel; int4: group RTN; awq: int4 + AWQ; fp8: e4m3 128x128 blocks")
+    p.add_argument("--model", required=True, type=model_dir, help="input checkpoint directory")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--calib", default=None, help="calibration text file (required for awq)")
+    p.add_argument("--group-size", type=positive_int, default=128, help="int4/awq input channels per scale (32, 64, 128, 256)")
+    p.add_argument("--symmetric", action="store_true", help="int4/awq without zero points")
+    p.add_argument("--lm-head", action="store_true", help="also quantize the LM head")
+    p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration sequences (awq)")
+    p.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per calibration sequence (awq)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="activation dtype of the result")
+    p.set_defaults(func=run_quantize)

@@ -194,6 +194,8 @@ def test_resume_after_two_steps_equals_four_straight_steps(shards, tmp_path):
     assert second["start_step"] == 2 and second["step"] == 4
     rows = [[json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
     assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]
+    assert [("heldout_loss" in r) for r in rows[1]] == [False, True, False, True]  # eval_every 2
+    assert all(len(r["load_max_over_mean"]) == 2 and min(r["load_max_over_mean"]) >= 1.0 for r in rows[1])  # MoE + MTP
     for key in ("loss", "mtp_loss", "total_loss", "grad_norm", "lr", "load_max_over_mean", "seq_aux"):
         assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
     assert rows[0][-1]["heldout_loss"] == rows[1][-1]["heldout_loss"]

@@ -43,6 +43,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     check_group_size(args.group_size)
     if args.method == "awq" and args.calib is None:
         raise QuantError("--method awq needs calibration text: pass --calib FILE")
+    if args.calib is not None and not Path(args.calib).is_file():
+        raise QuantError(f"calibration file {args.calib!r} does not exist")
     if Path(args.output).resolve() == Path(args.model).resolve():
         raise QuantError(f"output directory {args.output!r} is the input model directory; choose another -o")
     model = load_model(args.model, dtype=args.dtype, progress=True)

@@ -11,9 +11,11 @@ from typing import Any
 import torch
 
 from dsv3.engine.block_manager import BlockManager
-from dsv3.engine.runner import ModelRunner
+from dsv3.engine.logprobs import collect_prompt_logprobs, top_logprobs
+from dsv3.engine.runner import ModelRunner, StepItem
 from dsv3.engine.scheduler import Scheduler
 from dsv3.engine.sequence import Sequence, SequenceStatus
+from dsv3.engine.speculative import MTPDrafter, verify
 from dsv3.errors import DSV3Error
 from dsv3.generate import CompletionOutput, RequestOutput
 from dsv3.model import DeepseekV3ForCausalLM
@@ -37,6 +39,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     kv_cache_dtype: str = "auto"  # auto | int8
+    num_speculative_tokens: int = 0  # MTP drafts per step (needs a model with MTP weights)
     seed: int = 0
 
 
@@ -65,6 +68,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens, c.enable_chunked_prefill)
         self.runner = ModelRunner(model, num_blocks, c.block_size, c.kv_cache_dtype)
         self.eos_ids = set(tokenizer.stop_token_ids) | set(cfg.eos_token_ids)
+        self.drafter = None
+        if c.num_speculative_tokens:
+            if not len(model.model.mtp):
+                raise RequestError("speculative decoding needs a model loaded with its MTP module (num_nextn_predict_layers > 0)")
+            self.drafter = MTPDrafter(self.runner, self.block_manager, c.num_speculative_tokens, self.max_model_len)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
@@ -132,47 +140,54 @@ class LLMEngine:
     # ---- one step -----------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample, and report every request that made progress."""
+        """Schedule, run the model once (after MTP drafting), sample or verify, report progress."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        hidden, logits = self.runner.execute(chunks)
+        drafts = self.drafter.draft(chunks) if self.drafter else {}
+        items = [StepItem(c.seq.token_ids[c.start:c.start + c.num_tokens] + (drafts[c.seq].tokens if c.seq in drafts else []),
+                          c.start, c.seq.block_table, sample=c.completes, all_logits=c.seq in drafts) for c in chunks]
+        hidden, logits = self.runner.execute(items)
         self.stats["steps"] += 1
-        self._prompt_logprobs(chunks, hidden)
-        done = [c for c in chunks if c.completes]
-        for c in chunks:
-            c.seq.num_computed_tokens += c.num_tokens
-            self.block_manager.commit(c.seq)
-        tokens = self._sample([c.seq for c in done], logits) if done else []
+        collect_prompt_logprobs(self.model, chunks, items, hidden)
+        new_tokens: dict[Sequence, list[int]] = {}
+        to_sample, sample_rows = [], []
+        row = offset = 0
+        for c, it in zip(chunks, items):
+            seq, computed = c.seq, c.num_tokens
+            if it.all_logits:
+                draft = drafts[seq]
+                accepted = verify(seq, draft, logits[row:row + len(it.token_ids)])
+                self.drafter.stats.record(len(draft.tokens), len(accepted) - 1)
+                new_tokens[seq] = accepted
+                computed += len(accepted) - 1
+                row += len(it.token_ids)
+            elif it.sample:
+                to_sample.append(seq)
+                sample_rows.append(row)
+                row += 1
+            seq.num_computed_tokens += computed
+            if self.drafter:
+                self.drafter.keep_hidden(seq, c.start, hidden[offset:offset + computed])
+            self.block_manager.commit(seq)
+            offset += len(it.token_ids)
+        if to_sample:
+            for seq, tok in zip(to_sample, self._sample(to_sample, logits[sample_rows])):
+                new_tokens[seq] = [tok]
         touched: dict[str, None] = {}
         now = time.monotonic()
-        for c, tok in zip(done, tokens):
-            seq = c.seq
+        for seq, toks in new_tokens.items():
             seq.first_token_time = seq.first_token_time or now
-            seq.token_ids.append(tok)
-            seq.output.append(tok)
-            self.stats["generation_tokens"] += 1
-            if seq.output.finish_reason:
-                self.scheduler.remove(seq)
-                seq.status = SequenceStatus.FINISHED
+            for tok in toks:
+                seq.token_ids.append(tok)
+                seq.output.append(tok)
+                self.stats["generation_tokens"] += 1
+                if seq.output.finish_reason:
+                    self.scheduler.remove(seq)
+                    seq.status = SequenceStatus.FINISHED
+                    break
             touched[seq.request_id] = None
         return [self._request_output(self.requests[r]) for r in touched if r in self.requests]
-
-    def _prompt_logprobs(self, chunks, hidden: torch.Tensor) -> None:
-        """For requests asking for prompt logprobs: log p(prompt token | earlier tokens) as the prompt is computed."""
-        offset = 0
-        for c in chunks:
-            seq, n = c.seq, c.num_tokens
-            k = seq.params.prompt_logprobs
-            if k is not None and c.start < seq.num_prompt_tokens:
-                if seq.prompt_logprobs is None:
-                    seq.prompt_logprobs = [None]
-                end = min(c.start + n, seq.num_prompt_tokens - 1)  # predicts tokens start+1 .. end
-                if end > c.start:
-                    lp = self.model.lm_head(hidden[offset:offset + end - c.start]).float().log_softmax(-1)
-                    targets = seq.token_ids[c.start + 1:end + 1]
-                    seq.prompt_logprobs.extend(_top_logprobs(lp, targets, k))
-            offset += n
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         raw = logits.clone() if any(s.params.logprobs is not None for s in seqs) else None
@@ -193,7 +208,7 @@ class LLMEngine:
             lp = raw.log_softmax(-1)
             for i, seq in enumerate(seqs):
                 if seq.params.logprobs is not None:
-                    entry = _top_logprobs(lp[i:i + 1], [tokens[i]], seq.params.logprobs)[0]
+                    entry = top_logprobs(lp[i:i + 1], [tokens[i]], seq.params.logprobs)[0]
                     seq.logprobs = (seq.logprobs or []) + [entry]
                     seq.cumulative_logprob += entry[tokens[i]]
         return tokens
@@ -228,14 +243,3 @@ class LLMEngine:
         bar.close()
         return [results[r] for r in ids]
 
-
-def _top_logprobs(logprobs: torch.Tensor, targets: list[int], k: int) -> list[dict[int, float]]:
-    """Per row: the target token's log-prob and the top-k alternatives (OpenAI's `top_logprobs`)."""
-    out = []
-    top = logprobs.topk(k, dim=-1) if k else None
-    for i, t in enumerate(targets):
-        entry = {int(t): float(logprobs[i, t])}
-        if top is not None:
-            entry.update({int(j): float(v) for j, v in zip(top.indices[i], top.values[i])})
-        out.append(entry)
-    return out

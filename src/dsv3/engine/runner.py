@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dsv3.engine.paged_attention import LatentCache, PagedContext, PrefillChunk
-from dsv3.engine.scheduler import ScheduledChunk
 from dsv3.model import DeepseekV3ForCausalLM
+
+
+@dataclass
+class StepItem:
+    """A run of consecutive tokens of one sequence to compute in this step."""
+
+    token_ids: list[int]
+    start: int  # position of the first token
+    block_table: list[int]
+    sample: bool = False  # logits of the last token are needed
+    all_logits: bool = False  # logits of every token are needed (speculative verification)
 
 
 class ModelRunner:
@@ -23,42 +35,46 @@ class ModelRunner:
         table = torch.tensor(block_table, dtype=torch.long)
         return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.device)
 
-    def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, PagedContext, list[int]]:
+    def prepare(self, items: list[StepItem]) -> tuple[torch.Tensor, torch.Tensor, PagedContext, list[int]]:
         """Flatten the step into (input_ids [1, N], positions [1, N], context, rows whose logits are needed)."""
-        ids, pos, slot_parts, prefills, decode_rows, decode_ctx, sample_rows = [], [], [], [], [], [], []
+        ids, pos, slot_parts, prefills, decode_rows, decode_ctx, rows = [], [], [], [], [], [], []
         offset = 0
-        for c in chunks:
-            s, n = c.start, c.num_tokens
-            ids.extend(c.seq.token_ids[s:s + n])
+        for it in items:
+            s, n = it.start, len(it.token_ids)
+            ids.extend(it.token_ids)
             pos.extend(range(s, s + n))
-            slot_parts.append(self.slots(c.seq.block_table, s, s + n))
+            slot_parts.append(self.slots(it.block_table, s, s + n))
             if n == 1 and s > 0:
                 decode_rows.append(offset)
-                decode_ctx.append(self.slots(c.seq.block_table, 0, s + 1))
+                decode_ctx.append(self.slots(it.block_table, 0, s + 1))
             else:
-                prefills.append(PrefillChunk(slice(offset, offset + n), self.slots(c.seq.block_table, 0, s + n), s))
+                prefills.append(PrefillChunk(slice(offset, offset + n), self.slots(it.block_table, 0, s + n), s))
+            if it.all_logits:
+                rows.extend(range(offset, offset + n))
+            elif it.sample:
+                rows.append(offset + n - 1)
             offset += n
-            if c.completes:
-                sample_rows.append(offset - 1)
         dev = self.device
-        if decode_ctx:
-            longest = max(len(x) for x in decode_ctx)
-            decode_slots = torch.zeros(len(decode_ctx), longest, dtype=torch.long, device=dev)
-            decode_mask = torch.zeros(len(decode_ctx), 1, 1, longest, dtype=torch.bool, device=dev)
-            for i, x in enumerate(decode_ctx):
-                decode_slots[i, : len(x)] = x
-                decode_mask[i, ..., : len(x)] = True
-        else:
-            decode_slots = torch.zeros(0, 0, dtype=torch.long, device=dev)
-            decode_mask = torch.zeros(0, 1, 1, 0, dtype=torch.bool, device=dev)
+        longest = max((len(x) for x in decode_ctx), default=0)
+        decode_slots = torch.zeros(len(decode_ctx), longest, dtype=torch.long, device=dev)
+        decode_mask = torch.zeros(len(decode_ctx), 1, 1, longest, dtype=torch.bool, device=dev)
+        for i, x in enumerate(decode_ctx):
+            decode_slots[i, : len(x)] = x
+            decode_mask[i, ..., : len(x)] = True
         ctx = PagedContext(self.cache, torch.cat(slot_parts), torch.tensor(decode_rows, dtype=torch.long, device=dev),
                            decode_slots, decode_mask, prefills)
-        return (torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), ctx, sample_rows)
+        return (torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), ctx, rows)
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run one step: (hidden states [N, D] of every scheduled token, fp32 logits [rows, V] of the
-        last token of each chunk that completes its sequence)."""
-        input_ids, positions, ctx, rows = self.prepare(chunks)
+    def execute(self, items: list[StepItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the main model: (hidden states [N, D] of every token, fp32 logits of the requested rows)."""
+        input_ids, positions, ctx, rows = self.prepare(items)
         hidden = self.model.hidden_states(input_ids, positions, ctx)[0]
+        return hidden, self.model.lm_head(hidden[rows]).float()
+
+    @torch.inference_mode()
+    def execute_mtp(self, items: list[StepItem], hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run MTP module 0 on (hidden_in [N, D], the items' tokens): (its hidden states, logits of requested rows)."""
+        input_ids, positions, ctx, rows = self.prepare(items)
+        hidden = self.model.mtp_hidden(hidden_in[None], input_ids, positions, ctx)[0]
         return hidden, self.model.lm_head(hidden[rows]).float()

@@ -41,6 +41,8 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    mtp_done: int = 0  # MTP pairs (h_i, x_{i+1}) already in the MTP layer's cache
+    mtp_pending: torch.Tensor | None = None  # main hidden states h_mtp_done .. not yet fed to MTP
 
     @property
     def num_tokens(self) -> int:
@@ -58,4 +60,5 @@ class Sequence:
         """Preemption by recompute: forget the cache; prompt and generated tokens are recomputed later."""
         self.num_computed_tokens = 0
         self.block_table = []
+        self.mtp_done, self.mtp_pending = 0, None
         self.status = SequenceStatus.WAITING

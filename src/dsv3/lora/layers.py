@@ -107,10 +107,11 @@ class LoRALinear(nn.Module):
 def grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """`grouped_linear`, but differentiable on every backend when autograd is recording.
 
-    torch's CPU `grouped_mm` has no working backward, so with gradients on we run one matmul per
-    non-empty expert on split views (cheap for the expert counts LoRA training runs on a CPU).
+    torch's CPU `grouped_mm` has no working backward, and the CUDA kernel takes bf16 only, so otherwise
+    we run one matmul per non-empty expert on split views (cheap at LoRA-training expert counts).
     """
-    if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) or x.is_cuda:
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    if x.dtype == w.dtype and (x.dtype == torch.bfloat16 if x.is_cuda else not needs_grad):
         return grouped_linear(x, w, offs)
     sizes = torch.diff(offs.long(), prepend=offs.new_zeros(1).long()).tolist()
     parts = [chunk @ w[g].to(x.dtype).T for g, chunk in enumerate(torch.split(x, sizes)) if chunk.shape[0]]

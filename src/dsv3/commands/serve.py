@@ -1,0 +1,136 @@
+"""`dsv3 serve` (the OpenAI-compatible server) and `dsv3 audit verify` (check its audit log)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from dsv3.commands.run import add_model_args, positive_int
+from dsv3.errors import DSV3Error
+
+
+class ServeError(DSV3Error):
+    """A `dsv3 serve` flag that cannot be honoured."""
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per log line, so log shippers need no parsing rules."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def build_config(args: argparse.Namespace):
+    from dsv3.serve.audit import AuditLog
+    from dsv3.serve.auth import APIKeys
+    from dsv3.serve.cache import ResponseCache
+    from dsv3.serve.ratelimit import RateLimit, RateLimiter
+    from dsv3.serve.state import ServeConfig
+
+    if (args.tls_certfile is None) != (args.tls_keyfile is None):
+        raise ServeError("--tls-certfile and --tls-keyfile must be given together")
+    for f in (args.tls_certfile, args.tls_keyfile):
+        if f is not None and not Path(f).is_file():
+            raise ServeError(f"TLS file {f} does not exist")
+    if args.quantization is not None:
+        raise ServeError(f"--quantization {args.quantization} is not wired into serve yet; quantize the checkpoint "
+                         "with `dsv3 quantize` and pass its directory to --model")
+    if args.tensor_parallel_size != 1:
+        raise ServeError("--tensor-parallel-size > 1 is not available yet; use 1")
+    if args.lora:
+        raise ServeError("--lora is not wired into serve yet")
+    cache = None
+    if args.response_cache is not None:
+        cache = ResponseCache(None if args.response_cache == "memory" else args.response_cache,
+                              max_entries=args.response_cache_size, ttl_s=args.response_cache_ttl)
+    return ServeConfig(
+        served_model_name=args.served_model_name or (args.model.name if args.model else "dsv3"),
+        keys=APIKeys.build(args.api_key, args.api_key_file), protect_health_metrics=args.protect_health_metrics,
+        max_body_bytes=args.max_body_bytes, rate_limiter=RateLimiter(RateLimit.parse(args.rate_limit)) if args.rate_limit else None,
+        cache=cache, audit=AuditLog(args.audit_log) if args.audit_log else None, audit_content=args.audit_log_content,
+        max_queue=args.max_queue, keepalive_s=args.keepalive)
+
+
+def loader(args: argparse.Namespace):
+    def load():
+        from dsv3.checkpoint import load_model
+        from dsv3.engine import EngineConfig, LLMEngine
+        from dsv3.paths import default_model_dir
+        from dsv3.tokenizer import Tokenizer
+
+        path = args.model if args.model is not None else default_model_dir(chat=True)
+        model = load_model(path, dtype=args.dtype)
+        tok = Tokenizer.from_dir(path)
+        cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                           kv_cache_memory=args.kv_cache_memory << 20, seed=args.seed)
+        return LLMEngine(model, tok, cfg), tok
+    return load
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from dsv3.serve.app import create_app
+
+    config = build_config(args)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    app = create_app(config, loader(args))
+    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_certfile, ssl_keyfile=args.tls_keyfile,
+                timeout_graceful_shutdown=args.grace_period, log_config=None, access_log=False)
+    return 0
+
+
+def run_audit_verify(args: argparse.Namespace) -> int:
+    from dsv3.serve.audit import verify
+
+    r = verify(args.path)
+    if r.ok:
+        print(f"{args.path}: OK, {r.lines} lines, chain intact")
+        return 0
+    print(f"{args.path}: line {r.bad_line}: {r.reason}")
+    return 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, metrics, audit log)")
+    add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
+    s.add_argument("--quantization", default=None, help="on-the-fly quantization (not wired yet)")
+    s.add_argument("--tensor-parallel-size", type=positive_int, default=1)
+    s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="serve a LoRA adapter (not wired yet)")
+    s.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences batched at once")
+    s.add_argument("--kv-cache-memory", type=positive_int, default=1024, help="latent cache size in MiB")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
+    s.add_argument("--api-key-file", default=None, help="file of '[id:]sha256hex' lines (hashed keys)")
+    s.add_argument("--protect-health-metrics", action="store_true", help="require a key on /health and /metrics too")
+    s.add_argument("--tls-certfile", default=None)
+    s.add_argument("--tls-keyfile", default=None)
+    s.add_argument("--audit-log", default=None, metavar="PATH", help="hash-chained JSONL audit log")
+    s.add_argument("--audit-log-content", action="store_true", help="also store request bodies in the audit log")
+    s.add_argument("--rate-limit", default=None, metavar="RPM[,TPM]", help="per-key requests (and tokens) per minute")
+    s.add_argument("--response-cache", default=None, metavar="PATH|memory", help="hot-answer cache (SQLite file or 'memory')")
+    s.add_argument("--response-cache-size", type=positive_int, default=1024, help="in-memory entries")
+    s.add_argument("--response-cache-ttl", type=float, default=3600.0, help="seconds an answer stays valid")
+    s.add_argument("--max-queue", type=positive_int, default=256, help="concurrent requests before 503")
+    s.add_argument("--max-body-bytes", type=positive_int, default=4 << 20)
+    s.add_argument("--keepalive", type=float, default=15.0, help="seconds between SSE keep-alive comments")
+    s.add_argument("--grace-period", type=positive_int, default=30, help="seconds to finish in-flight work on SIGTERM")
+    s.set_defaults(func=run_serve)
+
+    a = sub.add_parser("audit", help="check a serve audit log")
+    asub = a.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=type(a))
+    asub.required = True
+    v = asub.add_parser("verify", help="report the first altered, removed or reordered line")
+    v.add_argument("path")
+    v.set_defaults(func=run_audit_verify)

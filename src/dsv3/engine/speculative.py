@@ -1,0 +1,151 @@
+"""MTP speculative decoding: the model's own multi-token-prediction module drafts, one forward verifies.
+
+MTP pair i combines the main model's hidden state h_i with token x_{i+1} (at position i) and
+predicts x_{i+2}. Each decoding sequence keeps the hidden states the MTP module has not consumed
+yet; a step first runs the MTP module over them (filling its latent cache with exact inputs) and
+drafts k tokens by chaining the module on its own output, then the main model scores
+[last token, drafts] in one chunk. Greedy requests accept drafts while they equal the argmax, so
+the output is identical to plain decoding; sampled requests use rejection sampling, which keeps
+the target distribution exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv3.engine.sequence import Sequence
+from dsv3.sampling import SamplingParams, filter_logits
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    probs: torch.Tensor | None  # [k, V] draft distributions (None for greedy)
+
+
+def supports_speculation(params: SamplingParams) -> bool:
+    """Speculation needs a plain distribution: no penalties, processors or per-token logprobs."""
+    return (params.repetition_penalty == 1 and not params.presence_penalty and not params.frequency_penalty
+            and not params.logits_processors and params.logprobs is None and params.min_tokens == 0)
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    return filter_logits(logits.float(), [params] * logits.shape[0]).softmax(-1)
+
+
+def propose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
+    """One draft token from MTP logits [V]: argmax when greedy, else a draw from q (returned too)."""
+    if params.greedy:
+        return int(logits.argmax()), None
+    q = target_probs(logits[None], params)[0]
+    return int(torch.multinomial(q, 1, generator=generator)), q
+
+
+def verify(seq: Sequence, draft: Draft, logits: torch.Tensor) -> list[int]:
+    """Accepted drafts plus one token from the target: logits [k+1, V] score [last token, drafts]."""
+    params, k = seq.params, len(draft.tokens)
+    if params.greedy:
+        target = logits.argmax(-1).tolist()
+        out = []
+        for i in range(k):
+            if draft.tokens[i] != target[i]:
+                break
+            out.append(draft.tokens[i])
+        return out + [target[len(out)]]
+    p = target_probs(logits, params)
+    out = []
+    for i, tok in enumerate(draft.tokens):
+        q = draft.probs[i]
+        u = torch.rand((), generator=seq.generator)
+        if float(u) * float(q[tok]) <= float(p[i, tok]):  # accept with probability min(1, p/q)
+            out.append(tok)
+            continue
+        residual = (p[i] - q).clamp(min=0)
+        total = residual.sum()
+        dist = residual / total if total > 0 else p[i]
+        return out + [int(torch.multinomial(dist, 1, generator=seq.generator))]
+    return out + [int(torch.multinomial(p[k], 1, generator=seq.generator))]
+
+
+class SpecStats:
+    """Acceptance counts per draft position (position j accepted only if 0..j-1 were)."""
+
+    def __init__(self, k: int):
+        self.drafted = [0] * k
+        self.accepted = [0] * k
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        for j in range(num_drafts):
+            self.drafted[j] += 1
+            self.accepted[j] += j < num_accepted
+
+    @property
+    def acceptance_rate(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def mean_accepted(self) -> float:
+        steps = self.drafted[0] if self.drafted else 0
+        return sum(self.accepted) / steps if steps else 0.0
+
+
+class MTPDrafter:
+    """Runs the MTP module for the decoding sequences of a step and returns their drafts."""
+
+    def __init__(self, runner, block_manager, num_speculative_tokens: int, max_model_len: int):
+        self.runner, self.bm = runner, block_manager
+        self.k, self.max_model_len = num_speculative_tokens, max_model_len
+        self.stats = SpecStats(num_speculative_tokens)
+
+    def keep_hidden(self, seq: Sequence, start: int, hidden: torch.Tensor) -> None:
+        """Remember main-model hidden states of newly computed positions for the MTP module."""
+        if not supports_speculation(seq.params):
+            return
+        if seq.mtp_pending is None:
+            seq.mtp_done, seq.mtp_pending = start, hidden
+        else:
+            seq.mtp_pending = torch.cat([seq.mtp_pending, hidden])
+
+    def _eligible(self, chunk) -> int:
+        seq = chunk.seq
+        if not (chunk.num_tokens == 1 and chunk.start > 0 and chunk.completes and seq.mtp_pending is not None
+                and seq.mtp_pending.shape[0] == chunk.start - seq.mtp_done and supports_speculation(seq.params)):
+            return 0
+        left = seq.output.max_new - seq.num_output_tokens
+        return max(0, min(self.k, left - 1, self.max_model_len - 1 - chunk.start))
+
+    def draft(self, chunks) -> dict[Sequence, Draft]:
+        from dsv3.engine.runner import StepItem
+
+        plan = []
+        for c in chunks:
+            k = self._eligible(c)
+            if k and self.bm.ensure_slots(c.seq, 1 + k):
+                plan.append((c, k))
+        if not plan:
+            return {}
+        items = [StepItem(c.seq.token_ids[c.seq.mtp_done + 1:c.start + 1], c.seq.mtp_done, c.seq.block_table, sample=True)
+                 for c, _ in plan]
+        hidden, logits = self.runner.execute_mtp(items, torch.cat([c.seq.mtp_pending for c, _ in plan]))
+        ends = torch.tensor([len(it.token_ids) for it in items]).cumsum(0) - 1
+        last = hidden[ends]
+        drafts: dict[Sequence, Draft] = {}
+        for i, (c, _) in enumerate(plan):
+            tok, q = propose(logits[i], c.seq.params, c.seq.generator)
+            drafts[c.seq] = Draft([tok], None if q is None else [q])
+            c.seq.mtp_done, c.seq.mtp_pending = c.start, last.new_zeros(0, last.shape[-1])
+        for j in range(1, max(k for _, k in plan)):
+            active = [(i, c) for i, (c, k) in enumerate(plan) if k > j]
+            items = [StepItem([drafts[c.seq].tokens[-1]], c.start - 1 + j, c.seq.block_table, sample=True) for _, c in active]
+            h, logits = self.runner.execute_mtp(items, torch.stack([last[i] for i, _ in active]))
+            for row, (i, c) in enumerate(active):
+                last[i] = h[row]
+                tok, q = propose(logits[row], c.seq.params, c.seq.generator)
+                drafts[c.seq].tokens.append(tok)
+                if q is not None:
+                    drafts[c.seq].probs.append(q)
+        for d in drafts.values():
+            d.probs = torch.stack(d.probs) if d.probs else None
+        return drafts

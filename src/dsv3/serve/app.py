@@ -1,0 +1,126 @@
+"""The FastAPI application: OpenAI routes, health, metrics, tokenizer routes and the OpenAPI docs.
+
+`create_app(config, load)` opens for traffic at once and runs `load()` (model + tokenizer + engine)
+in a worker thread; until it returns, `/health` and the generation routes answer 503. Shutdown
+(SIGTERM through uvicorn) stops the engine loop, then flushes and closes the audit log and cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from dsv3.serve import chat, completions
+from dsv3.serve.errors import error_response, install_error_handlers
+from dsv3.serve.gate import Gate
+from dsv3.serve.metrics import Metrics
+from dsv3.serve.protocol import DetokenizeRequest, TokenizeRequest
+from dsv3.serve.state import ServeConfig, ServerState
+
+log = logging.getLogger("dsv3.serve")
+
+Loader = Callable[[], tuple[Any, Any]]  # () -> (LLMEngine, Tokenizer)
+
+
+def create_app(config: ServeConfig, load: Loader) -> FastAPI:
+    st = ServerState(config)
+    st.metrics = Metrics(lambda: st)
+
+    async def _load() -> None:
+        try:
+            engine, tokenizer = await asyncio.to_thread(load)
+        except BaseException as e:  # reported by /health; the process stays up so operators can see why
+            st.load_error = e
+            log.exception("model load failed")
+            return
+        from dsv3.engine import AsyncLLMEngine
+
+        st.engine, st.tokenizer = engine, tokenizer
+        st.front = AsyncLLMEngine(engine)
+        st.front.start()
+        log.info("model loaded; serving %s", config.served_model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(_load())
+        try:
+            yield
+        finally:
+            task.cancel()
+            if st.front is not None:
+                await asyncio.to_thread(st.front.shutdown)
+            if config.audit is not None:
+                config.audit.close()
+            if config.cache is not None:
+                config.cache.close()
+
+    app = FastAPI(title="dsv3", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API for DeepSeek-V3-architecture models")
+    app.state.dsv3 = st
+    install_error_handlers(app)
+    chat.register(app, st)
+    completions.register(app, st)
+
+    @app.get("/v1/models", tags=["openai"])
+    async def models():
+        """The served model (and LoRA adapters), in OpenAI's list shape."""
+        now = int(time.time())
+        limit = st.engine.max_model_len if st.ready else None
+        data = [{"id": config.served_model_name, "object": "model", "created": now, "owned_by": "dsv3",
+                 "root": config.served_model_name, "parent": None, "max_model_len": limit}]
+        data += [{"id": n, "object": "model", "created": now, "owned_by": "dsv3", "root": n,
+                  "parent": config.served_model_name, "max_model_len": limit} for n in config.lora_names]
+        return {"object": "list", "data": data}
+
+    @app.get("/health", tags=["ops"])
+    async def health():
+        """200 when ready; 503 while loading, after a failed load, or once the engine loop died."""
+        if st.load_error is not None:
+            return error_response(503, "the model failed to load", code="load_failed")
+        if not st.ready:
+            return error_response(503, "the model is still loading", code="loading")
+        if st.front.errored is not None:
+            return error_response(503, "the engine stopped after an internal error", code="engine_dead")
+        return Response(status_code=200)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics():
+        """Prometheus text exposition (`dsv3:` names mirror vLLM's `vllm:` ones)."""
+        return Response(st.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize", tags=["tokenizer"])
+    async def tokenize(req: TokenizeRequest, request: Request):
+        """Token ids of a prompt, or of a chat rendered with the model's template."""
+        st.require_ready()
+        request.scope["dsv3"]["model"] = st.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            return error_response(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
+        if req.messages is not None:
+            text = st.tokenizer.apply_chat_template([{"role": m.role, "content": m.text() or ""} for m in req.messages])
+            ids = st.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = st.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": st.engine.max_model_len}
+
+    @app.post("/detokenize", tags=["tokenizer"])
+    async def detokenize(req: DetokenizeRequest, request: Request):
+        """The text of a list of token ids."""
+        st.require_ready()
+        request.scope["dsv3"]["model"] = st.check_model(req.model)
+        vocab = st.engine.model.config.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            return error_response(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": st.tokenizer.decode(req.tokens)}
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(404, f"there is no route {request.method} {request.url.path}")
+
+    return Gate(app, st)

@@ -1,0 +1,152 @@
+"""`POST /v1/chat/completions`: chat template -> engine -> OpenAI chat objects, whole or streamed."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from dsv3.serve.generation import (admit, cache_lookup, chat_logprobs, finish_reason, generate, new_id,
+                                   sampling_params, usage)
+from dsv3.serve.protocol import ChatCompletionRequest, NamedToolChoice
+from dsv3.serve.state import ServerState
+from dsv3.serve.streaming import DONE, KEEPALIVE, error_event, sse, with_keepalive
+from dsv3.serve.structured import logit_bias_processor, response_format_grammar
+from dsv3.serve.tools import forced_call_grammar, parse_tool_calls, tools_system_prompt
+
+
+def _messages(req: ChatCompletionRequest, with_tools: bool) -> list[dict[str, Any]]:
+    out = []
+    for m in req.messages:
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        if d["content"] is None and not m.tool_calls:
+            d["content"] = ""
+        out.append(d)
+    if with_tools:
+        out.insert(0, {"role": "system", "content": tools_system_prompt(req.tools)})
+    return out
+
+
+def _processors(st: ServerState, req: ChatCompletionRequest, with_tools: bool) -> list:
+    procs = []
+    if req.logit_bias:
+        procs.append(logit_bias_processor(req.logit_bias, st.engine.model.config.vocab_size))
+    compiled = None
+    if with_tools and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)):
+        compiled = forced_call_grammar(st.grammar, req.tools, req.tool_choice)
+    elif req.response_format is not None and req.response_format.type != "text":
+        compiled = response_format_grammar(st.grammar, req.response_format)
+    if compiled is not None:
+        procs.append(st.grammar.processor(compiled))
+    return procs
+
+
+def _tool_message(st: ServerState, o: Any) -> tuple[dict, str | None]:
+    """The assistant message for one output of a tool-enabled request, and its finish reason."""
+    ids = [t for t in o.token_ids if t not in st.engine.eos_ids]
+    content, calls = parse_tool_calls(st.tokenizer.decode(ids, skip_special_tokens=False))
+    if not calls:
+        return {"role": "assistant", "content": o.text}, finish_reason(o)
+    return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+
+
+def register(app: FastAPI, st: ServerState) -> None:
+    @app.post("/v1/chat/completions", tags=["openai"])
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        """Create a chat completion (OpenAI semantics; `top_k`, `min_p`, `repetition_penalty` as extensions)."""
+        st.require_ready()
+        info = request.scope["dsv3"]
+        model = info["model"] = st.check_model(req.model)
+        with_tools = bool(req.tools) and req.tool_choice != "none"
+        if req.tool_choice not in (None, "none") and not req.tools:
+            from dsv3.serve.errors import APIError
+            raise APIError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+        key, hit = cache_lookup(st, request.headers, info, "chat", model, req.model_dump(exclude_none=True, by_alias=True))
+        if hit is not None:
+            return Response(hit, media_type="application/json", headers={"x-dsv3-cache": "hit"})
+        text = st.tokenizer.apply_chat_template(_messages(req, with_tools), add_generation_prompt=True)
+        prompt = {"prompt_token_ids": st.tokenizer.encode(text, add_special_tokens=False)}
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        top = req.top_logprobs or 0
+        params = sampling_params(req, max_tokens, top if req.logprobs else None, _processors(st, req, with_tools))
+        ids = admit(st, prompt, params, max_tokens)
+        info["prompt_tokens"] = len(ids)
+        rid, created = new_id("chatcmpl"), int(time.time())
+        head = {"id": rid, "created": created, "model": model, "system_fingerprint": None}
+        if req.stream:
+            return StreamingResponse(_stream(st, req, info, prompt, params, head, with_tools, len(ids)),
+                                     media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        final = None
+        async for out in generate(st, prompt, params, rid):
+            final = out
+        choices = []
+        for o in final.outputs:
+            msg, fr = _tool_message(st, o) if with_tools else ({"role": "assistant", "content": o.text}, finish_reason(o))
+            choices.append({"index": o.index, "message": msg,
+                            "logprobs": chat_logprobs(st.tokenizer, o, top) if req.logprobs else None, "finish_reason": fr})
+        n_out = sum(len(o.token_ids) for o in final.outputs)
+        info["completion_tokens"] = n_out
+        body = json.dumps({**head, "object": "chat.completion", "choices": choices, "usage": usage(len(ids), n_out)},
+                          ensure_ascii=False).encode()
+        if key is not None:
+            st.cache.put(key, body)
+        return Response(body, media_type="application/json", headers={"x-dsv3-cache": "miss"} if key else None)
+
+
+async def _stream(st: ServerState, req: ChatCompletionRequest, info: dict, prompt: Any, params: Any, head: dict,
+                  with_tools: bool, n_prompt: int):
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    top = req.top_logprobs or 0
+
+    def chunk(choices: list, use: dict | None = None) -> bytes:
+        body = {**head, "object": "chat.completion.chunk", "choices": choices}
+        if include_usage:
+            body["usage"] = use
+        return sse(body)
+
+    n = params.n
+    sent_chars, sent_toks, done = [0] * n, [0] * n, [False] * n
+    last = None
+    try:
+        for i in range(n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+        async for out in with_keepalive(generate(st, prompt, params, head["id"]), st.config.keepalive_s):
+            if out is None:
+                yield KEEPALIVE
+                continue
+            last = out
+            if with_tools:
+                continue  # tool calls are parsed from the whole output, then sent in one piece
+            choices = []
+            for o in out.outputs:
+                i = o.index
+                delta, fr = o.text[sent_chars[i]:], (finish_reason(o) if o.finish_reason and not done[i] else None)
+                new_toks = len(o.token_ids) - sent_toks[i]
+                if not delta and fr is None and not (req.logprobs and new_toks):
+                    continue
+                lp = chat_logprobs(st.tokenizer, o, top, sent_toks[i]) if req.logprobs else None
+                choices.append({"index": i, "delta": {"content": delta} if delta else {}, "logprobs": lp, "finish_reason": fr})
+                sent_chars[i], sent_toks[i], done[i] = len(o.text), len(o.token_ids), done[i] or fr is not None
+            if choices:
+                yield chunk(choices)
+        if with_tools and last is not None:
+            for o in last.outputs:
+                msg, fr = _tool_message(st, o)
+                delta = {"content": msg["content"]} if msg.get("content") else {}
+                if "tool_calls" in msg:
+                    delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(msg["tool_calls"])]
+                yield chunk([{"index": o.index, "delta": delta, "logprobs": None, "finish_reason": fr}])
+        n_out = sum(len(o.token_ids) for o in last.outputs) if last else 0
+        info["completion_tokens"] = n_out
+        if include_usage:
+            yield chunk([], usage(n_prompt, n_out))
+    except Exception as e:
+        yield error_event(e)
+    yield DONE

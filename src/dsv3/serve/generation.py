@@ -1,0 +1,148 @@
+"""From an OpenAI request to engine calls and back: sampling parameters, admission, usage, logprobs.
+
+Shared by the chat and completions routes. Admission is where a request either gets a 4xx (bad
+parameters, prompt too long, queue full) or is handed to the engine; after that, failures are the
+engine's and answer 503.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from dsv3.errors import DSV3Error
+from dsv3.generate import RequestOutput
+from dsv3.sampling import SamplingParams
+from dsv3.serve.errors import APIError
+from dsv3.serve.state import ServerState
+
+_PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None,
+                    processors: list[Callable]) -> SamplingParams:
+    kw: dict[str, Any] = dict(
+        n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature, top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop,
+        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs)
+    if processors:
+        if "logits_processors" not in _PARAM_FIELDS:
+            raise APIError(400, "this engine build cannot constrain decoding (no logits_processors); "
+                                "drop response_format, logit_bias and forced tool_choice", param="response_format")
+        kw["logits_processors"] = processors
+    if getattr(req, "echo", False) and logprobs is not None and "prompt_logprobs" in _PARAM_FIELDS:
+        kw["prompt_logprobs"] = logprobs
+    try:
+        return SamplingParams(**kw)
+    except DSV3Error as e:
+        raise APIError(400, str(e)) from None
+
+
+def admit(st: ServerState, prompt: Any, params: SamplingParams, requested_max: int | None) -> list[int]:
+    """Validate against the engine (prompt length, ids, n) and the queue bound; returns the prompt's token ids."""
+    if st.inflight >= st.config.max_queue:
+        raise APIError(503, f"the server is at its limit of {st.config.max_queue} queued requests; retry later",
+                       code="server_overloaded", headers={"Retry-After": "1"})
+    try:
+        _, ids, _ = st.engine.validate(prompt, params)
+    except DSV3Error as e:
+        raise APIError(400, str(e), param="prompt" if "prompt" in str(e) else None) from None
+    limit = st.engine.max_model_len
+    if requested_max is not None and len(ids) + requested_max > limit:
+        raise APIError(400, f"max_tokens={requested_max} plus the prompt's {len(ids)} tokens exceeds the "
+                            f"model's context length of {limit} tokens", param="max_tokens")
+    return ids
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def generate(st: ServerState, prompt: Any, params: SamplingParams, rid: str) -> AsyncIterator[RequestOutput]:
+    """Run one prompt on the engine with the queue bound and latency metrics."""
+    if st.inflight >= st.config.max_queue:
+        raise APIError(503, f"the server is at its limit of {st.config.max_queue} queued requests; retry later",
+                       code="server_overloaded", headers={"Retry-After": "1"})
+    st.inflight += 1
+    m, t0 = st.metrics, time.monotonic()
+    last, produced = None, 0
+    try:
+        async for out in st.front.generate(prompt, params, rid):
+            now = time.monotonic()
+            n_tok = sum(len(o.token_ids) for o in out.outputs)
+            if m is not None and n_tok > produced:
+                (m.ttft if last is None else m.itl).observe(now - (t0 if last is None else last))
+                last, produced = now, n_tok
+            yield out
+            if out.finished and m is not None:
+                m.e2e.observe(time.monotonic() - t0)
+                for o in out.outputs:
+                    m.finished.labels(finished_reason=o.finish_reason or "abort").inc()
+    except RuntimeError as e:
+        raise APIError(503, f"the engine failed: {e}") from None
+    finally:
+        st.inflight -= 1
+
+
+def finish_reason(o: Any) -> str | None:
+    return None if o.finish_reason in (None, "abort") else o.finish_reason
+
+
+def token_text(tok: Any, token_id: int) -> str:
+    return tok.decode([token_id], skip_special_tokens=False)
+
+
+def chat_logprobs(tok: Any, o: Any, top: int, start: int = 0) -> dict | None:
+    """OpenAI chat `logprobs.content` for tokens start.. of one output (None if the engine gave none)."""
+    lps = getattr(o, "logprobs", None)
+    if lps is None:
+        return None
+    content = []
+    for tid, d in zip(o.token_ids[start:], lps[start:]):
+        s = token_text(tok, tid)
+        others = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+        content.append({"token": s, "logprob": float(d.get(tid, float("-inf"))), "bytes": list(s.encode()),
+                        "top_logprobs": [{"token": token_text(tok, i), "logprob": float(v),
+                                          "bytes": list(token_text(tok, i).encode())} for i, v in others]})
+    return {"content": content}
+
+
+def completion_logprobs(tok: Any, ids: list[int], lps: list[dict | None], top: int, offset0: int = 0) -> dict:
+    """Legacy completions `logprobs` (tokens, token_logprobs, top_logprobs, text_offset)."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    pos = offset0
+    for tid, d in zip(ids, lps):
+        s = token_text(tok, tid)
+        out["tokens"].append(s)
+        out["text_offset"].append(pos)
+        pos += len(s)
+        if d is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(float(d.get(tid, float("-inf"))))
+        out["top_logprobs"].append({token_text(tok, i): float(v) for i, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]})
+    return out
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def cache_lookup(st: ServerState, headers: Any, info: dict, route: str, model: str, body: dict) -> tuple[str | None, bytes | None]:
+    """(key, stored body) for a deterministic request; (None, None) when the cache does not apply."""
+    from dsv3.serve.cache import cache_key, is_deterministic
+
+    cache = st.cache
+    bypass = headers.get("x-dsv3-cache", "").lower() == "bypass" or "no-cache" in headers.get("cache-control", "").lower()
+    if cache is None or bypass or not is_deterministic(body):
+        return None, None
+    key = cache_key(route, model, body)
+    hit = cache.get(key)
+    info["cache"] = "hit" if hit is not None else "miss"
+    return key, hit

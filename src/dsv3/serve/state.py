@@ -1,0 +1,74 @@
+"""What one server holds: its settings, and the engine once it has loaded.
+
+The model loads in the background after the socket is open, so `/health` can answer 503 while
+loading (load balancers then hold traffic back) instead of the port simply refusing connections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsv3.serve.audit import AuditLog
+from dsv3.serve.auth import APIKeys
+from dsv3.serve.cache import ResponseCache
+from dsv3.serve.errors import APIError
+from dsv3.serve.ratelimit import RateLimiter
+
+
+@dataclass
+class ServeConfig:
+    served_model_name: str = "dsv3"
+    keys: APIKeys = field(default_factory=APIKeys)
+    protect_health_metrics: bool = False
+    max_body_bytes: int = 4 << 20
+    rate_limiter: RateLimiter | None = None
+    cache: ResponseCache | None = None
+    audit: AuditLog | None = None
+    audit_content: bool = False
+    max_queue: int = 256
+    keepalive_s: float = 15.0
+    lora_names: list[str] = field(default_factory=list)
+
+
+class ServerState:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.engine: Any = None
+        self.front: Any = None
+        self.tokenizer: Any = None
+        self.load_error: BaseException | None = None
+        self.inflight = 0
+        self._grammar: Any = None
+        self.metrics: Any = None
+
+    @property
+    def cache(self) -> ResponseCache | None:
+        return self.config.cache
+
+    @property
+    def ready(self) -> bool:
+        return self.front is not None
+
+    def require_ready(self) -> None:
+        if self.load_error is not None:
+            raise APIError(503, "the model failed to load; see the server log")
+        if not self.ready:
+            raise APIError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
+        if self.front.errored is not None:
+            raise APIError(503, "the engine has stopped after an internal error")
+
+    def check_model(self, name: str | None) -> str:
+        names = [self.config.served_model_name, *self.config.lora_names]
+        if name is None or name in names:
+            return name or self.config.served_model_name
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {', '.join(map(repr, names))}",
+                       param="model", code="model_not_found")
+
+    @property
+    def grammar(self) -> Any:
+        if self._grammar is None:
+            from dsv3.serve.structured import GrammarBackend
+
+            self._grammar = GrammarBackend(self.tokenizer, self.engine.model.config.vocab_size, sorted(self.engine.eos_ids))
+        return self._grammar

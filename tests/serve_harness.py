@@ -78,3 +78,18 @@ def serve(model_dir: Path, config: ServeConfig | None = None, ssl: tuple[str, st
 
 def client(srv: RunningServer, **kw) -> httpx.Client:
     return httpx.Client(base_url=srv.url, timeout=60, **kw)
+
+
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """One tiny random model directory per test module."""
+    from tiny_model import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
+
+
+def oracle(model_dir: Path, max_model_len: int = 256):
+    """The single-request `Generator` (dense cache, no batching): an independent path to compare against."""
+    from dsv3.generate import Generator
+
+    tok = Tokenizer.from_dir(model_dir)
+    return Generator(load_model(model_dir, dtype="fp32"), tok, max_model_len), tok

@@ -63,17 +63,17 @@ def test_every_assistant_turn_is_trained_in_a_chat(tok):
 
 
 def test_prompt_positions_get_no_gradient(model_dir, tok):
-    """The loss ignores prompt labels: d loss / d logits is exactly 0 wherever the next token is prompt."""
+    """The loss ignores prompt labels: d loss / d final hidden state is exactly 0 wherever the next token is prompt."""
     model = load_model(model_dir, dtype=torch.float32, progress=False)
     ex = tokenize_record(tok, {"instruction": "Name a colour", "output": "blue"}, "x:1", "chat", 512)
     batch = collate([[ex]])
     grads = {}
-    model.lm_head.weight.requires_grad_(True)
+    model.model.norm.weight.requires_grad_(True)
 
     def keep_grad(module, inputs, out):
         out.register_hook(lambda g: grads.setdefault("g", g))
 
-    model.lm_head.register_forward_hook(keep_grad)
+    model.model.norm.register_forward_hook(keep_grad)
     loss, n = token_loss(model, batch, "cpu")
     loss.backward()
     g = grads["g"][0].abs().sum(-1)

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from dsv3.errors import DSV3Error
+
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -30,6 +32,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=model_dir, default=None, help="checkpoint directory (default: the embedded model)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights/activations dtype (default: the checkpoint's)")
     p.add_argument("--max-model-len", type=positive_int, default=None, help="longest prompt + output, in tokens")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto", help="latent cache storage (int8: per-token scales)")
+    p.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0 = off)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -53,7 +58,10 @@ def load(args: argparse.Namespace, chat: bool = False):
     from dsv3.paths import default_model_dir
 
     model = args.model if args.model is not None else default_model_dir(chat=chat)
-    return LLM(model, dtype=args.dtype, max_model_len=args.max_model_len, progress=False)
+    if args.num_speculative_tokens < 0:
+        raise DSV3Error("--num-speculative-tokens must be >= 0")
+    return LLM(model, dtype=args.dtype, max_model_len=args.max_model_len, progress=False, kv_cache_dtype=args.kv_cache_dtype,
+               num_speculative_tokens=args.num_speculative_tokens, enable_prefix_caching=not args.no_prefix_caching)
 
 
 def run_generate(args: argparse.Namespace) -> int:

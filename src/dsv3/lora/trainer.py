@@ -43,12 +43,17 @@ def rows_of(examples, cfg: FinetuneConfig):
 
 
 def token_loss(model, batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over response targets (and their count); attention stays inside each example."""
+    """Summed cross-entropy over response targets (and their count); attention stays inside each example.
+
+    The LM head runs only where there is a target: prompt positions never reach the (large) vocabulary
+    projection, forward or backward.
+    """
     b = {k: v.to(device) for k, v in batch.items()}
     ctx = AttentionContext.causal(doc_ids=b["doc_ids"])
-    logits = model(b["input_ids"], b["positions"], ctx).float()
-    loss = F.cross_entropy(logits.flatten(0, 1), b["targets"].flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int((b["targets"] != IGNORE).sum())
+    hidden = model.hidden_states(b["input_ids"], b["positions"], ctx)
+    keep = b["targets"] != IGNORE
+    logits = model.lm_head(hidden[keep]).float()
+    return F.cross_entropy(logits, b["targets"][keep], reduction="sum"), int(keep.sum())
 
 
 class Trainer:

@@ -33,17 +33,17 @@ def create_app(config: ServeConfig, load: Loader) -> FastAPI:
     st.metrics = Metrics(lambda: st)
 
     async def _load() -> None:
+        from dsv3.engine.async_engine import AsyncLLMEngine
+
         try:
             engine, tokenizer = await asyncio.to_thread(load)
-        except BaseException as e:  # reported by /health; the process stays up so operators can see why
+            front = AsyncLLMEngine(engine)
+            front.start()
+        except Exception as e:  # reported by /health; the process stays up so operators can see why
             st.load_error = e
             log.exception("model load failed")
             return
-        from dsv3.engine import AsyncLLMEngine
-
-        st.engine, st.tokenizer = engine, tokenizer
-        st.front = AsyncLLMEngine(engine)
-        st.front.start()
+        st.engine, st.tokenizer, st.front = engine, tokenizer, front
         log.info("model loaded; serving %s", config.served_model_name)
 
     @asynccontextmanager

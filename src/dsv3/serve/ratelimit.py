@@ -69,7 +69,7 @@ class RateLimiter:
             wait = req.wait_for(1.0)
             if tok is not None:
                 tok.refill(now)
-                wait = max(wait, tok.wait_for(0.0 + 1e-9) if tok.level < 0 else 0.0)
+                wait = max(wait, tok.wait_for(0.0))  # admitted once out of debt
             if wait > 0:
                 return max(1, math.ceil(wait))
             req.level -= 1.0

@@ -1,0 +1,103 @@
+"""The anchors every engine benchmark runs next to dsv3: HF transformers and llama.cpp (llama-cpp-python).
+
+llama.cpp gets a GGUF converted from the same HF checkpoint by the converter that
+llama-cpp-python's source distribution carries (`vendor/llama.cpp/convert_hf_to_gguf.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+
+class HFRunner:
+    """HF transformers `generate`, greedy, fp32, eager attention."""
+
+    name = "transformers"
+
+    def __init__(self, model_dir: Path):
+        import transformers
+
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new: int) -> float:
+        """Left-padded batch; returns seconds for `max_new` tokens per prompt."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        t = time.perf_counter()
+        self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
+                            do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
+    @torch.inference_mode()
+    def ttft(self, prompt: list[int]) -> float:
+        t = time.perf_counter()
+        self.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=1, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
+
+def llama_cpp_source(cache: Path) -> Path | None:
+    """Unpack llama-cpp-python's sdist (from pip's cache or the index) to reach its GGUF converter."""
+    target = cache / "llama-cpp-src"
+    if (target / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(cache),
+                        "llama-cpp-python==0.3.36"], capture_output=True, text=True)
+    sdists = sorted(cache.glob("llama_cpp_python-*.tar.gz"))
+    if r.returncode or not sdists:
+        return None
+    with tarfile.open(sdists[-1]) as tar:
+        tar.extractall(cache, filter="data")
+    (cache / sdists[-1].name.removesuffix(".tar.gz")).rename(target)
+    return target
+
+
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python on a GGUF converted from the same checkpoint."""
+
+    name = "llama.cpp"
+
+    def __init__(self, model_dir: Path, outtype: str, cache: Path, threads: int):
+        from llama_cpp import Llama
+
+        src = llama_cpp_source(cache)
+        if src is None:
+            raise RuntimeError("llama-cpp-python's source distribution (for the GGUF converter) is not available")
+        gguf = cache / f"{model_dir.name}-{outtype}.gguf"
+        if not gguf.exists():
+            env = {**os.environ, "PYTHONPATH": str(src / "vendor" / "llama.cpp" / "gguf-py")}
+            subprocess.run([sys.executable, str(src / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"), str(model_dir),
+                            "--outfile", str(gguf), "--outtype", outtype], check=True, env=env, capture_output=True)
+        self.name = f"llama.cpp {outtype.upper()}"
+        self.llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=threads, n_batch=512, verbose=False)
+
+    def generate(self, prompts: list[list[int]], max_new: int | list[int]) -> float:
+        """Sequential (llama-cpp-python serves one sequence at a time); seconds for all prompts."""
+        lens = max_new if isinstance(max_new, list) else [max_new] * len(prompts)
+        t = time.perf_counter()
+        for p, m in zip(prompts, lens):
+            self.llm.reset()
+            n = 0
+            for _ in self.llm.generate(p, top_k=1, temp=0.0, reset=True):
+                n += 1
+                if n == m:
+                    break
+        return time.perf_counter() - t
+
+    def ttft(self, prompt: list[int]) -> float:
+        """Time to the first token; llama.cpp reuses the longest matching prefix of its last evaluation."""
+        t = time.perf_counter()
+        next(iter(self.llm.generate(prompt, top_k=1, temp=0.0, reset=False)))
+        return time.perf_counter() - t

@@ -171,3 +171,56 @@ def test_per_sequence_adapter_slots_equal_single_adapter_runs():
         expect.append(y)
     assert torch.allclose(mixed, torch.stack(expect), atol=1e-5)
     assert (mixed[0] - mixed[2]).abs().max() > 1e-3 or (mixed[0] - layer.base_layer(x[0])).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_stacked_adapters_serve_a_mixed_batch(base_dir, tmp_path):
+    """Two adapters (different ranks and targets) and the base model in one batch = each served alone."""
+    from dsv3.lora import set_slot_ids
+    from dsv3.lora.multi import load_stacked
+
+    dirs = []
+    for i, (r, targets) in enumerate([(4, ["q_a_proj", "kv_b_proj", "o_proj"]), (8, ["kv_b_proj", "gate_proj", "down_proj"])]):
+        m = load_model(base_dir, dtype=torch.float32, progress=False)
+        spec = LoRASpec(r=r, lora_alpha=2.0 * r + i, target_modules=targets)
+        inject_lora(m, spec)
+        _randomise_b(m, seed=10 + i)
+        dirs.append(save_adapter(m, tmp_path / f"ad{i}", spec))
+    ids = _ids(5)[:1].expand(3, -1)
+    alone = []
+    for d in dirs + [None]:
+        m = load_model(base_dir, dtype=torch.float32, progress=False)
+        if d is not None:
+            load_adapter(m, d)
+        alone.append(m(ids[:1])[0])
+    served = load_model(base_dir, dtype=torch.float32, progress=False)
+    load_stacked(served, dirs)
+    set_slot_ids(served, torch.tensor([0, 1, -1]))
+    mixed = served(ids)
+    for row in range(3):
+        assert (mixed[row] - alone[row]).abs().max() <= 1e-5, row
+    assert (alone[0] - alone[1]).abs().max() > 0.1 and (alone[0] - alone[2]).abs().max() > 0.1
+
+
+def test_peft_adapter_with_rank_and_alpha_patterns_round_trips(base_dir, tmp_path):
+    """PEFT rank_pattern/alpha_pattern are honoured on load and re-emitted on save, so PEFT reads our copy back."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    import transformers
+
+    def fresh_hf():
+        return transformers.DeepseekV3ForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager").eval()
+
+    lc = LoraConfig(r=4, lora_alpha=8, target_modules=["q_a_proj", "kv_b_proj", "o_proj"],
+                    rank_pattern={"o_proj": 8}, alpha_pattern={"kv_b_proj": 3})
+    pm = get_peft_model(fresh_hf(), lc)
+    _randomise_b(pm, seed=6)
+    pm.save_pretrained(tmp_path / "peft_ad")
+    ids = _ids(6)
+    with torch.no_grad():
+        ref = pm.eval()(input_ids=ids).logits
+        ours = load_model(base_dir, dtype=torch.float32, progress=False)
+        spec = load_adapter(ours, tmp_path / "peft_ad")
+        assert (ours(ids) - ref).abs().max() <= TOL
+        save_adapter(ours, tmp_path / "resaved", spec)
+        back = PeftModel.from_pretrained(fresh_hf(), tmp_path / "resaved").eval()(input_ids=ids).logits
+    assert (back - ref).abs().max() <= TOL

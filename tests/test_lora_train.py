@@ -9,8 +9,11 @@ import torch
 
 import dsv3.cli
 from dsv3.checkpoint import load_model
+from dsv3.generate import Generator
 from dsv3.lora import load_adapter
-from dsv3.lora.train_config import load_config
+from dsv3.sampling import SamplingParams
+from dsv3.tokenizer import Tokenizer
+from dsv3.lora.train_config import FinetuneConfigError, load_config
 from dsv3.lora.trainer import finetune
 from tiny_model import make_tiny_model_dir
 
@@ -66,7 +69,7 @@ def test_loss_and_heldout_loss_decrease_and_outputs_are_written(model_dir, data,
 
 
 def test_resume_continues_with_identical_losses(model_dir, data, tmp_path):
-    kw = dict(lora_dropout=0.1, train_steps=4, checkpoint_every=2, batch_size=4, micro_batch_size=2, epochs=1.0)
+    kw = dict(lora_dropout=0.1, train_steps=4, checkpoint_every=2, batch_size=4, micro_batch_size=2, routed_experts=True)
     full = finetune(_cfg(model_dir, data, tmp_path / "a", **kw), progress=False, log=lambda *a: None)
     ckpt = tmp_path / "a" / "checkpoints" / "step-2"
     assert (ckpt / "adapter_model.safetensors").is_file()
@@ -75,6 +78,8 @@ def test_resume_continues_with_identical_losses(model_dir, data, tmp_path):
     b = [h["loss"] for h in resumed["history"]]
     assert len(b) == 2 and a == b  # bit-identical in fp32 on CPU (dropout RNG, data order, optimizer restored)
     assert full["history"][0]["loss"] != a[0]
+    with pytest.raises(FinetuneConfigError, match="other adapter settings"):
+        finetune(_cfg(model_dir, data, tmp_path / "c", resume=str(ckpt), **{**kw, "lora_rank": 4}), progress=False, log=lambda *a: None)
 
 
 def _cli(argv, monkeypatch, capsys):
@@ -100,6 +105,11 @@ def test_cli_errors_exit_2_with_one_line(model_dir, data, tmp_path, monkeypatch,
         (["finetune", "--model", model_dir, "--data-files", data, "--batch-size", "6", "--micro-batch-size", "4"],
          "not a multiple"),
         (["finetune", "--lora-rank", "abc"], "invalid int value"),
+        (["finetune", "--target-modules", "q_a_proj", "gate"], "'gate' cannot be adapted"),
+        (["finetune", "--model", model_dir, "--data-files", data, "--target-modules", "qa_proj", "-q"],
+         "'qa_proj' matches no linear layer"),
+        (["finetune", "--model", model_dir, "--data-files", data, "--target-modules", "experts.up_proj", "-q"],
+         "routed_experts: true"),
         (["merge", "--model", model_dir, "--adapter", tmp_path / "nope", "-o", tmp_path / "m"], "does not exist"),
     ]
     for argv, needle in cases:
@@ -123,3 +133,9 @@ def test_cli_finetune_then_merge(model_dir, data, tmp_path, monkeypatch, capsys)
     ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (merged(ids) - adapted(ids)).abs().max() <= 1e-4
+    # Greedy generation (absorbed MLA decode, adapter unmerged) = the merged checkpoint's generation.
+    tok = Tokenizer.from_dir(model_dir)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Spell glass backwards"}], tokenize=True)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    got = Generator(adapted, tok).complete(prompt, params).token_ids
+    assert got == Generator(merged, tok).complete(prompt, params).token_ids and len(got) == 12

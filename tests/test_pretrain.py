@@ -70,7 +70,7 @@ def test_mtp_loss_present_and_its_gradient_reaches_the_mtp_module(shards):
     model = tiny_model(shards)
     batch = one_batch(shards)
     losses = pretrain_losses(model, batch, mtp_lambda=0.3)
-    assert losses.mtp is not None and math.isfinite(float(losses.mtp))
+    assert losses.mtp is not None and math.isfinite(losses.mtp.item())
     assert torch.allclose(losses.total, losses.main + 0.3 * losses.mtp)
     losses.total.backward()
     mtp = model.model.mtp[0]

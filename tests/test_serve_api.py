@@ -216,3 +216,28 @@ def test_client_disconnect_aborts_and_frees_blocks(srv):
         time.sleep(0.02)
     assert eng.stats["generation_tokens"] - before < 200
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_logprobs_match_a_full_forward_pass(sdk, ref):
+    import torch
+
+    gen, tok = ref
+    p = "def main():"
+    ids = tok.encode(p)
+    r = sdk.completions.create(model="tiny", prompt=p, max_tokens=5, temperature=0, logprobs=3, echo=True)
+    lp_obj = r.choices[0].logprobs
+    out_ids = ids + gen.complete(ids, SamplingParams(max_tokens=5, temperature=0)).token_ids
+    with torch.no_grad():
+        lp = gen.model(torch.tensor([out_ids])).float().log_softmax(-1)[0]
+    want = [None] + [lp[i - 1, t].item() for i, t in enumerate(out_ids) if i > 0]
+    got = lp_obj.token_logprobs
+    assert len(got) == len(out_ids) and got[0] is None
+    assert got[1:] == pytest.approx(want[1:], abs=1e-4)
+    for top, i in zip(lp_obj.top_logprobs[len(ids):], range(len(ids), len(out_ids))):
+        assert len(top) == 3 and max(top.values()) == pytest.approx(lp[i - 1].max().item(), abs=1e-4)
+    c = sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                    temperature=0, logprobs=True, top_logprobs=2)
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens
+    for e in content:  # greedy: the chosen token is the most likely one
+        assert len(e.top_logprobs) == 2 and e.logprob == pytest.approx(e.top_logprobs[0].logprob)

@@ -85,9 +85,12 @@ def test_audit_log_continues_chain_across_restarts(tmp_path):
     a.write({"n": 1})
     a.close()
     b = AuditLog(p)
-    b.write({"n": 2})
+    b.write({"n": 2, "body": "x" * 300_000})  # longer than one read-back window
     b.close()
-    assert verify(p).ok and verify(p).lines == 2
+    c = AuditLog(p)
+    c.write({"n": 3})
+    c.close()
+    assert verify(p).ok and verify(p).lines == 3
 
 
 def test_key_file_errors(tmp_path):
@@ -172,7 +175,8 @@ def test_body_limit_and_queue_bound(model_dir):
         step = srv.engine.step
         srv.engine.step = lambda: (time.sleep(0.02), step())[1]  # keep the first request in flight
         with c.stream("POST", "/v1/completions", json=long) as first:
-            next(first.iter_lines())
+            lines = first.iter_lines()  # keep the iterator: dropping it closes the stream (a disconnect)
+            next(lines)
             second = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
             assert second.status_code == 503 and second.headers["retry-after"] == "1"
 

@@ -108,7 +108,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str | None = None, de
     """
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
-    dtype = resolve_dtype(dtype, cfg)
+    dtype = resolve_dtype(dtype, cfg, device)
     files = checkpoint_files(model_dir)
     if cfg.num_nextn_predict_layers == 0:
         with_mtp = False
@@ -177,13 +177,16 @@ def _pieces(name: str, cfg: ModelConfig) -> int:
     return 1
 
 
-def resolve_dtype(dtype: torch.dtype | str | None, cfg: ModelConfig) -> torch.dtype:
-    """'auto'/None -> the checkpoint's dtype (bf16 for FP8 checkpoints); names like 'bf16' accepted."""
+def resolve_dtype(dtype: torch.dtype | str | None, cfg: ModelConfig, device: str | torch.device | None = None) -> torch.dtype:
+    """'auto'/None -> the checkpoint's dtype (bf16 for FP8 checkpoints), except fp32 when computing on a CPU
+    (`device` "cpu": bf16 matmuls are emulated on most CPUs and run several times slower). Names like 'bf16' accepted."""
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
+        if device is not None and torch.device(device).type == "cpu":
+            return torch.float32
         return names.get(str(cfg.torch_dtype), torch.bfloat16)
     if dtype not in names:
         raise CheckpointError(f"unknown dtype {dtype!r} (use auto, fp32, bf16 or fp16)")

@@ -17,6 +17,7 @@ from dsv3.errors import DSV3Error
 # Modules that contribute sub-commands, in the order they appear in `dsv3 --help`.
 COMMAND_MODULES: tuple[str, ...] = (
     "dsv3.commands.run",
+    "dsv3.commands.serve",
     "dsv3.commands.tokenizer",
     "dsv3.commands.data",
     "dsv3.commands.eval",

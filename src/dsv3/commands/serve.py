@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -38,9 +39,6 @@ def build_config(args: argparse.Namespace):
     for f in (args.tls_certfile, args.tls_keyfile):
         if f is not None and not Path(f).is_file():
             raise ServeError(f"TLS file {f} does not exist")
-    if args.quantization is not None:
-        raise ServeError(f"--quantization {args.quantization} is not wired into serve yet; quantize the checkpoint "
-                         "with `dsv3 quantize` and pass its directory to --model")
     if args.tensor_parallel_size != 1:
         raise ServeError("--tensor-parallel-size > 1 is not available yet; use 1")
     if args.lora:
@@ -66,6 +64,10 @@ def loader(args: argparse.Namespace):
 
         path = args.model if args.model is not None else default_model_dir(chat=True)
         model = load_model(path, dtype=args.dtype)
+        if args.quantization is not None:  # round-to-nearest at load time (AWQ needs calibration: do it offline)
+            from dsv3.quant.apply import quantize_model
+
+            quantize_model(model, args.quantization, progress=False)
         tok = Tokenizer.from_dir(path)
         cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                            kv_cache_memory=args.kv_cache_memory << 20, seed=args.seed)
@@ -83,6 +85,8 @@ def run_serve(args: argparse.Namespace) -> int:
     handler.setFormatter(_JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     app = create_app(config, loader(args))
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; a no-op handler makes that a clean exit 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_certfile, ssl_keyfile=args.tls_keyfile,
                 timeout_graceful_shutdown=args.grace_period, log_config=None, access_log=False)
     return 0
@@ -105,7 +109,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
-    s.add_argument("--quantization", default=None, help="on-the-fly quantization (not wired yet)")
+    s.add_argument("--quantization", choices=("int8", "int4", "fp8"), default=None,
+                   help="quantize the weights at load time (RTN); for AWQ quantize offline and pass that directory")
     s.add_argument("--tensor-parallel-size", type=positive_int, default=1)
     s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="serve a LoRA adapter (not wired yet)")
     s.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences batched at once")

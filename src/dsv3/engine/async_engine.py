@@ -1,13 +1,16 @@
 """AsyncLLMEngine: an asyncio front for the server — many concurrent streams over one engine loop.
 
 The engine steps in a worker thread (the model releases the GIL in its kernels); each request gets
-an asyncio queue of cumulative outputs. Cancelling a consumer (e.g. a client disconnect) aborts
-the request and frees its cache blocks.
+an asyncio queue of cumulative outputs. New requests and aborts are validated on the caller's
+side and handed to the engine thread through a queue, so accepting a request never waits for a
+running step. Cancelling a consumer (e.g. a client disconnect) aborts the request and frees its
+cache blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from typing import Any, AsyncIterator
 
@@ -20,7 +23,7 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._queues: dict[str, asyncio.Queue] = {}
-        self._lock = threading.Lock()  # guards engine mutations between the loop thread and callers
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", args) / ("abort", id) for the engine thread
         self._wake = threading.Event()
         self._stop = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -39,17 +42,32 @@ class AsyncLLMEngine:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                op, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                request_id, prompt, params, kwargs = arg
+                try:
+                    self.engine.add_request(request_id, prompt, params, **kwargs)
+                except Exception as e:  # validated already; a late failure still reaches its stream
+                    q = self._queues.get(request_id)
+                    if q is not None:
+                        self._loop.call_soon_threadsafe(q.put_nowait, e)
+            else:
+                self.engine.abort(arg)
+
     def _run(self) -> None:
         while not self._stop:
-            with self._lock:
-                busy = self.engine.has_unfinished_requests()
-            if not busy:
+            self._drain_inbox()
+            if not self.engine.has_unfinished_requests():
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             try:
-                with self._lock:
-                    outputs = self.engine.step()
+                outputs = self.engine.step()
             except BaseException as e:  # the engine is unusable: fail every stream, report unhealthy
                 self.errored = e
                 for q in list(self._queues.values()):
@@ -66,15 +84,19 @@ class AsyncLLMEngine:
         self.start()
         if self.errored is not None:
             raise RuntimeError("the engine has stopped after an error")
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.engine.validate(prompt, params)  # raises before anything is queued
         q: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self.engine.add_request(request_id, prompt, params, **kwargs)
-            self._queues[request_id] = q
+        self._queues[request_id] = q
+        self._inbox.put(("add", (request_id, prompt, params, kwargs)))
         self._wake.set()
         finished = False
         try:
             while True:
                 item = await q.get()
+                if isinstance(item, ValueError):
+                    raise item
                 if isinstance(item, BaseException):
                     raise RuntimeError("the engine failed while generating") from item
                 yield item
@@ -87,5 +109,5 @@ class AsyncLLMEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self.engine.abort(request_id)
+        self._inbox.put(("abort", request_id))
+        self._wake.set()

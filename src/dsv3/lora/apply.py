@@ -93,12 +93,13 @@ def inject_lora(model: nn.Module, spec: LoRASpec, init: bool = True) -> list[str
                     init_lora_(wrapped.lora_A[p].data, wrapped.lora_B[p].data)
             replace_module(model, name, wrapped)
             done.append(name)
-    if not done:
-        raise AdapterError(f"no module of the model matches target_modules {spec.target_modules}")
     routed = [f"experts.{p}" for p in MLP_TARGETS] if spec.routed_experts else []
     unknown = [t for t in spec.target_modules if t not in DEFAULT_TARGETS + tuple(routed) and not any(_matches(n, [t]) for n in done)]
     if unknown:
-        raise AdapterError(f"target module {unknown[0]!r} matches no linear layer of this model")
+        hint = " (routed experts need routed_experts: true)" if unknown[0].startswith("experts.") else ""
+        raise AdapterError(f"target module {unknown[0]!r} matches no linear layer of this model{hint}")
+    if not done:
+        raise AdapterError(f"no module of the model matches target_modules {spec.target_modules}")
     mark_trainable(model)
     return done
 

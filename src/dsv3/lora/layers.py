@@ -71,6 +71,8 @@ class LoRALinear(nn.Module):
             delta = F.linear(F.linear(h, self.lora_A[0]), self.lora_B[0]) * self.scaling[0]
         else:  # per-sequence adapters: gather each row's (A, B, s); slot -1 contributes nothing
             ids = self.slot_ids.to(x.device)
+            if x.shape[0] != ids.shape[0]:  # MoE flattens [B, T, D] to [B·T, D] for the shared experts
+                ids = ids.repeat_interleave(x.shape[0] // ids.shape[0])
             idx = ids.clamp(min=0)
             s = (self.scaling[idx] * (ids >= 0)).view(-1, *([1] * (x.dim() - 1)))
             lat = torch.einsum("b...i,bri->b...r", h, self.lora_A[idx])

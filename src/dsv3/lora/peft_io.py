@@ -16,45 +16,15 @@ from pathlib import Path
 
 import torch
 
-from dsv3.lora.apply import AdapterError, LoRASpec, MLP_TARGETS, lora_modules, mark_trainable, replace_module
-from dsv3.lora.layers import ExpertsLoRA, LoRALinear, lora_scaling
-from dsv3.model.moe import Experts
+from dsv3.lora.apply import AdapterError, LoRASpec, lora_modules, mark_trainable, replace_module
+from dsv3.lora.layers import EXPERT_PROJ, ExpertsLoRA, LoRALinear, lora_scaling
+from dsv3.lora.targets import scale_patterns, target_regex
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight$")
 _PER_EXPERT = re.compile(r"^(.+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)$")
 _FUSED = re.compile(r"^(.+\.mlp\.experts)(\.base_layer)?$")
-
-
-def target_regex(model: torch.nn.Module) -> str:
-    """A `target_modules` regex (PEFT full-match) naming exactly the adapted modules, `\\d+` per layer where exact.
-
-    Routed experts appear as `experts(\\.\\d+)?\\.gate_proj`, matching both the v4 per-expert modules and the
-    v5 name PEFT probes for fused experts (`experts.gate_proj`).
-    """
-    names, candidates = set(), set()
-    for n, m in model.named_modules():
-        if n.startswith("model.mtp.") or n.endswith("lm_head"):
-            continue
-        n0 = n.removesuffix(".base_layer")
-        if isinstance(m, (torch.nn.Linear, LoRALinear)):
-            candidates.add(n0)
-        if isinstance(m, LoRALinear):
-            names.add(n)
-        if isinstance(m, Experts):
-            candidates.update(f"{n0}.{p}" for p in MLP_TARGETS)
-        if isinstance(m, ExpertsLoRA):
-            names.update(f"{n}.{p}" for p in m.lora_A)
-    groups: dict[str, list[str]] = {}
-    for n in sorted(names):
-        groups.setdefault(re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n), count=1), []).append(n)
-    out = []
-    for pattern, members in groups.items():
-        hits = sorted(c for c in candidates if re.fullmatch(pattern, c))
-        out.extend([pattern] if hits == members else [re.escape(m) for m in members])
-    out = [re.sub(r"mlp\\\.experts\\\.(gate_proj|up_proj|down_proj)$", r"mlp\\.experts(\\.\\d+)?\\.\1", t) for t in out]
-    return "(" + "|".join(sorted(out)) + ")"
 
 
 def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -81,11 +51,12 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path, spec: LoRASpec, ba
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in adapter_tensors(model).items()}
+    ranks, alphas = scale_patterns(model, spec)
     config = {
-        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model, "bias": "none",
+        "alpha_pattern": alphas, "auto_mapping": None, "base_model_name_or_path": base_model, "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "layers_pattern": None,
         "layers_to_transform": None, "lora_alpha": spec.alpha, "lora_bias": False, "lora_dropout": spec.lora_dropout,
-        "modules_to_save": None, "peft_type": "LORA", "r": spec.r, "rank_pattern": {}, "revision": None,
+        "modules_to_save": None, "peft_type": "LORA", "r": spec.r, "rank_pattern": ranks, "revision": None,
         "target_modules": target_regex(model), "task_type": "CAUSAL_LM", "use_dora": False,
         "use_rslora": spec.use_rslora,
     }
@@ -134,8 +105,8 @@ def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> LoRASpec:
-    """Load a PEFT LoRA adapter into slot 0 (wrapping the targeted modules first where needed)."""
+def read_pairs(adapter_dir: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(adapter config, {module path: (lora_A, lora_B)}) with every tensor name checked."""
     adapter_dir = Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -144,18 +115,28 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> LoRASpec:
         if m is None:
             raise AdapterError(f"adapter tensor {key!r} is not a LoRA A/B weight (embedding LoRA, biases and modules_to_save are unsupported)")
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
-    experts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
-    rs = cfg.get("use_rslora", False)
-    for path, ab in sorted(pairs.items()):
+    for path, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"adapter module {path} has lora_{'A' if 'A' in ab else 'B'} but not its partner")
-        a, b = ab["A"], ab["B"]
+    return cfg, {path: (ab["A"], ab["B"]) for path, ab in sorted(pairs.items())}
+
+
+def module_scaling(cfg: dict, path: str, r: int) -> float:
+    return lora_scaling(_alpha(cfg, path), r, bool(cfg.get("use_rslora", False)))
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> LoRASpec:
+    """Load a PEFT LoRA adapter into slot 0 (wrapping the targeted modules first where needed)."""
+    cfg, pairs = read_pairs(adapter_dir)
+    experts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    rs = cfg.get("use_rslora", False)
+    for path, (a, b) in pairs.items():
         if (e := _PER_EXPERT.match(path)) is not None:
             experts.setdefault(e.group(1), {}).setdefault(e.group(3), {})[int(e.group(2))] = (a, b, _alpha(cfg, path))
         elif _FUSED.match(path) and not _is_linear(model, path):
             _load_fused(model, _FUSED.match(path).group(1), a, b, cfg, experts)
         else:
-            _load_linear(model, path, a, b, lora_scaling(_alpha(cfg, path), a.shape[0], rs), cfg)
+            _load_linear(model, path, a, b, module_scaling(cfg, path, a.shape[0]), cfg)
     for path, projs in experts.items():
         _load_experts(model, path, projs, rs)
     mark_trainable(model)
@@ -223,7 +204,8 @@ def _load_experts(model, path: str, projs: dict[str, dict[int, tuple]], use_rslo
             raise AdapterError(f"adapter {path}.*.{proj}: experts differ in rank or alpha, which stacked experts cannot hold")
         specs[proj] = (r, lora_scaling(alphas.pop(), r, use_rslora))
     keep = dict(mod.scaling) if isinstance(mod, ExpertsLoRA) else {}
-    new = ExpertsLoRA(base, {**{p: (mod.lora_A[p].shape[1], keep[p]) for p in keep if p not in specs}, **specs})
+    specs = {**{p: (mod.lora_A[p].shape[1], keep[p]) for p in keep if p not in specs}, **specs}
+    new = ExpertsLoRA(base, dict(sorted(specs.items(), key=lambda kv: list(EXPERT_PROJ).index(kv[0]))))
     if isinstance(mod, ExpertsLoRA):
         new.lora_dropout = mod.lora_dropout
     replace_module(model, path, new)

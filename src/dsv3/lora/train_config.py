@@ -74,7 +74,7 @@ class FinetuneConfig:
             if getattr(self, name) < 0:
                 raise FinetuneConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("eval_split", "warmup_ratio", "min_lr_ratio"):
-            if not 0.0 <= getattr(self, name) < 1.0 + (name == "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0:
                 raise FinetuneConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.batch_size % self.micro_batch_size:
             raise FinetuneConfigError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")

@@ -20,7 +20,7 @@ from dsv3.checkpoint import load_model
 from dsv3.lora.apply import inject_lora, mark_trainable, wrap_frozen_experts
 from dsv3.lora.batching import IGNORE, collate, pack_bfd
 from dsv3.lora.data import DataError, load_examples
-from dsv3.lora.peft_io import load_adapter, save_adapter
+from dsv3.lora.peft_io import load_adapter, read_adapter_config, save_adapter
 from dsv3.lora.plot import plot_losses
 from dsv3.lora.train_config import FinetuneConfig, FinetuneConfigError
 from dsv3.model import AttentionContext
@@ -93,6 +93,9 @@ class Trainer:
         state = None
         resume = self._resume_dir()
         if resume is not None:
+            saved = read_adapter_config(resume)
+            if (saved["r"], float(saved["lora_alpha"]), bool(saved.get("use_rslora"))) != (self.spec.r, self.spec.alpha, self.spec.use_rslora):
+                raise FinetuneConfigError(f"checkpoint {resume} was trained with other adapter settings (r={saved['r']}, alpha={saved['lora_alpha']})")
             load_adapter(self.model, resume)
             state = torch.load(resume / STATE_NAME, weights_only=True)
             self.step = int(state["step"])
@@ -104,7 +107,10 @@ class Trainer:
         self.opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, self.warmup, self.total, cfg.min_lr_ratio))
+        self.param_names = [f"{n}{list(p.shape)}" for n, p in self.model.named_parameters() if p.requires_grad]
         if state is not None:
+            if state.get("param_names") != self.param_names:
+                raise FinetuneConfigError(f"checkpoint {resume} was trained with other adapter settings (rank, targets or routed_experts)")
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
@@ -169,7 +175,7 @@ class Trainer:
         path = self.out / "checkpoints" / f"step-{self.step}"
         save_adapter(self.model, path, self.spec, str(self.model_dir))
         torch.save({"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                    "rng": torch.get_rng_state()}, path / STATE_NAME)
+                    "rng": torch.get_rng_state(), "param_names": self.param_names}, path / STATE_NAME)
         return path
 
     def run(self, progress: bool = True) -> dict:

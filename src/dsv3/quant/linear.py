@@ -21,6 +21,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.fmt, self.in_features, self.out_features = fmt, in_features, out_features
         self.act_dtype = act_dtype
+        self._keys = list(tensors)
         for k, v in tensors.items():
             self.register_buffer(k, v)
         self._dense: torch.Tensor | None = None
@@ -34,7 +35,7 @@ class QuantLinear(nn.Module):
 
     @property
     def tensors(self) -> Tensors:
-        return dict(self.named_buffers(recurse=False))
+        return {k: getattr(self, k) for k in self._keys}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -50,14 +50,20 @@ class AuditLog:
         self.count = 0
 
     def _tail_hash(self) -> str:
-        if not self.path.exists() or self.path.stat().st_size == 0:
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size == 0:
             return GENESIS
         with open(self.path, "rb") as f:
-            f.seek(max(0, self.path.stat().st_size - 65536))
-            tail = f.read()
+            span = 65536
+            while True:  # read back far enough to hold the whole last line, however long
+                f.seek(max(0, size - span))
+                tail = f.read()
+                if span >= size or tail.count(b"\n") >= 2:
+                    break
+                span *= 4
         if not tail.endswith(b"\n"):
             raise AuditError(f"audit log {self.path} ends in a torn line; run `dsv3 audit verify {self.path}`")
-        return hashlib.sha256(tail.rstrip(b"\n").rsplit(b"\n", 1)[-1] + b"\n").hexdigest()
+        return hashlib.sha256(tail[:-1].rsplit(b"\n", 1)[-1] + b"\n").hexdigest()
 
     def write(self, record: dict[str, Any]) -> None:
         with self._lock:

@@ -9,13 +9,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
+from dsv3.serve.errors import APIError
 from dsv3.serve.generation import (admit, cache_lookup, chat_logprobs, finish_reason, generate, new_id,
                                    sampling_params, usage)
 from dsv3.serve.protocol import ChatCompletionRequest, NamedToolChoice
 from dsv3.serve.state import ServerState
 from dsv3.serve.streaming import DONE, KEEPALIVE, error_event, sse, with_keepalive
 from dsv3.serve.structured import logit_bias_processor, response_format_grammar
-from dsv3.serve.tools import forced_call_grammar, parse_tool_calls, tools_system_prompt
+from dsv3.serve.tools import CALLS_BEGIN, forced_call_grammar, marker_ids, parse_tool_calls, tools_system_prompt
 
 
 def _messages(req: ChatCompletionRequest, with_tools: bool) -> list[dict[str, Any]]:
@@ -38,13 +39,11 @@ def _processors(st: ServerState, req: ChatCompletionRequest, with_tools: bool) -
     procs = []
     if req.logit_bias:
         procs.append(logit_bias_processor(req.logit_bias, st.engine.model.config.vocab_size))
-    compiled = None
     if with_tools and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)):
-        compiled = forced_call_grammar(st.grammar, req.tools, req.tool_choice)
+        grammar = forced_call_grammar(st.grammar, req.tools, req.tool_choice)
+        procs.append(st.grammar.processor(grammar, allow_newline=True, prefer=marker_ids(st.tokenizer)))
     elif req.response_format is not None and req.response_format.type != "text":
-        compiled = response_format_grammar(st.grammar, req.response_format)
-    if compiled is not None:
-        procs.append(st.grammar.processor(compiled))
+        procs.append(st.grammar.processor(response_format_grammar(st.grammar, req.response_format)))
     return procs
 
 
@@ -57,6 +56,13 @@ def _tool_message(st: ServerState, o: Any) -> tuple[dict, str | None]:
     return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
 
+def _before_calls(st: ServerState, o: Any, marker: int | None) -> str:
+    """The part of a tool-enabled output that is plain content: everything before the calls marker."""
+    if marker is not None and marker in o.token_ids:
+        return st.tokenizer.decode(o.token_ids[:o.token_ids.index(marker)])
+    return o.text
+
+
 def register(app: FastAPI, st: ServerState) -> None:
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -66,7 +72,6 @@ def register(app: FastAPI, st: ServerState) -> None:
         model = info["model"] = st.check_model(req.model)
         with_tools = bool(req.tools) and req.tool_choice != "none"
         if req.tool_choice not in (None, "none") and not req.tools:
-            from dsv3.serve.errors import APIError
             raise APIError(400, "'tool_choice' needs 'tools'", param="tool_choice")
         key, hit = cache_lookup(st, request.headers, info, "chat", model, req.model_dump(exclude_none=True, by_alias=True))
         if hit is not None:
@@ -111,6 +116,7 @@ async def _stream(st: ServerState, req: ChatCompletionRequest, info: dict, promp
             body["usage"] = use
         return sse(body)
 
+    marker = st.tokenizer.token_to_id(CALLS_BEGIN)
     n = params.n
     sent_chars, sent_toks, done = [0] * n, [0] * n, [False] * n
     last = None
@@ -122,24 +128,24 @@ async def _stream(st: ServerState, req: ChatCompletionRequest, info: dict, promp
                 yield KEEPALIVE
                 continue
             last = out
-            if with_tools:
-                continue  # tool calls are parsed from the whole output, then sent in one piece
             choices = []
             for o in out.outputs:
                 i = o.index
-                delta, fr = o.text[sent_chars[i]:], (finish_reason(o) if o.finish_reason and not done[i] else None)
-                new_toks = len(o.token_ids) - sent_toks[i]
+                text = _before_calls(st, o, marker) if with_tools else o.text
+                fr = finish_reason(o) if o.finish_reason and not done[i] and not with_tools else None
+                delta, new_toks = text[sent_chars[i]:], len(o.token_ids) - sent_toks[i]
                 if not delta and fr is None and not (req.logprobs and new_toks):
                     continue
                 lp = chat_logprobs(st.tokenizer, o, top, sent_toks[i]) if req.logprobs else None
                 choices.append({"index": i, "delta": {"content": delta} if delta else {}, "logprobs": lp, "finish_reason": fr})
-                sent_chars[i], sent_toks[i], done[i] = len(o.text), len(o.token_ids), done[i] or fr is not None
+                sent_chars[i], sent_toks[i], done[i] = len(text), len(o.token_ids), done[i] or fr is not None
             if choices:
                 yield chunk(choices)
-        if with_tools and last is not None:
+        if with_tools and last is not None:  # calls are parsed once complete, then sent as one delta each
             for o in last.outputs:
                 msg, fr = _tool_message(st, o)
-                delta = {"content": msg["content"]} if msg.get("content") else {}
+                rest = (msg.get("content") or "")[sent_chars[o.index]:]
+                delta = {"content": rest} if rest else {}
                 if "tool_calls" in msg:
                     delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(msg["tool_calls"])]
                 yield chunk([{"index": o.index, "delta": delta, "logprobs": None, "finish_reason": fr}])

@@ -48,13 +48,13 @@ def _prompts(st: ServerState, req: CompletionRequest) -> list[list[int]]:
     return out
 
 
-def _logprobs(st: ServerState, req: CompletionRequest, prompt_ids: list[int], o: Any) -> dict | None:
+def _logprobs(st: ServerState, req: CompletionRequest, prompt_ids: list[int], o: Any, prompt_lps: Any) -> dict | None:
     if req.logprobs is None:
         return None
     gen = getattr(o, "logprobs", None) or [None] * len(o.token_ids)
     if not req.echo:
         return completion_logprobs(st.tokenizer, o.token_ids, gen, req.logprobs)
-    plp = getattr(o, "prompt_logprobs", None) or [None] * len(prompt_ids)
+    plp = prompt_lps or [None] * len(prompt_ids)
     return completion_logprobs(st.tokenizer, prompt_ids + o.token_ids, list(plp) + list(gen), req.logprobs)
 
 
@@ -95,8 +95,9 @@ def register(app: FastAPI, st: ServerState) -> None:
         for k, ids in enumerate(prompts):
             for o in finals[k].outputs:
                 n_out += len(o.token_ids)
-                choices.append({"index": k * req.n + o.index, "text": echo[k] + o.text,
-                                "logprobs": _logprobs(st, req, ids, o), "finish_reason": finish_reason(o)})
+                lp = _logprobs(st, req, ids, o, getattr(finals[k], "prompt_logprobs", None))
+                choices.append({"index": k * req.n + o.index, "text": echo[k] + o.text, "logprobs": lp,
+                                "finish_reason": finish_reason(o)})
         info["completion_tokens"] = n_out
         body = json.dumps({**head, "choices": choices, "usage": usage(info["prompt_tokens"], n_out)},
                           ensure_ascii=False).encode()

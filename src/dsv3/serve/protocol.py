@@ -119,7 +119,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=0)
+    prompt: str | list[str] | list[int] | list[list[int]]
     suffix: str | None = None
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)

@@ -30,12 +30,19 @@ class GrammarBackend:
         self.info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids))
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
         self.vocab_size = vocab_size
+        # xgrammar's JSON strings admit raw control characters, which JSON forbids: mask those tokens out
+        # (tool-call grammars keep bare "\n", which their fixed layout needs)
+        vocab = self.info.decoded_vocab
+        ctrl = [any(b < 0x20 for b in v) for v in vocab] + [False] * (vocab_size - len(vocab))
+        ctrl_nl = [any(b < 0x20 and b != 0x0A for b in v) for v in vocab] + [False] * (vocab_size - len(vocab))
+        self.control = torch.tensor(ctrl[:vocab_size])
+        self.control_but_newline = torch.tensor(ctrl_nl[:vocab_size])
         self._compile = lru_cache(maxsize=256)(self._compile_uncached)
 
     def _compile_uncached(self, kind: str, spec: str):
         xgr = self.xgr
-        if kind == "json_object":
-            return self.compiler.compile_builtin_json_grammar()
+        if kind == "json_object":  # any object (OpenAI's json_object mode), compact
+            return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
         if kind == "json_schema":
             return self.compiler.compile_json_schema(spec, any_whitespace=False, strict_mode=True)
         return self.compiler.compile_grammar(xgr.Grammar.from_ebnf(spec) if kind == "ebnf" else spec)
@@ -51,15 +58,18 @@ class GrammarBackend:
     def compile_grammar(self, grammar: Any):
         return self.compiler.compile_grammar(grammar)
 
-    def processor(self, compiled: Any) -> GrammarProcessor:
-        return GrammarProcessor(self, compiled)
+    def processor(self, compiled: Any, allow_newline: bool = False, prefer: list[int] | None = None) -> GrammarProcessor:
+        return GrammarProcessor(self, compiled, self.control_but_newline if allow_newline else self.control, prefer)
 
 
 class GrammarProcessor:
     """Masks every token the grammar forbids after the tokens generated so far."""
 
-    def __init__(self, backend: GrammarBackend, compiled: Any):
-        self.backend, self.compiled = backend, compiled
+    def __init__(self, backend: GrammarBackend, compiled: Any, banned: torch.Tensor, prefer: list[int] | None = None):
+        """`prefer`: token ids (e.g. special markers) that, whenever the grammar allows one, are the only choice,
+        so a marker is written as its single special token and not spelled out character by character."""
+        self.backend, self.compiled, self.banned = backend, compiled, banned
+        self.prefer = torch.tensor(sorted(prefer or []), dtype=torch.long)
         self._matchers: list[tuple[list[int], Any]] = []
         self._lock = threading.Lock()
         self._mask = backend.xgr.allocate_token_bitmask(1, backend.vocab_size)
@@ -91,6 +101,13 @@ class GrammarProcessor:
             width = min(row.shape[-1], self.backend.vocab_size)
             head = row[:, :width].contiguous()
             self.backend.xgr.apply_token_bitmask_inplace(head, self._mask[:, : (width + 31) // 32])
+            head = head.masked_fill(self.banned[:width], float("-inf"))
+            if len(self.prefer):
+                ok = self.prefer[torch.isfinite(head[0, self.prefer])]
+                if len(ok):
+                    only = torch.full_like(head, float("-inf"))
+                    only[0, ok] = head[0, ok]
+                    head = only
             row[:, :width] = head
             row[:, width:] = float("-inf")
             return row.reshape(logits.shape).to(logits.dtype)

@@ -43,6 +43,12 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     return (content or None), calls
 
 
+def marker_ids(tokenizer: Any) -> list[int]:
+    """Ids of the tool-call markers that are single tokens in this vocabulary."""
+    ids = (tokenizer.token_to_id(m) for m in (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP))
+    return [i for i in ids if i is not None]
+
+
 def _ebnf_literal(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)
 

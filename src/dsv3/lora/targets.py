@@ -1,0 +1,64 @@
+"""How an adapter names what it adapts in `adapter_config.json`: the target regex and per-module patterns.
+
+PEFT re-creates an adapter's modules from the config before loading tensors, so the config must name
+exactly the adapted modules (never a bare `gate_proj`, which in the v4 layout also hits every routed
+expert) and carry `rank_pattern`/`alpha_pattern` for any module whose rank or scaling differs from `r`/`lora_alpha`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from dsv3.lora.apply import LoRASpec, MLP_TARGETS, lora_modules
+from dsv3.lora.layers import ExpertsLoRA, LoRALinear, lora_scaling
+from dsv3.model.moe import Experts
+
+
+def target_regex(model: torch.nn.Module) -> str:
+    """A `target_modules` regex (PEFT full-match) naming exactly the adapted modules, `\\d+` per layer where exact.
+
+    Routed experts appear as `experts(\\.\\d+)?\\.gate_proj`, matching both the v4 per-expert modules and the
+    v5 name PEFT probes for fused experts (`experts.gate_proj`).
+    """
+    names, candidates = set(), set()
+    for n, m in model.named_modules():
+        if n.startswith("model.mtp.") or n.endswith("lm_head"):
+            continue
+        n0 = n.removesuffix(".base_layer")
+        if isinstance(m, (torch.nn.Linear, LoRALinear)):
+            candidates.add(n0)
+        if isinstance(m, LoRALinear):
+            names.add(n)
+        if isinstance(m, Experts):
+            candidates.update(f"{n0}.{p}" for p in MLP_TARGETS)
+        if isinstance(m, ExpertsLoRA):
+            names.update(f"{n}.{p}" for p in m.lora_A)
+    groups: dict[str, list[str]] = {}
+    for n in sorted(names):
+        groups.setdefault(re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n), count=1), []).append(n)
+    out = []
+    for pattern, members in groups.items():
+        hits = sorted(c for c in candidates if re.fullmatch(pattern, c))
+        out.extend([pattern] if hits == members else [re.escape(m) for m in members])
+    out = [re.sub(r"mlp\\\.experts\\\.(gate_proj|up_proj|down_proj)$", r"mlp\\.experts(\\.\\d+)?\\.\1", t) for t in out]
+    return "(" + "|".join(sorted(out)) + ")"
+
+
+def scale_patterns(model: torch.nn.Module, spec: LoRASpec) -> tuple[dict, dict]:
+    """PEFT rank_pattern / alpha_pattern for modules whose rank or scaling differ from the spec (e.g. loaded ones)."""
+    ranks, alphas = {}, {}
+    entries = []
+    for name, m in lora_modules(model):
+        if isinstance(m, LoRALinear):
+            entries.append((re.escape(name), m.r, float(m.scaling[0])))
+        else:
+            entries += [(rf"{re.escape(name)}\.\d+\.{p}", m.lora_A[p].shape[1], m.scaling[p]) for p in m.lora_A]
+    for pattern, r, scaling in entries:
+        if r != spec.r:
+            ranks[pattern] = r
+        if not math.isclose(scaling, lora_scaling(spec.alpha, r, spec.use_rslora), rel_tol=1e-6):
+            alphas[pattern] = scaling * (math.sqrt(r) if spec.use_rslora else r)
+    return ranks, alphas

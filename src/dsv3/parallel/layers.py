@@ -1,0 +1,91 @@
+"""Parallel linear layers, vocabulary-parallel embedding and LM head (the layout of DeepSeek's inference code).
+
+Column-parallel layers hold a slice of the output features and need no communication; row-parallel
+layers hold a slice of the input features and all-reduce their partial products; the embedding
+holds a slice of the vocabulary, zeroes ids it does not own and all-reduces; the head holds a
+slice of the vocabulary and all-gathers logits. Each records which slice of the full checkpoint
+tensor it holds (`shard`), which is all sharded loading needs to know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.parallel.dist import ParallelError, all_gather_last, all_reduce
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The slice [start, end) along `dim` of the full weight that this rank holds."""
+
+    dim: int
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def split(n: int, parts: int, rank: int, what: str) -> tuple[int, int]:
+    """Even contiguous split of n items; the sizes must divide (as DeepSeek's code asserts)."""
+    if n % parts:
+        raise ParallelError(f"{what} ({n}) is not divisible by the parallel size {parts}")
+    k = n // parts
+    return rank * k, (rank + 1) * k
+
+
+class ColumnParallelLinear(nn.Linear):
+    """y_local = x W[start:end]ᵀ: this rank's output features; the next layer consumes them locally."""
+
+    def __init__(self, in_features: int, out_features: int, parts: int, rank: int, what: str):
+        start, end = split(out_features, parts, rank, what)
+        super().__init__(in_features, end - start, bias=False)
+        self.shard = Shard(0, start, end)
+
+
+class RowParallelLinear(nn.Linear):
+    """y = Σ_ranks x_local W[:, start:end]ᵀ: partial products summed with one all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, parts: int, rank: int, what: str):
+        start, end = split(in_features, parts, rank, what)
+        super().__init__(end - start, out_features, bias=False)
+        self.shard = Shard(1, start, end)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(F.linear(x, self.weight))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, end) of the embedding; ids owned elsewhere contribute zeros before the all-reduce."""
+
+    def __init__(self, vocab_size: int, dim: int, parts: int, rank: int):
+        super().__init__()
+        start, end = split(vocab_size, parts, rank, "vocab_size")
+        self.shard = Shard(0, start, end)
+        self.weight = nn.Parameter(torch.empty(end - start, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.shard.start) | (ids >= self.shard.end)
+        local = (ids - self.shard.start).masked_fill(outside, 0)
+        y = F.embedding(local, self.weight).masked_fill(outside[..., None], 0)
+        return all_reduce(y)
+
+
+class ParallelHead(nn.Linear):
+    """Logits for vocabulary rows [start, end), all-gathered so every rank sees the full [.., V] logits."""
+
+    def __init__(self, dim: int, vocab_size: int, parts: int, rank: int):
+        start, end = split(vocab_size, parts, rank, "vocab_size")
+        super().__init__(dim, end - start, bias=False)
+        self.shard = Shard(0, start, end)
+        self.on_call = None  # set by the multi-process engine on rank 0 (see dsv3.parallel.worker)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_call is not None:
+            self.on_call(x)
+        return all_gather_last(F.linear(x, self.weight))

@@ -1,0 +1,133 @@
+"""Apply TP/EP to one `DeepseekV3ForCausalLM` by swapping modules in place, and map checkpoint slices onto them.
+
+The model code is not forked: after `parallelize`, attention is the same `MLA` with `n_heads` set
+to the local head count and `q_b_proj`/`q_proj`/`kv_b_proj` holding this rank's heads (the absorbed
+form reads `kv_b_proj` as [n_heads, dn+dv, r], so it works unchanged), `o_proj` row-parallel;
+the latent down-projections, their norms and the router stay replicated. `localize` tells the
+loader which slice of a checkpoint tensor this rank needs and where it goes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv3.model.layers import MLP
+from dsv3.model.mla import MLA
+from dsv3.model.moe import MoE
+from dsv3.model.transformer import DeepseekV3ForCausalLM
+from dsv3.parallel.dist import ParallelConfig
+from dsv3.parallel.experts import LocalExperts
+from dsv3.parallel.layers import (ColumnParallelLinear, ParallelHead, RowParallelLinear, Shard,
+                                  VocabParallelEmbedding, split)
+
+# (destination index into the parameter, (dim, start, end) to narrow the source by, or None)
+Placement = tuple[tuple, tuple[int, int, int] | None]
+
+
+def _column(lin: nn.Linear, pc: ParallelConfig, what: str) -> ColumnParallelLinear:
+    return ColumnParallelLinear(lin.in_features, lin.out_features, pc.tp, pc.tp_rank, what)
+
+
+def _row(lin: nn.Linear, pc: ParallelConfig, what: str) -> RowParallelLinear:
+    return RowParallelLinear(lin.in_features, lin.out_features, pc.tp, pc.tp_rank, what)
+
+
+def _attention(mla: MLA, pc: ParallelConfig) -> None:
+    heads = f"num_attention_heads ({mla.n_heads}) · head dim"
+    split(mla.n_heads, pc.tp, pc.tp_rank, "num_attention_heads")
+    if mla.q_lora_rank is None:
+        mla.q_proj = _column(mla.q_proj, pc, heads)
+    else:
+        mla.q_b_proj = _column(mla.q_b_proj, pc, heads)
+    mla.kv_b_proj = _column(mla.kv_b_proj, pc, heads)
+    mla.o_proj = _row(mla.o_proj, pc, heads)
+    mla.n_heads //= pc.tp
+
+
+def _mlp(mlp: MLP, pc: ParallelConfig, what: str) -> None:
+    mlp.gate_proj = _column(mlp.gate_proj, pc, what)
+    mlp.up_proj = _column(mlp.up_proj, pc, what)
+    mlp.down_proj = _row(mlp.down_proj, pc, what)
+
+
+def _experts(moe: MoE, pc: ParallelConfig) -> None:
+    E, two_im, D = moe.experts.gate_up_proj.shape
+    Im = two_im // 2
+    if pc.ep > 1:
+        first, end = split(E, pc.ep, pc.ep_rank, "n_routed_experts")
+        moe.experts = LocalExperts(E, first, end - first, D, Im)
+    else:
+        i0, i1 = split(Im, pc.tp, pc.tp_rank, "moe_intermediate_size")
+        moe.experts = LocalExperts(E, 0, E, D, Im, Shard(0, i0, i1))
+
+
+def _block(block: nn.Module, pc: ParallelConfig) -> None:
+    if pc.tp > 1:
+        _attention(block.self_attn, pc)
+    mlp = block.mlp
+    if isinstance(mlp, MoE):
+        _experts(mlp, pc)
+        if pc.tp > 1 and mlp.shared_experts is not None:
+            _mlp(mlp.shared_experts, pc, "n_shared_experts · moe_intermediate_size")
+    elif pc.tp > 1:
+        _mlp(mlp, pc, "intermediate_size")
+
+
+def parallelize(model: DeepseekV3ForCausalLM, pc: ParallelConfig) -> DeepseekV3ForCausalLM:
+    """Swap this rank's parallel modules into `model` (built on the meta device: weights are loaded after)."""
+    if pc.world == 1:
+        return model
+    cfg = model.config
+    device = model.model.embed_tokens.weight.device
+    with torch.device(device):
+        for block in list(model.model.layers) + [m.block for m in model.model.mtp]:
+            _block(block, pc)
+        if pc.tp > 1:
+            model.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, pc.tp, pc.tp_rank)
+            model.lm_head = ParallelHead(cfg.hidden_size, cfg.vocab_size, pc.tp, pc.tp_rank)
+    model.tie_weights()
+    model.parallel = pc
+    return model
+
+
+def owners(model: nn.Module) -> dict[str, nn.Module]:
+    """Parameter name -> the parallel module owning it (only sharded parameters are listed)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LocalExperts):
+            out[f"{name}.gate_up_proj"] = out[f"{name}.down_proj"] = m
+        elif isinstance(getattr(m, "shard", None), Shard):
+            out[f"{name}.weight"] = m
+    return out
+
+
+def localize(pname: str, index: tuple, owner: nn.Module | None) -> Placement | None:
+    """Where checkpoint piece (pname, index) lands on this rank, or None if this rank does not hold it."""
+    if owner is None:
+        return index, None
+    if not isinstance(owner, LocalExperts):
+        s = owner.shard
+        return index, (s.dim, s.start, s.end)
+    j = index[0]
+    if not owner.first <= j < owner.first + owner.count:
+        return None
+    jl, inter = j - owner.first, owner.inter_shard
+    if pname.endswith("down_proj"):
+        return (jl,), None if inter is None else (1, inter.start, inter.end)
+    rows = index[1]
+    if inter is None:
+        return (jl, rows), None
+    part = 0 if rows.start == 0 else 1  # gate rows first, then up rows
+    return (jl, slice(part * inter.size, (part + 1) * inter.size)), (0, inter.start, inter.end)
+
+
+def pieces(owner: nn.Module | None, pname: str, cfg) -> int:
+    """How many checkpoint tensors fill one local parameter."""
+    if isinstance(owner, LocalExperts):
+        return owner.count * (2 if pname.endswith("gate_up_proj") else 1)
+    if pname.endswith("experts.gate_up_proj"):
+        return 2 * cfg.n_routed_experts
+    if pname.endswith("experts.down_proj"):
+        return cfg.n_routed_experts
+    return 1

@@ -8,6 +8,7 @@ import torch
 from dsv3.cli import _Parser
 from dsv3.commands import plan as plan_cmd
 from dsv3.config import ModelConfig
+from dsv3.errors import ConfigError
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.parallel import ParallelConfig, ParallelError
 from dsv3.parallel.load import build_local_model
@@ -83,5 +84,9 @@ def test_cli_verdicts(capsys, tmp_path):
     assert out[-2].startswith("does not fit") and out[-1].endswith(": 32")  # bf16 1.34 TB needs 32 × 80 GiB
     ModelConfig.from_dict(TINY).save(tmp_path)
     assert _run(["plan", "--model", str(tmp_path / "config.json")]) == 0
-    with pytest.raises(Exception, match="neither a checkpoint directory"):
+    capsys.readouterr()
+    ModelConfig.from_dict({**TINY, "quantization_config": {"quant_method": "dsv3", "format": "int8"}}).save(tmp_path)
+    assert _run(["plan", "--model", str(tmp_path)]) == 0  # a dsv3-quantized checkpoint is planned in its format
+    assert "weights int8" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="neither a checkpoint directory"):
         _run(["plan", "--model", str(tmp_path / "nope")])

@@ -94,9 +94,11 @@ def test_quantize_save_load_generate_roundtrip(model_dir, data, tmp_path, method
     assert a.token_ids == b.token_ids and len(b.token_ids) > 0
 
 
-def test_fp8_checkpoint_in_official_layout_keeps_fp8(model_dir, tmp_path):
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_fp8_checkpoint_in_official_layout_keeps_fp8(model_dir, tmp_path, lm_head):
     model = load_model(model_dir, progress=False)
-    quantize_model(model, "fp8", progress=False)
+    quantize_model(model, "fp8", include_lm_head=lm_head, progress=False)
+    assert isinstance(model.lm_head, QuantLinear) == lm_head
     out = save_quantized(model, tmp_path / "fp8")
     with SafetensorsFile(out / "model.safetensors") as sf:
         assert sf.dtype("model.layers.0.self_attn.q_a_proj.weight") == torch.float8_e4m3fn
@@ -204,3 +206,19 @@ def test_awq_without_calibration_is_a_user_error(model_dir):
         quantize_model(model, "awq", progress=False)
     with pytest.raises(QuantError, match="unknown quantization method 'int3'"):
         quantize_model(model, "int3", progress=False)
+
+
+@torch.no_grad()
+def test_quantized_lm_head_roundtrip_with_mtp(model_dir, data, tmp_path):
+    """--lm-head: the head is packed too; MTP's shared_head.head copy is written dense and ignored on load."""
+    _, held = data
+    model = load_model(model_dir, progress=False)
+    quantize_model(model, "int8", include_lm_head=True, progress=False)
+    assert isinstance(model.lm_head, QuantLinear)
+    out = save_quantized(model, tmp_path / "head")
+    with SafetensorsFile(out / "model.safetensors") as sf:
+        assert sf.dtype("lm_head.weight") == torch.int8
+        assert sf.dtype("model.layers.2.shared_head.head.weight") == torch.float32
+    loaded = load_quantized(out, progress=False)
+    assert isinstance(loaded.lm_head, QuantLinear) and len(loaded.model.mtp) == 1
+    assert torch.equal(loaded(held), model(held))

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dsv3.commands.tokenizer",
     "dsv3.commands.data",
     "dsv3.commands.eval",
+    "dsv3.commands.plan",
 )
 
 

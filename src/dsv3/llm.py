@@ -46,6 +46,25 @@ class LLM:
         self.seed = seed
         self._ids = itertools.count()
 
+    @classmethod
+    def from_engine(cls, engine: LLMEngine | None, model_dir: str | Path, dtype: str | torch.dtype = "auto",
+                    config: EngineConfig | None = None) -> "LLM":
+        """Wrap an existing engine (e.g. rank 0 of a tensor-parallel run), or build one from `config`.
+
+        A wrapped engine's model may be sharded across processes: only the engine is used then
+        (`generator` and `score` need the whole model in this process and are unavailable).
+        """
+        self = cls.__new__(cls)
+        self.model_dir, self.seed, self._ids = Path(model_dir), 0, itertools.count()
+        if engine is None:
+            self.model = load_model(self.model_dir, dtype=dtype, device="cpu", progress=False)
+            self.tokenizer = Tokenizer.from_dir(self.model_dir)
+            self.engine = LLMEngine(self.model, self.tokenizer, config or EngineConfig())
+            self.generator = Generator(self.model, self.tokenizer, self.engine.max_model_len)
+        else:
+            self.engine, self.model, self.tokenizer, self.generator = engine, None, engine.tokenizer, None
+        return self
+
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
 

@@ -39,6 +39,14 @@ def load_config(text: str):
     raise ConfigError(f"--model {text!r} is neither a checkpoint directory, a config.json, nor one of {', '.join(PRESETS)}")
 
 
+def checkpoint_quantization(cfg) -> str:
+    """How a checkpoint's weights sit in memory once dsv3 loads them (DeepSeek's FP8 release is dequantized)."""
+    qc = cfg.quantization_config or {}
+    if qc.get("quant_method") == "dsv3":
+        return "awq" if qc.get("calibration") == "awq" else str(qc.get("format", "none"))
+    return "none"
+
+
 def _dtype(args: argparse.Namespace, cfg) -> str:
     if args.dtype != "auto":
         return args.dtype
@@ -52,11 +60,12 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.device_memory is not None and args.device_memory <= 0:
         raise DSV3Error(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
     cfg = load_config(args.model)
-    opts = dict(quantization=args.quantization, dtype=_dtype(args, cfg), max_model_len=args.max_model_len,
+    quant = args.quantization or checkpoint_quantization(cfg)
+    opts = dict(quantization=quant, dtype=_dtype(args, cfg), max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_dtype=args.kv_cache_dtype, with_mtp=not args.no_mtp)
     p = plan(cfg, args.devices, **opts)
-    print(f"model: {args.model} · weights {args.quantization if args.quantization != 'none' else opts['dtype']}"
+    print(f"model: {args.model} · weights {quant if quant != 'none' else opts['dtype']}"
           f" · {args.devices} device(s) (TP={args.devices}, experts split {args.devices} ways)")
     print(f"  weights per device        {gib(p.weights):>14}")
     print(f"  latent cache per token    {p.cache_per_token / 1024:>10,.1f} KiB   (every device; MLA latents are shared by all heads)")
@@ -93,7 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("plan", help="memory per device: weights, latent cache, activations; does it fit?")
     p.add_argument("--model", required=True, help=f"checkpoint directory, config.json, or {' | '.join(PRESETS)}")
-    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="weight format of the linears (none = --dtype)")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                   help="weight format of the linears (none = --dtype; default: as the checkpoint loads)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="activations, cache and unquantized weights")
     p.add_argument("--max-model-len", type=positive_int, default=None, help="tokens per sequence (default: the model's maximum)")
     p.add_argument("--max-num-seqs", type=positive_int, default=64, help="concurrent sequences wanted")

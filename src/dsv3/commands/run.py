@@ -35,6 +35,38 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto", help="latent cache storage (int8: per-token scales)")
     p.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0 = off)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    p.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="processes splitting attention heads and MLPs")
+    p.add_argument("--expert-parallel-size", type=positive_int, default=1, help="processes splitting the routed experts")
+
+
+def engine_config(args: argparse.Namespace, **extra):
+    """EngineConfig from the shared model flags (validated before any model is loaded)."""
+    from dsv3.engine import EngineConfig
+
+    if args.num_speculative_tokens < 0:
+        raise DSV3Error("--num-speculative-tokens must be >= 0")
+    return EngineConfig(max_model_len=args.max_model_len, kv_cache_dtype=args.kv_cache_dtype,
+                        num_speculative_tokens=args.num_speculative_tokens,
+                        enable_prefix_caching=not args.no_prefix_caching, **extra)
+
+
+def parallel_requested(args: argparse.Namespace) -> bool:
+    from dsv3.parallel.dist import launched_by_torchrun
+
+    return args.tensor_parallel_size * args.expert_parallel_size > 1 or launched_by_torchrun()
+
+
+def start_parallel(args: argparse.Namespace, model, config):
+    """Start the ranks (spawned here, or already launched by torchrun). None on a worker rank once it is done."""
+    import atexit
+
+    from dsv3.parallel.worker import start_engine
+
+    handle = start_engine(model, args.tensor_parallel_size, args.expert_parallel_size, dtype=args.dtype, config=config,
+                          progress=False)
+    if handle is not None:
+        atexit.register(handle.shutdown)
+    return handle
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -54,19 +86,23 @@ def sampling_params(args: argparse.Namespace):
 
 
 def load(args: argparse.Namespace, chat: bool = False):
+    """The LLM for generate/chat, or None on a worker rank of a parallel run (which has finished)."""
     from dsv3.llm import LLM
     from dsv3.paths import default_model_dir
 
     model = args.model if args.model is not None else default_model_dir(chat=chat)
-    if args.num_speculative_tokens < 0:
-        raise DSV3Error("--num-speculative-tokens must be >= 0")
-    return LLM(model, dtype=args.dtype, max_model_len=args.max_model_len, progress=False, kv_cache_dtype=args.kv_cache_dtype,
-               num_speculative_tokens=args.num_speculative_tokens, enable_prefix_caching=not args.no_prefix_caching)
+    config = engine_config(args)
+    if parallel_requested(args):
+        handle = start_parallel(args, model, config)
+        return None if handle is None else LLM.from_engine(handle.engine, model)
+    return LLM.from_engine(None, model, dtype=args.dtype, config=config)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # validate flags before the (slow) model load
     llm = load(args)
+    if llm is None:
+        return 0
     for event in llm.stream(args.prompt, params):
         sys.stdout.write(event.text)
         sys.stdout.flush()
@@ -77,6 +113,8 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     llm = load(args, chat=True)
+    if llm is None:
+        return 0
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()

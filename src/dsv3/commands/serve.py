@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from dsv3.commands.run import add_model_args, positive_int
+from dsv3.commands.run import add_model_args, engine_config, parallel_requested, positive_int, start_parallel
 from dsv3.errors import DSV3Error
 
 
@@ -39,8 +39,8 @@ def build_config(args: argparse.Namespace):
     for f in (args.tls_certfile, args.tls_keyfile):
         if f is not None and not Path(f).is_file():
             raise ServeError(f"TLS file {f} does not exist")
-    if args.tensor_parallel_size != 1:
-        raise ServeError("--tensor-parallel-size > 1 is not available yet; use 1")
+    if args.quantization is not None and args.tensor_parallel_size * args.expert_parallel_size > 1:
+        raise ServeError("--quantization cannot be combined with tensor or expert parallelism yet")
     if args.lora:
         raise ServeError("--lora is not wired into serve yet")
     cache = None
@@ -58,27 +58,37 @@ def build_config(args: argparse.Namespace):
 def loader(args: argparse.Namespace):
     def load():
         from dsv3.checkpoint import load_model
-        from dsv3.engine import EngineConfig, LLMEngine
+        from dsv3.engine import LLMEngine
         from dsv3.paths import default_model_dir
         from dsv3.tokenizer import Tokenizer
 
         path = args.model if args.model is not None else default_model_dir(chat=True)
+        if parallel_requested(args):
+            cfg = engine_config(args, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory << 20, seed=args.seed)
+            handle = start_parallel(args, path, cfg)
+            return handle.engine, handle.engine.tokenizer
         model = load_model(path, dtype=args.dtype)
         if args.quantization is not None:  # round-to-nearest at load time (AWQ needs calibration: do it offline)
             from dsv3.quant.apply import quantize_model
 
             quantize_model(model, args.quantization, progress=False)
         tok = Tokenizer.from_dir(path)
-        cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                           kv_cache_memory=args.kv_cache_memory << 20, seed=args.seed)
+        cfg = engine_config(args, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory << 20, seed=args.seed)
         return LLMEngine(model, tok, cfg), tok
     return load
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import os
+
     import uvicorn
 
+    from dsv3.parallel.dist import launched_by_torchrun
     from dsv3.serve.app import create_app
+
+    if launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0:  # worker rank: serve the model, not HTTP
+        start_parallel(args, args.model, engine_config(args, max_num_seqs=args.max_num_seqs, seed=args.seed))
+        return 0
 
     config = build_config(args)
     handler = logging.StreamHandler(sys.stderr)
@@ -111,7 +121,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
     s.add_argument("--quantization", choices=("int8", "int4", "fp8"), default=None,
                    help="quantize the weights at load time (RTN); for AWQ quantize offline and pass that directory")
-    s.add_argument("--tensor-parallel-size", type=positive_int, default=1)
     s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="serve a LoRA adapter (not wired yet)")
     s.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences batched at once")
     s.add_argument("--kv-cache-memory", type=positive_int, default=1024, help="latent cache size in MiB")

@@ -41,7 +41,8 @@ class LoRALinear(nn.Module):
         kw = dict(dtype=base.weight.dtype, device=base.weight.device)
         self.lora_A = nn.Parameter(torch.zeros(slots, r, base.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(slots, base.out_features, r, **kw))
-        self.register_buffer("scaling", torch.full((slots,), lora_scaling(alpha, r, use_rslora)), persistent=False)
+        self.register_buffer("scaling", torch.full((slots,), lora_scaling(alpha, r, use_rslora), device=base.weight.device),
+                             persistent=False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.slot_ids: torch.Tensor | None = None  # [B] adapter slot per sequence, -1 = base; None = slot 0
         self.merged = False

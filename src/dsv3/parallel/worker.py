@@ -88,6 +88,7 @@ class DriverRunner:
         return self._run("execute_mtp", items, hidden_in)
 
 
+@torch.inference_mode()
 def worker_loop(runner: ModelRunner) -> None:
     """Ranks > 0: replay rank 0's calls until "stop"."""
     dev = runner.device
@@ -140,6 +141,8 @@ def run_worker(spec: LaunchSpec, rank: int, world: int, addr: str | None) -> Non
 def _spawned(rank: int, spec: LaunchSpec, world: int) -> None:
     try:
         run_worker(spec, rank, world, "127.0.0.1")
+    except ParallelError:  # rank 0 reports it
+        sys.exit(1)
     except Exception:
         traceback.print_exc()
         sys.exit(1)

@@ -63,10 +63,16 @@ def save_quantized(model: DeepseekV3ForCausalLM, out_dir: str | Path, tokenizer_
     qnames = {n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
     qprefixes = {ckpt_name(q, model.config.num_hidden_layers) for q in qnames}
     tensors = {}
-    for name, make, _ in export_tensors(model):
-        if name.rsplit(".", 1)[0] in qprefixes:
-            continue
-        tensors[name] = make().detach().cpu()
+    head = model.lm_head
+    if isinstance(head, QuantLinear):  # the MTP layers' `shared_head.head` copies are written dense, as DeepSeek ships them
+        model.lm_head = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
+        model.lm_head.weight = nn.Parameter(head.fmt.dequant(head.tensors, head.out_features, head.in_features), requires_grad=False)
+    try:
+        for name, make, _ in export_tensors(model):
+            if name.rsplit(".", 1)[0] not in qprefixes:
+                tensors[name] = make().detach().cpu()
+    finally:
+        model.lm_head = head
     tensors.update({n: t.contiguous() for n, t in quantized_tensors(model)})
     model.config.save(out)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -86,7 +92,7 @@ def _target_formats(cfg: ModelConfig, model: nn.Module, entries: dict[str, torch
     if method not in QUANT_METHODS:
         raise QuantError(f"config.json quantization_config.quant_method is {method!r}; load_quantized reads {', '.join(QUANT_METHODS)}")
     L = cfg.num_hidden_layers
-    targets = quant_targets(model, include_lm_head=bool(qc.get("lm_head", False)))
+    targets = quant_targets(model, include_lm_head=method == "fp8" or bool(qc.get("lm_head", False)))
     if method == "dsv3":
         fmt = make_format(qc.get("format", ""), int(qc.get("group_size", 128)), bool(qc.get("zero_point", True)), device)
         return {name: fmt for name, _ in targets}

@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dsv3.commands.serve",
     "dsv3.commands.tokenizer",
     "dsv3.commands.data",
+    "dsv3.commands.pretrain",
     "dsv3.commands.eval",
     "dsv3.commands.plan",
 )

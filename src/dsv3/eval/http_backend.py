@@ -117,7 +117,7 @@ class OpenAIBackend(Backend):
         try:
             resp = self.request("/completions", payload)
         except ServerError as e:
-            if self.echo_max_tokens or "HTTP 400" not in str(e):
+            if payload["max_tokens"] or "HTTP 400" not in str(e):  # the payload's value: threads race on the attribute
                 raise
             self.echo_max_tokens = 1  # some servers insist on generating at least one token
             return self.prompt_logprobs(prompt)

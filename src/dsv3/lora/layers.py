@@ -107,15 +107,32 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+class _GroupedFrozen(torch.autograd.Function):
+    """Grouped matmul with a frozen weight: backward is one more grouped matmul (dx = dy · W_g), no dW."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w, offs)
+        return grouped_linear(x, w, offs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w, offs = ctx.saved_tensors
+        return grouped_linear(grad.contiguous(), w.transpose(1, 2), offs), None, None
+
+
 def grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """`grouped_linear`, but differentiable on every backend when autograd is recording.
 
-    torch's CPU `grouped_mm` has no working backward, and the CUDA kernel takes bf16 only, so otherwise
-    we run one matmul per non-empty expert on split views (cheap at LoRA-training expert counts).
+    torch's CPU `grouped_mm` has no working backward, and the CUDA kernel takes bf16 only: frozen expert
+    weights get a hand-written backward; trainable (LoRA) ones run one matmul per non-empty expert.
     """
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    if x.dtype == w.dtype and (x.dtype == torch.bfloat16 if x.is_cuda else not needs_grad):
+    kernel_ok = x.dtype == w.dtype and (x.dtype == torch.bfloat16 or not x.is_cuda)
+    if kernel_ok and (not needs_grad or x.is_cuda):
         return grouped_linear(x, w, offs)
+    if kernel_ok and not w.requires_grad:  # frozen experts: keep the grouped kernel, supply its backward
+        return _GroupedFrozen.apply(x, w, offs)
     sizes = torch.diff(offs.long(), prepend=offs.new_zeros(1).long()).tolist()
     parts = [chunk @ w[g].to(x.dtype).T for g, chunk in enumerate(torch.split(x, sizes)) if chunk.shape[0]]
     return torch.cat(parts) if parts else x.new_zeros(0, w.shape[1])

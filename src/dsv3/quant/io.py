@@ -30,6 +30,7 @@ from dsv3.safetensors_io import SafetensorsFile
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 QUANT_METHODS = ("dsv3", "fp8")
+_ROUTER = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
 
 
 def ckpt_name(name: str, num_layers: int) -> str:
@@ -52,8 +53,15 @@ def quantized_tensors(model: DeepseekV3ForCausalLM):
                         yield f"{ckpt_name(name, L)}.{e}.{proj}.{k}", t
 
 
-def save_quantized(model: DeepseekV3ForCausalLM, out_dir: str | Path, tokenizer_from: str | Path | None = None) -> Path:
-    """Write config.json (with quantization_config) and model.safetensors."""
+def save_quantized(model: DeepseekV3ForCausalLM, out_dir: str | Path, tokenizer_from: str | Path | None = None,
+                   dtype: torch.dtype | str | None = None) -> Path:
+    """Write config.json (with quantization_config) and model.safetensors.
+
+    Unconverted matrices (embeddings, a dense LM head) are stored in `dtype` (default: the config's
+    torch_dtype, e.g. bf16 even if the model computes in fp32); norms (which AWQ rescales) and the
+    router stay fp32.
+    """
+    save_dtype = resolve_dtype(dtype, model.config) if dtype is not None or model.config.torch_dtype else None
     from safetensors.torch import save_file
 
     if not model.config.quantization_config:
@@ -70,7 +78,10 @@ def save_quantized(model: DeepseekV3ForCausalLM, out_dir: str | Path, tokenizer_
     try:
         for name, make, _ in export_tensors(model):
             if name.rsplit(".", 1)[0] not in qprefixes:
-                tensors[name] = make().detach().cpu()
+                t = make().detach().cpu()
+                if save_dtype is not None and t.is_floating_point() and t.dim() >= 2 and not _ROUTER.search(name):
+                    t = t.to(save_dtype)
+                tensors[name] = t
     finally:
         model.lm_head = head
     tensors.update({n: t.contiguous() for n, t in quantized_tensors(model)})
@@ -109,7 +120,7 @@ def load_quantized(model_dir: str | Path, dtype: torch.dtype | str | None = None
     """Load a checkpoint written by `save_quantized` (or an official FP8 one) with packed modules."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
-    dtype = resolve_dtype(dtype, cfg)
+    dtype = resolve_dtype(dtype, cfg, device)  # 'auto' is fp32 on CPU, as for load_model
     files = checkpoint_files(model_dir)
     entries: dict[str, torch.dtype] = {}
     for path in files:

@@ -66,6 +66,7 @@ def test_accepted_drafts_keep_output_and_save_steps(parts, workload, monkeypatch
     baseline.generate(prompts, params)
     assert engine.stats["steps"] < baseline.stats["steps"]
     assert engine.drafter.stats.acceptance_rate[0] > 0.9
+    assert 0.9 * engine.stats["spec_draft_tokens"] < engine.stats["spec_accepted_tokens"] <= engine.stats["spec_draft_tokens"]
 
 
 def test_rejection_sampling_keeps_the_target_distribution():

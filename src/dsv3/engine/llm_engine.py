@@ -67,15 +67,16 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens, c.enable_chunked_prefill)
         self.runner = ModelRunner(model, num_blocks, c.block_size, c.kv_cache_dtype)
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
         self.eos_ids = set(tokenizer.stop_token_ids) | set(cfg.eos_token_ids)
         self.drafter = None
         if c.num_speculative_tokens:
             if not len(model.model.mtp):
                 raise RequestError("speculative decoding needs a model loaded with its MTP module (num_nextn_predict_layers > 0)")
             self.drafter = MTPDrafter(self.runner, self.block_manager, c.num_speculative_tokens, self.max_model_len)
+            self.stats.update(spec_draft_tokens=0, spec_accepted_tokens=0)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
 
     # ---- requests -----------------------------------------------------------------------
     def validate(self, prompt: str | list[int] | dict[str, Any], params: SamplingParams) -> tuple[str | None, list[int], int]:
@@ -159,6 +160,8 @@ class LLMEngine:
                 draft = drafts[seq]
                 accepted = verify(seq, draft, logits[row:row + len(it.token_ids)])
                 self.drafter.stats.record(len(draft.tokens), len(accepted) - 1)
+                self.stats["spec_draft_tokens"] += len(draft.tokens)
+                self.stats["spec_accepted_tokens"] += len(accepted) - 1
                 new_tokens[seq] = accepted
                 computed += len(accepted) - 1
                 row += len(it.token_ids)

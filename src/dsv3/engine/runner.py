@@ -37,32 +37,33 @@ class ModelRunner:
 
     def prepare(self, items: list[StepItem]) -> tuple[torch.Tensor, torch.Tensor, PagedContext, list[int]]:
         """Flatten the step into (input_ids [1, N], positions [1, N], context, rows whose logits are needed)."""
-        ids, pos, slot_parts, prefills, decode_rows, decode_ctx, rows = [], [], [], [], [], [], []
+        bs, dev = self.block_size, self.device
+        ids, pos, slot_mapping, prefills, rows = [], [], [], [], []
+        decode_rows, decode_tables, decode_lens = [], [], []
         offset = 0
         for it in items:
-            s, n = it.start, len(it.token_ids)
+            s, n, table = it.start, len(it.token_ids), it.block_table
             ids.extend(it.token_ids)
             pos.extend(range(s, s + n))
-            slot_parts.append(self.slots(it.block_table, s, s + n))
+            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(s, s + n))
             if n == 1 and s > 0:
                 decode_rows.append(offset)
-                decode_ctx.append(self.slots(it.block_table, 0, s + 1))
+                decode_tables.append(table[: s // bs + 1])
+                decode_lens.append(s + 1)
             else:
-                prefills.append(PrefillChunk(slice(offset, offset + n), self.slots(it.block_table, 0, s + n), s))
+                prefills.append(PrefillChunk(slice(offset, offset + n), self.slots(table, 0, s + n), s))
             if it.all_logits:
                 rows.extend(range(offset, offset + n))
             elif it.sample:
                 rows.append(offset + n - 1)
             offset += n
-        dev = self.device
-        longest = max((len(x) for x in decode_ctx), default=0)
-        decode_slots = torch.zeros(len(decode_ctx), longest, dtype=torch.long, device=dev)
-        decode_mask = torch.zeros(len(decode_ctx), 1, 1, longest, dtype=torch.bool, device=dev)
-        for i, x in enumerate(decode_ctx):
-            decode_slots[i, : len(x)] = x
-            decode_mask[i, ..., : len(x)] = True
-        ctx = PagedContext(self.cache, torch.cat(slot_parts), torch.tensor(decode_rows, dtype=torch.long, device=dev),
-                           decode_slots, decode_mask, prefills)
+        # Decode contexts: one padded block-table tensor turned into slots and a validity mask in two ops.
+        width = max((len(t) for t in decode_tables), default=0)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long).view(len(decode_tables), width)
+        decode_slots = (tables[:, :, None] * bs + torch.arange(bs)).flatten(1).to(dev)
+        decode_mask = (torch.arange(width * bs)[None] < torch.tensor(decode_lens, dtype=torch.long)[:, None]).to(dev)
+        ctx = PagedContext(self.cache, torch.tensor(slot_mapping, dtype=torch.long, device=dev),
+                           torch.tensor(decode_rows, dtype=torch.long, device=dev), decode_slots, decode_mask[:, None, None], prefills)
         return (torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), ctx, rows)
 
     @torch.inference_mode()

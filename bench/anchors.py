@@ -52,6 +52,9 @@ def llama_cpp_source(cache: Path) -> Path | None:
     target = cache / "llama-cpp-src"
     if (target / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").exists():
         return target
+    unpacked = sorted(cache.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    if unpacked:
+        return unpacked[-1].parents[2]
     cache.mkdir(parents=True, exist_ok=True)
     r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(cache),
                         "llama-cpp-python==0.3.36"], capture_output=True, text=True)
@@ -77,9 +80,18 @@ class LlamaCppRunner:
             raise RuntimeError("llama-cpp-python's source distribution (for the GGUF converter) is not available")
         gguf = cache / f"{model_dir.name}-{outtype}.gguf"
         if not gguf.exists():
-            env = {**os.environ, "PYTHONPATH": str(src / "vendor" / "llama.cpp" / "gguf-py")}
-            subprocess.run([sys.executable, str(src / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"), str(model_dir),
-                            "--outfile", str(gguf), "--outtype", outtype], check=True, env=env, capture_output=True)
+            vendor = src / "vendor" / "llama.cpp"
+            env = {**os.environ, "PYTHONPATH": f"{vendor}:{vendor / 'gguf-py'}"}
+            # The converter identifies BPE pre-tokenizers by hashing token ids of a probe text, which no
+            # tokenizer trained here can match; ours is byte-level BPE, i.e. llama.cpp's "gpt-2". Prompts
+            # are given as token ids, so the pre-tokenizer never runs in the benchmark.
+            wrapper = ("import runpy, sys; from conversion import base; "
+                       "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'; "
+                       f"sys.argv = ['convert_hf_to_gguf.py'] + sys.argv[1:]; runpy.run_path({str(vendor / 'convert_hf_to_gguf.py')!r}, run_name='__main__')")
+            r = subprocess.run([sys.executable, "-c", wrapper, str(model_dir), "--outfile", str(gguf), "--outtype", outtype],
+                               env=env, capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"GGUF conversion failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
         self.name = f"llama.cpp {outtype.upper()}"
         self.llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=threads, n_batch=512, verbose=False)
 

@@ -63,6 +63,14 @@ def test_serve_tp2_answers_openai_sdk(model_dir):
         assert got.choices[0].message.content == expected
         stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+        # A rank that dies: the next request fails, /health turns 503, and the server exits on its own.
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "multiprocessing.spawn"], capture_output=True, text=True).stdout.split()
+        assert workers
+        os.kill(int(workers[0]), 9)
+        with pytest.raises(openai.APIError):
+            client.with_options(max_retries=0).chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 503
+        assert proc.wait(timeout=60) == 1
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -65,3 +65,22 @@ def test_argparse_exit_code_is_2(model_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli.main(["quantize", "--method", "int3", "--model", str(model_dir), "-o", str(tmp_path / "o")])
     assert e.value.code == 2
+
+
+def test_generate_loads_the_output_through_the_proposed_hook(model_dir, tmp_path, monkeypatch, capsys):
+    """`dsv3 generate --model OUT` once load_model dispatches quantized configs to load_quantized
+    (the hook proposed to the lead, emulated here by patching the loader LLM uses)."""
+    import dsv3.llm
+    from dsv3.quant import is_quantized_dir
+
+    real = dsv3.llm.load_model
+
+    def hooked(path, **kw):
+        return load_quantized(path, **kw) if is_quantized_dir(path) else real(path, **kw)
+
+    monkeypatch.setattr(dsv3.llm, "load_model", hooked)
+    out = tmp_path / "int8"
+    assert cli.main(["quantize", "--method", "int8", "--model", str(model_dir), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", str(out), "--max-tokens", "8", "def f(x):"]) == 0
+    assert capsys.readouterr().out.strip() != ""

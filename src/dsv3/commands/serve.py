@@ -52,7 +52,7 @@ def build_config(args: argparse.Namespace):
         keys=APIKeys.build(args.api_key, args.api_key_file), protect_health_metrics=args.protect_health_metrics,
         max_body_bytes=args.max_body_bytes, rate_limiter=RateLimiter(RateLimit.parse(args.rate_limit)) if args.rate_limit else None,
         cache=cache, audit=AuditLog(args.audit_log) if args.audit_log else None, audit_content=args.audit_log_content,
-        max_queue=args.max_queue, keepalive_s=args.keepalive)
+        max_queue=args.max_queue, keepalive_s=args.keepalive, exit_on_engine_death=parallel_requested(args))
 
 
 def loader(args: argparse.Namespace):
@@ -99,6 +99,10 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_certfile, ssl_keyfile=args.tls_keyfile,
                 timeout_graceful_shutdown=args.grace_period, log_config=None, access_log=False)
+    front = app.state.dsv3.front
+    if front is not None and front.errored is not None:
+        print(f"dsv3: error: the engine stopped: {front.errored}", file=sys.stderr)
+        return 1
     return 0
 
 

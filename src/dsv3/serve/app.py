@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from contextlib import asynccontextmanager
 from typing import Any, Callable
@@ -46,13 +48,24 @@ def create_app(config: ServeConfig, load: Loader) -> FastAPI:
         st.engine, st.tokenizer, st.front = engine, tokenizer, front
         log.info("model loaded; serving %s", config.served_model_name)
 
+    async def _watch_engine() -> None:
+        """With exit_on_engine_death: once the engine loop dies, answer 503 for a moment, then shut down."""
+        while not (st.front is not None and st.front.errored is not None):
+            await asyncio.sleep(0.5)
+        log.error("the engine stopped (%s); shutting the server down", st.front.errored)
+        await asyncio.sleep(2.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         task = asyncio.create_task(_load())
+        watcher = asyncio.create_task(_watch_engine()) if config.exit_on_engine_death else None
         try:
             yield
         finally:
             task.cancel()
+            if watcher is not None:
+                watcher.cancel()
             if st.front is not None:
                 await asyncio.to_thread(st.front.shutdown)
             if config.audit is not None:

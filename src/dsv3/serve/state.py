@@ -29,6 +29,7 @@ class ServeConfig:
     max_queue: int = 256
     keepalive_s: float = 15.0
     lora_names: list[str] = field(default_factory=list)
+    exit_on_engine_death: bool = False  # multi-process engines: a dead rank cannot recover, so stop serving
 
 
 class ServerState:

@@ -100,6 +100,46 @@ def has_mtp_weights(files: list[Path], cfg: ModelConfig) -> bool:
     return False
 
 
+def iter_checkpoint(files: list[Path], cfg: ModelConfig, with_mtp: bool, targets: dict, desc: str = "loading",
+                    progress: bool = True) -> Iterator[tuple[SafetensorsFile, str, str, tuple]]:
+    """(open file, checkpoint name, model parameter name, index) for every tensor the model takes from `files`.
+
+    Skips FP8 scales (read with their weight), MTP copies of shared tensors, a tied head and HF's
+    cached rotary tables; an unknown tensor is an error (the config does not match the checkpoint).
+    """
+    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc=desc, disable=not progress)
+    for path in files:
+        with SafetensorsFile(path) as sf:
+            for name in sf.keys():
+                bar.update(sf.entries[name][3] - sf.entries[name][2])
+                if name.endswith("weight_scale_inv"):
+                    if name.removesuffix("_scale_inv") not in sf.entries:
+                        raise CheckpointError(f"{path.name}: {name!r} has no matching weight in the same file")
+                    continue
+                if _IGNORED.search(name):
+                    continue
+                target = map_name(name, cfg, with_mtp)
+                if target is None or (target[0] == "lm_head.weight" and cfg.tie_word_embeddings):
+                    continue
+                if target[0] not in targets:
+                    raise CheckpointError(f"{path.name}: unexpected tensor {name!r} (does config.json match this checkpoint?)")
+                yield sf, name, target[0], target[1]
+    bar.close()
+
+
+def read_tensor(sf: SafetensorsFile, name: str, cfg: ModelConfig) -> torch.Tensor:
+    """A tensor as stored, or dequantized to fp32 when it is an FP8 block-scaled weight."""
+    src = sf.get(name)
+    if src.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        scale = name.removesuffix("weight") + "weight_scale_inv"
+        if scale not in sf.entries:
+            raise CheckpointError(f"{sf.path.name}: FP8 tensor {name!r} has no {scale!r}")
+        block = tuple((cfg.quantization_config or {}).get("weight_block_size") or (128, 128))
+        src = dequantize_fp8(src, sf.get(scale), block, name)
+        sf.release(scale)
+    return src
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                with_mtp: bool | None = None, progress: bool = True) -> DeepseekV3ForCausalLM:
     """Load a checkpoint directory into a `DeepseekV3ForCausalLM` (eval mode).
@@ -125,42 +165,16 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str | None = None, de
     if cfg.tie_word_embeddings:
         needed.discard("lm_head.weight")
     filled: dict[str, int] = {}
-    qc = cfg.quantization_config or {}
-    block = tuple(qc.get("weight_block_size") or (128, 128))
-    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="loading", disable=not progress)
-    for path in files:
-        with SafetensorsFile(path) as sf:
-            for name in sf.keys():
-                if _IGNORED.search(name) and not name.endswith("weight_scale_inv"):
-                    continue
-                if name.endswith("weight_scale_inv"):
-                    if name.removesuffix("_scale_inv") not in sf.entries:
-                        raise CheckpointError(f"{path.name}: {name!r} has no matching weight in the same file")
-                    continue
-                target = map_name(name, cfg, with_mtp)
-                if target is None:
-                    continue
-                pname, index = target
-                if pname == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue
-                if pname not in targets:
-                    raise CheckpointError(f"{path.name}: unexpected tensor {name!r} (does config.json match this checkpoint?)")
-                dest = targets[pname][index] if index else targets[pname]
-                src = sf.get(name)
-                if src.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                    scale = name.removesuffix("weight") + "weight_scale_inv"
-                    if scale not in sf.entries:
-                        raise CheckpointError(f"{path.name}: FP8 tensor {name!r} has no {scale!r}")
-                    src = dequantize_fp8(src, sf.get(scale), block, name)
-                if tuple(src.shape) != tuple(dest.shape):
-                    raise CheckpointError(f"{path.name}: tensor {name!r} has shape {list(src.shape)}, the model expects {list(dest.shape)}")
-                with torch.no_grad():
-                    dest.copy_(src)
-                del src
-                sf.release(name)
-                filled[pname] = filled.get(pname, 0) + 1
-                bar.update(sf.entries[name][3] - sf.entries[name][2])
-    bar.close()
+    for sf, name, pname, index in iter_checkpoint(files, cfg, with_mtp, targets, "loading", progress):
+        dest = targets[pname][index] if index else targets[pname]
+        src = read_tensor(sf, name, cfg)
+        if tuple(src.shape) != tuple(dest.shape):
+            raise CheckpointError(f"{sf.path.name}: tensor {name!r} has shape {list(src.shape)}, the model expects {list(dest.shape)}")
+        with torch.no_grad():
+            dest.copy_(src)
+        del src
+        sf.release(name)
+        filled[pname] = filled.get(pname, 0) + 1
     expected_counts = {n: _pieces(n, cfg) for n in needed}
     for n in sorted(needed):
         if filled.get(n, 0) < expected_counts[n]:

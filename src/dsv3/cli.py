@@ -21,6 +21,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dsv3.commands.tokenizer",
     "dsv3.commands.data",
     "dsv3.commands.pretrain",
+    "dsv3.commands.finetune",
+    "dsv3.commands.merge",
     "dsv3.commands.eval",
     "dsv3.commands.plan",
 )

@@ -13,15 +13,13 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from dsv3.checkpoint import checkpoint_files, dequantize_fp8, has_mtp_weights, map_name, resolve_dtype
+from dsv3.checkpoint import checkpoint_files, dequantize_fp8, has_mtp_weights, iter_checkpoint, resolve_dtype
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.parallel.dist import ParallelConfig, ParallelError
 from dsv3.parallel.shard import localize, owners, parallelize, pieces
-from dsv3.safetensors_io import SafetensorsFile
 
 
 def narrow_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], cut: tuple[int, int, int] | None,
@@ -74,45 +72,31 @@ def load_sharded(model_dir: str | Path, pc: ParallelConfig, dtype: torch.dtype |
         needed.discard("lm_head.weight")
     filled: dict[str, int] = {}
     block = tuple(qc.get("weight_block_size") or (128, 128))
-    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
-               desc=f"loading rank {pc.rank}", disable=not progress)
-    for path in files:
-        with SafetensorsFile(path) as sf:
-            for name in sf.keys():
-                bar.update(sf.entries[name][3] - sf.entries[name][2])
-                if name.endswith("weight_scale_inv") or name.endswith("rotary_emb.inv_freq"):
-                    continue
-                target = map_name(name, cfg, with_mtp)
-                if target is None or (target[0] == "lm_head.weight" and cfg.tie_word_embeddings):
-                    continue
-                pname, index = target
-                if pname not in targets:
-                    raise CheckpointError(f"{path.name}: unexpected tensor {name!r} (does config.json match this checkpoint?)")
-                placed = localize(pname, index, own.get(pname))
-                if placed is None:
-                    continue  # another rank's expert: never read
-                dest_index, cut = placed
-                dest = targets[pname][dest_index] if dest_index else targets[pname]
-                src = sf.get(name)
-                if src.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                    scale = name.removesuffix("weight") + "weight_scale_inv"
-                    if scale not in sf.entries:
-                        raise CheckpointError(f"{path.name}: FP8 tensor {name!r} has no {scale!r}")
-                    src = narrow_fp8(src, sf.get(scale), block, cut, name)
-                    sf.release(scale)
-                elif cut is not None:
-                    if cut[2] > src.shape[cut[0]]:
-                        raise CheckpointError(f"{path.name}: tensor {name!r} has shape {list(src.shape)}, too small for this config")
-                    src = src.narrow(cut[0], cut[1], cut[2] - cut[1])
-                if tuple(src.shape) != tuple(dest.shape):
-                    raise CheckpointError(f"{path.name}: tensor {name!r} has shape {list(src.shape)} after sharding, "
-                                          f"the model expects {list(dest.shape)}")
-                with torch.no_grad():
-                    dest.copy_(src)
-                del src
-                sf.release(name)
-                filled[pname] = filled.get(pname, 0) + 1
-    bar.close()
+    for sf, name, pname, index in iter_checkpoint(files, cfg, with_mtp, targets, f"loading rank {pc.rank}", progress):
+        placed = localize(pname, index, own.get(pname))
+        if placed is None:
+            continue  # another rank's expert: never read
+        dest_index, cut = placed
+        dest = targets[pname][dest_index] if dest_index else targets[pname]
+        src = sf.get(name)
+        if src.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # dequantize only this rank's blocks
+            scale = name.removesuffix("weight") + "weight_scale_inv"
+            if scale not in sf.entries:
+                raise CheckpointError(f"{sf.path.name}: FP8 tensor {name!r} has no {scale!r}")
+            src = narrow_fp8(src, sf.get(scale), block, cut, name)
+            sf.release(scale)
+        elif cut is not None:
+            if cut[2] > src.shape[cut[0]]:
+                raise CheckpointError(f"{sf.path.name}: tensor {name!r} has shape {list(src.shape)}, too small for this config")
+            src = src.narrow(cut[0], cut[1], cut[2] - cut[1])
+        if tuple(src.shape) != tuple(dest.shape):
+            raise CheckpointError(f"{sf.path.name}: tensor {name!r} has shape {list(src.shape)} after sharding, "
+                                  f"the model expects {list(dest.shape)}")
+        with torch.no_grad():
+            dest.copy_(src)
+        del src
+        sf.release(name)
+        filled[pname] = filled.get(pname, 0) + 1
     for n in sorted(needed):
         if filled.get(n, 0) < pieces(own.get(n), n, cfg):
             raise CheckpointError(f"tensor for {n!r} is missing from the checkpoint in {model_dir}")

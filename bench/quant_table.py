@@ -202,10 +202,12 @@ def main() -> int:
         f"| {r['scheme']} | {r['linear_ratio_bf16']:.3f} | {r['model_bytes'] / 2**20:.1f} | {r['peak_rss'] / 2**20:.0f} | "
         f"{r['decode_b1']:.1f} ({r['speedup_vs_fp32']:.2f}×) | {r['decode_b32']:.0f} | {r['ppl']:.2f} | {r['ppl_ratio']:.4f} | "
         f"{r['kl']:.5f} | {100 * r['top1']:.2f} % | {100 * r['routing']:.2f} % |\n" for r in rows)
+    tied = ref_model.config.tie_word_embeddings
+    lm_head = "fp32 (tied to the embedding)" if tied else "fp32" if args.keep_head else "quantized with the scheme"
     note = (f"\nHeld-out text: {windows.shape[0]} windows × {windows.shape[1]} tokens; model {model_dir}; "
-            f"{args.threads} threads; decode speed best of {args.rounds} fresh-process runs; LM head {'fp32' if args.keep_head or ref_model.config.tie_word_embeddings else 'quantized with the scheme'}"
-            f"{' (tied to the embedding)' if ref_model.config.tie_word_embeddings else ''}, not counted in 'linear bytes'. "
-            f"PPL ratio = PPL(scheme) / PPL(fp32). KL = mean over positions of KL(fp32 ‖ scheme) in nats.\n")
+            f"{args.threads} thread(s); decode speed best of {args.rounds} fresh-process runs; LM head {lm_head}, "
+            f"not counted in 'linear bytes'. PPL ratio = PPL(scheme) / PPL(fp32). "
+            f"KL = mean over positions of KL(fp32 ‖ scheme) in nats.\n")
     (args.out / "table.md").write_text(head + body + note)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     draw(rows, args.out / "table.png")

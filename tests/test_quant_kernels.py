@@ -172,3 +172,12 @@ def test_int8_widths_the_kernel_mishandles_fall_back_correctly(K):
     x = torch.randn(3, K)
     ref = x.double() @ lin.dense_weight().double().T
     torch.testing.assert_close(lin(x).double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_block_view_path_matches_expanded_scales():
+    """Block-aligned (stacked) weights take the broadcast path; it must equal the expanded-scale product."""
+    w = torch.randn(2, 256, 384)
+    parts = [quantize_fp8_block(m) for m in w]
+    q, s = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    ref = torch.stack([p[0].float() * p[1].repeat_interleave(128, 0).repeat_interleave(128, 1) for p in parts])
+    assert torch.equal(dequantize_fp8_block(q, s), ref)

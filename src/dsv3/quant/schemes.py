@@ -132,4 +132,8 @@ def expand_blocks(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int,
 
 def dequantize_fp8_block(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
     """W[..., n, k] = fp32(Wq[..., n, k]) · S[..., n // bn, k // bk]."""
-    return q.float() * expand_blocks(scale.float(), tuple(q.shape[-2:]), block)
+    (N, K), (bn, bk) = q.shape[-2:], block
+    if N % bn == 0 and K % bk == 0:  # one broadcast multiply over a block view, no expanded scale tensor
+        blocks = q.float().view(*q.shape[:-2], N // bn, bn, K // bk, bk)
+        return (blocks * scale.float()[..., :, None, :, None]).view(q.shape)
+    return q.float() * expand_blocks(scale.float(), (N, K), block)

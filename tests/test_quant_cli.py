@@ -67,20 +67,17 @@ def test_argparse_exit_code_is_2(model_dir, tmp_path):
     assert e.value.code == 2
 
 
-def test_generate_loads_the_output_through_the_proposed_hook(model_dir, tmp_path, monkeypatch, capsys):
-    """`dsv3 generate --model OUT` once load_model dispatches quantized configs to load_quantized
-    (the hook proposed to the lead, emulated here by patching the loader LLM uses)."""
-    import dsv3.llm
-    from dsv3.quant import is_quantized_dir
+def test_generate_loads_the_quantized_output(model_dir, tmp_path, capsys):
+    """`dsv3 generate --model OUT` on a `dsv3 quantize` checkpoint loads the packed modules (load_model
+    dispatches to load_quantized) and prints what the quantized model generates in-process."""
+    from dsv3 import LLM, SamplingParams
+    from dsv3.quant.linear import QuantLinear
 
-    real = dsv3.llm.load_model
-
-    def hooked(path, **kw):
-        return load_quantized(path, **kw) if is_quantized_dir(path) else real(path, **kw)
-
-    monkeypatch.setattr(dsv3.llm, "load_model", hooked)
     out = tmp_path / "int8"
     assert cli.main(["quantize", "--method", "int8", "--model", str(model_dir), "-o", str(out)]) == 0
     capsys.readouterr()
     assert cli.main(["generate", "--model", str(out), "--max-tokens", "8", "def f(x):"]) == 0
-    assert capsys.readouterr().out.strip() != ""
+    printed = capsys.readouterr().out
+    llm = LLM(out)
+    assert any(isinstance(m, QuantLinear) for m in llm.model.modules())
+    assert printed == llm.generate("def f(x):", SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text + "\n"

@@ -100,6 +100,23 @@ def has_mtp_weights(files: list[Path], cfg: ModelConfig) -> bool:
     return False
 
 
+def load_for_inference(model_dir: str | Path, dtype: torch.dtype | str | None = None, quantization: str | None = None,
+                       device: str | torch.device = "cpu", progress: bool = False) -> DeepseekV3ForCausalLM:
+    """`load_model`, then `--quantization int8|int4|fp8` applied on the fly (an FP8 checkpoint asked for
+    fp8 is kept in FP8 rather than dequantized and re-quantized)."""
+    if quantization is None:
+        return load_model(model_dir, dtype=dtype, device=device, progress=progress)
+    from dsv3.quant.apply import quantize_model
+    from dsv3.quant.io import load_quantized
+
+    qc = ModelConfig.from_dir(model_dir).quantization_config or {}
+    if quantization == "fp8" and qc.get("quant_method") == "fp8":
+        return load_quantized(model_dir, dtype=dtype, device=device, progress=progress)
+    model = load_model(model_dir, dtype=dtype, device=device, progress=progress)
+    quantize_model(model, quantization, progress=progress)
+    return model
+
+
 def iter_checkpoint(files: list[Path], cfg: ModelConfig, with_mtp: bool, targets: dict, desc: str = "loading",
                     progress: bool = True) -> Iterator[tuple[SafetensorsFile, str, str, tuple]]:
     """(open file, checkpoint name, model parameter name, index) for every tensor the model takes from `files`.
@@ -148,6 +165,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str | None = None, de
     """
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
+    if (cfg.quantization_config or {}).get("quant_method") == "dsv3":  # packed int8/int4/AWQ/FP8 from `dsv3 quantize`
+        from dsv3.quant.io import load_quantized
+
+        return load_quantized(model_dir, dtype=dtype, device=device, with_mtp=with_mtp, progress=progress)
     dtype = resolve_dtype(dtype, cfg, device)
     files = checkpoint_files(model_dir)
     if cfg.num_nextn_predict_layers == 0:

@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dsv3.commands.pretrain",
     "dsv3.commands.finetune",
     "dsv3.commands.merge",
+    "dsv3.commands.quantize",
     "dsv3.commands.eval",
     "dsv3.commands.plan",
 )

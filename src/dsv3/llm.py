@@ -9,7 +9,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from dsv3.checkpoint import load_model
+from dsv3.checkpoint import load_for_inference
 from dsv3.engine import EngineConfig, LLMEngine
 from dsv3.errors import DSV3Error
 from dsv3.generate import Generator, RequestOutput, StreamEvent
@@ -37,9 +37,10 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
-                 max_model_len: int | None = None, seed: int = 0, progress: bool = False, **engine_args: Any):
+                 max_model_len: int | None = None, seed: int = 0, progress: bool = False, quantization: str | None = None,
+                 **engine_args: Any):
         self.model_dir = Path(model) if model is not None else default_model_dir()
-        self.model = load_model(self.model_dir, dtype=dtype, device=device, progress=progress)
+        self.model = load_for_inference(self.model_dir, dtype=dtype, quantization=quantization, device=device, progress=progress)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(max_model_len=max_model_len, seed=seed, **engine_args))
         self.generator = Generator(self.model, self.tokenizer, max_model_len)  # the simple one-request path
@@ -48,7 +49,7 @@ class LLM:
 
     @classmethod
     def from_engine(cls, engine: LLMEngine | None, model_dir: str | Path, dtype: str | torch.dtype = "auto",
-                    config: EngineConfig | None = None) -> "LLM":
+                    config: EngineConfig | None = None, quantization: str | None = None) -> "LLM":
         """Wrap an existing engine (e.g. rank 0 of a tensor-parallel run), or build one from `config`.
 
         A wrapped engine's model may be sharded across processes: only the engine is used then
@@ -57,7 +58,7 @@ class LLM:
         self = cls.__new__(cls)
         self.model_dir, self.seed, self._ids = Path(model_dir), 0, itertools.count()
         if engine is None:
-            self.model = load_model(self.model_dir, dtype=dtype, device="cpu", progress=False)
+            self.model = load_for_inference(self.model_dir, dtype=dtype, quantization=quantization)
             self.tokenizer = Tokenizer.from_dir(self.model_dir)
             self.engine = LLMEngine(self.model, self.tokenizer, config or EngineConfig())
             self.generator = Generator(self.model, self.tokenizer, self.engine.max_model_len)

@@ -12,11 +12,6 @@ METHODS = ("int8", "int4", "awq", "fp8")
 ON_THE_FLY = ("int8", "int4", "fp8")
 
 
-def add_load_quantization_arg(p: argparse.ArgumentParser) -> None:
-    """`--quantization int8|int4|fp8` for commands that load a model (quantize on the fly after loading)."""
-    p.add_argument("--quantization", choices=ON_THE_FLY, default=None, help="quantize the weights on load")
-
-
 def calibration_ids(path: Path, tokenizer, n_samples: int, seq_len: int):
     """Token blocks [n, seq_len] cut from a text file (the last block may be shorter if the text is short)."""
     import torch

@@ -35,6 +35,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto", help="latent cache storage (int8: per-token scales)")
     p.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0 = off)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    p.add_argument("--quantization", choices=("int8", "int4", "fp8"), default=None,
+                   help="quantize the weights on load (a `dsv3 quantize` checkpoint needs no flag)")
     p.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="processes splitting attention heads and MLPs")
     p.add_argument("--expert-parallel-size", type=positive_int, default=1, help="processes splitting the routed experts")
 
@@ -93,9 +95,11 @@ def load(args: argparse.Namespace, chat: bool = False):
     model = args.model if args.model is not None else default_model_dir(chat=chat)
     config = engine_config(args)
     if parallel_requested(args):
+        if args.quantization is not None:
+            raise DSV3Error("--quantization cannot be combined with tensor or expert parallelism yet")
         handle = start_parallel(args, model, config)
         return None if handle is None else LLM.from_engine(handle.engine, model)
-    return LLM.from_engine(None, model, dtype=args.dtype, config=config)
+    return LLM.from_engine(None, model, dtype=args.dtype, config=config, quantization=args.quantization)
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -57,7 +57,7 @@ def build_config(args: argparse.Namespace):
 
 def loader(args: argparse.Namespace):
     def load():
-        from dsv3.checkpoint import load_model
+        from dsv3.checkpoint import load_for_inference
         from dsv3.engine import LLMEngine
         from dsv3.paths import default_model_dir
         from dsv3.tokenizer import Tokenizer
@@ -67,11 +67,7 @@ def loader(args: argparse.Namespace):
             cfg = engine_config(args, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory << 20, seed=args.seed)
             handle = start_parallel(args, path, cfg)
             return handle.engine, handle.engine.tokenizer
-        model = load_model(path, dtype=args.dtype)
-        if args.quantization is not None:  # round-to-nearest at load time (AWQ needs calibration: do it offline)
-            from dsv3.quant.apply import quantize_model
-
-            quantize_model(model, args.quantization, progress=False)
+        model = load_for_inference(path, dtype=args.dtype, quantization=args.quantization)
         tok = Tokenizer.from_dir(path)
         cfg = engine_config(args, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory << 20, seed=args.seed)
         return LLMEngine(model, tok, cfg), tok
@@ -123,8 +119,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
-    s.add_argument("--quantization", choices=("int8", "int4", "fp8"), default=None,
-                   help="quantize the weights at load time (RTN); for AWQ quantize offline and pass that directory")
     s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="serve a LoRA adapter (not wired yet)")
     s.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences batched at once")
     s.add_argument("--kv-cache-memory", type=positive_int, default=1024, help="latent cache size in MiB")

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader
 
 from dsv3.data import DataError, FIMTokens, PackedDataset, TokenShards, fim_transform
-from dsv3.data.build import build, discover, split_of
+from dsv3.data.builder import build, discover, split_of
 from dsv3.data.dedup import MinHasher, jaccard, jaccard_estimate, lsh_params, normalize, shingle_hashes
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

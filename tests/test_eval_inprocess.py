@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -141,7 +142,8 @@ def test_mmlu_same_choices_over_http_against_dsv3_serve(model_dir, backend, tmp_
     try:
         deadline = time.monotonic() + 120
         while True:
-            try:
+            try:  # /v1/models answers while the model is still loading; /health turns 200 once it is ready
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
                 remote = OpenAIBackend(f"http://127.0.0.1:{port}", max_retries=0)
                 break
             except Exception:

@@ -34,7 +34,7 @@ def test_flags_build_a_config(tmp_path):
     (["--rate-limit", "fast"], "--rate-limit"),
     (["--tls-certfile", "c.pem"], "--tls-keyfile"),
     (["--api-key-file", "/nonexistent/keys"], "API-key file"),
-    (["--tensor-parallel-size", "2"], "--tensor-parallel-size"),
+    (["--tensor-parallel-size", "2", "--quantization", "int8"], "--quantization"),
     (["--lora", "a=b"], "--lora"),
 ])
 def test_bad_flags_raise_one_line_errors(tmp_path, flags, culprit):

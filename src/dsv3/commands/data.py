@@ -6,7 +6,7 @@ import argparse
 
 
 def _build(args: argparse.Namespace) -> int:
-    from dsv3.data.build import build
+    from dsv3.data.builder import build
 
     m = build(args.inputs, args.tokenizer, args.output, include=args.include,
               heldout_fraction=args.heldout_fraction, shard_tokens=args.shard_tokens,

@@ -11,6 +11,6 @@ __all__ = ["DataError", "FIMTokens", "PackedBatch", "PackedDataset", "TokenShard
 
 
 def build(*args, **kwargs) -> dict:
-    """See `dsv3.data.build.build`."""
-    from dsv3.data.build import build as _build
+    """See `dsv3.data.builder.build`."""
+    from dsv3.data.builder import build as _build
     return _build(*args, **kwargs)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from dsv3.checkpoint import save_model
 from dsv3.config import ModelConfig
 from dsv3.data import FIMTokens, PackedDataset, TokenShards, load_manifest
-from dsv3.data.build import load_tokenizer
+from dsv3.data.builder import load_tokenizer
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.train.balance import load_stats, moe_layers, track_load, update_bias
 from dsv3.train.config import PretrainConfig, PretrainConfigError

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +20,11 @@ from tqdm.auto import tqdm
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
 from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.checkpoint_save import TOKENIZER_FILES, copy_tokenizer_files, export_tensors, save_model
 from dsv3.safetensors_io import SafetensorsFile
+
+__all__ = ["TOKENIZER_FILES", "checkpoint_files", "copy_tokenizer_files", "dequantize_fp8", "export_tensors", "iter_checkpoint",
+           "load_for_inference", "load_model", "map_name", "read_tensor", "resolve_dtype", "save_model"]
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
@@ -29,7 +32,6 @@ _MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
 _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.weight_scale_inv)$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 Target = tuple[str, tuple]  # internal parameter name, index into it (() = whole tensor)
 
@@ -226,65 +228,3 @@ def resolve_dtype(dtype: torch.dtype | str | None, cfg: ModelConfig, device: str
     if dtype not in names:
         raise CheckpointError(f"unknown dtype {dtype!r} (use auto, fp32, bf16 or fp16)")
     return names[dtype]
-
-
-def export_tensors(model: DeepseekV3ForCausalLM) -> Iterator[tuple[str, callable, int]]:
-    """(checkpoint name, producer of the tensor, byte size) in HF layout: experts split, MTP as layer L+k."""
-    cfg, L = model.config, model.config.num_hidden_layers
-    Im = cfg.moe_intermediate_size
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        out = name
-        m = re.match(r"^model\.mtp\.(\d+)\.(block\.)?(.*)$", name)
-        if m:
-            out = f"model.layers.{L + int(m.group(1))}.{m.group(3)}"
-        if out.endswith("experts.gate_up_proj") or out.endswith("experts.down_proj"):
-            base, proj = out.rsplit(".", 1)
-            for j in range(t.shape[0]):
-                if proj == "down_proj":
-                    yield f"{base}.{j}.down_proj.weight", (lambda t=t, j=j: t[j].contiguous()), t[j].nbytes
-                else:
-                    yield f"{base}.{j}.gate_proj.weight", (lambda t=t, j=j: t[j, :Im].contiguous()), t[j].nbytes // 2
-                    yield f"{base}.{j}.up_proj.weight", (lambda t=t, j=j: t[j, Im:].contiguous()), t[j].nbytes // 2
-        else:
-            yield out, (lambda t=t: t.contiguous()), t.nbytes
-    for k in range(len(model.model.mtp)):  # copies of the shared embedding and head, as the official files have
-        yield f"model.layers.{L + k}.embed_tokens.weight", (lambda: model.model.embed_tokens.weight.clone()), model.model.embed_tokens.weight.nbytes
-        yield f"model.layers.{L + k}.shared_head.head.weight", (lambda: model.lm_head.weight.clone()), model.lm_head.weight.nbytes
-
-
-def save_model(model: DeepseekV3ForCausalLM, out_dir: str | Path, max_shard_bytes: int = 4 * 2**30,
-               tokenizer_from: str | Path | None = None) -> Path:
-    """Write config.json and safetensors weights (sharded with an index past `max_shard_bytes`)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.save(out)
-    shards: list[list[tuple[str, callable]]] = [[]]
-    size = 0
-    for name, make, nbytes in export_tensors(model):
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, make))
-        size += nbytes
-    n = len(shards)
-    weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards):
-        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file({name: make().detach().cpu() for name, make in shard}, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name, _ in shard})
-    if n > 1:
-        total = sum(p.nbytes for p in model.state_dict().values())
-        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    if tokenizer_from is not None:
-        copy_tokenizer_files(tokenizer_from, out)
-    return out
-
-
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
-    for name in TOKENIZER_FILES:
-        if Path(src, name).is_file():
-            shutil.copy2(Path(src, name), Path(dst, name))

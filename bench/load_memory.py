@@ -43,8 +43,6 @@ print(json.dumps({'before': before, 'peak': peak, 'model_bytes': size}))
 
 
 def make_checkpoint(out: Path, target_mb: int) -> None:
-    import torch
-
     from dsv3.checkpoint import save_model
     from dsv3.config import ModelConfig
     from dsv3.model import DeepseekV3ForCausalLM

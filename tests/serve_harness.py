@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 import uvicorn
 
 from dsv3.checkpoint import load_model
@@ -93,3 +94,19 @@ def oracle(model_dir: Path, max_model_len: int = 256):
 
     tok = Tokenizer.from_dir(model_dir)
     return Generator(load_model(model_dir, dtype="fp32"), tok, max_model_len), tok
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def srv(model_dir):
+    with serve(model_dir) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def ref(model_dir):
+    return oracle(model_dir)

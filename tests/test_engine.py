@@ -8,20 +8,11 @@ import random
 import pytest
 import torch
 
-from dsv3.checkpoint import load_model
 from dsv3.engine import EngineConfig, LLMEngine
 from dsv3.engine.async_engine import AsyncLLMEngine
 from dsv3.generate import Generator
 from dsv3.model.moe import Gate
 from dsv3.sampling import SamplingParams
-from dsv3.tokenizer import Tokenizer
-from tiny_model import make_tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    d = make_tiny_model_dir(tmp_path_factory.mktemp("engine"))
-    return load_model(d, dtype="fp32", progress=False), Tokenizer.from_dir(d)
 
 
 @pytest.fixture(scope="module")

@@ -12,23 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dsv3.sampling import SamplingParams
-from serve_harness import client, oracle, serve, tiny_model_dir
+from serve_harness import client, model_dir, oracle, ref, serve, srv, tiny_model_dir  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def srv(model_dir):
-    with serve(model_dir) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def ref(model_dir):
-    return oracle(model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -5,23 +5,9 @@ from __future__ import annotations
 import pytest
 
 from dsv3.sampling import SamplingParams
-from serve_harness import oracle, serve, tiny_model_dir
+from serve_harness import model_dir, oracle, ref, serve, srv, tiny_model_dir  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def srv(model_dir):
-    with serve(model_dir) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def ref(model_dir):
-    return oracle(model_dir)
 
 
 def greedy_chat(ref, content: str, n: int) -> str:

@@ -95,7 +95,7 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_certfile, ssl_keyfile=args.tls_keyfile,
                 timeout_graceful_shutdown=args.grace_period, log_config=None, access_log=False)
-    front = app.state.dsv3.front
+    front = app.state.front  # create_app makes the ServerState the app state
     if front is not None and front.errored is not None:
         print(f"dsv3: error: the engine stopped: {front.errored}", file=sys.stderr)
         return 1

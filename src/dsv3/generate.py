@@ -18,6 +18,20 @@ from dsv3.output import OutputTracker
 from dsv3.tokenizer import Tokenizer
 
 
+class RequestError(DSV3Error, ValueError):
+    """A request that cannot be accepted (raised before anything is scheduled)."""
+
+
+def check_prompt_ids(prompt_ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """The checks every generation path applies to a prompt: non-empty, shorter than max_model_len, ids in the vocabulary."""
+    if not prompt_ids:
+        raise RequestError("the prompt is empty")
+    if len(prompt_ids) >= max_model_len:
+        raise RequestError(f"the prompt has {len(prompt_ids)} tokens; max_model_len is {max_model_len}")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
+        raise RequestError(f"prompt token ids must be in [0, {vocab_size})")
+
+
 @dataclass
 class CompletionOutput:
     """One generated continuation (vLLM's shape)."""
@@ -59,13 +73,7 @@ class Generator:
         self.max_model_len = max_model_len or model.config.max_position_embeddings
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
-        vocab = self.model.config.vocab_size
-        if not prompt_ids:
-            raise DSV3Error("the prompt is empty")
-        if len(prompt_ids) >= self.max_model_len:
-            raise DSV3Error(f"the prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise DSV3Error(f"prompt token ids must be in [0, {vocab})")
+        check_prompt_ids(prompt_ids, self.model.config.vocab_size, self.max_model_len)
 
     @torch.inference_mode()
     def stream(self, prompt_ids: list[int], params: SamplingParams, seed: int | None = None) -> Iterator[StreamEvent]:

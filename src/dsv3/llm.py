@@ -43,27 +43,19 @@ class LLM:
         self.model = load_for_inference(self.model_dir, dtype=dtype, quantization=quantization, device=device, progress=progress)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(max_model_len=max_model_len, seed=seed, **engine_args))
-        self.generator = Generator(self.model, self.tokenizer, max_model_len)  # the simple one-request path
-        self.seed = seed
+        self.generator = Generator(self.model, self.tokenizer, self.engine.max_model_len)  # the simple one-request path
         self._ids = itertools.count()
 
     @classmethod
-    def from_engine(cls, engine: LLMEngine | None, model_dir: str | Path, dtype: str | torch.dtype = "auto",
-                    config: EngineConfig | None = None, quantization: str | None = None) -> "LLM":
-        """Wrap an existing engine (e.g. rank 0 of a tensor-parallel run), or build one from `config`.
+    def from_engine(cls, engine: LLMEngine, model_dir: str | Path) -> "LLM":
+        """Wrap an existing engine, e.g. rank 0 of a tensor-parallel run.
 
-        A wrapped engine's model may be sharded across processes: only the engine is used then
-        (`generator` and `score` need the whole model in this process and are unavailable).
+        Its model may be sharded across processes, so only the engine is used: `generator` and
+        `score` need the whole model in this process and are unavailable.
         """
         self = cls.__new__(cls)
-        self.model_dir, self.seed, self._ids = Path(model_dir), 0, itertools.count()
-        if engine is None:
-            self.model = load_for_inference(self.model_dir, dtype=dtype, quantization=quantization)
-            self.tokenizer = Tokenizer.from_dir(self.model_dir)
-            self.engine = LLMEngine(self.model, self.tokenizer, config or EngineConfig())
-            self.generator = Generator(self.model, self.tokenizer, self.engine.max_model_len)
-        else:
-            self.engine, self.model, self.tokenizer, self.generator = engine, None, engine.tokenizer, None
+        self.model_dir, self._ids = Path(model_dir), itertools.count()
+        self.engine, self.model, self.tokenizer, self.generator = engine, None, engine.tokenizer, None
         return self
 
     def get_tokenizer(self) -> Tokenizer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def load(args: argparse.Namespace, chat: bool = False):
             raise DSV3Error("--quantization cannot be combined with tensor or expert parallelism yet")
         handle = start_parallel(args, model, config)
         return None if handle is None else LLM.from_engine(handle.engine, model)
-    return LLM.from_engine(None, model, dtype=args.dtype, config=config, quantization=args.quantization)
+    return LLM(model, dtype=args.dtype, quantization=args.quantization, **dataclasses.asdict(config))
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -16,16 +16,11 @@ from dsv3.engine.runner import ModelRunner, StepItem
 from dsv3.engine.scheduler import Scheduler
 from dsv3.engine.sequence import Sequence, SequenceStatus
 from dsv3.engine.speculative import MTPDrafter, verify
-from dsv3.errors import DSV3Error
-from dsv3.generate import CompletionOutput, RequestOutput
+from dsv3.generate import CompletionOutput, RequestError, RequestOutput, check_prompt_ids
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.output import OutputTracker
 from dsv3.sampling import SamplingParams, apply_penalties, sample
 from dsv3.tokenizer import Tokenizer
-
-
-class RequestError(DSV3Error, ValueError):
-    """A request the engine cannot accept (raised before anything is scheduled)."""
 
 
 @dataclass
@@ -84,13 +79,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise RequestError("params must be a SamplingParams")
         text, ids = self._encode(prompt)
-        vocab = self.model.config.vocab_size
-        if not ids:
-            raise RequestError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        check_prompt_ids(ids, self.model.config.vocab_size, self.max_model_len)
         if params.n > self.config.max_num_seqs:
             raise RequestError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         budget = self.max_model_len - len(ids)

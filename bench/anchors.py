@@ -6,7 +6,9 @@ llama-cpp-python's source distribution carries (`vendor/llama.cpp/convert_hf_to_
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -67,33 +69,88 @@ def llama_cpp_source(cache: Path) -> Path | None:
     return target
 
 
+def _with_kv_heads(model_dir: Path, stage: Path) -> Path:
+    """The checkpoint with `num_key_value_heads` in config.json (a linked copy), when it lacks it.
+
+    The converter reads the config through transformers, whose DeepseekV3Config defaults the key to
+    128 (V3's head count) whatever `num_attention_heads` is, and then fails splitting kv_b_proj
+    into per-head K/V (`assert data_torch.shape[0] == n_head_kv * (v_head_dim + qk_nope_head_dim)`).
+    MLA's key/value head count is the attention head count.
+    """
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if "num_key_value_heads" in cfg:
+        return model_dir
+    stage.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name != "config.json" and not (stage / f.name).exists():
+            (stage / f.name).symlink_to(f.resolve())
+    (stage / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": cfg["num_attention_heads"]}, indent=2))
+    return stage
+
+
+def convert_gguf(model_dir: Path, gguf: Path, outtype: str, cache: Path) -> Path:
+    """HF checkpoint -> GGUF (`outtype` f32 | f16 | bf16 | q8_0) with the converter llama-cpp-python's sdist carries."""
+    if gguf.exists():
+        return gguf
+    src = llama_cpp_source(cache)
+    if src is None:
+        raise RuntimeError("llama-cpp-python's source distribution (for the GGUF converter) is not available")
+    vendor = src / "vendor" / "llama.cpp"
+    env = {**os.environ, "PYTHONPATH": f"{vendor}:{vendor / 'gguf-py'}"}
+    stage = gguf.with_suffix(".hf")
+    model_dir = _with_kv_heads(model_dir, stage)
+    # The converter identifies BPE pre-tokenizers by hashing token ids of a probe text, which no
+    # tokenizer trained here can match; ours is byte-level BPE, i.e. llama.cpp's "gpt-2". Prompts
+    # are given as token ids, so the pre-tokenizer never runs in the benchmark.
+    wrapper = ("import runpy, sys; from conversion import base; "
+               "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'; "
+               f"sys.argv = ['convert_hf_to_gguf.py'] + sys.argv[1:]; runpy.run_path({str(vendor / 'convert_hf_to_gguf.py')!r}, run_name='__main__')")
+    tmp = gguf.with_suffix(".part")
+    r = subprocess.run([sys.executable, "-c", wrapper, str(model_dir), "--outfile", str(tmp), "--outtype", outtype],
+                       env=env, capture_output=True, text=True)
+    shutil.rmtree(stage, ignore_errors=True)
+    if r.returncode:
+        raise RuntimeError(f"GGUF conversion failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    tmp.rename(gguf)
+    return gguf
+
+
+def open_llama(gguf: Path, **kwargs):
+    """`llama_cpp.Llama` with llama.cpp's extra (repacking) weight buffers off.
+
+    On CPUs with AMX, llama.cpp puts F16 / Q8_0 / Q4_K weights whose test matmul the AMX kernels
+    accept into the AMX buffer type; MLA then multiplies the per-head `attn_k_b` (F16 in the F16
+    GGUF) by a permuted, non-contiguous query view, which AMX rejects and the plain CPU backend
+    cannot read from an AMX buffer, so graph scheduling aborts with
+    `GGML_ASSERT(*cur_backend_id != -1)` (ggml-backend.cpp). llama-cpp-python does not expose
+    `use_extra_bufts`, so it is switched off in the default model parameters for this call.
+    """
+    from llama_cpp import Llama
+    from llama_cpp import llama as llama_mod
+
+    default = llama_mod.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_mod.llama_cpp.llama_model_default_params = params
+    try:
+        return Llama(model_path=str(gguf), **kwargs)
+    finally:
+        llama_mod.llama_cpp.llama_model_default_params = default
+
+
 class LlamaCppRunner:
     """llama.cpp through llama-cpp-python on a GGUF converted from the same checkpoint."""
 
     name = "llama.cpp"
 
     def __init__(self, model_dir: Path, outtype: str, cache: Path, threads: int):
-        from llama_cpp import Llama
-
-        src = llama_cpp_source(cache)
-        if src is None:
-            raise RuntimeError("llama-cpp-python's source distribution (for the GGUF converter) is not available")
-        gguf = cache / f"{model_dir.name}-{outtype}.gguf"
-        if not gguf.exists():
-            vendor = src / "vendor" / "llama.cpp"
-            env = {**os.environ, "PYTHONPATH": f"{vendor}:{vendor / 'gguf-py'}"}
-            # The converter identifies BPE pre-tokenizers by hashing token ids of a probe text, which no
-            # tokenizer trained here can match; ours is byte-level BPE, i.e. llama.cpp's "gpt-2". Prompts
-            # are given as token ids, so the pre-tokenizer never runs in the benchmark.
-            wrapper = ("import runpy, sys; from conversion import base; "
-                       "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'; "
-                       f"sys.argv = ['convert_hf_to_gguf.py'] + sys.argv[1:]; runpy.run_path({str(vendor / 'convert_hf_to_gguf.py')!r}, run_name='__main__')")
-            r = subprocess.run([sys.executable, "-c", wrapper, str(model_dir), "--outfile", str(gguf), "--outtype", outtype],
-                               env=env, capture_output=True, text=True)
-            if r.returncode:
-                raise RuntimeError(f"GGUF conversion failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        gguf = convert_gguf(model_dir, cache / f"{model_dir.name}-{outtype}.gguf", outtype, cache)
         self.name = f"llama.cpp {outtype.upper()}"
-        self.llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=threads, n_batch=512, verbose=False)
+        self.llm = open_llama(gguf, n_ctx=4096, n_threads=threads, n_batch=512, verbose=False)
 
     def generate(self, prompts: list[list[int]], max_new: int | list[int]) -> float:
         """Sequential (llama-cpp-python serves one sequence at a time); seconds for all prompts."""

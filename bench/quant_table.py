@@ -1,22 +1,25 @@
-"""Memory / speed / quality table for dsv3's quantization schemes.
+"""Memory / speed / quality table for dsv3's quantization schemes, next to llama.cpp's.
 
-    python bench/quant_table.py [--model DIR] [--text FILE] [--calib FILE] [--out bench/results/quant]
+    python bench/quant_table.py --model src/dsv3/data/default      # the embedded default model
+    python bench/quant_table.py                                     # the random ~73M bench model
+    options: --shards DIR --text FILE --calib FILE --anchors llama-f16,llama-q8_0,llama-q4_k_m --no-speed
 
-For fp32, bf16 and each scheme (int8, int4 RTN g128, AWQ int4 g128, FP8 128×128): linear-weight
-bytes and their ratio to bf16, model bytes, peak RSS of a fresh process that loads the saved
+Rows: dsv3 fp32 (the reference), bf16, int8, int4 g128 round-to-nearest, AWQ int4 g128, FP8 128×128,
+and llama.cpp F16 / Q8_0 / Q4_K_M conversions of the same checkpoint (`quant_llama.py`). Columns:
+linear-weight bytes relative to bf16, model bytes, peak RSS of a fresh process that loads the saved
 checkpoint and decodes, batch-1 decode tok/s, batch-32 decode throughput, and on held-out text:
-perplexity and its ratio to fp32, mean KL(fp32 ‖ scheme) of next-token distributions, top-1
-agreement with fp32, and MoE routing agreement (share of (token, layer) whose chosen expert set is
-unchanged). Without --model it builds "bench73m" (the engine issue's random ~73M V3-shaped model,
-with a 4k-token tokenizer trained on a few stdlib modules); held-out text defaults to stdlib files
-the tokenizer never saw and calibration text to ones it did. Writes table.md, results.json, table.png.
+perplexity and its ratio to fp32, mean KL(fp32 ‖ system), top-1 agreement with fp32, MoE routing
+agreement (`quant_metrics.py`). Held-out text: the `heldout` split of the shards the model trained on
+(`--shards`, default the `data` of the model's pretrain.yaml), AWQ calibration on its `train` split
+(`quant_data.py`). Without --model it builds "bench73m" (random weights, a 4k-token tokenizer trained
+on a few stdlib modules; held-out = stdlib files the tokenizer never saw). Writes table.md,
+results.json and table.png to --out (default bench/results/quant/<default|bench73m|model dir name>).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -24,7 +27,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from quant_data import BenchDataError, check_tokenizer, shard_windows, shards_of, text_windows  # noqa: E402
+from quant_metrics import dsv3_system, logits_system, score  # noqa: E402
+from quant_speed import measure_speed  # noqa: E402
 
 SCHEMES = ("int8", "int4", "awq", "fp8")
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -51,76 +59,95 @@ def build_bench73m(out: Path) -> Path:
     return out
 
 
-def text_windows(tok, text: str, n: int, length: int) -> torch.Tensor:
-    ids = tok.encode(text, add_special_tokens=False)
-    n = min(n, len(ids) // length)
-    return torch.tensor(ids[: n * length]).view(n, length)
+def token_windows(args, model_dir: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(held-out windows, calibration windows, a sentence saying where they come from)."""
+    from dsv3.tokenizer import Tokenizer
+
+    shards = args.shards or (shards_of(model_dir) if args.model else None)
+    if args.text is None and shards is not None:
+        check_tokenizer(shards, model_dir)
+        held = shard_windows(shards, "heldout", args.windows or 0, args.window_len)
+        calib = shard_windows(shards, "train", args.calib_samples, args.calib_len) if args.calib is None else None
+        where = f"held-out split of {shards}"
+    elif args.text is None and args.model is not None:
+        raise BenchDataError(f"no shard directory for {model_dir}: pass --shards DIR (the data it trained on) or --text FILE")
+    else:
+        held, calib = None, None
+        where = str(args.text) if args.text else "stdlib " + ", ".join(HELD_OUT_FILES)
+    tok = Tokenizer.from_dir(model_dir)
+    if held is None:
+        text = args.text.read_text() if args.text else "\n".join((STDLIB / f).read_text() for f in HELD_OUT_FILES)
+        held = text_windows(tok, text, args.windows or 8, args.window_len)
+    if calib is None:
+        text = args.calib.read_text() if args.calib else "\n".join((STDLIB / f).read_text() for f in TRAIN_FILES)
+        calib = text_windows(tok, text, args.calib_samples, args.calib_len)
+    return held, calib, where
 
 
-@torch.inference_mode()
-def evaluate(model, windows: torch.Tensor) -> dict:
-    """Per-window log-probs, next-token log-distributions and the expert sets chosen in every MoE layer."""
-    moes = [blk.mlp for blk in model.model.layers if hasattr(blk.mlp, "track_load")]  # MTP does not run here
-    for m in moes:
-        m.track_load = True
-    logp, routes = [], []
-    for w in windows:
-        logp.append(model(w[None]).float().log_softmax(-1)[0, :-1])
-        routes.append(torch.stack([m.last_routing[1].sort(-1)[0] for m in moes]) if moes else torch.empty(0))
-    return {"logp": torch.stack(logp), "routes": torch.stack(routes)}
+def dsv3_rows(args, model_dir: Path, calib: torch.Tensor, work: Path) -> tuple[list[dict], dict]:
+    """Rows (sizes, checkpoint to time) and scoring functions of dsv3's float and quantized models."""
+    from dsv3.checkpoint import load_model
+    from dsv3.quant import quantize_model, save_quantized
+    from dsv3.quant.apply import linear_weight_bytes
 
+    def row(name: str, model, run: list[str], **extra) -> dict:
+        systems[name] = dsv3_system(model)
+        return {"scheme": name, "run": run, "linear_bytes": linear_weight_bytes(model),
+                "model_bytes": sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())), **extra}
 
-def quality(ref: dict, got: dict, windows: torch.Tensor) -> dict:
-    target = windows[:, 1:]
-    nll = -got["logp"].gather(-1, target[..., None]).mean().item()
-    ref_nll = -ref["logp"].gather(-1, target[..., None]).mean().item()
-    kl = F.kl_div(got["logp"], ref["logp"], log_target=True, reduction="none").sum(-1).mean().item()
-    top1 = (got["logp"].argmax(-1) == ref["logp"].argmax(-1)).float().mean().item()
-    route = (got["routes"] == ref["routes"]).all(-1).float().mean().item() if ref["routes"].numel() else float("nan")
-    return {"ppl": float(torch.tensor(nll).exp()), "ppl_ratio": float(torch.tensor(nll - ref_nll).exp()), "kl": kl,
-            "top1": top1, "routing": route}
-
-
-WORKER = r"""
-import json, sys, time, torch
-torch.set_num_threads(int(sys.argv[3]))
-from dsv3.checkpoint import load_model
-from dsv3.model.attention import DenseLatentCache
-path, dtype = sys.argv[1], sys.argv[2]
-cfg = json.load(open(path + '/config.json'))
-if cfg.get('quantization_config'):
-    from dsv3.quant import load_quantized
-    model = load_quantized(path, progress=False)
-else:
-    model = load_model(path, dtype=dtype, progress=False)
-from dsv3.quant.apply import linear_weight_bytes
-def decode(batch, steps, prompt=32):
-    c = model.config
-    cache = DenseLatentCache(c.num_hidden_layers, batch, prompt + steps + 1, c.latent_dim, model.dtype)
-    ids = torch.randint(3, 1000, (batch, prompt))
-    with torch.inference_mode():
-        tok = model(ids, None, cache)[:, -1].argmax(-1)
+    systems: dict = {}
+    rows = [row("fp32", load_model(model_dir, dtype="fp32", progress=False), [str(model_dir), "fp32"]),
+            row("bf16", load_model(model_dir, dtype="bf16", progress=False), [str(model_dir), "bf16"])]
+    g = args.group_size
+    for scheme in SCHEMES:
+        model = load_model(model_dir, dtype="fp32", progress=False)
         t = time.perf_counter()
-        for _ in range(steps):
-            tok = model(tok[:, None], None, cache)[:, -1].argmax(-1)
-        return batch * steps / (time.perf_counter() - t)
-decode(1, 4)
-b1 = max(decode(1, 48) for _ in range(2))
-b32 = decode(32, 16)
-peak = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))
-size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-print(json.dumps({"decode_b1": b1, "decode_b32": b32, "peak_rss": peak, "model_bytes": size,
-                  "linear_bytes": linear_weight_bytes(model)}))
-"""
+        quantize_model(model, scheme, group_size=g, calib=calib if scheme == "awq" else None,
+                       include_lm_head=not args.keep_head, progress=True)
+        secs = time.perf_counter() - t
+        path = save_quantized(model, work / scheme, tokenizer_from=model_dir)
+        rows.append(row({"int4": f"int4 g{g} (RTN)", "awq": f"AWQ int4 g{g}"}.get(scheme, scheme), model, [str(path), "fp32"],
+                        quantize_s=secs))
+    for r in rows:
+        r["linear_ratio_bf16"] = r["linear_bytes"] / rows[1]["linear_bytes"]
+    return rows, systems
 
 
-def run_worker(path: Path, dtype: str, threads: int) -> dict:
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    out = subprocess.run([sys.executable, "-c", WORKER, str(path), dtype, str(threads)], capture_output=True, text=True,
-                         env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def llama_rows(args, model_dir: Path, window_len: int) -> tuple[list[dict], dict]:
+    from quant_llama import ANCHORS, LABELS, LlamaScorer, linear_ratio, make_gguf
+
+    rows, systems = [], {}
+    for a in filter(None, args.anchors.split(",")):
+        if a not in ANCHORS:
+            raise BenchDataError(f"unknown anchor {a!r} (use {', '.join(ANCHORS)})")
+        gguf = make_gguf(model_dir, ANCHORS[a], args.cache, args.threads)
+        systems[LABELS[a]] = logits_system(LlamaScorer(gguf, window_len, args.threads))
+        rows.append({"scheme": LABELS[a], "run": [str(gguf), "gguf"], "linear_ratio_bf16": linear_ratio(gguf, args.cache),
+                     "model_bytes": gguf.stat().st_size})
+    return rows, systems
+
+
+def fmt(v, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    return "—" if v is None or v != v else f"{v * scale:{spec}}{suffix}"
+
+
+def speed(r: dict) -> str:
+    return "—" if r.get("decode_b1") is None else f"{r['decode_b1']:.1f} ({r['speedup_vs_fp32']:.2f}×)"
+
+
+def write_table(rows: list[dict], out: Path, note: str) -> str:
+    head = ("| system | linear bytes / bf16 | model MiB | peak RSS MiB | decode b1 tok/s (× fp32) | decode b32 tok/s | "
+            "PPL | PPL ratio | mean KL | top-1 agree | routing agree |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r['scheme']} | {r['linear_ratio_bf16']:.3f} | {r['model_bytes'] / 2**20:.1f} | {fmt(r.get('peak_rss'), '.0f', 2**-20)} | "
+        f"{speed(r)} | "
+        f"{fmt(r.get('decode_b32'), '.0f')} | {r['ppl']:.2f} | {r['ppl_ratio']:.4f} ± {r['ppl_ratio_se']:.4f} | {r['kl']:.5f} | {100 * r['top1']:.2f} % | "
+        f"{fmt(r['routing'], '.2f', 100, ' %')} |\n" for r in rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(head + body + note)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    draw(rows, out / "table.png")
+    return head + body + note
 
 
 def draw(rows: list[dict], path: Path) -> None:
@@ -131,87 +158,71 @@ def draw(rows: list[dict], path: Path) -> None:
 
     names = [r["scheme"] for r in rows]
     panels = [("linear_ratio_bf16", "linear-weight bytes / bf16"), ("decode_b1", "batch-1 decode tok/s"),
-              ("decode_b32", "batch-32 decode tok/s"), ("kl", "mean KL vs fp32 (nats)"), ("top1", "top-1 agreement")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+              ("ppl_ratio", "perplexity ratio to fp32"), ("kl", "mean KL(fp32 ‖ system), nats"), ("top1", "top-1 agreement")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    colors = ["tab:orange" if n.startswith("llama") else "tab:blue" for n in names]
     for ax, (key, title) in zip(axes, panels):
-        ax.bar(names, [r.get(key, 0) or 0 for r in rows], color="tab:blue")
+        vals = [r.get(key) if r.get(key) is not None else 0 for r in rows]
+        ax.bar(names, vals, color=colors)
+        if key == "ppl_ratio":
+            ax.set_ylim(min(vals) - 0.002, max(vals) + 0.002)
+        if key == "top1":
+            ax.set_ylim(min(vals) - 0.01, 1.0)
         ax.set_title(title, fontsize=9)
-        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--text", type=Path, default=None, help="held-out text (default: stdlib files the tokenizer never saw)")
-    ap.add_argument("--calib", type=Path, default=None, help="AWQ calibration text (default: the tokenizer's training files)")
-    ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--window-len", type=int, default=256)
-    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint (default: build the random bench73m model)")
+    ap.add_argument("--shards", type=Path, default=None, help="shards the model trained on (default: its pretrain.yaml's data)")
+    ap.add_argument("--text", type=Path, default=None, help="held-out text file instead of the shards' held-out split")
+    ap.add_argument("--calib", type=Path, default=None, help="AWQ calibration text instead of the shards' train split")
+    ap.add_argument("--windows", type=int, default=None, help="held-out windows (default: all of the shards' held-out split; 8 of a text)")
+    ap.add_argument("--window-len", type=int, default=512)
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3, help="speed runs per scheme (best is reported)")
-    ap.add_argument("--keep-head", action="store_true", help="leave the LM head in fp32 (default: quantize it too)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/quant"))
-    args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from dsv3.checkpoint import load_model
-    from dsv3.quant import quantize_model, save_quantized
-    from dsv3.quant.apply import linear_weight_bytes
-    from dsv3.tokenizer import Tokenizer
+    ap.add_argument("--anchors", default="llama-f16,llama-q8_0,llama-q4_k_m", help="llama.cpp rows ('' for none)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="speed runs per system (best is reported)")
+    ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed / peak-RSS processes")
+    ap.add_argument("--keep-head", action="store_true", help="leave an untied LM head in fp32 (default: quantize it too)")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dsv3-bench", help="GGUFs and llama.cpp's source")
+    ap.add_argument("--out", type=Path, default=None)
+    return ap.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="quant_table_"))
     model_dir = args.model or build_bench73m(work / "bench73m")
-    tok = Tokenizer.from_dir(model_dir)
-    held = args.text.read_text() if args.text else "\n".join((STDLIB / f).read_text() for f in HELD_OUT_FILES)
-    calib_text = args.calib.read_text() if args.calib else "\n".join((STDLIB / f).read_text() for f in TRAIN_FILES)
-    windows = text_windows(tok, held, args.windows, args.window_len)
-    calib = text_windows(tok, calib_text, args.calib_samples, args.window_len)
-    ref_model = load_model(model_dir, dtype="fp32", progress=False)
-    bf16_linear = linear_weight_bytes(ref_model) // 2
-    ref = evaluate(ref_model, windows)
-    rows = [{"scheme": "fp32", **quality(ref, ref, windows)}]
-    rows.append({"scheme": "bf16", **quality(ref, evaluate(load_model(model_dir, dtype="bf16", progress=False), windows), windows)})
-    runs = [(model_dir, "fp32"), (model_dir, "bf16")]
-    for scheme in SCHEMES:
-        model = load_model(model_dir, dtype="fp32", progress=False)
-        t = time.perf_counter()
-        quantize_model(model, scheme, group_size=args.group_size, calib=calib if scheme == "awq" else None,
-                       include_lm_head=not args.keep_head, progress=True)
-        secs = time.perf_counter() - t
-        row = {"scheme": {"int4": f"int4 g{args.group_size}", "awq": f"awq int4 g{args.group_size}"}.get(scheme, scheme),
-               "quantize_s": secs, **quality(ref, evaluate(model, windows), windows)}
-        rows.append(row)
-        runs.append((save_quantized(model, work / scheme, tokenizer_from=model_dir), "fp32"))
-        print(rows[-1], file=sys.stderr)
-    # Speed: fresh processes, round-robin over schemes, best of `rounds` (shared machines drift a lot).
-    for _ in range(args.rounds):
-        for row, (path, dtype) in zip(rows, runs):
-            got = run_worker(path, dtype, args.threads)
-            for k, v in got.items():
-                row[k] = max(row.get(k, v), v) if k.startswith("decode") else v
+    try:
+        held, calib, where = token_windows(args, model_dir)
+    except BenchDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows, systems = dsv3_rows(args, model_dir, calib, work)
+    more, anchors = llama_rows(args, model_dir, held.shape[1])
+    rows, systems = rows + more, {**systems, **anchors}
+    got = score(systems.pop("fp32"), systems, held)
     for r in rows:
-        r["linear_ratio_bf16"] = r["linear_bytes"] / bf16_linear
-        r["speedup_vs_fp32"] = r["decode_b1"] / rows[0]["decode_b1"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    head = ("| scheme | linear bytes / bf16 | model MiB | peak RSS MiB | decode b1 tok/s (× fp32) | decode b32 tok/s | "
-            "PPL | PPL ratio | mean KL | top-1 agree | routing agree |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
-    body = "".join(
-        f"| {r['scheme']} | {r['linear_ratio_bf16']:.3f} | {r['model_bytes'] / 2**20:.1f} | {r['peak_rss'] / 2**20:.0f} | "
-        f"{r['decode_b1']:.1f} ({r['speedup_vs_fp32']:.2f}×) | {r['decode_b32']:.0f} | {r['ppl']:.2f} | {r['ppl_ratio']:.4f} | "
-        f"{r['kl']:.5f} | {100 * r['top1']:.2f} % | {100 * r['routing']:.2f} % |\n" for r in rows)
-    tied = ref_model.config.tie_word_embeddings
-    lm_head = "fp32 (tied to the embedding)" if tied else "fp32" if args.keep_head else "quantized with the scheme"
-    note = (f"\nHeld-out text: {windows.shape[0]} windows × {windows.shape[1]} tokens; model {model_dir}; "
-            f"{args.threads} thread(s); decode speed best of {args.rounds} fresh-process runs; LM head {lm_head}, "
-            f"not counted in 'linear bytes'. PPL ratio = PPL(scheme) / PPL(fp32). "
-            f"KL = mean over positions of KL(fp32 ‖ scheme) in nats.\n")
-    (args.out / "table.md").write_text(head + body + note)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-    draw(rows, args.out / "table.png")
-    print(head + body + note)
+        r.update(got["reference" if r["scheme"] == "fp32" else r["scheme"]])
+    if not args.no_speed:
+        measure_speed(rows, args.threads, args.rounds)
+    tied = json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings", False)
+    head = "fp32 (tied to the embedding)" if tied else "fp32" if args.keep_head else "quantized with the scheme"
+    note = (f"\nModel {model_dir}. Held-out: {held.shape[0]} windows × {held.shape[1]} tokens of the {where}; AWQ calibrated "
+            f"on {calib.shape[0]} × {calib.shape[1]} training tokens. PPL ratio = PPL(system) / PPL(dsv3 fp32) ± its standard "
+            f"error over windows; KL = mean over positions of KL(dsv3 fp32 ‖ system) in nats; top-1 = share of positions with "
+            f"the same argmax as dsv3 fp32. llama.cpp scored with an F32 KV cache (weights alone differ), timed with its "
+            f"default F16 cache. LM head {head}, not counted in 'linear bytes'. "
+            + ("Speed columns not measured (--no-speed).\n" if args.no_speed else
+               f"Decode: {args.threads} thread(s), best of {args.rounds} fresh-process runs.\n"))
+    print(write_table(rows, args.out or Path("bench/results/quant") / (model_dir.resolve().name if args.model else "bench73m"), note))
     return 0
 
 

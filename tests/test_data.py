@@ -109,8 +109,8 @@ def test_lsh_bands_put_the_threshold_on_the_s_curve():
 
 def test_shards_decode_to_original_files(corpus):
     m, out, tok = corpus["manifest"], corpus["out"], corpus["tok"]
-    eos = tok.token_to_id(SPECIAL[1])
-    assert m["dtype"] == "uint16" and m["tokenizer"]["eos_id"] == eos
+    eos, bos = tok.token_to_id(SPECIAL[1]), tok.token_to_id(SPECIAL[0])
+    assert m["dtype"] == "uint16" and m["tokenizer"]["eos_id"] == eos and m["tokenizer"]["bos_id"] == bos
     assert len(m["shards"]["train"]) >= 2  # shard_tokens forced a split
     for split, shards in m["shards"].items():
         for s in shards:
@@ -121,8 +121,8 @@ def test_shards_decode_to_original_files(corpus):
         assert hashlib.sha256(original).hexdigest() == f["sha256"]
         raw = np.fromfile(out / m["shards"][f["split"]][f["shard"]]["file"], dtype="<u2")
         ids = raw[f["offset"]:f["offset"] + f["tokens"]].tolist()
-        assert ids[-1] == eos and eos not in ids[:-1]
-        assert tok.decode(ids[:-1], skip_special_tokens=False) == original.decode()
+        assert ids[0] == bos and bos not in ids[1:] and ids[-1] == eos and eos not in ids[:-1]
+        assert tok.decode(ids[1:-1], skip_special_tokens=False) == original.decode()
 
 
 def test_heldout_split_by_file_and_stable(corpus, tmp_path):
@@ -269,13 +269,14 @@ def test_packed_fim_documents(corpus):
         restored, n_fim = [], 0
         for d in docs:
             d = np.array(d)
-            if d[0] != fim.begin:
+            assert d[0] == shards.bos_id  # BOS stays in front of the FIM sentinels
+            if d[1] != fim.begin:
                 restored.append(tuple(d))
                 continue
             n_fim += 1
             h, e = int(np.flatnonzero(d == fim.hole)[0]), int(np.flatnonzero(d == fim.end)[0])
-            assert 0 < h < e
-            restored.append(tuple(np.concatenate([d[1:h], d[e + 1:-1], d[h + 1:e], d[-1:]])))
+            assert 1 < h < e
+            restored.append(tuple(np.concatenate([d[:1], d[2:h], d[e + 1:-1], d[h + 1:e], d[-1:]])))
         assert sorted(restored) == originals
         assert n_fim == shards.num_docs if rate == 1.0 else 0 < n_fim <= shards.num_docs
 

@@ -34,6 +34,9 @@ class LLM:
     >>> llm = LLM()                                    # the embedded default model
     >>> out = llm.generate(["def fib(n):"], SamplingParams(max_tokens=32, temperature=0))
     >>> out[0].outputs[0].text
+
+    `LLM(path, lora_adapters={"sql": "adapters/sql"})` serves PEFT adapters side by side;
+    `llm.generate(prompts, params, lora="sql")` picks one.
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
@@ -69,18 +72,22 @@ class LLM:
         raise DSV3Error("a prompt must be a string or {'prompt_token_ids': [...]}")
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Complete each prompt; `sampling_params.n` continuations per prompt."""
+                 use_tqdm: bool = True, lora: str | list[str | None] | None = None) -> list[RequestOutput]:
+        """Complete each prompt; `sampling_params.n` continuations per prompt.
+
+        `lora` names one of the `lora_adapters` given at construction (for all prompts, or one per prompt);
+        prompts for different adapters and for the base model (None) run in the same batches.
+        """
         params = sampling_params or SamplingParams()
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        return self.engine.generate(prompts, params, use_tqdm=use_tqdm and len(prompts) > 1)
+        return self.engine.generate(prompts, params, use_tqdm=use_tqdm and len(prompts) > 1, adapter=lora)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = False, **template_kwargs: Any) -> list[RequestOutput]:
+             use_tqdm: bool = False, lora: str | None = None, **template_kwargs: Any) -> list[RequestOutput]:
         """Apply the model's chat template (it already holds BOS) and generate the assistant turn."""
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [{"prompt_token_ids": self.chat_prompt_ids(c, **template_kwargs)} for c in convs]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora=lora)
 
     def chat_prompt_ids(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)

@@ -1,8 +1,10 @@
-"""`dsv3 data build`: turn text/code files into deduplicated, split, tokenized shards."""
+"""`dsv3 data build`: text/code files -> deduplicated, split, tokenized shards; `dsv3 data instructions`: chat pairs mined from them."""
 
 from __future__ import annotations
 
 import argparse
+
+from dsv3.errors import DSV3Error
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -16,6 +18,24 @@ def _build(args: argparse.Namespace) -> int:
           f"heldout {t['heldout']['files']} files / {t['heldout']['tokens']} tokens ({m['dtype']}); "
           f"removed {d['exact_removed']} exact and {d['near_removed']} near duplicates, "
           f"skipped {d['skipped']['empty']} empty and {d['skipped']['binary_or_not_utf8']} binary files")
+    return 0
+
+
+def _instructions(args: argparse.Namespace) -> int:
+    from dsv3.data.instructions import mine, split_files, write_jsonl
+
+    if not 0 <= args.min_body <= args.max_body:
+        raise DSV3Error(f"--min-body {args.min_body} and --max-body {args.max_body} must satisfy 0 <= min <= max.")
+    if args.max_chars < 1:
+        raise DSV3Error(f"--max-chars {args.max_chars} must be a positive number of characters.")
+    files = split_files(args.shards, args.split, args.inputs)
+    recs, stats = mine(files, progress=not args.quiet, min_body=args.min_body, max_body=args.max_body, max_chars=args.max_chars)
+    if not recs:
+        raise DSV3Error(f"no function with a docstring in the {args.split} split of {args.shards} passed the filters.")
+    write_jsonl(recs, args.output)
+    print(f"{args.output}: {stats['records']} records ({stats['describe']} write-a-function, "
+          f"{stats['records'] - stats['describe']} complete-the-body) from {stats['kept']} of {stats['functions']} "
+          f"documented functions in {stats['files']} {args.split} files; {stats['duplicates']} duplicate functions dropped")
     return 0
 
 
@@ -36,3 +56,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split hash and MinHash functions")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_build)
+    q = sub.add_parser("instructions", help="mine chat instruction pairs from the functions of one split",
+                       description="Every top-level function or method with a docstring in the files of one split "
+                                   "of a shard manifest becomes 'write a function `f(args)` that ...' and "
+                                   "'complete this function' chat records (JSONL, {messages}) for `dsv3 finetune`.")
+    q.add_argument("--inputs", nargs="+", default=None, metavar="DIR",
+                   help="directories the shards were built from (default: those the manifest records)")
+    q.add_argument("--shards", required=True, metavar="DIR", help="shard directory whose manifest.json gives each file's split")
+    q.add_argument("-o", "--output", required=True, metavar="FILE.jsonl", help="output JSONL file")
+    q.add_argument("--split", choices=("train", "heldout"), default="train", help="which files to mine (default: train)")
+    q.add_argument("--min-body", type=int, default=2, help="fewest non-blank body lines after the docstring (default 2)")
+    q.add_argument("--max-body", type=int, default=40, help="most body lines (default 40)")
+    q.add_argument("--max-chars", type=int, default=1500, help="longest function source in characters (default 1500)")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=_instructions)

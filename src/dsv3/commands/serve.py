@@ -27,6 +27,33 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+def parse_lora(specs: list[str], served_name: str) -> dict[str, str]:
+    """`--lora NAME=PATH` flags -> {name: adapter dir}, each checked to be a readable PEFT LoRA adapter."""
+    from dsv3.lora.peft_io import read_adapter_config
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ServeError(f"--lora {spec!r} must have the form NAME=PATH")
+        if name in out or name == served_name:
+            what = "given twice" if name in out else "the served model's own name"
+            raise ServeError(f"--lora name {name!r} is {what}; each adapter needs its own name")
+        if not Path(path).is_dir():
+            raise ServeError(f"--lora {name}: adapter directory {path} does not exist")
+        try:
+            read_adapter_config(Path(path))
+        except DSV3Error as e:
+            raise ServeError(f"--lora {name}: {e}") from None
+        out[name] = path
+    return out
+
+
+def served_name(args: argparse.Namespace) -> str:
+    return args.served_model_name or (args.model.name if args.model else "dsv3")
+
+
 def build_config(args: argparse.Namespace):
     from dsv3.serve.audit import AuditLog
     from dsv3.serve.auth import APIKeys
@@ -41,35 +68,39 @@ def build_config(args: argparse.Namespace):
             raise ServeError(f"TLS file {f} does not exist")
     if args.quantization is not None and args.tensor_parallel_size * args.expert_parallel_size > 1:
         raise ServeError("--quantization cannot be combined with tensor or expert parallelism yet")
-    if args.lora:
-        raise ServeError("--lora is not wired into serve yet")
+    lora = parse_lora(args.lora, served_name(args))
+    if lora and parallel_requested(args):
+        raise ServeError("--lora cannot be combined with tensor or expert parallelism yet")
     cache = None
     if args.response_cache is not None:
         cache = ResponseCache(None if args.response_cache == "memory" else args.response_cache,
                               max_entries=args.response_cache_size, ttl_s=args.response_cache_ttl)
     return ServeConfig(
-        served_model_name=args.served_model_name or (args.model.name if args.model else "dsv3"),
+        served_model_name=served_name(args), lora_names=list(lora),
         keys=APIKeys.build(args.api_key, args.api_key_file), protect_health_metrics=args.protect_health_metrics,
         max_body_bytes=args.max_body_bytes, rate_limiter=RateLimiter(RateLimit.parse(args.rate_limit)) if args.rate_limit else None,
         cache=cache, audit=AuditLog(args.audit_log) if args.audit_log else None, audit_content=args.audit_log_content,
         max_queue=args.max_queue, keepalive_s=args.keepalive, exit_on_engine_death=parallel_requested(args))
 
 
-def loader(args: argparse.Namespace):
+def loader(args: argparse.Namespace, lora: dict[str, str] | None = None):
+    lora = parse_lora(args.lora, served_name(args)) if lora is None else lora
+
     def load():
         from dsv3.checkpoint import load_for_inference
         from dsv3.engine import LLMEngine
         from dsv3.paths import default_model_dir
         from dsv3.tokenizer import Tokenizer
 
-        path = args.model if args.model is not None else default_model_dir(chat=True)
+        path = args.model if args.model is not None else default_model_dir()
         if parallel_requested(args):
             cfg = engine_config(args, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory << 20, seed=args.seed)
             handle = start_parallel(args, path, cfg)
             return handle.engine, handle.engine.tokenizer
         model = load_for_inference(path, dtype=args.dtype, quantization=args.quantization)
         tok = Tokenizer.from_dir(path)
-        cfg = engine_config(args, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory << 20, seed=args.seed)
+        cfg = engine_config(args, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory << 20, seed=args.seed,
+                            lora_adapters=lora or None)
         return LLMEngine(model, tok, cfg), tok
     return load
 
@@ -119,7 +150,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
-    s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="serve a LoRA adapter (not wired yet)")
+    s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a PEFT LoRA adapter under NAME (repeatable); a request's 'model' picks it")
     s.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences batched at once")
     s.add_argument("--kv-cache-memory", type=positive_int, default=1024, help="latent cache size in MiB")
     s.add_argument("--seed", type=int, default=0)

@@ -28,8 +28,8 @@ _SKIP_DIRS = {"__pycache__", "node_modules"}
 _BATCH_BYTES = 4 << 20
 
 
-def load_tokenizer(directory: str | Path) -> tuple[Tokenizer, int, str]:
-    """(tokenizer, eos id, eos token) from `tokenizer.json` + `tokenizer_config.json`."""
+def load_tokenizer(directory: str | Path) -> tuple[Tokenizer, int, str, int | None]:
+    """(tokenizer, eos id, eos token, bos id or None) from `tokenizer.json` + `tokenizer_config.json`."""
     d = Path(directory)
     if not (d / "tokenizer.json").is_file():
         raise DataError(f"tokenizer directory {d} has no tokenizer.json.")
@@ -38,7 +38,8 @@ def load_tokenizer(directory: str | Path) -> tuple[Tokenizer, int, str]:
         raise DataError(f"tokenizer directory {d} has no tokenizer_config.json (needed for eos_token).")
     try:
         tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
-        eos = json.loads(config_path.read_text()).get("eos_token")
+        tok_config = json.loads(config_path.read_text())
+        eos, bos = tok_config.get("eos_token"), tok_config.get("bos_token")
     except Exception as e:  # tokenizers raises plain Exception on a malformed file
         raise DataError(f"cannot read the tokenizer in {d}: {str(e).splitlines()[0]}") from None
     if isinstance(eos, dict):
@@ -46,8 +47,11 @@ def load_tokenizer(directory: str | Path) -> tuple[Tokenizer, int, str]:
     eos_id = tokenizer.token_to_id(eos) if isinstance(eos, str) else None
     if eos_id is None:
         raise DataError(f"eos_token {eos!r} of {config_path} is not in the tokenizer's vocabulary.")
+    if isinstance(bos, dict):
+        bos = bos.get("content")
+    bos_id = tokenizer.token_to_id(bos) if isinstance(bos, str) else None
     tokenizer.encode_special_tokens = True  # a file's text can never produce EOS/FIM ids
-    return tokenizer, int(eos_id), eos
+    return tokenizer, int(eos_id), eos, bos_id
 
 
 def _root_and_files(spec: str) -> tuple[Path, list[Path]]:
@@ -154,7 +158,8 @@ def build(inputs: list[str], tokenizer_dir: str | Path, out: str | Path, include
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a directory.")
-    tokenizer, eos_id, eos_token = load_tokenizer(tokenizer_dir)
+    tokenizer, eos_id, eos_token, bos_id = load_tokenizer(tokenizer_dir)
+    bos = [] if bos_id is None else [bos_id]  # documents start as prompts do: BOS ... EOS
     files = discover(inputs, include, exclude=out)
     vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1  # ids may be sparse
     dtype = token_dtype(vocab_size)
@@ -206,7 +211,7 @@ def build(inputs: list[str], tokenizer_dir: str | Path, out: str | Path, include
                 raise DataError(f"input {path} changed while the shards were being built.")
             texts.append(text)
         for (rel, path, sha, nbytes), enc in zip(kept[start:stop], tokenizer.encode_batch_fast(texts, add_special_tokens=False)):
-            ids = np.array(enc.ids + [eos_id], dtype=np.int64)
+            ids = np.array(bos + enc.ids + [eos_id], dtype=np.int64)
             if (ids[:-1] == eos_id).any():
                 raise DataError(f"the tokenizer turned text of {path} into the EOS id {eos_id}; it must not.")
             split = split_of(rel, heldout_fraction, seed)
@@ -223,7 +228,8 @@ def build(inputs: list[str], tokenizer_dir: str | Path, out: str | Path, include
     manifest = {
         "format": "dsv3-token-shards", "version": 1,
         "tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "sha256": sha256_hex(tok_json.read_bytes()),
-                      "vocab_size": vocab_size, "eos_id": eos_id, "eos_token": eos_token},
+                      "vocab_size": vocab_size, "eos_id": eos_id, "eos_token": eos_token,
+                      "bos_id": bos_id},
         "dtype": dtype.name, "document_separator": "eos",
         "settings": {"inputs": list(inputs), "include": include or [], "heldout_fraction": heldout_fraction,
                      "shard_tokens": shard_tokens, "near_dup_threshold": near_dup_threshold, "seed": seed},

@@ -136,7 +136,8 @@ class PackedDataset(IterableDataset):
         if key not in self._docs:
             tokens = self.shards.window(int(self.doc_starts[doc]), int(self.doc_lens[doc]))
             rng = np.random.default_rng([self.seed, _SPLIT, epoch, doc])
-            self._docs[key] = np.concatenate([fim_transform(tokens[:-1], rng, self.fim_tokens), tokens[-1:]])
+            head = 1 if self.shards.bos_id is not None and tokens[0] == self.shards.bos_id else 0  # BOS stays first
+            self._docs[key] = np.concatenate([tokens[:head], fim_transform(tokens[head:-1], rng, self.fim_tokens), tokens[-1:]])
             if len(self._docs) > 8:
                 self._docs.popitem(last=False)
         return self._docs[key]

@@ -57,6 +57,8 @@ class TokenShards:
         manifest = load_manifest(self.directory)
         self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
         self.eos_id = int(manifest["tokenizer"]["eos_id"])
+        bos = manifest["tokenizer"].get("bos_id")  # absent in shards written before documents began with BOS
+        self.bos_id = None if bos is None else int(bos)
         self.dtype = np.dtype(manifest["dtype"])
         entries = manifest["shards"].get(split, [])
         self.files = [self.directory / e["file"] for e in entries]

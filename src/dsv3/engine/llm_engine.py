@@ -36,6 +36,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto | int8
     num_speculative_tokens: int = 0  # MTP drafts per step (needs a model with MTP weights)
     seed: int = 0
+    lora_adapters: dict[str, str] | None = None  # name -> PEFT adapter dir, served side by side (adapter id = index + 1)
 
 
 @dataclass
@@ -53,6 +54,11 @@ class LLMEngine:
         self.config = c = config or EngineConfig()
         cfg = model.config
         self.max_model_len = c.max_model_len or cfg.max_position_embeddings
+        self.adapter_names: list[str] = list(c.lora_adapters or {})
+        if self.adapter_names:
+            from dsv3.lora.multi import load_stacked
+
+            load_stacked(model, [str(c.lora_adapters[n]) for n in self.adapter_names])  # before the runner looks
         if c.kv_cache_dtype not in ("auto", "int8"):
             raise RequestError(f"kv_cache_dtype must be auto or int8, got {c.kv_cache_dtype!r}")
         per_token = (cfg.num_hidden_layers + len(model.model.mtp)) * (
@@ -87,10 +93,15 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict[str, Any], params: SamplingParams | None = None,
                     adapter_id: int = 0, cache_salt: str | None = None, arrival_time: float | None = None) -> None:
-        """Validate and queue a request; raises `RequestError` (a ValueError) before scheduling anything."""
+        """Validate and queue a request; raises `RequestError` (a ValueError) before scheduling anything.
+
+        adapter_id: 0 = the base model, k = the k-th of `lora_adapters` (see `adapter_id()`).
+        """
         params = params or SamplingParams()
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
+        if not isinstance(adapter_id, int) or not 0 <= adapter_id <= len(self.adapter_names):
+            raise RequestError(f"adapter id {adapter_id!r} is not loaded (this engine has {len(self.adapter_names)} adapters)")
         text, ids, max_new = self.validate(prompt, params)
         now = arrival_time if arrival_time is not None else time.monotonic()
         seqs = []
@@ -105,6 +116,14 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, text, list(ids), seqs, now)
         self.stats["prompt_tokens"] += len(ids)
+
+    def adapter_id(self, name: str | None) -> int:
+        """The id `add_request` takes for an adapter name (None = the base model)."""
+        if name is None:
+            return 0
+        if name not in self.adapter_names:
+            raise RequestError(f"LoRA adapter {name!r} is not loaded (loaded: {', '.join(self.adapter_names) or 'none'})")
+        return self.adapter_names.index(name) + 1
 
     def _encode(self, prompt: str | list[int] | dict[str, Any]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -136,7 +155,8 @@ class LLMEngine:
             return []
         drafts = self.drafter.draft(chunks) if self.drafter else {}
         items = [StepItem(c.seq.token_ids[c.start:c.start + c.num_tokens] + (drafts[c.seq].tokens if c.seq in drafts else []),
-                          c.start, c.seq.block_table, sample=c.completes, all_logits=c.seq in drafts) for c in chunks]
+                          c.start, c.seq.block_table, sample=c.completes, all_logits=c.seq in drafts, adapter=c.seq.adapter_id)
+                 for c in chunks]
         hidden, logits = self.runner.execute(items)
         self.stats["steps"] += 1
         collect_prompt_logprobs(self.model, chunks, items, hidden)
@@ -216,15 +236,19 @@ class LLMEngine:
 
     # ---- offline convenience ------------------------------------------------------------
     def generate(self, prompts: list[Any], params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, adapter: str | list[str | None] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion; `adapter` names a LoRA adapter for all prompts or one per prompt."""
         from tqdm.auto import tqdm
 
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        adapters = [self.adapter_id(a) for a in (adapter if isinstance(adapter, list) else [adapter] * len(prompts))]
+        if len(adapters) != len(prompts):
+            raise RequestError(f"{len(adapters)} adapter names were given for {len(prompts)} prompts")
         for p, sp in zip(prompts, plist):
             self.validate(p, sp)  # all or nothing: reject before any request is queued
         ids = [f"gen-{next(self._seq_ids)}" for _ in prompts]
-        for rid, p, sp in zip(ids, prompts, plist):
-            self.add_request(rid, p, sp)
+        for rid, p, sp, a in zip(ids, prompts, plist, adapters):
+            self.add_request(rid, p, sp, adapter_id=a)
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(prompts), desc="generating", disable=not use_tqdm)
         while self.has_unfinished_requests():

@@ -9,6 +9,7 @@ chunk attends in the expanded form over its cached prefix plus itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -55,17 +56,20 @@ class PrefillChunk:
     token_slice: slice  # this chunk's tokens within the flat step batch
     context_slots: torch.Tensor  # slots of positions [0, start + n)
     start: int
+    adapter: Any = None  # the sequence's LoRA slot (a SlotBatch) when the model serves several adapters
 
 
 class PagedContext(AttentionContext):
     """The attention context the engine passes to the model for one step (tokens flattened as batch 1)."""
 
     def __init__(self, cache: LatentCache, slot_mapping: torch.Tensor, decode_tokens: torch.Tensor,
-                 decode_slots: torch.Tensor, decode_mask: torch.Tensor, prefills: list[PrefillChunk]):
+                 decode_slots: torch.Tensor, decode_mask: torch.Tensor, prefills: list[PrefillChunk],
+                 decode_adapters: Any = None):
         super().__init__(None)
         self.cache, self.slot_mapping = cache, slot_mapping
         self.decode_tokens, self.decode_slots, self.decode_mask = decode_tokens, decode_slots, decode_mask
         self.prefills = prefills
+        self.decode_adapters = decode_adapters  # LoRA slot per decode row (a SlotBatch), or None
 
     def attend(self, layer_idx: int, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer_idx, self.slot_mapping, latent[0])
@@ -73,12 +77,13 @@ class PagedContext(AttentionContext):
         if self.decode_tokens.numel():
             d = self.decode_tokens
             kv = self.cache.read(layer_idx, self.decode_slots)  # [Bd, S, W]
-            out[d] = mla.attend_absorbed(q_nope[0, d, None], q_pe[0, d, None], kv, self.decode_mask)[:, 0]
+            out[d] = mla.attend_absorbed(q_nope[0, d, None], q_pe[0, d, None], kv, self.decode_mask,
+                                         self.decode_adapters)[:, 0]
         for p in self.prefills:
             kv = self.cache.read(layer_idx, p.context_slots)[None]
             n = p.token_slice.stop - p.token_slice.start
             mask = None
             if p.start:
                 mask = torch.ones(n, p.start + n, dtype=torch.bool, device=kv.device).tril(p.start)[None, None]
-            out[p.token_slice] = mla.attend_expanded(q_nope[:, p.token_slice], q_pe[:, p.token_slice], kv, mask)[0]
+            out[p.token_slice] = mla.attend_expanded(q_nope[:, p.token_slice], q_pe[:, p.token_slice], kv, mask, p.adapter)[0]
         return out[None]

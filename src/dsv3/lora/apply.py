@@ -15,18 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dsv3.errors import DSV3Error
-from dsv3.lora.layers import ExpertsLoRA, LoRALinear, init_lora_, lora_scaling
+from dsv3.lora.layers import AdapterError, ExpertsLoRA, LoRALinear, init_lora_, is_adaptable_linear, lora_scaling
+from dsv3.lora.slots import SlotBatch
 from dsv3.model.moe import Experts
 
 MLA_TARGETS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 DEFAULT_TARGETS = MLA_TARGETS + MLP_TARGETS
 REFUSED = ("gate", "lm_head", "embed_tokens", "e_score_correction_bias", "eh_proj")
-
-
-class AdapterError(DSV3Error):
-    """An adapter or its settings do not fit the model (bad target, shape, format or field)."""
 
 
 @dataclass
@@ -77,7 +73,7 @@ def inject_lora(model: nn.Module, spec: LoRASpec, init: bool = True) -> list[str
     for name, module in list(model.named_modules()):
         if _is_mtp(name):
             continue
-        if isinstance(module, nn.Linear) and not name.endswith("lm_head") and _matches(name, spec.target_modules):
+        if is_adaptable_linear(module) and not name.endswith("lm_head") and _matches(name, spec.target_modules):
             if ".experts." in name:
                 continue
             wrapped = LoRALinear(module, spec.r, spec.alpha, spec.lora_dropout, spec.use_rslora)
@@ -85,6 +81,8 @@ def inject_lora(model: nn.Module, spec: LoRASpec, init: bool = True) -> list[str
                 init_lora_(wrapped.lora_A.data, wrapped.lora_B.data)
             replace_module(model, name, wrapped)
             done.append(name)
+        elif spec.routed_experts and type(module).__name__ == "QuantExperts":
+            raise AdapterError(f"{name}: routed-expert adapters need full-precision experts (not supported with quantization)")
         elif isinstance(module, Experts) and spec.routed_experts:
             projs = [p for p in MLP_TARGETS if p in spec.target_modules or f"experts.{p}" in spec.target_modules]
             wrapped = ExpertsLoRA(module, {p: (spec.r, scaling) for p in projs}, spec.lora_dropout)
@@ -131,11 +129,16 @@ def set_merged(model: nn.Module, merged: bool) -> None:
         m.merge() if merged else m.unmerge()
 
 
-def set_slot_ids(model: nn.Module, slot_ids: torch.Tensor | None) -> None:
-    """Per-sequence adapter slots ([B], -1 = base model) for every LoRA linear; None = slot 0 for all."""
+def set_slot_ids(model: nn.Module, slot_ids: SlotBatch | torch.Tensor | None) -> None:
+    """Adapter slot per sequence ([B]) or per token ([N]) for every LoRA linear (-1 = the base model).
+
+    None = each layer's `default_slot`. One `SlotBatch` is shared by all layers, so the rows of each
+    adapter are grouped once per batch rather than once per layer.
+    """
+    batch = slot_ids if slot_ids is None or isinstance(slot_ids, SlotBatch) else SlotBatch(slot_ids)
     for _, m in lora_modules(model):
         if isinstance(m, LoRALinear):
-            m.slot_ids = slot_ids
+            m.slot_ids = batch
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:

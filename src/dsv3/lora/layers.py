@@ -1,9 +1,10 @@
 """LoRA layers: y = W x + s · B (A dropout(x)), with W frozen and only A [r, in], B [out, r] trained.
 
-`LoRALinear` wraps an `nn.Linear` and stores its adapters *stacked* ([slots, r, in], [slots, out, r])
-so that a batch can later carry one adapter id per sequence (weights gathered by index, as
-Punica/S-LoRA do); training and single-adapter inference use slot 0. `ExpertsLoRA` does the same for
-DeepSeekMoE's stacked routed experts, one (A, B) pair per expert, through the grouped matmul.
+`LoRALinear` wraps an `nn.Linear`, or a `QuantLinear` for QLoRA (the base runs through the packed
+kernel, the adapter in fp32). It stores its adapters *stacked* ([slots, r, in], [slots, out, r]) so
+that a batch can carry one adapter per sequence or per token (`slot_ids`, a `SlotBatch`): the rows of
+each adapter are gathered and multiplied by its own A and B, as Punica/S-LoRA do. Training and
+single-adapter inference use slot 0. Routed experts live in `dsv3.lora.experts`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.model.moe import Experts, grouped_linear
+from dsv3.errors import DSV3Error
+from dsv3.lora.experts import EXPERT_PROJ, ExpertsLoRA, grouped
+from dsv3.lora.slots import SlotBatch, as_slot_batch
+
+__all__ = ["EXPERT_PROJ", "AdapterError", "ExpertsLoRA", "LoRALinear", "grouped", "init_lora_", "is_adaptable_linear",
+           "lora_scaling"]  # the experts' names are re-exported from dsv3.lora.experts
+
+
+class AdapterError(DSV3Error):
+    """An adapter or its settings do not fit the model (bad target, shape, format or field)."""
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -30,21 +40,31 @@ def init_lora_(a: torch.Tensor, b: torch.Tensor) -> None:
         b.zero_()
 
 
-class LoRALinear(nn.Module):
-    """A frozen `nn.Linear` plus low-rank adapters; `dense_weight()` serves MLA's absorbed decode."""
+def is_adaptable_linear(module: nn.Module) -> bool:
+    """A plain linear or a weight-only quantized one (QLoRA); duck-typed so `lora` need not import `quant`."""
+    return isinstance(module, nn.Linear) or (hasattr(module, "fmt") and hasattr(module, "dense_weight")
+                                              and hasattr(module, "in_features"))
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+
+class LoRALinear(nn.Module):
+    """A frozen linear plus low-rank adapters; `dense_weight()` / `lora_terms()` serve MLA's absorbed decode."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  slots: int = 1):
         super().__init__()
         self.base_layer = base
+        self.quantized = not isinstance(base, nn.Linear)
         self.r, self.lora_alpha, self.use_rslora = r, alpha, use_rslora
-        kw = dict(dtype=base.weight.dtype, device=base.weight.device)
+        ref = next(base.buffers()) if self.quantized else base.weight
+        # QLoRA: the packed base has no float weight; the adapter (and its optimizer state) stays fp32.
+        kw = dict(dtype=torch.float32 if self.quantized else base.weight.dtype, device=ref.device)
         self.lora_A = nn.Parameter(torch.zeros(slots, r, base.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(slots, base.out_features, r, **kw))
-        self.register_buffer("scaling", torch.full((slots,), lora_scaling(alpha, r, use_rslora), device=base.weight.device),
+        self.register_buffer("scaling", torch.full((slots,), lora_scaling(alpha, r, use_rslora), device=ref.device),
                              persistent=False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.slot_ids: torch.Tensor | None = None  # [B] adapter slot per sequence, -1 = base; None = slot 0
+        self.slot_ids: SlotBatch | torch.Tensor | None = None  # per-row adapter slots, -1 = base; None = default_slot
+        self.default_slot = 0  # the slot used without slot_ids (-1 for served stacks: no adapter unless asked)
         self.merged = False
 
     @property
@@ -63,37 +83,53 @@ class LoRALinear(nn.Module):
         """s · B @ A in fp32 ([out, in]); fp32 so merging a bf16 model does not round the product twice."""
         return (self.lora_B[slot].float() @ self.lora_A[slot].float()) * self.scaling[slot].float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slot_ids: SlotBatch | torch.Tensor | None = None) -> torch.Tensor:
+        """`slot_ids` overrides `self.slot_ids` for this call (MLA's prefill re-expands one sequence's latents)."""
         y = self.base_layer(x)
         if self.merged:
             return y
         h = self.lora_dropout(x).to(self.lora_A.dtype)
-        if self.slot_ids is None:
-            delta = F.linear(F.linear(h, self.lora_A[0]), self.lora_B[0]) * self.scaling[0]
-        else:  # per-sequence adapters: gather each row's (A, B, s); slot -1 contributes nothing
-            ids = self.slot_ids.to(x.device)
-            if x.shape[0] != ids.shape[0]:  # MoE flattens [B, T, D] to [B·T, D] for the shared experts
-                ids = ids.repeat_interleave(x.shape[0] // ids.shape[0])
-            idx = ids.clamp(min=0)
-            s = (self.scaling[idx] * (ids >= 0)).view(-1, *([1] * (x.dim() - 1)))
-            lat = torch.einsum("b...i,bri->b...r", h, self.lora_A[idx])
-            delta = torch.einsum("b...r,bor->b...o", lat, self.lora_B[idx]) * s
-        return y + delta.to(y.dtype)
+        batch = as_slot_batch(slot_ids if slot_ids is not None else self.slot_ids)
+        if batch is None:
+            s = self.default_slot
+            if s < 0:
+                return y
+            return y + (F.linear(F.linear(h, self.lora_A[s]), self.lora_B[s]) * self.scaling[s]).to(y.dtype)
+        flat = h.reshape(-1, h.shape[-1])
+        delta = flat.new_zeros(flat.shape[0], self.out_features)
+        for slot, rows in batch.groups(flat.shape[0], flat.device):
+            part = F.linear(F.linear(flat if rows is None else flat[rows], self.lora_A[slot]), self.lora_B[slot]) * self.scaling[slot]
+            delta = part if rows is None else delta.index_copy_(0, rows, part)  # each row is in one group only
+        return y + delta.view(y.shape).to(y.dtype)
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight [out, in]; a quantized base is dequantized (and cached by `QuantLinear`)."""
+        return self.base_layer.dense_weight() if self.quantized else self.base_layer.weight
 
     def dense_weight(self) -> torch.Tensor:
-        """W + s·BA in the weight dtype: what MLA's absorbed attention folds into queries and outputs."""
-        w = self.base_layer.weight
+        """W + s·BA for the batch's one adapter: what MLA's absorbed attention folds into queries and outputs."""
+        w = self.base_weight()
         if self.merged:
             return w
-        if self.slot_ids is not None and bool((self.slot_ids != self.slot_ids[0]).any()):
-            raise RuntimeError("absorbed MLA needs one kv_b_proj weight per batch; a mixed-adapter batch must use per-slot attention")
-        slot = 0 if self.slot_ids is None else int(self.slot_ids[0])
+        batch = as_slot_batch(self.slot_ids)
+        slot = self.default_slot if batch is None else batch.uniform
+        if slot is None:
+            raise RuntimeError("a mixed-adapter batch has no single kv_b_proj weight; pass its slots to MLA.attend_absorbed")
         if slot < 0:
             return w
         return (w.float() + self.delta_weight(slot)).to(w.dtype)
 
+    def lora_terms(self, slot_ids: SlotBatch | torch.Tensor, rows: int) -> list[tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(batch rows, A [r, in], B [out, r], s) per adapter present among `rows` batch rows (base rows omitted)."""
+        batch = as_slot_batch(slot_ids)
+        return [(slice(None) if idx is None else idx, self.lora_A[s], self.lora_B[s], self.scaling[s])
+                for s, idx in batch.groups(rows, self.lora_A.device)]
+
     @torch.no_grad()
     def merge(self) -> None:
+        if self.quantized:
+            raise AdapterError("an adapter cannot be merged into a quantized layer; merge it into the full-precision "
+                               "checkpoint (dsv3 merge) and quantize the result")
         if not self.merged:
             w = self.base_layer.weight
             w.copy_((w.float() + self.delta_weight()).to(w.dtype))
@@ -104,120 +140,4 @@ class LoRALinear(nn.Module):
         if self.merged:
             w = self.base_layer.weight
             w.copy_((w.float() - self.delta_weight()).to(w.dtype))
-            self.merged = False
-
-
-class _GroupedFrozen(torch.autograd.Function):
-    """Grouped matmul with a frozen weight: backward is one more grouped matmul (dx = dy · W_g), no dW."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(w, offs)
-        return grouped_linear(x, w, offs)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        w, offs = ctx.saved_tensors
-        return grouped_linear(grad.contiguous(), w.transpose(1, 2), offs), None, None
-
-
-def grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """`grouped_linear`, but differentiable on every backend when autograd is recording.
-
-    torch's CPU `grouped_mm` has no working backward, and the CUDA kernel takes bf16 only: frozen expert
-    weights get a hand-written backward; trainable (LoRA) ones run one matmul per non-empty expert.
-    """
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    kernel_ok = x.dtype == w.dtype and (x.dtype == torch.bfloat16 or not x.is_cuda)
-    if kernel_ok and (not needs_grad or x.is_cuda):
-        return grouped_linear(x, w, offs)
-    if kernel_ok and not w.requires_grad:  # frozen experts: keep the grouped kernel, supply its backward
-        return _GroupedFrozen.apply(x, w, offs)
-    sizes = torch.diff(offs.long(), prepend=offs.new_zeros(1).long()).tolist()
-    parts = [chunk @ w[g].to(x.dtype).T for g, chunk in enumerate(torch.split(x, sizes)) if chunk.shape[0]]
-    return torch.cat(parts) if parts else x.new_zeros(0, w.shape[1])
-
-
-# Where each adaptable projection sits in the stacked expert weights: (parameter, row slice kind).
-EXPERT_PROJ = {"gate_proj": ("gate_up_proj", "first"), "up_proj": ("gate_up_proj", "second"),
-               "gate_up_proj": ("gate_up_proj", "all"), "down_proj": ("down_proj", "all")}
-
-
-class ExpertsLoRA(nn.Module):
-    """Routed experts with per-expert adapters: A [E, r, in], B [E, out, r] per projection.
-
-    Projections are `gate_proj`/`up_proj`/`down_proj` (PEFT's per-expert names) or the fused
-    `gate_up_proj` (PEFT's `target_parameters` on transformers v5). With no projections it is just an
-    autograd-safe wrapper around frozen experts, which training needs on CPU. Keeps `Experts.forward`'s
-    signature, so the MoE block is unchanged.
-    """
-
-    def __init__(self, base: Experts, specs: dict[str, tuple[int, float]], dropout: float = 0.0):
-        super().__init__()
-        self.base_layer = base
-        E, two_im, D = base.gate_up_proj.shape
-        self.im = two_im // 2
-        dims = {"gate_proj": (D, self.im), "up_proj": (D, self.im), "gate_up_proj": (D, two_im), "down_proj": (self.im, D)}
-        kw = dict(dtype=base.gate_up_proj.dtype, device=base.gate_up_proj.device)
-        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
-        self.scaling: dict[str, float] = {}
-        for proj, (r, scaling) in specs.items():
-            d_in, d_out = dims[proj]
-            self.lora_A[proj] = nn.Parameter(torch.zeros(E, r, d_in, **kw))
-            self.lora_B[proj] = nn.Parameter(torch.zeros(E, d_out, r, **kw))
-            self.scaling[proj] = scaling
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-
-    def _delta(self, proj: str, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        h = self.lora_dropout(x).to(self.lora_A[proj].dtype)
-        return grouped(grouped(h, self.lora_A[proj], offs), self.lora_B[proj], offs) * self.scaling[proj]
-
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, D], idx/weights [N, K] -> [N, D], as `Experts.forward`, plus the adapters' deltas."""
-        base, N, K = self.base_layer, idx.shape[0], idx.shape[1]
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        token = order // K
-        offs = torch.bincount(flat, minlength=base.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
-        xs = x[token]
-        gu = grouped(xs, base.gate_up_proj, offs)
-        live = {} if self.merged else self.lora_A
-        if "gate_up_proj" in live:
-            gu = gu + self._delta("gate_up_proj", xs, offs).to(gu.dtype)
-        gate, up = gu.chunk(2, dim=-1)
-        if "gate_proj" in live:
-            gate = gate + self._delta("gate_proj", xs, offs).to(gate.dtype)
-        if "up_proj" in live:
-            up = up + self._delta("up_proj", xs, offs).to(up.dtype)
-        h = F.silu(gate) * up
-        y = grouped(h, base.down_proj, offs)
-        if "down_proj" in live:
-            y = y + self._delta("down_proj", h, offs).to(y.dtype)
-        y = y.float() * weights.flatten()[order, None]
-        return torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device).index_add(0, token, y).to(x.dtype)
-
-    def delta_weight(self, proj: str) -> torch.Tensor:
-        """[E, out, in] fp32 update of one projection."""
-        return torch.bmm(self.lora_B[proj].float(), self.lora_A[proj].float()) * self.scaling[proj]
-
-    def _target(self, proj: str) -> torch.Tensor:
-        param, rows = EXPERT_PROJ[proj]
-        w = getattr(self.base_layer, param)
-        return w[:, : self.im] if rows == "first" else w[:, self.im:] if rows == "second" else w
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            for proj in self.lora_A:
-                t = self._target(proj)
-                t.copy_((t.float() + self.delta_weight(proj)).to(t.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            for proj in self.lora_A:
-                t = self._target(proj)
-                t.copy_((t.float() - self.delta_weight(proj)).to(t.dtype))
             self.merged = False

@@ -3,7 +3,8 @@
 Every targeted linear holds all adapters stacked ([slots, r_max, in], [slots, out, r_max]; a smaller
 rank is zero-padded, a module an adapter does not target holds zeros in its slot), and a batch names
 each sequence's slot with `set_slot_ids` (-1 = the base model). This is the Punica/S-LoRA gather form,
-so requests for different adapters and for the base model share one forward pass.
+so requests for different adapters and for the base model share one forward pass. Without slot ids
+the stacked model is the base model (`default_slot = -1`). A quantized base (QuantLinear) is wrapped too.
 """
 
 from __future__ import annotations
@@ -44,5 +45,6 @@ def load_stacked(model: torch.nn.Module, adapter_dirs: Sequence[str | Path]) -> 
                 layer.lora_B[slot, :, : a.shape[0]] = b
                 layer.scaling[slot] = scaling
         layer.requires_grad_(False)
+        layer.default_slot = -1  # without slot ids a served stack is the base model
         replace_module(model, path, layer)
     return sorted(per_module)

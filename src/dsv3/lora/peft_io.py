@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dsv3.lora.apply import AdapterError, LoRASpec, lora_modules, mark_trainable, replace_module
-from dsv3.lora.layers import EXPERT_PROJ, ExpertsLoRA, LoRALinear, lora_scaling
+from dsv3.lora.layers import EXPERT_PROJ, ExpertsLoRA, LoRALinear, is_adaptable_linear, lora_scaling
 from dsv3.lora.targets import scale_patterns, target_regex
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -147,9 +147,10 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> LoRASpec:
 
 def _is_linear(model: torch.nn.Module, path: str) -> bool:
     try:
-        return isinstance(model.get_submodule(path), (torch.nn.Linear, LoRALinear))
+        mod = model.get_submodule(path)
     except AttributeError:
         return False
+    return isinstance(mod, LoRALinear) or is_adaptable_linear(mod)
 
 
 def _module(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -161,7 +162,7 @@ def _module(model: torch.nn.Module, path: str) -> torch.nn.Module:
 
 def _load_linear(model, path: str, a: torch.Tensor, b: torch.Tensor, scaling: float, cfg: dict) -> None:
     mod = _module(model, path)
-    if not isinstance(mod, (torch.nn.Linear, LoRALinear)):
+    if not (isinstance(mod, LoRALinear) or is_adaptable_linear(mod)):
         raise AdapterError(f"the adapter targets {path}, which is a {type(mod).__name__}, not a linear layer")
     r = a.shape[0]
     if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != (r, mod.in_features) or tuple(b.shape) != (mod.out_features, r):

@@ -13,7 +13,7 @@ import re
 import torch
 
 from dsv3.lora.apply import LoRASpec, MLP_TARGETS, lora_modules
-from dsv3.lora.layers import ExpertsLoRA, LoRALinear, lora_scaling
+from dsv3.lora.layers import ExpertsLoRA, LoRALinear, is_adaptable_linear, lora_scaling
 from dsv3.model.moe import Experts
 
 
@@ -28,11 +28,11 @@ def target_regex(model: torch.nn.Module) -> str:
         if n.startswith("model.mtp.") or n.endswith("lm_head"):
             continue
         n0 = n.removesuffix(".base_layer")
-        if isinstance(m, (torch.nn.Linear, LoRALinear)):
+        if isinstance(m, LoRALinear) or is_adaptable_linear(m):  # quantized (QLoRA) linears count too
             candidates.add(n0)
         if isinstance(m, LoRALinear):
             names.add(n)
-        if isinstance(m, Experts):
+        if isinstance(m, Experts) or type(m).__name__ == "QuantExperts":
             candidates.update(f"{n0}.{p}" for p in MLP_TARGETS)
         if isinstance(m, ExpertsLoRA):
             names.update(f"{n}.{p}" for p in m.lora_A)

@@ -42,6 +42,8 @@ class FinetuneConfig:
     use_rslora: bool = False
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     routed_experts: bool = False
+    quantization: str = "none"                 # QLoRA: "int8" or "int4" quantizes the frozen base (weight-only)
+    group_size: int = 128                      # int4: input channels per scale/zero-point group
     train_steps: int = 0                       # 0: derive from epochs
     epochs: float = 1.0
     warmup_ratio: float = 0.1
@@ -80,6 +82,17 @@ class FinetuneConfig:
             raise FinetuneConfigError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
         if self.template not in ("chat", "alpaca"):
             raise FinetuneConfigError(f"template must be 'chat' or 'alpaca', got {self.template!r}")
+        if self.quantization not in ("none", "int8", "int4"):
+            raise FinetuneConfigError(f"quantization must be none, int8 or int4, got {self.quantization!r}")
+        if self.quantization == "int4":
+            from dsv3.quant.schemes import check_group_size
+
+            try:
+                check_group_size(self.group_size)
+            except DSV3Error as e:
+                raise FinetuneConfigError(f"group_size: {e}") from None
+        if self.quantization != "none" and self.routed_experts:
+            raise FinetuneConfigError("routed_experts adapters need full-precision experts; use quantization: none")
         self.lora_spec().check()
 
 

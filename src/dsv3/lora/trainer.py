@@ -90,6 +90,11 @@ class Trainer:
         self.warmup = int(cfg.warmup_ratio * self.total)
         dtype = torch.bfloat16 if self.autocast else torch.float32
         self.model = load_model(self.model_dir, dtype=dtype, device=self.device, with_mtp=False, progress=False)
+        if cfg.quantization != "none":  # QLoRA: adapters over a frozen int8/int4 base
+            from dsv3.lora.qlora import quantize_base
+
+            quantize_base(self.model, cfg.quantization, cfg.group_size)
+            log(f"base model quantized to {cfg.quantization} (QLoRA)")
         self.spec = cfg.lora_spec()
         inject_lora(self.model, self.spec)
         self.step = 0

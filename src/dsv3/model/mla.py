@@ -54,18 +54,31 @@ class MLA(nn.Module):
         out = ctx.attend(self.layer_idx, self, q_nope, q_pe, latent)
         return self.o_proj(out.flatten(2))
 
-    def kv_b_weight(self) -> torch.Tensor:
-        """kv_b_proj as a dense [H, dn+dv, kv_lora_rank] tensor (quantized layers dequantize here)."""
-        w = getattr(self.kv_b_proj, "dense_weight", None)
-        w = w() if callable(w) else self.kv_b_proj.weight
+    def kv_b_weight(self, with_lora: bool = True) -> torch.Tensor:
+        """kv_b_proj as a dense [H, dn+dv, kv_lora_rank] tensor (quantized layers dequantize here).
+
+        `with_lora=False` gives a LoRA layer's frozen base weight, when its deltas are applied per slot.
+        """
+        proj = self.kv_b_proj if with_lora else getattr(self.kv_b_proj, "base_layer", self.kv_b_proj)
+        w = getattr(proj, "dense_weight", None)
+        w = w() if callable(w) else proj.weight
         return w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
 
+    def _kv_b_lora(self, slots, rows: int) -> list | None:
+        """kv_b_proj's per-adapter terms (rows, A, B, s) for a multi-adapter batch; None without one."""
+        terms = getattr(self.kv_b_proj, "lora_terms", None)
+        return None if slots is None or terms is None else terms(slots, rows)
+
     def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
-                        mask: torch.Tensor | None) -> torch.Tensor:
-        """Standard attention after expanding the latent. q_* [B,T,H,*], kv [B,S,Rkv+dr] -> [B,T,H,dv]."""
+                        mask: torch.Tensor | None, slots=None) -> torch.Tensor:
+        """Standard attention after expanding the latent. q_* [B,T,H,*], kv [B,S,Rkv+dr] -> [B,T,H,dv].
+
+        `slots` (adapter slot per kv row [B], a multi-LoRA engine's) picks kv_b_proj's adapter for the keys.
+        """
         B, S, _ = kv.shape
         c, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_nope, v = self.kv_b_proj(c).view(B, S, self.n_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+        kv_b = self.kv_b_proj(c) if slots is None or not hasattr(self.kv_b_proj, "lora_terms") else self.kv_b_proj(c, slots)
+        k_nope, v = kv_b.view(B, S, self.n_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         causal = mask is None and q.shape[1] > 1
@@ -74,12 +87,21 @@ class MLA(nn.Module):
         return o.transpose(1, 2)
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
-                        mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention over the latent: scores = (q_nope W_UK)·c + q_pe·k_pe, output = W_UV (p·c)."""
-        w = self.kv_b_weight()
+                        mask: torch.Tensor | None, slots=None) -> torch.Tensor:
+        """Attention over the latent: scores = (q_nope W_UK)·c + q_pe·k_pe, output = W_UV (p·c).
+
+        With `slots` (adapter slot per batch row), kv_b_proj's LoRA deltas s·B·A are applied in the
+        absorbed form per adapter, q_lat += s·(q_nope·B_UK)·A and out += s·(o_lat·Aᵀ)·B_UVᵀ, so a batch
+        mixing adapters never needs a kv_b weight per sequence.
+        """
+        terms = self._kv_b_lora(slots, q_nope.shape[0])
+        w = self.kv_b_weight(with_lora=terms is None)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]
         c, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        for rows, a, b, s in terms or ():
+            b_uk = b.to(q_nope.dtype).view(self.n_heads, -1, b.shape[-1])[:, : self.nope_dim]
+            q_lat[rows] += s * torch.einsum("bthr,rc->bthc", torch.einsum("bthd,hdr->bthr", q_nope[rows], b_uk), a.to(q_nope.dtype))
         scores = torch.einsum("bthc,bsc->bhts", q_lat, c) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
         scores = scores.float() * self.scale
         if mask is not None:
@@ -89,4 +111,8 @@ class MLA(nn.Module):
             scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=kv.device).tril(S - T).logical_not(), float("-inf"))
         p = scores.softmax(dim=-1).to(c.dtype)
         o_lat = torch.einsum("bhts,bsc->bthc", p, c)
-        return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)
+        out = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)
+        for rows, a, b, s in terms or ():
+            b_uv = b.to(o_lat.dtype).view(self.n_heads, -1, b.shape[-1])[:, self.nope_dim:]
+            out[rows] += s * torch.einsum("bthr,hdr->bthd", torch.einsum("bthc,rc->bthr", o_lat[rows], a.to(o_lat.dtype)), b_uv)
+        return out

@@ -45,9 +45,9 @@ class Gate(nn.Module):
         if self.topk_method != "greedy" and self.n_group > 1:
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
             group_scores = grouped.topk(2, dim=-1)[0].sum(-1) if self.topk_method == "noaux_tc" else grouped.amax(-1)
-            keep = torch.zeros_like(group_scores, dtype=torch.bool)
-            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1)[1], True)
-            choice = choice.masked_fill(~keep.repeat_interleave(self.n_experts // self.n_group, dim=1), float("-inf"))
+            drop = torch.ones_like(group_scores, dtype=torch.bool)
+            drop.scatter_(1, group_scores.topk(self.topk_group, dim=-1)[1], False)
+            choice = grouped.masked_fill(drop[..., None], float("-inf")).view_as(choice)
         idx = choice.topk(self.top_k, dim=-1)[1]
         weights = scores.gather(1, idx)
         if self.norm_topk_prob and self.top_k > 1:
@@ -55,10 +55,38 @@ class Gate(nn.Module):
         return weights * self.scaling, idx, scores
 
 
+@torch.library.custom_op("dsv3::grouped_mm", mutates_args=())
+def _grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """F.grouped_mm as an opaque op, so torch.compile can trace the MoE on CPU in fp32
+    (the op's own fake-tensor rule accepts only the bf16 CUDA case)."""
+    return F.grouped_mm(x, w_t, offs=offs)
+
+
+@_grouped_mm.register_fake
+def _(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w_t.shape[-1])
+
+
+def _grouped_mm_backward(ctx, grad: torch.Tensor):
+    x, w_t, offs = ctx.saved_tensors
+    dx = F.grouped_mm(grad, w_t.transpose(1, 2), offs=offs) if ctx.needs_input_grad[0] else None
+    dw = F.grouped_mm(x.t(), grad, offs=offs) if ctx.needs_input_grad[1] else None  # [G, in, out], per group
+    return dx, dw, None
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by group, group g = rows [offs[g-1], offs[g]); w [G, out, in] -> [rows, out]."""
     aligned = (x.shape[-1] * x.element_size()) % 16 == 0 and (w.shape[1] * w.element_size()) % 16 == 0
     if aligned and x.dtype == w.dtype:
+        if torch.compiler.is_compiling():
+            return _grouped_mm(x, w.transpose(1, 2), offs)
         return F.grouped_mm(x, w.transpose(1, 2), offs=offs)
     # Fallback for odd widths/dtypes the grouped kernel rejects: one matmul per non-empty expert.
     out = x.new_empty(x.shape[0], w.shape[1])
@@ -85,7 +113,8 @@ class Experts(nn.Module):
         flat = idx.flatten()
         order = flat.argsort(stable=True)
         token = order // K
-        offs = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
+        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.int32, device=x.device)
+        offs = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
         gate, up = grouped_linear(x[token], self.gate_up_proj, offs).chunk(2, dim=-1)
         y = grouped_linear(F.silu(gate) * up, self.down_proj, offs)
         y = y.float() * weights.flatten()[order, None]

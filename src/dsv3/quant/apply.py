@@ -8,6 +8,7 @@ bias), because they are small and routing decisions are sensitive to them.
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Sequence
 
@@ -44,6 +45,24 @@ def quant_targets(model: nn.Module, include_lm_head: bool = False) -> list[tuple
     return out
 
 
+def ckpt_name(name: str, num_layers: int) -> str:
+    """Internal module/tensor name -> checkpoint name (MTP module k is layer L+k)."""
+    m = re.match(r"^model\.mtp\.(\d+)\.(block\.)?(.*)$", name)
+    return f"model.layers.{num_layers + int(m.group(1))}.{m.group(3)}" if m else name
+
+
+def group_sizes(model: nn.Module, targets: list[tuple[str, nn.Module]], fmt: Format) -> dict[str, int]:
+    """Checkpoint name -> int4 group, for the matrices whose group differs from the requested one."""
+    L, out = model.config.num_hidden_layers, {}
+    for name, m in targets:
+        widths = ({"gate_proj": m.gate_up_proj.shape[-1], "up_proj": m.gate_up_proj.shape[-1], "down_proj": m.down_proj.shape[-1]}
+                  if isinstance(m, Experts) else {"": m.in_features})
+        for proj, K in widths.items():
+            if fmt.group_for(K) != fmt.group_size:
+                out[ckpt_name(name, L) + (f".*.{proj}" if proj else "")] = fmt.group_for(K)
+    return out
+
+
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -55,14 +74,14 @@ def convert(module: nn.Module, fmt: Format, clip: dict[str, torch.Tensor] | torc
     return QuantLinear.from_linear(module, fmt, clip)
 
 
-def quantization_config(method: str, fmt: Format, include_lm_head: bool) -> dict:
+def quantization_config(method: str, fmt: Format, include_lm_head: bool, groups: dict[str, int] | None = None) -> dict:
     """The `quantization_config` written to config.json (DeepSeek's own spelling for fp8)."""
     if method == "fp8":
         return {"quant_method": "fp8", **fmt.config()}
-    return {"quant_method": "dsv3", "format": fmt.name, **fmt.config(),
+    return {"quant_method": "dsv3", "format": fmt.name, **fmt.config(), **({"group_sizes": groups} if groups else {}),
             "calibration": "awq" if method == "awq" else "rtn", "lm_head": include_lm_head,
             "modules_not_converted": ["model.embed_tokens", "*norm*", "*.mlp.gate"] + ([] if include_lm_head else ["lm_head"]),
-            "version": 1}
+            "version": 2 if groups else 1}
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 128, zero_point: bool = True,
@@ -88,9 +107,10 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, zero_po
                           f"tokens (forced routing): {clips.forced_experts}", stacklevel=2)
         model.awq_forced_experts = clips.forced_experts
     targets = quant_targets(model, include_lm_head)
+    groups = group_sizes(model, targets, fmt) if fmt.name == "int4" else None
     for name, module in tqdm(targets, desc=f"quantizing ({method})", disable=not progress):
         set_module(model, name, convert(module, fmt, clips.get(name)))
-    qc = quantization_config(method, fmt, include_lm_head)
+    qc = quantization_config(method, fmt, include_lm_head, groups)
     model.config.quantization_config = qc
     return qc
 

@@ -1,24 +1,28 @@
 """AWQ (arXiv 2306.00978) for DeepSeek-V3 blocks: activation-aware scales, then clipping, before int4.
 
 For each group of linears sharing one input, search s = x̄^α / w̄^(1−α) (α on a 20-point grid,
-AutoAWQ's `duo_scaling`) minimising the group's output error with Q(W·diag(s))·diag(s)⁻¹, then fold:
-the producer of the input (an RMSNorm, or the rows of the previous linear) is divided by s and
-the consumers' input columns multiplied by s — the float model computes the same function.
+AutoAWQ's `duo_scaling`, normalised by √(max·min)), and s = 1 — that grid lacks the identity, so
+without it AWQ can score worse than plain rounding on a group with no salient channels — minimising the mean squared error of the output
+of the whole module those linears feed — the attention block for every MLA projection, the MLP or
+the MoE (routing fixed) for gate/up, the expert for its down projection — with each candidate's
+weights replaced by Q(W·diag(s))·diag(s)⁻¹. Then fold: the producer of the input (an RMSNorm, or
+the rows of the previous linear) is divided by s and the consumers' input columns multiplied by s,
+so the float model computes the same function.
 
 Groups in a V3 block: input_layernorm → [q_a_proj | q_proj, kv_a_proj_with_mqa]; q_a_layernorm →
-q_b_proj; kv_a_layernorm → kv_b_proj; value rows of kv_b_proj → o_proj; post_attention_layernorm →
-dense gate/up, or → shared + all routed gate/up with the router's columns multiplied by s (it reads
-the same normed input, so its logits — hence routing — are unchanged); up rows → down per expert.
-A routed expert that no calibration token reaches is calibrated on *all* tokens (forced routing)
-and reported, so it is neither a crash nor silently unscaled. Then per-group clipping of |W|
-(AutoAWQ's grid, q/k-producing projections skipped). Layers are processed in order, each on the
-float outputs of the previous one. MTP modules are quantized without calibration (round-to-nearest).
+q_b_proj; kv_a_layernorm → kv_b_proj; value rows of kv_b_proj → o_proj (per head); post_attention_
+layernorm → dense gate/up, or → shared + all routed gate/up with the router's columns multiplied
+by s (it reads the same normed input, so its logits — hence routing — are unchanged); up rows →
+down per expert. A routed expert that no calibration token reaches is calibrated on *all* tokens
+(forced routing) and reported, so it is neither a crash nor silently unscaled. Then per-group
+clipping of |W| (AutoAWQ's grid, q/k-producing projections skipped). Layers are processed in
+order, each on the float outputs of the previous one. MTP modules are quantized round-to-nearest.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import torch
@@ -28,8 +32,8 @@ from tqdm.auto import tqdm
 
 from dsv3.model.attention import AttentionContext
 from dsv3.model.layers import MLP
-from dsv3.model.moe import Experts, MoE
-from dsv3.quant.schemes import ceil_to, pseudo_quantize_int4
+from dsv3.model.moe import MoE
+from dsv3.quant.schemes import ceil_to, effective_group, pseudo_quantize_int4
 
 
 @dataclass
@@ -41,31 +45,48 @@ class AWQResult:
         return self.clips.get(name, default)
 
 
+@contextmanager
+def _swapped(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
+    """Temporarily give `params` other data (a candidate's fake-quantized weights)."""
+    saved = [p.data for p in params]
+    for p, v in zip(params, values):
+        p.data = v
+    try:
+        yield
+    finally:
+        for p, d in zip(params, saved):
+            p.data = d
+
+
 class _Search:
     """The scale and clip searches, sharing the quantizer settings."""
 
     def __init__(self, group_size: int, zero_point: bool, n_grid: int = 20, max_shrink: float = 0.5, clip_tokens: int = 512):
         self.g, self.zp, self.n_grid, self.max_shrink, self.clip_tokens = group_size, zero_point, n_grid, max_shrink, clip_tokens
 
-    def q(self, w: torch.Tensor) -> torch.Tensor:
-        return pseudo_quantize_int4(w, self.g, self.zp)
+    def group(self, K: int) -> int:
+        return effective_group(K, self.g)
 
-    def scale(self, x: torch.Tensor, weights: Sequence[torch.Tensor], run: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
-        """Best per-input-channel s [K] for the weights (input dim last) read by `run`."""
-        K = x.shape[-1]
+    def q(self, w: torch.Tensor) -> torch.Tensor:
+        return pseudo_quantize_int4(w, self.group(w.shape[-1]), self.zp)
+
+    def scale(self, x: torch.Tensor, params: Sequence[torch.Tensor], run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Best per-input-channel s [K] for `params` (input dim last); `run()` computes the inspected output."""
+        K, g = x.shape[-1], self.group(x.shape[-1])
         x_mean = x.abs().float().reshape(-1, K).mean(0)
-        rows = torch.cat([w.reshape(-1, K).float() for w in weights])
-        Kp = ceil_to(K, self.g)
-        grp = F.pad(rows.abs(), (0, Kp - K)).view(rows.shape[0], -1, self.g)
+        rows = torch.cat([w.detach().reshape(-1, K).float() for w in params])
+        Kp = ceil_to(K, g)
+        grp = F.pad(rows.abs(), (0, Kp - K)).view(rows.shape[0], -1, g)
         w_mean = (grp / (grp.amax(-1, keepdim=True) + 1e-6)).view(rows.shape[0], Kp)[:, :K].mean(0)
-        ref = run(list(weights)).float()
-        best, best_s = float("inf"), torch.ones(K)
-        for i in range(self.n_grid):
+        ref = run().float()
+        best, best_s = float("inf"), torch.ones(K, device=x.device)
+        for i in range(-1, self.n_grid):  # -1: s = 1, plain round-to-nearest, so AWQ never scores worse than it
             a = i / self.n_grid
-            s = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4)
+            s = torch.ones(K, device=x.device) if i < 0 else (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            cand = [(self.q(w.float() * s) / s).to(w.dtype) for w in weights]
-            err = (run(cand).float() - ref).pow(2).mean().item()
+            cand = [(self.q(w.detach().float() * s) / s).to(w.dtype) for w in params]
+            with _swapped(params, cand):
+                err = (run().float() - ref).pow(2).mean().item()
             if err < best:
                 best, best_s = err, s
         return best_s
@@ -73,18 +94,19 @@ class _Search:
     def clip(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Per (row, group) cap on |w| minimising the group-wise output error on sampled inputs."""
         N, K = w.shape
-        Kp = ceil_to(K, self.g)
+        g = self.group(K)
+        Kp = ceil_to(K, g)
         x = x.reshape(-1, K).float()
         x = x[:: max(1, x.shape[0] // self.clip_tokens)][: self.clip_tokens]
-        xg = F.pad(x, (0, Kp - K)).view(x.shape[0], -1, self.g)  # [n, G, g]
-        wg = F.pad(w.float(), (0, Kp - K)).view(N, -1, self.g)  # [N, G, g]
+        xg = F.pad(x, (0, Kp - K)).view(x.shape[0], -1, g)  # [n, G, g]
+        wg = F.pad(w.float(), (0, Kp - K)).view(N, -1, g)  # [N, G, g]
         ref = torch.einsum("ngk,ogk->ogn", xg, wg)
         org_max = wg.abs().amax(-1)
         best_err, best = torch.full_like(org_max, float("inf")), org_max.clone()
         for i in range(int(self.max_shrink * self.n_grid)):
             cap = org_max * (1 - i / self.n_grid)
-            q = pseudo_quantize_int4(w.float(), self.g, self.zp, clip=cap)
-            qg = F.pad(q, (0, Kp - K)).view(N, -1, self.g)
+            q = pseudo_quantize_int4(w.float(), g, self.zp, clip=cap)
+            qg = F.pad(q, (0, Kp - K)).view(N, -1, g)
             err = (torch.einsum("ngk,ogk->ogn", xg, qg) - ref).pow(2).mean(-1)
             better = err < best_err
             best_err, best = torch.where(better, err, best_err), torch.where(better, cap, best)
@@ -92,80 +114,78 @@ class _Search:
 
 
 @torch.no_grad()
-def _fold_norm(norm: nn.Module, s: torch.Tensor, consumers: Sequence[torch.Tensor]) -> None:
-    norm.weight.div_(s.to(norm.weight.dtype))
+def _fold(producer: torch.Tensor, s: torch.Tensor, consumers: Sequence[torch.Tensor]) -> None:
+    """producer (a norm weight [K], or the rows [K, ...] of a linear) ÷ s; consumers' input columns × s."""
+    producer.div_(s.to(producer.dtype).view(-1, *([1] * (producer.dim() - 1))))
     for w in consumers:
         w.mul_(s.to(w.dtype))
 
 
-def _moe_run(moe: MoE, h: torch.Tensor) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """MoE output with candidate [routed gate_up, shared gate, shared up]; routing fixed to the float router."""
-    weights, idx, _ = moe.gate(h)
-    sh = moe.shared_experts
+@torch.no_grad()
+def _scale_attention(attn: nn.Module, norm: nn.Module, x: torch.Tensor, cos, sin, S: _Search) -> None:
+    """The four MLA groups, each scored on the attention block's output."""
+    h = norm(x)
 
-    def run(ws: list[torch.Tensor]) -> torch.Tensor:
-        fake = SimpleNamespace(gate_up_proj=ws[0], down_proj=moe.experts.down_proj)
-        y = Experts.forward(fake, h, idx, weights.float())
-        if sh is not None:
-            y = y + F.linear(F.silu(F.linear(h, ws[1])) * F.linear(h, ws[2]), sh.down_proj.weight)
-        return y
-    return run
+    def run() -> torch.Tensor:
+        return attn(h, cos, sin, AttentionContext())
+
+    first = [attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj, attn.kv_a_proj_with_mqa]
+    params = [m.weight for m in first]
+    s = S.scale(h, params, run)
+    _fold(norm.weight, s, params)
+    h = norm(x)
+    if attn.q_lora_rank is not None:
+        qa = attn.q_a_layernorm(attn.q_a_proj(h))
+        s = S.scale(qa, [attn.q_b_proj.weight], run)
+        _fold(attn.q_a_layernorm.weight, s, [attn.q_b_proj.weight])
+    lat = attn.kv_a_layernorm(attn.kv_a_proj_with_mqa(h)[..., : attn.kv_lora_rank])
+    s = S.scale(lat, [attn.kv_b_proj.weight], run)
+    _fold(attn.kv_a_layernorm.weight, s, [attn.kv_b_proj.weight])
+    o_in = _capture_input(attn.o_proj, run)
+    s = S.scale(o_in, [attn.o_proj.weight], lambda: attn.o_proj(o_in))  # = the attention output, heads fixed
+    H, dn, dv = attn.n_heads, attn.nope_dim, attn.v_dim
+    v_rows = (torch.arange(H)[:, None] * (dn + dv) + dn + torch.arange(dv)[None]).flatten()
+    w = attn.kv_b_proj.weight
+    w[v_rows] = w[v_rows] / s[:, None].to(w.dtype)
+    attn.o_proj.weight.mul_(s.to(attn.o_proj.weight.dtype))
 
 
 @torch.no_grad()
-def _scale_block(block: nn.Module, x: torch.Tensor, cos, sin, S: _Search, result: AWQResult, prefix: str) -> None:
-    attn = block.self_attn
-    h = block.input_layernorm(x)
-    first = [attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj, attn.kv_a_proj_with_mqa]
-    ws = [m.weight for m in first]
-    s = S.scale(h, ws, lambda c: torch.cat([F.linear(h, w) for w in c], -1))
-    _fold_norm(block.input_layernorm, s, ws)
-    h = block.input_layernorm(x)
-    if attn.q_lora_rank is not None:
-        qa = attn.q_a_layernorm(attn.q_a_proj(h))
-        s = S.scale(qa, [attn.q_b_proj.weight], lambda c: F.linear(qa, c[0]))
-        _fold_norm(attn.q_a_layernorm, s, [attn.q_b_proj.weight])
-    lat = attn.kv_a_layernorm(attn.kv_a_proj_with_mqa(h)[..., : attn.kv_lora_rank])
-    s = S.scale(lat, [attn.kv_b_proj.weight], lambda c: F.linear(lat, c[0]))
-    _fold_norm(attn.kv_a_layernorm, s, [attn.kv_b_proj.weight])
-    o_in = _capture_input(attn.o_proj, lambda: attn(h, cos, sin, AttentionContext()))
-    s = S.scale(o_in, [attn.o_proj.weight], lambda c: F.linear(o_in, c[0]))
-    H, dn, dv = attn.n_heads, attn.nope_dim, attn.v_dim
-    v_rows = (torch.arange(H)[:, None] * (dn + dv) + dn + torch.arange(dv)[None]).flatten()
-    attn.kv_b_proj.weight[v_rows] /= s[:, None].to(attn.kv_b_proj.weight.dtype)
-    attn.o_proj.weight.mul_(s.to(attn.o_proj.weight.dtype))
-    x2 = x + attn(block.input_layernorm(x), cos, sin, AttentionContext())
-    h2 = block.post_attention_layernorm(x2).reshape(-1, x.shape[-1])
-    mlp = block.mlp
+def _scale_mlp(block: nn.Module, x2: torch.Tensor, S: _Search, result: AWQResult, prefix: str) -> None:
+    """post_attention_layernorm → gate/up (dense, or shared + routed with the router), then up → down."""
+    norm, mlp = block.post_attention_layernorm, block.mlp
+    h = norm(x2).reshape(-1, x2.shape[-1])
     if isinstance(mlp, MLP):
-        ws = [mlp.gate_proj.weight, mlp.up_proj.weight]
-        s = S.scale(h2, ws, lambda c: F.linear(F.silu(F.linear(h2, c[0])) * F.linear(h2, c[1]), mlp.down_proj.weight))
-        _fold_norm(block.post_attention_layernorm, s, ws)
-        _scale_down(S, block.post_attention_layernorm(x2).reshape(-1, x.shape[-1]), mlp)
+        params = [mlp.gate_proj.weight, mlp.up_proj.weight]
+        s = S.scale(h, params, lambda: mlp(h))
+        _fold(norm.weight, s, params)
+        _scale_down(S, norm(x2).reshape(-1, x2.shape[-1]), mlp)
         return
-    sh = mlp.shared_experts
-    ws = [mlp.experts.gate_up_proj] + ([sh.gate_proj.weight, sh.up_proj.weight] if sh is not None else [])
-    run = _moe_run(mlp, h2)
-    s = S.scale(h2, ws, run if sh is not None else (lambda c: run([c[0], None, None])))
-    _fold_norm(block.post_attention_layernorm, s, ws)
-    mlp.gate.weight.mul_(s.to(mlp.gate.weight.dtype))  # the router reads the same normed input
-    h2 = block.post_attention_layernorm(x2).reshape(-1, x.shape[-1])
+    sh, ex = mlp.shared_experts, mlp.experts
+    weights, idx, _ = mlp.gate(h)
+
+    def run() -> torch.Tensor:  # the MoE output with routing fixed to the float router's choice
+        y = ex(h, idx, weights.float())
+        return y if sh is None else y + sh(h)
+
+    params = [ex.gate_up_proj] + ([sh.gate_proj.weight, sh.up_proj.weight] if sh is not None else [])
+    s = S.scale(h, params, run)
+    _fold(norm.weight, s, params + [mlp.gate.weight])  # the router reads the same normed input
+    h = norm(x2).reshape(-1, x2.shape[-1])
     if sh is not None:
-        _scale_down(S, h2, sh)
-    ex, Im = mlp.experts, mlp.experts.down_proj.shape[-1]
-    for e, xe in _expert_inputs(mlp, h2, result, f"{prefix}.mlp"):
-        up = ex.gate_up_proj[e, Im:]
-        mid = F.silu(F.linear(xe, ex.gate_up_proj[e, :Im])) * F.linear(xe, up)
-        s = S.scale(mid, [ex.down_proj[e]], lambda c: F.linear(mid, c[0]))
-        up.div_(s[:, None].to(up.dtype))
-        ex.down_proj[e].mul_(s.to(ex.down_proj.dtype))
+        _scale_down(S, h, sh)
+    Im = ex.down_proj.shape[-1]
+    for e, xe in _expert_inputs(mlp, h, result, f"{prefix}.mlp"):
+        gate, up, down = ex.gate_up_proj[e, :Im], ex.gate_up_proj[e, Im:], ex.down_proj[e]
+        mid = F.silu(F.linear(xe, gate)) * F.linear(xe, up)
+        s = S.scale(mid, [down], lambda: F.linear(mid, down))
+        _fold(up, s, [down])
 
 
 def _scale_down(S: _Search, h: torch.Tensor, mlp: MLP) -> None:
     mid = F.silu(mlp.gate_proj(h)) * mlp.up_proj(h)
-    s = S.scale(mid, [mlp.down_proj.weight], lambda c: F.linear(mid, c[0]))
-    mlp.up_proj.weight.div_(s[:, None].to(mlp.up_proj.weight.dtype))
-    mlp.down_proj.weight.mul_(s.to(mlp.down_proj.weight.dtype))
+    s = S.scale(mid, [mlp.down_proj.weight], lambda: mlp.down_proj(mid))
+    _fold(mlp.up_proj.weight, s, [mlp.down_proj.weight])
 
 
 def _expert_inputs(moe: MoE, h: torch.Tensor, result: AWQResult, name: str):
@@ -208,8 +228,7 @@ def _clip_block(block: nn.Module, x: torch.Tensor, cos, sin, S: _Search, result:
         h2 = h2.reshape(-1, x.shape[-1])
         ex, Im = block.mlp.experts, block.mlp.experts.down_proj.shape[-1]
         clips: dict[str, list[torch.Tensor]] = {"gate_proj": [], "up_proj": [], "down_proj": []}
-        scratch = AWQResult()
-        for e, xe in _expert_inputs(block.mlp, h2, scratch, ""):
+        for e, xe in _expert_inputs(block.mlp, h2, AWQResult(), ""):
             g, u = ex.gate_up_proj[e, :Im], ex.gate_up_proj[e, Im:]
             clips["gate_proj"].append(S.clip(g, xe))
             clips["up_proj"].append(S.clip(u, xe))
@@ -229,7 +248,9 @@ def awq_calibrate(model: nn.Module, calib: torch.Tensor | Sequence[Sequence[int]
     cos, sin = model.model.rotary(pos)
     for i, block in enumerate(tqdm(model.model.layers, desc="AWQ calibration", disable=not progress)):
         prefix = f"model.layers.{i}"
-        _scale_block(block, x, cos, sin, S, result, prefix)
+        _scale_attention(block.self_attn, block.input_layernorm, x, cos, sin, S)
+        x2 = x + block.self_attn(block.input_layernorm(x), cos, sin, AttentionContext())
+        _scale_mlp(block, x2, S, result, prefix)
         if clip:
             _clip_block(block, x, cos, sin, S, result, prefix)
         x = block(x, cos, sin, AttentionContext())

@@ -6,20 +6,24 @@ multiplies by one such matrix, and converts to and from the checkpoint tensors o
 | format | checkpoint tensors (per linear `<name>`)                                              |
 |--------|----------------------------------------------------------------------------------------|
 | int8   | `weight` int8 [N, K], `weight_scale` fp32 [N]                                          |
-| int4   | `weight_packed` uint8 [N, Kp/2], `weight_scale` fp32 [N, Kp/g], `weight_zero_point` uint8 [N, Kp/g] |
+| int4   | `weight_packed` uint8 [N, Kp/2], `weight_scale` fp32 [N, Kp/g], `weight_zero_point` uint8 [N, Kp/g] (g per matrix) |
 | fp8    | `weight` float8_e4m3fn [N, K], `weight_scale_inv` fp32 [⌈N/128⌉, ⌈K/128⌉] (DeepSeek's layout) |
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 
 from dsv3.quant import kernels as kn
-from dsv3.quant.schemes import (QuantError, ceil_to, check_group_size, dequantize_fp8_block, pack_nibbles,
-                                quantize_fp8_block, quantize_int4, quantize_int8, unpack_nibbles)
+from dsv3.quant.schemes import (INT4_GROUP_SIZES, QuantError, ceil_to, check_group_size, dequantize_fp8_block,
+                                effective_group, pack_nibbles, quantize_fp8_block, quantize_int4, quantize_int8,
+                                unpack_nibbles)
 
 Tensors = dict[str, torch.Tensor]
+_EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
 
 
 def _expect(d: Tensors, name: str, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -74,19 +78,44 @@ class Int8Format:
 
 
 class Int4Format:
-    """Weight-only int4 in groups of `group_size` input channels, with or without zero points."""
+    """Weight-only int4 in groups of input channels, with or without zero points.
+
+    `group_size` is the requested group; each matrix uses `effective_group(K, group_size)`, so narrow
+    inputs are not padded. A checkpoint lists every module whose group differs from `group_size` in
+    `group_sizes` (checkpoint name, routed experts as `<prefix>.experts.*.<proj>`), and loading
+    checks each tensor against the group recorded for it.
+    """
 
     name, bits = "int4", 4
     ckpt_keys = ("weight_packed", "weight_scale", "weight_zero_point")
 
-    def __init__(self, group_size: int = 128, zero_point: bool = True, device: torch.device | str = "cpu"):
+    def __init__(self, group_size: int = 128, zero_point: bool = True, device: torch.device | str = "cpu",
+                 group_sizes: dict[str, int] | None = None):
         self.group_size = check_group_size(group_size)
         self.zero_point = zero_point
         self.device = torch.device(device)
         self.kernel = self.device.type == "cpu" and kn.has_cpu_kernels()
+        self.group_sizes = {}
+        for k, v in (group_sizes or {}).items():
+            if not isinstance(v, int) or v not in INT4_GROUP_SIZES:
+                raise QuantError(f"quantization_config.group_sizes[{k!r}] is {v!r}, not one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+            self.group_sizes[k] = v
 
     def config(self) -> dict:
         return {"bits": 4, "group_size": self.group_size, "zero_point": self.zero_point}
+
+    def group_for(self, in_features: int) -> int:
+        """The group a matrix with `in_features` inputs is quantized with."""
+        return effective_group(in_features, self.group_size)
+
+    def stored_group(self, name: str) -> int:
+        """The group the checkpoint records for tensor prefix `name` (experts match `.experts.*.`)."""
+        return self.group_sizes.get(name, self.group_sizes.get(_EXPERT_INDEX.sub(".experts.*.", name), self.group_size))
+
+    @staticmethod
+    def tensor_group(t: Tensors) -> int:
+        """The group of packed tensors: Kp / number of groups."""
+        return t["packed"].shape[-1] * 2 // t["scale_zeros"].shape[-3]
 
     def _pack(self, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> Tensors:
         rows = ceil_to(u.shape[0], kn.INT4_ROW_MULTIPLE)
@@ -94,15 +123,17 @@ class Int4Format:
                 "scale_zeros": kn.int4_scale_zeros(s, z, rows).to(self.device)}
 
     def quantize(self, w: torch.Tensor, clip: torch.Tensor | None = None) -> Tensors:
+        g = self.group_for(w.shape[-1])
+
         def one(m: torch.Tensor, c: torch.Tensor | None = None) -> Tensors:
-            return self._pack(*quantize_int4(m, self.group_size, self.zero_point, c))
+            return self._pack(*quantize_int4(m, g, self.zero_point, c))
         if clip is None or w.dim() == 2:
             return _leading_loop(w, one) if clip is None else one(w, clip)
         parts = [one(m, c) for m, c in zip(w, clip)]
         return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
 
     def matmul(self, x: torch.Tensor, t: Tensors, out_features: int) -> torch.Tensor:
-        return kn.int4_mm(x, t["packed"], t["scale_zeros"], self.group_size, out_features, self.kernel)
+        return kn.int4_mm(x, t["packed"], t["scale_zeros"], self.tensor_group(t), out_features, self.kernel)
 
     def dequant(self, t: Tensors, out_features: int, in_features: int) -> torch.Tensor:
         def one(p: torch.Tensor, scz: torch.Tensor) -> torch.Tensor:
@@ -118,8 +149,9 @@ class Int4Format:
         return {"weight_packed": pack_nibbles(u), "weight_scale": s, "weight_zero_point": z}
 
     def load(self, d: Tensors, out_features: int, in_features: int, name: str) -> Tensors:
-        Kp = ceil_to(in_features, self.group_size)
-        G = Kp // self.group_size
+        g = self.stored_group(name)
+        Kp = ceil_to(in_features, g)
+        G = Kp // g
         p = _expect(d, name, "weight_packed", (out_features, Kp // 2), torch.uint8)
         s = _expect(d, name, "weight_scale", (out_features, G), torch.float32)
         z = _expect(d, name, "weight_zero_point", (out_features, G), torch.uint8)
@@ -166,11 +198,12 @@ class FP8Format:
 Format = Int8Format | Int4Format | FP8Format
 
 
-def make_format(fmt: str, group_size: int = 128, zero_point: bool = True, device: torch.device | str = "cpu") -> Format:
+def make_format(fmt: str, group_size: int = 128, zero_point: bool = True, device: torch.device | str = "cpu",
+                group_sizes: dict[str, int] | None = None) -> Format:
     if fmt == "int8":
         return Int8Format(device)
     if fmt == "int4":
-        return Int4Format(group_size, zero_point, device)
+        return Int4Format(group_size, zero_point, device, group_sizes)
     if fmt == "fp8":
         return FP8Format(device)
     raise QuantError(f"unknown quantized format {fmt!r} (use int8, int4 or fp8)")

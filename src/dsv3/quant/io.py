@@ -21,7 +21,7 @@ from dsv3.checkpoint import checkpoint_files, copy_tokenizer_files, export_tenso
 from dsv3.config import ModelConfig
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.moe import Experts
-from dsv3.quant.apply import quant_targets, set_module
+from dsv3.quant.apply import ckpt_name, quant_targets, set_module
 from dsv3.quant.experts import PROJ, QuantExperts
 from dsv3.quant.formats import FP8Format, make_format
 from dsv3.quant.linear import QuantLinear
@@ -31,12 +31,6 @@ from dsv3.safetensors_io import SafetensorsFile
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 QUANT_METHODS = ("dsv3", "fp8")
 _ROUTER = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
-
-
-def ckpt_name(name: str, num_layers: int) -> str:
-    """Internal module/tensor name -> checkpoint name (MTP module k is layer L+k)."""
-    m = re.match(r"^model\.mtp\.(\d+)\.(block\.)?(.*)$", name)
-    return f"model.layers.{num_layers + int(m.group(1))}.{m.group(3)}" if m else name
 
 
 def quantized_tensors(model: DeepseekV3ForCausalLM):
@@ -105,7 +99,10 @@ def _target_formats(cfg: ModelConfig, model: nn.Module, entries: dict[str, torch
     L = cfg.num_hidden_layers
     targets = quant_targets(model, include_lm_head=method == "fp8" or bool(qc.get("lm_head", False)))
     if method == "dsv3":
-        fmt = make_format(qc.get("format", ""), int(qc.get("group_size", 128)), bool(qc.get("zero_point", True)), device)
+        groups = qc.get("group_sizes") or {}
+        if not isinstance(groups, dict):
+            raise QuantError(f"config.json quantization_config.group_sizes is {type(groups).__name__}, expected a mapping name -> group")
+        fmt = make_format(qc.get("format", ""), int(qc.get("group_size", 128)), bool(qc.get("zero_point", True)), device, groups)
         return {name: fmt for name, _ in targets}
     out = {}
     for name, m in targets:  # fp8: a module is FP8 iff its checkpoint weight is

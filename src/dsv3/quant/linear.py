@@ -3,6 +3,11 @@
 It stores only the packed tensors as buffers, so `model.state_dict()` sizes and byte counts are
 the real ones. `dense_weight()` is what absorbed MLA reads for `kv_b_proj`; it is cached because
 decode calls it every step and unpacking int4 from the kernel layout is not free.
+
+The packed kernels have no autograd formula, so a frozen QuantLinear gets its own backward (QLoRA
+trains adapters through it): dX = dY · dequant(W), with W dequantized on the fly and dropped again,
+so only the packed weights stay resident. Unpacking int4 from the kernel's blocked layout uses a
+nibble order computed once per matrix shape (probing the layout per call costs ~0.5 s a matrix).
 """
 
 from __future__ import annotations
@@ -10,7 +15,52 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv3.quant import kernels as kn
 from dsv3.quant.formats import Format, Tensors
+
+_INT4_ORDER: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _int4_order(Np: int, Kp: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(byte index, bit shift) in the kernel's blocked layout of each row-major value of an [Np, Kp] int4
+    matrix; computed once per shape (9 bytes a value, for one matrix of each shape, not for each matrix)."""
+    key = (Np, Kp, str(device))
+    if key not in _INT4_ORDER:
+        src = kn._kernel_source_index(Np, Kp)  # kernel nibble i holds plain value src[i]
+        inv = torch.empty_like(src)
+        inv[src] = torch.arange(src.numel())
+        _INT4_ORDER[key] = ((inv >> 1).to(device), ((inv & 1) << 2).to(torch.uint8).to(device))
+    return _INT4_ORDER[key]
+
+
+def dequant(fmt: Format, t: Tensors, out_features: int, in_features: int) -> torch.Tensor:
+    """`fmt.dequant` (fp32 [..., out, in]), vectorised over stacked experts for int4 in the CPU kernel layout.
+
+    int4: w = u·s + (zero' − 8·s) per group, as `kernels.int4_dequant`, with u gathered straight from the
+    packed bytes through the cached nibble order (no per-call layout probing, no per-matrix loop).
+    """
+    if fmt.name != "int4" or not fmt.kernel:
+        return fmt.dequant(t, out_features, in_features)
+    p, scz = t["packed"], t["scale_zeros"]  # [..., Np, Kp/2], [..., G, Np, 2]
+    Np, Kp, G = p.shape[-2], p.shape[-1] * 2, scz.shape[-3]
+    byte, shift = _int4_order(Np, Kp, p.device)
+    u = (p.reshape(*p.shape[:-2], -1)[..., byte] >> shift) & 15
+    s, zf = scz[..., 0].transpose(-1, -2).float(), scz[..., 1].transpose(-1, -2).float()  # [..., Np, G]
+    w = torch.addcmul((zf - 8.0 * s)[..., None], u.view(*p.shape[:-2], Np, G, Kp // G).float(), s[..., None])
+    return w.flatten(-2)[..., :out_features, :in_features]
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """x·Wᵀ through the packed kernel with W frozen: the backward is dX = dY·W only (no dW)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "QuantLinear") -> torch.Tensor:
+        ctx.layer = layer
+        return layer.fmt.matmul(x, layer.tensors, layer.out_features)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.grad_weight().to(grad.dtype), None
 
 
 class QuantLinear(nn.Module):
@@ -39,8 +89,18 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = self.fmt.matmul(x.reshape(-1, shape[-1]), self.tensors, self.out_features)
+        x2 = x.reshape(-1, shape[-1])
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _PackedMatmul.apply(x2, self)
+        else:
+            y = self.fmt.matmul(x2, self.tensors, self.out_features)
         return y.view(*shape[:-1], self.out_features)
+
+    def grad_weight(self) -> torch.Tensor:
+        """fp32 W [out, in] for the backward pass: the decode cache if filled, else dequantized and not kept."""
+        if self._dense is not None:
+            return self._dense
+        return dequant(self.fmt, self.tensors, self.out_features, self.in_features)
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized weight [out, in] (cached), in the module's activation dtype."""

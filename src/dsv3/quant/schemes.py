@@ -9,7 +9,10 @@ the tests share one definition of what a quantized weight *means*:
 * fp8: e4m3 with one fp32 `weight_scale_inv` per 128×128 block, DeepSeek-V3's released layout.
 
 int4 is stored two values per byte along the input dimension: byte j of a row holds column 2j in
-its low nibble and column 2j+1 in its high nibble (rows padded with zeros to a whole group).
+its low nibble and column 2j+1 in its high nibble. A row narrower than the requested group, or not a
+multiple of it, uses the largest accepted group that divides it (`effective_group`: a 64-wide expert
+input gets groups of 64, not one half-empty group of 128); only widths no accepted group divides are
+zero-padded to a whole group.
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ class QuantError(DSV3Error):
 def check_group_size(group_size: int) -> int:
     if group_size not in INT4_GROUP_SIZES:
         raise QuantError(f"group size {group_size} is not supported (use one of {', '.join(map(str, INT4_GROUP_SIZES))})")
+    return group_size
+
+
+def effective_group(in_features: int, group_size: int) -> int:
+    """Group for rows `in_features` wide: the largest accepted size ≤ group_size dividing the width, else group_size (padded)."""
+    for g in sorted(INT4_GROUP_SIZES, reverse=True):
+        if g <= group_size and in_features % g == 0:
+            return g
     return group_size
 
 

@@ -89,7 +89,7 @@ def register(app: FastAPI, st: ServerState) -> None:
             return StreamingResponse(_stream(st, req, info, prompt, params, head, with_tools, len(ids)),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})
         final = None
-        async for out in generate(st, prompt, params, rid):
+        async for out in generate(st, prompt, params, rid, model):
             final = out
         choices = []
         for o in final.outputs:
@@ -123,7 +123,7 @@ async def _stream(st: ServerState, req: ChatCompletionRequest, info: dict, promp
     try:
         for i in range(n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-        async for out in with_keepalive(generate(st, prompt, params, head["id"]), st.config.keepalive_s):
+        async for out in with_keepalive(generate(st, prompt, params, head["id"], head["model"]), st.config.keepalive_s):
             if out is None:
                 yield KEEPALIVE
                 continue

@@ -83,7 +83,7 @@ def register(app: FastAPI, st: ServerState) -> None:
         rid, created = new_id("cmpl"), int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None}
         echo = [st.tokenizer.decode(p) if req.echo else "" for p in prompts]
-        runs = [generate(st, {"prompt_token_ids": ids}, params, f"{rid}-{k}")
+        runs = [generate(st, {"prompt_token_ids": ids}, params, f"{rid}-{k}", model)
                 for k, (ids, params) in enumerate(zip(prompts, params_list))]
         if req.stream:
             return StreamingResponse(_stream(st, req, info, runs, prompts, echo, head), media_type="text/event-stream",

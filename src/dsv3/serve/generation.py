@@ -62,8 +62,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-async def generate(st: ServerState, prompt: Any, params: SamplingParams, rid: str) -> AsyncIterator[RequestOutput]:
-    """Run one prompt on the engine with the queue bound and latency metrics."""
+async def generate(st: ServerState, prompt: Any, params: SamplingParams, rid: str,
+                   model: str | None = None) -> AsyncIterator[RequestOutput]:
+    """Run one prompt on the engine with the queue bound and latency metrics; `model` picks a LoRA adapter."""
     if st.inflight >= st.config.max_queue:
         raise APIError(503, f"the server is at its limit of {st.config.max_queue} queued requests; retry later",
                        code="server_overloaded", headers={"Retry-After": "1"})
@@ -71,7 +72,8 @@ async def generate(st: ServerState, prompt: Any, params: SamplingParams, rid: st
     m, t0 = st.metrics, time.monotonic()
     last, produced = None, 0
     try:
-        async for out in st.front.generate(prompt, params, rid):
+        adapter = st.adapter_id(model)
+        async for out in st.front.generate(prompt, params, rid, **({"adapter_id": adapter} if adapter else {})):
             now = time.monotonic()
             n_tok = sum(len(o.token_ids) for o in out.outputs)
             if m is not None and n_tok > produced:

@@ -66,6 +66,11 @@ class ServerState:
         raise APIError(404, f"the model {name!r} does not exist; this server serves {', '.join(map(repr, names))}",
                        param="model", code="model_not_found")
 
+    def adapter_id(self, model: str | None) -> int:
+        """The engine's adapter id for a checked model name: 0 = the served base model, k = the k-th --lora."""
+        names = self.config.lora_names
+        return names.index(model) + 1 if model in names else 0
+
     @property
     def grammar(self) -> Any:
         if self._grammar is None:

@@ -1,0 +1,181 @@
+"""bench/default_model_eval.py: each measurement against a hand-computed value, and a --quick run end to end
+on a tiny random model and a tiny shard directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from default_model import chat, completion, compression  # noqa: E402
+from default_model_eval import main  # noqa: E402
+
+from dsv3.data.builder import build, split_of  # noqa: E402
+from dsv3.data.instructions import iter_functions  # noqa: E402
+from dsv3.tokenizer import Tokenizer  # noqa: E402
+
+MODULE = textwrap.dedent('''\
+    """Module {k}."""
+    import math
+
+
+    def area_{k}(radius):
+        """Return the area of a circle of the given radius."""
+        value = math.pi * radius ** 2
+        return value + {k}
+
+
+    class Shape{k}:
+        """A shape."""
+
+        def scaled(self, factor):
+            """Compute the shape scaled by a factor."""
+            out = Shape{k}()
+            out.size = self.size * factor
+            return out
+    ''')
+
+
+def test_bits_per_byte_counts_every_token_once():
+    # Scorer with a known answer: log p(t) = -0.01 * t, so -log2 p(doc) = sum(0.01 * t) / ln 2 whatever the windows.
+    docs = [compression.Doc("stdlib/a.py", 10, [5, 7, 9, 11, 13, 1], b"0123456789"),
+            compression.Doc("pkg/b.py", 4, [3, 4, 1], b"abcd")]
+    score = lambda seq: [-0.01 * t for t in seq[1:]]  # noqa: E731
+    for window, stride in ((2, 1), (4, 2), (5, 3), (64, 32)):
+        res = compression.evaluate(score, docs, bos_id=0, window=window, stride=stride, progress=False)
+        want = 0.01 * (5 + 7 + 9 + 11 + 13 + 1 + 3 + 4 + 1) / math.log(2) / 14
+        assert res["all"]["model_bits_per_byte"] == pytest.approx(want, rel=1e-12)
+        assert res["stdlib"]["model_bits_per_byte"] == pytest.approx(0.01 * 46 / math.log(2) / 10, rel=1e-12)
+        assert res["all"]["tokens"] == 9 and res["stdlib"]["files"] == 1
+    uniform = compression.evaluate(lambda seq: [-math.log(8192)] * (len(seq) - 1), docs, 0, 4, 2, progress=False)
+    assert uniform["all"]["model_bits_per_byte"] == pytest.approx(9 * 13 / 14)  # 9 tokens of log2(8192) bits
+
+
+def test_xz_size_is_the_command_line_tools():
+    data = ("def f(x):\n    return x * 2\n" * 50).encode()
+    docs = [compression.Doc("a", len(data), [1], data), compression.Doc("b", 3, [1], b"xyz")]
+    res = compression.summarize(docs, [0.0, 0.0])
+    assert res["xz_bits_per_byte_per_file"] == pytest.approx(8 * (compression.xz_size(data) + compression.xz_size(b"xyz"))
+                                                             / (len(data) + 3))
+    assert res["xz_bits_per_byte_concat"] == pytest.approx(8 * compression.xz_size(data + b"xyz") / (len(data) + 3))
+    if shutil.which("xz") is None:
+        pytest.skip("no xz binary to compare against")
+    cli = subprocess.run(["xz", "-9e", "-c"], input=data, capture_output=True, check=True).stdout
+    assert compression.xz_size(data) == len(cli)
+
+
+def test_cut_function_stops_where_the_function_ends():
+    prompt = 'def f(x):\n    """Double x."""'
+    body = '\n    y = x * 2\n\n    return y\n'
+    assert completion.cut_function(prompt, body + '\n\ndef g():\n    pass\n') == prompt + body + "\n\n"
+    assert completion.cut_function(prompt, body + "# a comment at column 0\nx = 1\n") == prompt + body
+    assert completion.cut_function(prompt, body) == prompt + body                 # ran out of tokens: all of it
+    decorated = '@cache\ndef f(x):\n    """Double x."""'                           # column-0 prompt lines don't count
+    assert completion.cut_function(decorated, "\n    return x\nprint(1)") == decorated + "\n    return x\n"
+    assert completion.parse_function(prompt + body) == (True, True)
+    assert completion.parse_function(prompt + "\n") == (True, False)             # docstring only: parses, no body
+    assert completion.parse_function(prompt + "\n    y = (x +\n") == (False, False)
+
+
+def test_function_prompt_is_what_a_user_types(tmp_path):
+    (tmp_path / "m.py").write_text(MODULE.format(k=0))
+    sites = completion.function_sites([("src/m.py", tmp_path / "m.py")], 10, seed=0)
+    assert sorted(s.qualname for s in sites) == ["Shape0.scaled", "area_0"]
+    method = next(s for s in sites if s.qualname == "Shape0.scaled")
+    prompt = completion.function_prompt(method)
+    assert prompt == 'def scaled(self, factor):\n    """Compute the shape scaled by a factor."""\n'
+    rest = method.source[len(method.head):]
+    assert completion.cut_function(prompt, rest + "\nclass Next:\n    pass\n") == method.source + "\n"
+    assert completion.cut_function(prompt, "x = 1\n") == prompt  # the very first line may already end it
+
+
+def test_fim_items_and_prompt_layout(tmp_path):
+    from dsv3.serve.completions import _prompts
+    from dsv3.serve.protocol import CompletionRequest
+    from tiny_tokenizer import make_tiny_tokenizer
+
+    text = MODULE.format(k=3)
+    (tmp_path / "m.py").write_text(text)
+    items = completion.fim_items([("src/m.py", tmp_path / "m.py")], 50, seed=1)
+    assert len(items) == 13  # the non-trivial lines: no blanks, comments or lines under 10 characters
+    for it in items:
+        assert it.prefix + it.middle + it.suffix == text
+        assert it.middle == text.split("\n")[it.lineno - 1] and it.prefix.endswith("\n") == (it.lineno > 1)
+    tok = Tokenizer.from_dir(make_tiny_tokenizer(tmp_path / "tok"))
+    it = next(i for i in items if "out.size" in i.middle)
+    pre, suf = completion.trim(tok, it.prefix, it.suffix, prefix_tokens=12, suffix_tokens=6)
+    assert it.prefix.endswith(pre) and pre.endswith("out = Shape3()\n") and it.suffix.startswith(suf)
+    assert len(tok.encode(pre, add_special_tokens=False)) <= 12 + 2  # whole lines within the budget (merges aside)
+    ids = completion.fim_prompt_ids(tok, pre, suf)
+    fim = tok.fim_tokens
+    assert ids == ([tok.bos_token_id, fim.prefix] + tok.encode(pre, add_special_tokens=False) + [fim.suffix]
+                   + tok.encode(suf, add_special_tokens=False) + [fim.middle])
+    server = _prompts(SimpleNamespace(tokenizer=tok), CompletionRequest(prompt=pre, suffix=suf))
+    assert server == [ids]  # exactly what `/v1/completions` with a suffix sends to the model
+    assert completion.first_line("x = 1  \ny = 2") == "x = 1"
+
+
+def test_chat_answers_are_judged_on_their_code():
+    assert chat.extract_code("Here:\n```python\ndef f():\n    return 1\n```\nDone.") == "def f():\n    return 1\n"
+    assert chat.extract_code("```python\ndef f():\n    return 1\n") == "def f():\n    return 1\n"  # cut off
+    assert chat.judge("def f(x):\n    return x\n", "f") == {"parses": True, "has_def": True, "ok": True, "right_name": True}
+    assert chat.judge("```python\nx = 1\n```")["ok"] is False                                    # parses, no def
+    assert chat.judge("Sure! Here is the function you asked for.")["parses"] is False
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tiny_model import make_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("eval")
+    model = make_tiny_model_dir(root / "model")
+    names, i = {"heldout": [], "train": []}, 0
+    while len(names["heldout"]) < 2 or len(names["train"]) < 1:
+        rel = f"src/{'stdlib' if i % 2 else 'pkg'}/m{i}.py"
+        names[split_of(rel, 0.5)].append(rel)
+        i += 1
+    for k, rel in enumerate(names["heldout"] + names["train"]):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(MODULE.format(k=k))
+    build([str(root / "src")], model, root / "shards", include=["*.py"], heldout_fraction=0.5, near_dup_threshold=1.0,
+          progress=False)
+    return root, model, names["heldout"]
+
+
+def test_quick_run_end_to_end(setup, capsys):
+    import torch
+
+    root, model, held = setup
+    out = root / "out"
+    threads = torch.get_num_threads()
+    assert main(["--model", str(model), "--chat-model", str(model), "--shards", str(root / "shards"),
+                 "--inputs", str(root / "src"), "--out", str(out), "--quick", "--no-progress", "--window", "64",
+                 "--stride", "16", "--max-model-len", "512", "--threads", "1"]) == 0
+    torch.set_num_threads(threads)
+    r = json.loads((out / "results.json").read_text())
+    assert (out / "summary.png").stat().st_size > 10_000
+    b = r["bits_per_byte"]
+    texts = [(root / rel).read_bytes() for rel in sorted(held)]
+    assert b["all"]["files"] == len(held) and b["all"]["bytes"] == sum(map(len, texts))
+    assert b["all"]["xz_bits_per_byte_per_file"] == pytest.approx(
+        8 * sum(compression.xz_size(t) for t in texts) / sum(map(len, texts)))
+    assert b["tokenizer_matches_shards"] and b["token_count_mismatches"] == []  # our tokens are the shards' tokens
+    assert b["all"]["model_bits_per_byte"] > 0.5  # a random model compresses badly
+    f = r["function_completion"]
+    assert f["n"] == min(6, 2 * len(held)) and 0 <= f["parse_rate_with_body"] <= f["parse_rate"] <= 1  # 2 per file
+    assert r["fim"]["n"] == 6 and 0 <= r["fim"]["exact_match"] <= 1
+    for k in ("1", "2"):
+        row = r["mtp"]["by_k"][k]
+        assert row["identical_outputs"] and len(row["acceptance_per_position"]) == int(k) and row["drafted"][0] > 0
+    assert r["infill_latency"]["engine"]["latency_s"]["n"] == 4 and r["infill_latency"]["http"]["completion_tokens"] == 20
+    assert r["chat"]["n"] == 3 and 0 <= r["chat"]["parse_rate"] <= 1  # 2 "write a function" records per file, 3 drawn
+    table = capsys.readouterr().out
+    assert "bits/byte" in table and "xz -9e" in table and "MTP k=2" in table

@@ -41,6 +41,7 @@ build/shards/manifest.json: $(STAMP)
 default-model: build/shards/manifest.json
 	$(VENV)/bin/dsv3 pretrain --config configs/pretrain-tiny.yaml --data build/shards --out runs/pretrain-tiny
 	cp $(addprefix runs/pretrain-tiny/final/,$(DEFAULT_FILES)) src/dsv3/data/default/
+	cp runs/pretrain-tiny/pretrain.yaml src/dsv3/data/default/
 
 # The chat-tuned variant (docs/pretrain.md, "Chat-tuned variant"): instruction pairs mined with `ast` from the train
 # split's functions -> LoRA on the default model (configs/chat-tiny.yaml, ~15 min on 2 CPU cores) -> `dsv3 merge` ->

@@ -67,10 +67,21 @@ def _(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w_t.shape[-1])
 
 
+@torch.library.custom_op("dsv3::grouped_mm_wgrad", mutates_args=())
+def _grouped_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-group x_gᵀ · grad_g -> [G, in, out]: the weight gradient of `_grouped_mm`."""
+    return F.grouped_mm(x.t(), grad, offs=offs)
+
+
+@_grouped_mm_wgrad.register_fake
+def _(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, groups: int) -> torch.Tensor:
+    return x.new_empty(groups, x.shape[1], grad.shape[1])
+
+
 def _grouped_mm_backward(ctx, grad: torch.Tensor):
     x, w_t, offs = ctx.saved_tensors
-    dx = F.grouped_mm(grad, w_t.transpose(1, 2), offs=offs) if ctx.needs_input_grad[0] else None
-    dw = F.grouped_mm(x.t(), grad, offs=offs) if ctx.needs_input_grad[1] else None  # [G, in, out], per group
+    dx = _grouped_mm(grad, w_t.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    dw = _grouped_mm_wgrad(x, grad, offs, w_t.shape[0]) if ctx.needs_input_grad[1] else None
     return dx, dw, None
 
 

@@ -29,18 +29,19 @@ ANCHORS = {"llama-f16": "f16", "llama-q8_0": "q8_0", "llama-q4_k_m": "q4_k_m"}
 LABELS = {"llama-f16": "llama.cpp F16", "llama-q8_0": "llama.cpp Q8_0", "llama-q4_k_m": "llama.cpp Q4_K_M"}
 
 
-def make_gguf(model_dir: Path, kind: str, cache: Path, threads: int = 2) -> Path:
-    """The GGUF of `model_dir` in `kind` (f32 | f16 | q8_0 | q4_k_m), cached under the weights' hash."""
+def make_gguf(model_dir: Path, kind: str, cache: Path, threads: int = 2, out_dir: Path | None = None) -> Path:
+    """The GGUF of `model_dir` in `kind` (f32 | f16 | q8_0 | q4_k_m), kept in `out_dir` (default: `cache`, where
+    llama-cpp-python's source lives) under the weights' hash."""
     h = hashlib.sha256()
     for f in sorted(model_dir.glob("*.safetensors")):
         h.update(f.read_bytes())
     key = h.hexdigest()[:12]
-    out = cache / f"quant-{model_dir.resolve().name}-{key}-{kind}.gguf"
+    out = (out_dir or cache) / f"quant-{model_dir.resolve().name}-{key}-{kind}.gguf"
     if out.exists() or kind != "q4_k_m":
         return convert_gguf(model_dir, out, kind, cache)
     import llama_cpp
 
-    src = make_gguf(model_dir, "f32", cache, threads)
+    src = make_gguf(model_dir, "f32", cache, threads, out_dir)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, threads
     tmp = out.with_suffix(".part")

@@ -66,7 +66,7 @@ def token_windows(args, model_dir: Path) -> tuple[torch.Tensor, torch.Tensor, st
     shards = args.shards or (shards_of(model_dir) if args.model else None)
     if args.text is None and shards is not None:
         check_tokenizer(shards, model_dir)
-        held = shard_windows(shards, "heldout", args.windows or 0, args.window_len)
+        held = shard_windows(shards, "heldout", 256 if args.windows is None else args.windows, args.window_len)
         calib = shard_windows(shards, "train", args.calib_samples, args.calib_len) if args.calib is None else None
         where = f"held-out split of {shards}"
     elif args.text is None and args.model is not None:
@@ -180,9 +180,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--shards", type=Path, default=None, help="shards the model trained on (default: its pretrain.yaml's data)")
     ap.add_argument("--text", type=Path, default=None, help="held-out text file instead of the shards' held-out split")
     ap.add_argument("--calib", type=Path, default=None, help="AWQ calibration text instead of the shards' train split")
-    ap.add_argument("--windows", type=int, default=None, help="held-out windows (default: all of the shards' held-out split; 8 of a text)")
+    ap.add_argument("--windows", type=int, default=None,
+                    help="held-out windows (default 256 spread over the shards' held-out split, 0 = all of it; 8 of a text)")
     ap.add_argument("--window-len", type=int, default=512)
-    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-samples", type=int, default=128, help="AWQ calibration windows (AutoAWQ's 128 × 512)")
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--anchors", default="llama-f16,llama-q8_0,llama-q4_k_m", help="llama.cpp rows ('' for none)")

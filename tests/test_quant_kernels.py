@@ -11,8 +11,8 @@ from dsv3.quant import kernels as kn
 from dsv3.quant.experts import QuantExperts
 from dsv3.quant.formats import make_format
 from dsv3.quant.linear import QuantLinear
-from dsv3.quant.schemes import (QuantError, check_group_size, dequantize_fp8_block, pack_nibbles, quantize_fp8_block,
-                                quantize_int4, quantize_int8, unpack_nibbles)
+from dsv3.quant.schemes import (QuantError, check_group_size, dequantize_fp8_block, effective_group, pack_nibbles,
+                                quantize_fp8_block, quantize_int4, quantize_int8, unpack_nibbles)
 
 
 def oracle_int4(w, g, zero_point):
@@ -154,6 +154,41 @@ def test_quant_experts_equal_dense_experts_on_dequantized_weights(fmt_name, n_to
 def test_bad_group_size_is_a_user_error():
     with pytest.raises(QuantError, match="group size 100"):
         check_group_size(100)
+
+
+@pytest.mark.parametrize("K,g,want", [(64, 128, 64), (96, 128, 32), (192, 128, 64), (768, 128, 128), (128, 256, 128),
+                                      (200, 128, 128), (72, 32, 32), (512, 64, 64)])
+def test_effective_group_is_the_largest_accepted_divisor(K, g, want):
+    assert effective_group(K, g) == want
+
+
+@pytest.mark.parametrize("N,K,g", [(32, 64, 64), (48, 96, 32)])
+def test_narrow_inputs_get_a_smaller_group_instead_of_padding(N, K, g, monkeypatch):
+    """Group 128 asked, K = 64 or 96 wide: groups of 64 / 32 and no zero-padded columns, values as the oracle's at
+    that group, and the packed kernel multiplies by them; the checkpoint's recorded group loads exactly, and
+    loading it as a 128-group names the tensor."""
+    monkeypatch.setattr(kn, "KERNEL_ACT_DTYPE", None)  # fp32 activations: the kernel's sums are near exact
+    torch.manual_seed(0)
+    w = torch.randn(N, K) * torch.linspace(0.1, 3, K)
+    fmt = make_format("int4", 128)
+    t = fmt.quantize(w)
+    lin = QuantLinear(fmt, K, N, t)
+    assert t["packed"].shape[-1] * 2 == K and fmt.tensor_group(t) == g
+    torch.testing.assert_close(lin.dense_weight().double(), oracle_int4(w, g, True), rtol=1e-5, atol=1e-6)
+    x = torch.randn(5, K)
+    torch.testing.assert_close(lin(x).double(), x.double() @ oracle_int4(w, g, True).T, rtol=1e-4, atol=1e-4)
+    ex = lin.export()
+    assert ex["weight_packed"].shape == (N, K // 2) and ex["weight_scale"].shape == (N, K // g)
+    name = "model.layers.1.mlp.experts.3.down_proj"
+    loader = make_format("int4", 128, group_sizes={"model.layers.1.mlp.experts.*.down_proj": g})
+    assert torch.equal(QuantLinear(loader, K, N, loader.load(ex, N, K, name)).dense_weight(), lin.dense_weight())
+    with pytest.raises(QuantError, match=r"model\.layers\.1\.mlp\.shared_experts\.down_proj\.weight_packed"):
+        loader.load(ex, N, K, "model.layers.1.mlp.shared_experts.down_proj")
+
+
+def test_bad_recorded_group_is_named():
+    with pytest.raises(QuantError, match=r"group_sizes\['model\.layers\.0\.self_attn\.q_b_proj'\] is 48"):
+        make_format("int4", 128, group_sizes={"model.layers.0.self_attn.q_b_proj": 48})
 
 
 def test_load_rejects_wrong_shape_naming_the_tensor():

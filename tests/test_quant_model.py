@@ -14,12 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.checkpoint import load_model, save_model
+from dsv3.config import ModelConfig
+from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.paths import default_model_dir
 from dsv3.generate import Generator
 from dsv3.quant import QuantError, load_quantized, quantize_model, save_quantized
 from dsv3.quant.apply import linear_weight_bytes
-from dsv3.quant.awq import awq_calibrate
+from dsv3.quant.awq import _Search, awq_calibrate
 from dsv3.quant.experts import QuantExperts
 from dsv3.quant.linear import QuantLinear
+from dsv3.quant.schemes import pseudo_quantize_int4
 from dsv3.safetensors_io import SafetensorsFile
 from dsv3.sampling import SamplingParams
 from dsv3.tokenizer import Tokenizer
@@ -222,3 +226,39 @@ def test_quantized_lm_head_roundtrip_with_mtp(model_dir, data, tmp_path):
     loaded = load_quantized(out, progress=False)
     assert isinstance(loaded.lm_head, QuantLinear) and len(loaded.model.mtp) == 1
     assert torch.equal(loaded(held), model(held))
+
+
+@torch.no_grad()
+def test_int4_on_default_model_shapes_meets_byte_budget_and_records_groups(tmp_path):
+    """The embedded default model's shapes (random weights, so any future weights): with group 128 asked, q_b_proj
+    (96 inputs) gets groups of 32 and kv_b_proj and the 64-wide expert down projections groups of 64 instead of a
+    half-empty padded 128-group, so int4 linear bytes — packed nibbles plus fp32 scales and zero points, as held in
+    memory — are ≤ 0.3× bf16. The checkpoint lists each such group and loads back to the same logits."""
+    cfg = ModelConfig.from_dir(default_model_dir())
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(cfg)
+    model.init_weights()
+    bf16 = linear_weight_bytes(model) / 2
+    qc = quantize_model(model, "int4", group_size=128, progress=False)
+    assert linear_weight_bytes(model) / bf16 <= 0.30
+    L, groups = cfg.num_hidden_layers, qc["group_sizes"]
+    assert groups["model.layers.0.self_attn.q_b_proj"] == 32 and groups["model.layers.0.self_attn.kv_b_proj"] == 64
+    assert all(groups[f"model.layers.{i}.mlp.experts.*.down_proj"] == 64 for i in range(1, L + cfg.num_nextn_predict_layers))
+    assert "model.layers.0.mlp.down_proj" not in groups and qc["group_size"] == 128
+    ids = torch.randint(3, 1000, (1, 16))
+    loaded = load_quantized(save_quantized(model, tmp_path / "int4", dtype="fp32"), progress=False)
+    assert torch.equal(loaded(ids), model(ids))
+
+
+def test_awq_scale_search_never_scores_worse_than_round_to_nearest():
+    """AutoAWQ's grid s = x̄^α / w̄^(1−α) lacks s = 1; on inputs without salient channels its best point can be worse
+    than plain rounding (2 of these 20 draws). The search includes s = 1, so its pick never loses to RTN."""
+    torch.manual_seed(0)
+    S = _Search(32, zero_point=True)
+    for _ in range(20):
+        x, w = torch.randn(256, 64), torch.randn(48, 64)
+        ref = F.linear(x, w)
+        s = S.scale(x, [w], lambda: F.linear(x, w))
+        err_awq = (F.linear(x, pseudo_quantize_int4(w * s, 32) / s) - ref).pow(2).mean()
+        err_rtn = (F.linear(x, pseudo_quantize_int4(w, 32)) - ref).pow(2).mean()
+        assert err_awq <= err_rtn

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from anchors import HFRunner, LlamaCppRunner  # noqa: E402
 from models import make_bench_model  # noqa: E402
+from roofline import decode_weight_bytes, stream_bandwidth  # noqa: E402
 
 from dsv3.checkpoint import load_model  # noqa: E402
 from dsv3.engine import EngineConfig, LLMEngine  # noqa: E402
@@ -79,6 +80,8 @@ def main() -> None:
         for a in anchors:
             a.generate(prompt, 8)
             rows.append(("batch-1 decode", a.name, n / a.generate(prompt, n), "tok/s"))
+        mb, bw = decode_weight_bytes(model) / 1e6, stream_bandwidth(args.threads)
+        rows.append(("batch-1 decode", f"bound: {mb:.0f} MB/token at {bw:.1f} GB/s", bw * 1e3 / mb, "tok/s"))
 
     if "throughput" in tests:
         N = args.requests

@@ -48,9 +48,11 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rotary(q_pe, cos[:, :, None], sin[:, :, None])
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = torch.cat([self.kv_a_layernorm(c), apply_rotary(k_pe, cos, sin)], dim=-1)
+        # the shared rotary key rides along as an extra head: one rotation for queries and key
+        pe = apply_rotary(torch.cat([q_pe, k_pe[:, :, None]], dim=2), cos[:, :, None], sin[:, :, None])
+        q_pe = pe[:, :, : self.n_heads]
+        latent = torch.cat([self.kv_a_layernorm(c), pe[:, :, self.n_heads]], dim=-1)
         out = ctx.attend(self.layer_idx, self, q_nope, q_pe, latent)
         return self.o_proj(out.flatten(2))
 
@@ -96,23 +98,25 @@ class MLA(nn.Module):
         """
         terms = self._kv_b_lora(slots, q_nope.shape[0])
         w = self.kv_b_weight(with_lora=terms is None)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]
-        c, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H, dn, C], [H, dv, C]
+        B, T, H, _ = q_nope.shape
+        S, C = kv.shape[1], self.kv_lora_rank
+        # Batched matmuls with heads as the batch (einsum's planning costs more than the math at decode).
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, -1), w_uk).view(H, B, T, C).transpose(0, 1)
         for rows, a, b, s in terms or ():
             b_uk = b.to(q_nope.dtype).view(self.n_heads, -1, b.shape[-1])[:, : self.nope_dim]
-            q_lat[rows] += s * torch.einsum("bthr,rc->bthc", torch.einsum("bthd,hdr->bthr", q_nope[rows], b_uk), a.to(q_nope.dtype))
-        scores = torch.einsum("bthc,bsc->bhts", q_lat, c) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
-        scores = scores.float() * self.scale
+            q_lat[rows] += s * torch.einsum("bhtr,rc->bhtc", torch.einsum("bthd,hdr->bhtr", q_nope[rows], b_uk), a.to(q_nope.dtype))
+        # One product for both score terms: [q_lat | q_pe] · [c | k_pe], the latent as stored.
+        q_full = torch.cat([q_lat, q_pe.transpose(1, 2).to(q_lat.dtype)], dim=-1).reshape(B, H * T, -1)
+        scores = torch.bmm(q_full, kv.transpose(1, 2)).view(B, H, T, S).float() * self.scale
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        elif q_nope.shape[1] > 1:
-            T, S = q_nope.shape[1], kv.shape[1]
+        elif T > 1:
             scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=kv.device).tril(S - T).logical_not(), float("-inf"))
-        p = scores.softmax(dim=-1).to(c.dtype)
-        o_lat = torch.einsum("bhts,bsc->bthc", p, c)
-        out = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)
+        p = scores.softmax(dim=-1).to(kv.dtype)
+        o_lat = torch.bmm(p.view(B, H * T, S), kv[..., :C]).view(B, H, T, C)
+        out = torch.bmm(o_lat.transpose(0, 1).reshape(H, B * T, C), w_uv.transpose(1, 2)).view(H, B, T, -1).permute(1, 2, 0, 3)
         for rows, a, b, s in terms or ():
             b_uv = b.to(o_lat.dtype).view(self.n_heads, -1, b.shape[-1])[:, self.nope_dim:]
-            out[rows] += s * torch.einsum("bthr,hdr->bthd", torch.einsum("bthc,rc->bthr", o_lat[rows], a.to(o_lat.dtype)), b_uv)
+            out[rows] += s * torch.einsum("bhtr,hdr->bthd", torch.einsum("bhtc,rc->bhtr", o_lat[rows], a.to(o_lat.dtype)), b_uv)
         return out

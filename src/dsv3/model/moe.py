@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3 import kernels
 from dsv3.config import ModelConfig
 from dsv3.model.layers import MLP
 
@@ -39,6 +40,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, K] fp32, expert ids [N, K], scores [N, E] fp32)."""
+        if (self.scoring_func == "sigmoid" and self.topk_method == "noaux_tc" and self.n_experts <= 1024
+                and self.n_group <= 64 and kernels.usable(x, self.weight) and self.weight.dtype == torch.float32):
+            return kernels.route_noaux(x, self.weight, self.e_score_correction_bias, self.n_group, self.topk_group,
+                                       self.top_k, self.norm_topk_prob, self.scaling)  # decode: one call
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
@@ -120,6 +125,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], idx/weights [N, K] -> Σ_k weights[:, k] · expert_{idx[:, k]}(x), accumulated in fp32."""
+        if kernels.usable(x, self.gate_up_proj, self.down_proj) and self.gate_up_proj.dtype == torch.float32:
+            return kernels.moe(x, idx, weights, self.gate_up_proj, self.down_proj)  # decode: one fused call
         N, K = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)

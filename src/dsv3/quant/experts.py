@@ -7,6 +7,8 @@ as the checkpoints store them. Two execution paths after sorting (token, slot) p
   experts only (at most N·K of them — K per decoded token), three packed matmuls each;
 * grouped path (fp8, and int8 when many rows share each expert): dequantize only the active
   experts' weights in one vectorized gather and run one `grouped_linear` per projection.
+
+A decode step (a few fp32 tokens) with int8 experts takes one native call instead (`dsv3.kernels.moe_int8`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3 import kernels
 from dsv3.model.moe import Experts, grouped_linear
 from dsv3.quant.formats import Format, Tensors
 
@@ -57,6 +60,10 @@ class QuantExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], idx/weights [N, K] -> Σ_k weights[:, k] · expert_{idx[:, k]}(x), accumulated in fp32."""
+        if self.fmt.name == "int8" and kernels.usable(x):  # decode: one fused call over the packed experts
+            pairs = [(getattr(self, f"{p}_qweight"), getattr(self, f"{p}_scale")) for p in PROJ]
+            if all(q.is_contiguous() and s.dtype == torch.float32 and s.is_contiguous() for q, s in pairs):
+                return kernels.moe_int8(x, idx, weights, *pairs)
         N, K = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)

@@ -1,0 +1,143 @@
+"""Native CPU kernels for decode steps, compiled from `decode.c` on first use.
+
+A batch-1 decode step is bound by weight traffic, but PyTorch spends much of it in per-op overhead
+and in small GEMVs that do not reach memory bandwidth (the grouped expert matmul runs one small mm
+per expert, ~9 GB/s here). These kernels read each weight row once per step, with one OpenMP region
+per call, and run a layer's routed experts in one call. They share PyTorch's OpenMP runtime and
+thread count. The C compiler is needed once per machine (the .so is cached under
+~/.cache/dsv3/kernels); without one, or with DSV3_KERNELS=0, callers fall back to PyTorch ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+_SRC = Path(__file__).with_name("decode.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast"]
+_lib: ctypes.CDLL | None = None
+_tried = False
+MAX_ROWS = 8  # tokens per call up to which the kernels beat PyTorch's matmuls (bench/engine_bench.py)
+
+_P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+_SIGNATURES = {
+    "linear_f32": [_P, _P, _P, _L, _L, _L, _I],
+    "linear_i8": [_P, _P, _P, _P, _L, _L, _L, _I],
+    "moe_f32": [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I],
+    "moe_i8": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I],
+    "route_noaux": [_P, _P, _P, _L, _L, _L, _L, _L, _L, _I, ctypes.c_float, _P, _P, _P],
+}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DSV3_CACHE", Path.home() / ".cache" / "dsv3")) / "kernels"
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = _SRC.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *_FLAGS, os.uname().machine]).encode()).hexdigest()[:16]
+    so = _cache_dir() / f"decode-{key}.so"
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+            out = Path(tmp) / so.name
+            res = subprocess.run([cc, *_FLAGS, str(_SRC), "-o", str(out), "-lm"], capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"dsv3: native decode kernels unavailable ({cc} failed): {res.stderr.strip()[:200]}", file=sys.stderr)
+                return None
+            os.replace(out, so)  # atomic: concurrent builders never load a half-written file
+    lib = ctypes.CDLL(str(so))
+    for name, args in _SIGNATURES.items():
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be built or are switched off."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("DSV3_KERNELS", "1") != "0":
+            try:
+                _lib = _build()
+            except OSError as e:  # read-only home, missing libgomp, ...
+                print(f"dsv3: native decode kernels unavailable: {e}", file=sys.stderr)
+    return _lib
+
+
+def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """True when a call on activations `x` can take a native kernel: few CPU fp32 rows, no autograd."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and x.numel() <= MAX_ROWS * x.shape[-1] and all(w.device.type == "cpu" and w.is_contiguous() for w in weights)
+            and library() is not None)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] fp32 @ w [N, K]ᵀ (fp32) -> [..., N]."""
+    K, N = w.shape[1], w.shape[0]
+    xc = x.reshape(-1, K).contiguous()
+    y = x.new_empty(*x.shape[:-1], N)
+    library().linear_f32(xc.data_ptr(), w.data_ptr(), y.data_ptr(), xc.shape[0], N, K, torch.get_num_threads())
+    return y
+
+
+def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] fp32 @ (q [N, K] int8 · scale [N] fp32)ᵀ -> [..., N]."""
+    K, N = q.shape[1], q.shape[0]
+    xc = x.reshape(-1, K).contiguous()
+    y = x.new_empty(*x.shape[:-1], N)
+    library().linear_i8(xc.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), xc.shape[0], N, K, torch.get_num_threads())
+    return y
+
+
+def moe(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Σ_k weights[:, k] · expert_{idx[:, k]}(x) for x [M, D] fp32, experts gate_up [E, 2I, D], down [E, D, I] fp32."""
+    M, D = x.shape
+    K, I = idx.shape[1], down.shape[-1]
+    xc, ic, wc = x.contiguous(), idx.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
+    h, y = x.new_empty(M * K, I), x.new_empty(M, D)
+    library().moe_f32(xc.data_ptr(), ic.data_ptr(), wc.data_ptr(), gate_up.data_ptr(), down.data_ptr(),
+                      h.data_ptr(), y.data_ptr(), M, K, D, I, torch.get_num_threads())
+    return y
+
+
+def moe_int8(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor],
+             up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """`moe` over int8 experts given as (qweight, per-row scale) pairs: gate/up [E, I, D], down [E, D, I]."""
+    M, D = x.shape
+    K, I = idx.shape[1], down[0].shape[-1]
+    xc, ic, wc = x.contiguous(), idx.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
+    h, y = x.new_empty(M * K, I), x.new_empty(M, D)
+    ptrs = [t.data_ptr() for pair in (gate, up, down) for t in pair]
+    library().moe_i8(xc.data_ptr(), ic.data_ptr(), wc.data_ptr(), *ptrs, h.data_ptr(), y.data_ptr(), M, K, D, I,
+                     torch.get_num_threads())
+    return y
+
+
+def route_noaux(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_group: int, topk_group: int,
+                top_k: int, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's sigmoid, bias-corrected, group-limited router for a few tokens x [N, D] fp32.
+
+    Returns (weights [N, K] fp32, expert ids [N, K] int64, scores [N, E] fp32), as `dsv3.model.moe.Gate`.
+    """
+    N, D = x.shape
+    E = weight.shape[0]
+    xc = x.contiguous()
+    idx = torch.empty(N, top_k, dtype=torch.int64)
+    wt = torch.empty(N, top_k, dtype=torch.float32)
+    scores = torch.empty(N, E, dtype=torch.float32)
+    library().route_noaux(xc.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), N, D, E,
+                          n_group, topk_group, top_k, int(norm), float(scale), idx.data_ptr(), wt.data_ptr(), scores.data_ptr())
+    return wt, idx, scores

@@ -1,0 +1,153 @@
+/* Bandwidth-bound CPU kernels for few-token (decode) steps.
+ *
+ * At batch 1 a step reads every active weight once and does ~2 flops per weight, so the time is
+ * memory traffic plus per-call overhead. These kernels stream each weight row once for all M
+ * tokens, split rows across OpenMP threads in one parallel region per call, and fuse the whole
+ * routed-expert SwiGLU (gate/up GEMV, silu, down GEMV, weighted sum over the K chosen experts)
+ * into one call. Accumulation is fp32. Built at first use by dsv3/kernels/__init__.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float dot_f32(const float *restrict a, const float *restrict b, long n) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (long k = 0; k < n; k++) s += a[k] * b[k];
+    return s;
+}
+
+static inline float dot_i8(const float *restrict a, const int8_t *restrict b, long n) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (long k = 0; k < n; k++) s += a[k] * (float)b[k];
+    return s;
+}
+
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+/* y[m, n] = sum_k x[m, k] * w[n, k] (+ y if accumulate) for m < M; w row-major [N, K]. */
+void linear_f32(const float *x, const float *w, float *y, long M, long N, long K, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long n = 0; n < N; n++) {
+        const float *row = w + n * K;
+        for (long m = 0; m < M; m++) y[m * N + n] = dot_f32(x + m * K, row, K);
+    }
+}
+
+/* int8 weight rows with one scale per row: y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]. */
+void linear_i8(const float *x, const int8_t *q, const float *scale, float *y, long M, long N, long K, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long n = 0; n < N; n++) {
+        const int8_t *row = q + n * K;
+        for (long m = 0; m < M; m++) y[m * N + n] = scale[n] * dot_i8(x + m * K, row, K);
+    }
+}
+
+/* Routed experts for M tokens with K choices each.
+ * x [M, D]; idx [M, K] (int64 expert ids); wt [M, K] routing weights;
+ * gate_up [E, 2I, D] (rows 0..I-1 gate, I..2I-1 up); down [E, D, I];
+ * h scratch [M*K, I]; y [M, D] = sum_k wt[m,k] * down[e] @ (silu(gate[e] x) * up[e] x). */
+void moe_f32(const float *x, const int64_t *idx, const float *wt, const float *gate_up, const float *down,
+             float *h, float *y, long M, long K, long D, long I, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (long r = 0; r < M * K * I; r++) {
+            long mk = r / I, i = r % I;
+            const float *xm = x + (mk / K) * D;
+            const float *gu = gate_up + idx[mk] * 2 * I * D;
+            h[r] = silu(dot_f32(xm, gu + i * D, D)) * dot_f32(xm, gu + (I + i) * D, D);
+        }
+#pragma omp for schedule(static)
+        for (long r = 0; r < M * D; r++) {
+            long m = r / D, d = r % D;
+            float s = 0.f;
+            for (long k = 0; k < K; k++) {
+                long mk = m * K + k;
+                s += wt[mk] * dot_f32(h + mk * I, down + (idx[mk] * D + d) * I, I);
+            }
+            y[r] = s;
+        }
+    }
+}
+
+/* The same with int8 experts stored per projection, one scale per row:
+ * gate/up [E, I, D] with scales [E, I]; down [E, D, I] with scales [E, D]. */
+void moe_i8(const float *x, const int64_t *idx, const float *wt, const int8_t *gate, const float *gate_s,
+            const int8_t *up, const float *up_s, const int8_t *down, const float *down_s, float *h, float *y,
+            long M, long K, long D, long I, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (long r = 0; r < M * K * I; r++) {
+            long mk = r / I, i = r % I, e = idx[mk];
+            const float *xm = x + (mk / K) * D;
+            float g = gate_s[e * I + i] * dot_i8(xm, gate + (e * I + i) * D, D);
+            float u = up_s[e * I + i] * dot_i8(xm, up + (e * I + i) * D, D);
+            h[r] = silu(g) * u;
+        }
+#pragma omp for schedule(static)
+        for (long r = 0; r < M * D; r++) {
+            long m = r / D, d = r % D;
+            float acc = 0.f;
+            for (long k = 0; k < K; k++) {
+                long mk = m * K + k, e = idx[mk];
+                acc += wt[mk] * down_s[e * D + d] * dot_i8(h + mk * I, down + (e * D + d) * I, I);
+            }
+            y[r] = acc;
+        }
+    }
+}
+
+/* DeepSeek-V3 router (sigmoid scores, `noaux_tc`): for each of N tokens, scores = sigmoid(W x);
+ * selection uses scores + bias: keep the `topk_group` groups with the largest sum of their two best
+ * biased scores, then the top `top_k` experts of those groups (descending); weights are the unbiased
+ * scores of the chosen experts, normalised to sum 1 if `norm`, times `scale`. Ties go to the lower index. */
+void route_noaux(const float *x, const float *w, const float *bias, long N, long D, long E, long n_group,
+                 long topk_group, long top_k, int norm, float scale, int64_t *idx, float *wt, float *scores) {
+    float choice[1024], gscore[64];
+    int keep[64], taken[1024];
+    long per = E / n_group;
+    for (long n = 0; n < N; n++) {
+        float *sc = scores + n * E;
+        for (long e = 0; e < E; e++) {
+            sc[e] = 1.f / (1.f + expf(-dot_f32(x + n * D, w + e * D, D)));
+            choice[e] = sc[e] + (bias ? bias[e] : 0.f);
+        }
+        if (n_group > 1) {
+            for (long g = 0; g < n_group; g++) {
+                float b1 = -INFINITY, b2 = -INFINITY;
+                for (long e = g * per; e < (g + 1) * per; e++) {
+                    float v = choice[e];
+                    if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) b2 = v;
+                }
+                gscore[g] = per > 1 ? b1 + b2 : b1;
+                keep[g] = 0;
+            }
+            for (long t = 0; t < topk_group; t++) {
+                long best = -1;
+                for (long g = 0; g < n_group; g++)
+                    if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
+                keep[best] = 1;
+            }
+            for (long e = 0; e < E; e++)
+                if (!keep[e / per]) choice[e] = -INFINITY;
+        }
+        float sum = 0.f;
+        for (long e = 0; e < E; e++) taken[e] = 0;
+        for (long k = 0; k < top_k; k++) {
+            long best = -1;
+            for (long e = 0; e < E; e++)
+                if (!taken[e] && (best < 0 || choice[e] > choice[best])) best = e;
+            taken[best] = 1;
+            idx[n * top_k + k] = best;
+            wt[n * top_k + k] = sc[best];
+            sum += sc[best];
+        }
+        for (long k = 0; k < top_k; k++) {
+            if (norm && top_k > 1) wt[n * top_k + k] /= sum + 1e-20f;
+            wt[n * top_k + k] *= scale;
+        }
+    }
+}

@@ -1,0 +1,123 @@
+"""Native decode kernels (dsv3.kernels) against PyTorch computations of the same math."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsv3 import kernels
+from dsv3.config import ModelConfig
+from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.model.attention import DenseLatentCache
+from dsv3.model.moe import Gate
+from dsv3.quant import kernels as quant_kernels
+from dsv3.quant.apply import quantize_model
+from tiny_model import TINY
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+
+
+@pytest.fixture(autouse=True)
+def _built():
+    assert kernels.library() is not None, "a C compiler is present, so the kernels must build"
+
+
+def kernels_off(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "usable", lambda *a, **k: False)
+
+
+def expert_ref(x, idx, wt, gu, dn):
+    """Σ_k wt·down_e(silu(gate_e x)·up_e x) in float64, one (token, slot) at a time."""
+    I = dn.shape[-1]
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for n in range(x.shape[0]):
+        for k in range(idx.shape[1]):
+            e = int(idx[n, k])
+            h = gu[e].double() @ x[n].double()
+            y[n] += wt[n, k].double() * (dn[e].double() @ (torch.nn.functional.silu(h[:I]) * h[I:]))
+    return y
+
+
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_moe_f32_matches_reference(M):
+    torch.manual_seed(M)
+    E, D, I, K = 16, 96, 40, 4
+    gu, dn = torch.randn(E, 2 * I, D) * 0.1, torch.randn(E, D, I) * 0.1
+    x, wt = torch.randn(M, D), torch.rand(M, K)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(M)])
+    y = kernels.moe(x, idx, wt, gu, dn)
+    torch.testing.assert_close(y.double(), expert_ref(x, idx, wt, gu, dn), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_int8_and_moe_int8_match_dequantized_math():
+    torch.manual_seed(0)
+    q, s, x = torch.randint(-127, 128, (70, 48), dtype=torch.int8), torch.rand(70) * 0.01, torch.randn(2, 48)
+    torch.testing.assert_close(kernels.linear_int8(x, q, s).double(), x.double() @ (q.double() * s.double()[:, None]).T,
+                               atol=1e-5, rtol=1e-5)
+    E, D, I, K = 8, 64, 24, 2
+    g, u = torch.randint(-127, 128, (E, I, D), dtype=torch.int8), torch.randint(-127, 128, (E, I, D), dtype=torch.int8)
+    d = torch.randint(-127, 128, (E, D, I), dtype=torch.int8)
+    gs, us, ds = torch.rand(E, I) * 0.01, torch.rand(E, I) * 0.01, torch.rand(E, D) * 0.01
+    x, wt, idx = torch.randn(3, D), torch.rand(3, K), torch.tensor([[0, 5], [7, 1], [5, 0]])
+    y = kernels.moe_int8(x, idx, wt, (g, gs), (u, us), (d, ds))
+    gu = torch.cat([g.double() * gs.double()[..., None], u.double() * us.double()[..., None]], dim=1)
+    torch.testing.assert_close(y.double(), expert_ref(x, idx, wt, gu, d.double() * ds.double()[..., None]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups,topk_group,top_k", [(4, 2, 4), (1, 1, 2), (8, 3, 6)])
+def test_router_matches_gate(monkeypatch, groups, topk_group, top_k):
+    cfg = ModelConfig.from_dict({**TINY, "vocab_size": 64, "n_routed_experts": 32, "n_group": groups,
+                                 "topk_group": topk_group, "num_experts_per_tok": top_k, "hidden_size": 48})
+    torch.manual_seed(groups)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.3)
+    gate.e_score_correction_bias.normal_(0, 0.2)
+    x = torch.randn(5, 48)
+    with torch.inference_mode():
+        w, idx, scores = gate(x)
+        kernels_off(monkeypatch)
+        w_ref, idx_ref, scores_ref = gate(x)
+    torch.testing.assert_close(scores, scores_ref, atol=1e-6, rtol=1e-5)
+    assert torch.equal(idx, idx_ref)  # same experts in the same (descending) order
+    torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-5)
+
+
+def _decode_logits(model, steps=6):
+    c = model.config
+    cache = DenseLatentCache(c.num_hidden_layers, 1, 40, c.latent_dim, torch.float32)
+    with torch.inference_mode():
+        logits = [model(torch.arange(3, 19)[None], ctx=cache)[:, -1]]
+        for _ in range(steps):
+            logits.append(model(logits[-1].argmax(-1, keepdim=True), ctx=cache)[:, -1])
+    return torch.cat(logits)
+
+
+@pytest.mark.parametrize("method", ["none", "int8"])
+def test_model_decode_same_with_and_without_kernels(monkeypatch, method):
+    cfg = ModelConfig.from_dict({**TINY, "vocab_size": 97, "n_routed_experts": 16, "n_group": 4, "topk_group": 2,
+                                 "num_experts_per_tok": 4})
+    torch.manual_seed(1)
+    model = DeepseekV3ForCausalLM(cfg)
+    model.init_weights(std=0.2)
+    if method != "none":
+        quantize_model(model, method, progress=False)
+    monkeypatch.setattr(quant_kernels, "KERNEL_ACT_DTYPE", None)  # PyTorch's int8 kernel in fp32, as the native one
+    calls = []
+    real = kernels.library()
+    monkeypatch.setattr(kernels, "library", lambda: calls.append(1) or real)
+    fast = _decode_logits(model)
+    assert calls, "the decode steps took the native kernels"
+    kernels_off(monkeypatch)
+    slow = _decode_logits(model)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+def test_switched_off_by_environment():
+    code = "from dsv3 import kernels; print(kernels.library() is None)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DSV3_KERNELS": "0"}, capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr

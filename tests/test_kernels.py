@@ -121,3 +121,8 @@ def test_switched_off_by_environment():
     code = "from dsv3 import kernels; print(kernels.library() is None)"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DSV3_KERNELS": "0"}, capture_output=True, text=True)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_rms_norm_matches_torch():
+    x, w = torch.randn(3, 1, 200) * 3, torch.rand(200) + 0.5
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), torch.nn.functional.rms_norm(x, (200,), w, 1e-6), atol=1e-6, rtol=1e-5)

@@ -33,6 +33,7 @@ _SIGNATURES = {
     "linear_i8": [_P, _P, _P, _P, _L, _L, _L, _I],
     "moe_f32": [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I],
     "moe_i8": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I],
+    "rms_norm_f32": [_P, _P, _P, _L, _L, ctypes.c_float],
     "route_noaux": [_P, _P, _P, _L, _L, _L, _L, _L, _L, _I, ctypes.c_float, _P, _P, _P],
 }
 
@@ -80,8 +81,17 @@ def library() -> ctypes.CDLL | None:
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """True when a call on activations `x` can take a native kernel: few CPU fp32 rows, no autograd."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
             and x.numel() <= MAX_ROWS * x.shape[-1] and all(w.device.type == "cpu" and w.is_contiguous() for w in weights)
             and library() is not None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of fp32 x with an fp32 weight."""
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    library().rms_norm_f32(xc.data_ptr(), weight.data_ptr(), y.data_ptr(), xc.numel() // xc.shape[-1], xc.shape[-1], eps)
+    return y
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

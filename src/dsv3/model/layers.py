@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3 import kernels
+
 
 class RMSNorm(nn.Module):
     """y = w ⊙ x / rms(x). Normalises in fp32, casts back, then scales — as HF and the checkpoints expect."""
@@ -16,7 +18,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op; equal to the steps below when nothing is cast
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # nothing to cast: one call
+            if kernels.usable(x, self.weight):
+                return kernels.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         var = (xf * xf).sum(-1, keepdim=True).div_(xf.shape[-1])  # = pow(2).mean(); `mean` costs ~10x more on small rows

@@ -155,6 +155,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         dp.sum_expert_loads(moes)
         sums = dp.mean(sums)
         loads = load_stats(moes)
+        counts = [m.expert_load.tolist() for m in moes]  # tokens per expert this step, before the bias update resets them
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
         update_bias(moes, cfg.bias_update_rate)
         lr = optimizer.param_groups[0]["lr"]
@@ -169,7 +170,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         row = {"step": done, "loss": sums["main"], "mtp_loss": sums["mtp"] if mtp_count(model) else None,
                "total_loss": sums["loss"], "lr": lr, "mtp_lambda": lam, "grad_norm": grad_norm,
                "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
-               "load_max_over_mean": loads, "seq_aux": sums["seq_aux"] if cfg.seq_aux_alpha > 0 else None}
+               "load_max_over_mean": loads, "expert_load": counts, "seq_aux": sums["seq_aux"] if cfg.seq_aux_alpha > 0 else None}
         if dp.is_main and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             row["heldout_loss"] = evaluate()
             summary["heldout_loss"] = row["heldout_loss"]

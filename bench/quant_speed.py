@@ -1,6 +1,6 @@
 """Decode speed and peak memory of each system of the quantization table, each in a fresh process.
 
-dsv3 checkpoints (float or quantized, `load_model` dispatches) run in a worker that prefills 32
+dsv3 checkpoints (float, or quantized and loaded packed by `load_quantized`) run in a worker that prefills 32
 random tokens and decodes greedily with a dense latent cache, batch 1 and batch 32; llama.cpp GGUFs
 run in `quant_llama.py`'s worker (batch 1 only: llama-cpp-python serves one sequence). Systems are
 measured round-robin and the best of `rounds` runs is kept, since shared machines drift a lot.
@@ -19,7 +19,11 @@ torch.set_num_threads(int(sys.argv[3]))
 from dsv3.checkpoint import load_model
 from dsv3.model.attention import DenseLatentCache
 path, dtype = sys.argv[1], sys.argv[2]
-model = load_model(path, dtype=dtype, progress=False)
+if json.load(open(path + '/config.json')).get('quantization_config'):  # packed (FP8 stays FP8), not dequantized
+    from dsv3.quant import load_quantized
+    model = load_quantized(path, progress=False)
+else:
+    model = load_model(path, dtype=dtype, progress=False)
 def decode(batch, steps, prompt=32):
     c = model.config
     cache = DenseLatentCache(c.num_hidden_layers, batch, prompt + steps + 1, c.latent_dim, model.dtype)

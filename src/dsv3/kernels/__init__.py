@@ -25,11 +25,10 @@ _SRC = Path(__file__).with_name("decode.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast"]
 _lib: ctypes.CDLL | None = None
 _tried = False
-MAX_ROWS = 8  # tokens per call up to which the kernels beat PyTorch's matmuls (bench/engine_bench.py)
+MAX_ROWS = 8  # tokens per call up to which the kernels are used (decode, MTP verification); more go to PyTorch
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 _SIGNATURES = {
-    "linear_f32": [_P, _P, _P, _L, _L, _L, _I],
     "linear_i8": [_P, _P, _P, _P, _L, _L, _L, _I],
     "moe_f32": [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I],
     "moe_i8": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I],
@@ -91,15 +90,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xc = x.contiguous()
     y = torch.empty_like(xc)
     library().rms_norm_f32(xc.data_ptr(), weight.data_ptr(), y.data_ptr(), xc.numel() // xc.shape[-1], xc.shape[-1], eps)
-    return y
-
-
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., K] fp32 @ w [N, K]ᵀ (fp32) -> [..., N]."""
-    K, N = w.shape[1], w.shape[0]
-    xc = x.reshape(-1, K).contiguous()
-    y = x.new_empty(*x.shape[:-1], N)
-    library().linear_f32(xc.data_ptr(), w.data_ptr(), y.data_ptr(), xc.shape[0], N, K, torch.get_num_threads())
     return y
 
 

@@ -26,15 +26,6 @@ static inline float dot_i8(const float *restrict a, const int8_t *restrict b, lo
 
 static inline float silu(float g) { return g / (1.f + expf(-g)); }
 
-/* y[m, n] = sum_k x[m, k] * w[n, k] (+ y if accumulate) for m < M; w row-major [N, K]. */
-void linear_f32(const float *x, const float *w, float *y, long M, long N, long K, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (long n = 0; n < N; n++) {
-        const float *row = w + n * K;
-        for (long m = 0; m < M; m++) y[m * N + n] = dot_f32(x + m * K, row, K);
-    }
-}
-
 /* int8 weight rows with one scale per row: y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]. */
 void linear_i8(const float *x, const int8_t *q, const float *scale, float *y, long M, long N, long K, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)

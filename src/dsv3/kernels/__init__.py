@@ -25,6 +25,7 @@ _SRC = Path(__file__).with_name("decode.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast"]
 _lib: ctypes.CDLL | None = None
 _tried = False
+MAX_EXPERTS, MAX_GROUPS = 1024, 64  # the router kernel's stack arrays (V3: 256 experts in 8 groups)
 MAX_ROWS = 8  # tokens per call up to which the kernels are used (decode, MTP verification); more go to PyTorch
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
@@ -78,10 +79,12 @@ def library() -> ctypes.CDLL | None:
 
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """True when a call on activations `x` can take a native kernel: few CPU fp32 rows, no autograd."""
+    """True when a call on activations `x` with `weights` can take a native kernel: few fp32 rows on CPU,
+    no autograd, not being compiled, contiguous CPU weights whose floating ones are fp32 (int8 ones as stored)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and x.numel() <= MAX_ROWS * x.shape[-1] and all(w.device.type == "cpu" and w.is_contiguous() for w in weights)
+            and not torch.compiler.is_compiling() and x.numel() <= MAX_ROWS * x.shape[-1]
+            and all(w.device.type == "cpu" and w.is_contiguous() and (w.dtype == torch.float32 or not w.is_floating_point())
+                    for w in weights)
             and library() is not None)
 
 

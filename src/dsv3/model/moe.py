@@ -40,8 +40,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, K] fp32, expert ids [N, K], scores [N, E] fp32)."""
-        if (self.scoring_func == "sigmoid" and self.topk_method == "noaux_tc" and self.n_experts <= 1024
-                and self.n_group <= 64 and kernels.usable(x, self.weight) and self.weight.dtype == torch.float32):
+        if (self.scoring_func == "sigmoid" and self.topk_method == "noaux_tc" and self.n_experts <= kernels.MAX_EXPERTS
+                and self.n_group <= kernels.MAX_GROUPS and kernels.usable(x, self.weight)):
             return kernels.route_noaux(x, self.weight, self.e_score_correction_bias, self.n_group, self.topk_group,
                                        self.top_k, self.norm_topk_prob, self.scaling)  # decode: one call
         logits = F.linear(x.float(), self.weight.float())
@@ -125,7 +125,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], idx/weights [N, K] -> Σ_k weights[:, k] · expert_{idx[:, k]}(x), accumulated in fp32."""
-        if kernels.usable(x, self.gate_up_proj, self.down_proj) and self.gate_up_proj.dtype == torch.float32:
+        if kernels.usable(x, self.gate_up_proj, self.down_proj):
             return kernels.moe(x, idx, weights, self.gate_up_proj, self.down_proj)  # decode: one fused call
         N, K = idx.shape
         flat = idx.flatten()

@@ -69,7 +69,7 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of the last dim of x [..., dr]; cos/sin broadcast as [..., dr/2]."""
     xf = x.float().unflatten(-1, (-1, 2))
-    if not torch.compiler.is_compiling() and xf.stride(-2) % 2 == 0 and xf.storage_offset() % 2 == 0:
+    if not torch.compiler.is_compiling() and xf.stride(-1) == 1 and xf.stride(-2) % 2 == 0 and xf.storage_offset() % 2 == 0:
         # pairs as complex numbers: one multiply instead of a dozen small ops (decode is op-bound)
         out = torch.view_as_real(torch.view_as_complex(xf) * torch.complex(cos, sin)).flatten(-2)
     else:

@@ -60,9 +60,9 @@ class QuantExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], idx/weights [N, K] -> Σ_k weights[:, k] · expert_{idx[:, k]}(x), accumulated in fp32."""
-        if self.fmt.name == "int8" and kernels.usable(x):  # decode: one fused call over the packed experts
+        if self.fmt.name == "int8":
             pairs = [(getattr(self, f"{p}_qweight"), getattr(self, f"{p}_scale")) for p in PROJ]
-            if all(q.is_contiguous() and s.dtype == torch.float32 and s.is_contiguous() for q, s in pairs):
+            if kernels.usable(x, *(t for pair in pairs for t in pair)):  # decode: one fused call over the packed experts
                 return kernels.moe_int8(x, idx, weights, *pairs)
         N, K = idx.shape
         flat = idx.flatten()

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsv3 import kernels as native
+
 from dsv3.quant.schemes import ceil_to, pack_nibbles, unpack_nibbles
 
 INT4_ROW_MULTIPLE = 16  # the CPU int4 kernel needs N divisible by 16; extra rows are zero
@@ -38,6 +40,8 @@ def has_cpu_kernels() -> bool:
 # ---- int8 -------------------------------------------------------------------------------------
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ (q [N, K] · scale [N])ᵀ -> [M, N] in x's dtype."""
+    if native.usable(x, q, scale):  # a decode step: fp32 activations, no bf16 round trip
+        return native.linear_int8(x, q, scale)
     if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and x.shape[-1] % 16 == 0:
         # K % 16 != 0 gives wrong sums (and K = 8 a crash) in torch 2.13's bf16 int8 kernel: dense fallback.
         xk = _kernel_input(x)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3 import kernels
 from dsv3.quant import kernels as kn
 from dsv3.quant.formats import Format, Tensors
 
@@ -93,8 +92,6 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if torch.is_grad_enabled() and x.requires_grad:
             y = _PackedMatmul.apply(x2, self)
-        elif self.fmt.name == "int8" and kernels.usable(x2, self.qweight):  # decode: fp32 activations, no bf16 round trip
-            y = kernels.linear_int8(x2, self.qweight, self.scale)
         else:
             y = self.fmt.matmul(x2, self.tensors, self.out_features)
         return y.view(*shape[:-1], self.out_features)

@@ -200,9 +200,9 @@ def test_packing_windows_positions_and_doc_ids(corpus):
         x, y, pos, doc = ds.sample(i)
         w = stream[i * L:i * L + L + 1]
         assert np.array_equal(x, w[:-1]) and np.array_equal(y[x != eos], w[1:][x != eos]) and (y[x == eos] == -100).all()
-    hit = 0
-    for i in range(40):
-        x, _, pos, doc = PackedDataset(shards, L, seed=1).sample(i)
+    hit, shuffled = 0, PackedDataset(shards, L, seed=1)
+    for i in range(shuffled.windows_per_epoch()):
+        x, _, pos, doc = shuffled.sample(i)
         starts = np.r_[True, x[:-1] == eos]
         assert np.array_equal(pos == 0, starts) and np.array_equal(np.diff(doc) == 1, starts[1:])
         assert (np.diff(doc) >= 0).all() and (np.diff(pos)[~starts[1:]] == 1).all()
@@ -220,6 +220,18 @@ def test_epoch_covers_every_document_once_and_seed_shuffles(corpus):
         assert sorted(epoch) == originals
         orders.append(epoch)
     assert orders[0] != orders[1]
+
+
+def test_samples_read_every_window_once_in_a_seeded_order(corpus):
+    shards = TokenShards(corpus["out"], "train")
+    ds = PackedDataset(shards, 32, seed=3)
+    n = ds.windows_per_epoch()
+    first, second = ([ds.window_index(i) for i in range(b * n, (b + 1) * n)] for b in (0, 1))
+    assert sorted(first) == list(range(n)) and sorted(second) == list(range(n, 2 * n))
+    assert first != sorted(first) and [w - n for w in second] != first  # shuffled, differently per block
+    x, *_ = ds.sample(5)
+    assert np.array_equal(x, ds.stream(ds.window_index(5) * 32, 33)[:-1])
+    assert [PackedDataset(shards, 32, shuffle=False).window_index(i) for i in range(4)] == [0, 1, 2, 3]
 
 
 def test_resume_is_exact(corpus):

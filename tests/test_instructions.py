@@ -113,9 +113,13 @@ def test_records_train_on_the_fenced_function(tmp_path):
 
     recs = records(site("add"))
     assert [r["meta"]["kind"] for r in recs] == ["describe", "complete"]
-    for r in recs:
-        answer = r["messages"][1]["content"]
-        assert answer == "```python\n" + site("add").source + "```"
+    # "write a function that <summary>" is answered with the docstring cut to that summary (an
+    # oracle spelled out here); "complete this head" with the whole function
+    brief_add = 'def add(a, b=1):\n    """Return the sum of a and b."""\n    total = a + b\n    return total\n'
+    assert recs[0]["messages"][1]["content"] == "```python\n" + brief_add + "```"
+    assert recs[1]["messages"][1]["content"] == "```python\n" + site("add").source + "```"
+    scale = site("Outer.scale")  # a decorated method whose docstring is already the summary
+    assert records(scale)[0]["messages"][1]["content"] == "```python\n" + scale.source + "```"
     assert site("add").head in recs[1]["messages"][0]["content"]
     tok = Tokenizer.from_dir(make_tiny_tokenizer(tmp_path / "tok"))
     ex = tokenize_record(tok, recs[0], "x", "chat", 4096)  # the form `dsv3 finetune` reads

@@ -13,6 +13,7 @@ import torch
 from dsv3 import kernels
 from dsv3.config import ModelConfig
 from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.model import mla as mla_module
 from dsv3.model.attention import DenseLatentCache
 from dsv3.model.moe import Gate
 from dsv3.quant import kernels as quant_kernels
@@ -87,6 +88,58 @@ def test_router_matches_gate(monkeypatch, groups, topk_group, top_k):
     torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-5)
 
 
+def count_mla_calls(monkeypatch) -> list:
+    """Record what each native MLA call returned (None: the layer had no native form)."""
+    out, real = [], mla_module.mla_decode
+    monkeypatch.setattr(mla_module, "mla_decode", lambda *a: out.append(real(*a)) or out[-1])
+    return out
+
+
+@pytest.mark.parametrize("q_lora_rank", [24, None])
+@pytest.mark.parametrize("T", [1, 3])
+def test_mla_kernel_matches_pytorch_with_padding_and_several_tokens(monkeypatch, q_lora_rank, T):
+    """Batch 2 with a left-padded prompt (masked keys); T = 3 tokens per step (MTP verification) in the absorbed form."""
+    cfg = ModelConfig.from_dict({**TINY, "vocab_size": 97, "q_lora_rank": q_lora_rank})
+    torch.manual_seed(2)
+    model = DeepseekV3ForCausalLM(cfg)
+    model.init_weights(std=0.2)
+
+    def run() -> torch.Tensor:
+        cache = DenseLatentCache(cfg.num_hidden_layers, 2, 40, cfg.latent_dim, torch.float32, impl="absorb")
+        ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(2, 9)
+        mask[1, :4] = 0
+        cache.set_padding(mask)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0).long()
+        out = [model(ids, pos, cache)[:, -1]]
+        for step in range(4):
+            nxt = torch.randint(3, 97, (2, T), generator=torch.Generator().manual_seed(step + 1))
+            cache.set_padding(torch.ones(2, T))
+            out.append(model(nxt, pos[:, -1:] + 1 + T * step + torch.arange(T), cache).flatten(0, 1))
+        return torch.cat(out)
+
+    with torch.inference_mode():
+        calls = count_mla_calls(monkeypatch)
+        fast = run()
+        assert sum(y is not None for y in calls) == 4 * cfg.num_hidden_layers
+        monkeypatch.setattr(mla_module, "mla_decode", lambda *a: None)
+        torch.testing.assert_close(fast, run(), atol=2e-5, rtol=1e-4)
+
+
+def test_engine_decode_takes_the_mla_kernel(monkeypatch, parts):
+    from dsv3.engine import EngineConfig, LLMEngine
+    from dsv3.sampling import SamplingParams
+
+    model, tok = parts
+    prompts = [[5 + i, 9, 11 + 2 * i, 7][: 2 + i % 3] for i in range(5)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    calls = count_mla_calls(monkeypatch)
+    fast = [o.outputs[0].token_ids for o in LLMEngine(model, tok, EngineConfig()).generate(prompts, params)]
+    assert sum(y is not None for y in calls) >= 10 * model.config.num_hidden_layers
+    monkeypatch.setattr(mla_module, "mla_decode", lambda *a: None)
+    assert fast == [o.outputs[0].token_ids for o in LLMEngine(model, tok, EngineConfig()).generate(prompts, params)]
+
+
 def _decode_logits(model, steps=6):
     c = model.config
     cache = DenseLatentCache(c.num_hidden_layers, 1, 40, c.latent_dim, torch.float32)
@@ -107,11 +160,12 @@ def test_model_decode_same_with_and_without_kernels(monkeypatch, method):
     if method != "none":
         quantize_model(model, method, progress=False)
     monkeypatch.setattr(quant_kernels, "KERNEL_ACT_DTYPE", None)  # PyTorch's int8 kernel in fp32, as the native one
-    calls = []
+    calls, mla_calls = [], count_mla_calls(monkeypatch)
     real = kernels.library()
     monkeypatch.setattr(kernels, "library", lambda: calls.append(1) or real)
     fast = _decode_logits(model)
     assert calls, "the decode steps took the native kernels"
+    assert sum(y is not None for y in mla_calls) == 6 * cfg.num_hidden_layers  # every decode step, every layer
     kernels_off(monkeypatch)
     slow = _decode_logits(model)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)

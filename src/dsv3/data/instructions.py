@@ -2,8 +2,9 @@
 
 A function with a docstring is a ready-made instruction: its summary line says what to write, its
 signature says how to call it, its source is the answer. Each kept function gives two chat records
-in the form `dsv3 finetune` reads (`{"messages": [...]}`): "write a function `f(args)` that <summary>"
-and "complete this signature + docstring", both answered with the function in a ```python block.
+in the form `dsv3 finetune` reads (`{"messages": [...]}`): "write a function `f(args)` that <summary>",
+answered with the function whose docstring is cut to that summary, and "complete this signature +
+docstring", answered with the whole function; both in a ```python block.
 Files come from one split of a shard manifest, so the held-out split gives evaluation instructions
 for functions the model never saw. Every choice (phrasing, order) is a pure function of the input.
 """
@@ -48,6 +49,24 @@ class FunctionSite:
     body_lines: int  # non-blank lines after the docstring
     lineno: int
     node: ast.AST
+
+
+def brief(site: FunctionSite) -> str:
+    """The function with its docstring cut to the summary sentence: the answer to "write a function
+    that <summary>". Shorter answers teach a small model to finish (and close the block) before
+    its token budget; a long docstring would only be recited. The full source when cutting fails."""
+    doc = site.node.body[0]
+    first = doc.lineno - min([site.node.lineno] + [d.lineno for d in site.node.decorator_list])
+    head = site.head.splitlines(keepends=True)
+    if first < 1 or first >= len(head) or '"""' in site.summary or site.summary.endswith("\\"):
+        return site.source
+    indent = head[first][: len(head[first]) - len(head[first].lstrip())]
+    text = "".join(head[:first]) + f'{indent}"""{site.summary}."""\n' + site.source[len(site.head):]
+    try:
+        ast.parse(text)
+    except SyntaxError:
+        return site.source
+    return text
 
 
 def _dedent(lines: list[str], indent: str) -> str | None:
@@ -188,7 +207,7 @@ def records(site: FunctionSite) -> list[dict]:
     out = []
     text = describe(site)
     if text is not None:
-        out.append({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": fenced(site.source)}],
+        out.append({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": fenced(brief(site))}],
                     "meta": {**meta, "kind": "describe", "head": site.head}})
     prompt = COMPLETE[_choice(site, "complete") % len(COMPLETE)].format(head=site.head)
     out.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": fenced(site.source)}],

@@ -2,9 +2,12 @@
 
 Each epoch shuffles the documents of a split, applies FIM to a seeded `fim_rate` share of them
 and concatenates the result into one stream that is cut into windows of `seq_len + 1` tokens
-(stride `seq_len`, so every token is a label exactly once). Everything about a window follows
-from (seed, sample index): document lengths are known up front (FIM adds exactly three
-sentinels), so the trainer's step counter is the whole state and resume is exact.
+(stride `seq_len`, so every token is a label exactly once). Samples read the windows in a seeded
+order (a permutation per block of one epoch's worth of windows), so the rows of a batch come from
+different files: consecutive windows would make each batch one or two files and the gradient as
+noisy as a batch that size. Everything about a window follows from (seed, sample index): document
+lengths are known up front (FIM adds exactly three sentinels), so the trainer's step counter is
+the whole state and resume is exact.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from dsv3.data.shards import DataError, TokenShards
 
 IGNORE_INDEX = -100
-_ORDER, _FIM, _SPLIT = 1, 2, 3  # tags that keep the seeded random streams independent
+_ORDER, _FIM, _SPLIT, _WINDOWS = 1, 2, 3, 4  # tags that keep the seeded random streams independent
 
 
 FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
@@ -101,6 +104,7 @@ class PackedDataset(IterableDataset):
         self._epoch_starts = [0]
         self._epochs: OrderedDict[int, _Epoch] = OrderedDict()
         self._docs: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._window_orders: OrderedDict[int, np.ndarray] = OrderedDict()
 
     # -- the stream ------------------------------------------------------------------------
     def _fim_mask(self, epoch: int) -> np.ndarray:
@@ -159,9 +163,23 @@ class PackedDataset(IterableDataset):
         return np.concatenate(pieces)
 
     # -- windows and batches ---------------------------------------------------------------
+    def window_index(self, index: int) -> int:
+        """The stream window that sample `index` reads: with `shuffle`, block `b` of samples (one
+        epoch's worth of windows, `n`) reads windows `b * n + permutation_b`, so each window is
+        still read exactly once while a batch's rows come from anywhere in the split."""
+        n = max(1, self.windows_per_epoch())
+        if not self.shuffle or n == 1:
+            return index
+        block, k = divmod(index, n)
+        if block not in self._window_orders:
+            self._window_orders[block] = np.random.default_rng([self.seed, _WINDOWS, block]).permutation(n)
+            if len(self._window_orders) > 2:
+                self._window_orders.popitem(last=False)
+        return block * n + int(self._window_orders[block][k])
+
     def sample(self, index: int) -> tuple[np.ndarray, ...]:
-        """(input_ids, labels, position_ids, doc_ids) of window `index` as numpy arrays."""
-        window = self.stream(index * self.seq_len, self.seq_len + 1)
+        """(input_ids, labels, position_ids, doc_ids) of sample `index` as numpy arrays."""
+        window = self.stream(self.window_index(index) * self.seq_len, self.seq_len + 1)
         inputs, labels = window[:-1], window[1:].copy()
         if self.mask_eos_label:
             labels[inputs == self.eos_id] = IGNORE_INDEX  # never predict across a boundary

@@ -70,6 +70,15 @@ class PagedContext(AttentionContext):
         self.decode_tokens, self.decode_slots, self.decode_mask = decode_tokens, decode_slots, decode_mask
         self.prefills = prefills
         self.decode_adapters = decode_adapters  # LoRA slot per decode row (a SlotBatch), or None
+        # A pure decode step (rows in token order, no adapters, fp32 cache on CPU) can take the native MLA kernel.
+        self._native = (not prefills and decode_adapters is None and not cache.quantized and cache.dtype == torch.float32
+                        and cache.data.device.type == "cpu" and decode_tokens.numel() == slot_mapping.numel() > 0)
+
+    def native_keys(self, layer_idx: int):
+        if not self._native:
+            return None
+        from dsv3.kernels.mla import NativeKeys
+        return NativeKeys(self.cache.data[layer_idx], self.slot_mapping, self.decode_slots, self.decode_mask[:, 0, 0])
 
     def attend(self, layer_idx: int, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer_idx, self.slot_mapping, latent[0])

@@ -1,9 +1,9 @@
-"""Native CPU kernels for decode steps, compiled from `decode.c` on first use.
+"""Native CPU kernels for decode steps, compiled from `decode.c` and `mla.c` on first use.
 
 A batch-1 decode step is bound by weight traffic, but PyTorch spends much of it in per-op overhead
 and in small GEMVs that do not reach memory bandwidth (the grouped expert matmul runs one small mm
 per expert, ~9 GB/s here). These kernels read each weight row once per step, with one OpenMP region
-per call, and run a layer's routed experts in one call. They share PyTorch's OpenMP runtime and
+per call, and run a layer's routed experts, or its whole MLA, in one call. They share PyTorch's OpenMP runtime and
 thread count. The C compiler is needed once per machine (the .so is cached under
 ~/.cache/dsv3/kernels); without one, or with DSV3_KERNELS=0, callers fall back to PyTorch ops.
 """
@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-_SRC = Path(__file__).with_name("decode.c")
+_DIR = Path(__file__).parent
+_SOURCES = ["decode.c", "mla.c"]
+_HEADERS = ["common.h"]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast"]
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -35,6 +37,8 @@ _SIGNATURES = {
     "moe_i8": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I],
     "rms_norm_f32": [_P, _P, _P, _L, _L, ctypes.c_float],
     "route_noaux": [_P, _P, _P, _L, _L, _L, _L, _L, _L, _I, ctypes.c_float, _P, _P, _P],
+    "mlp_decode": [_P, _P, _P, _P, _P, _P, _L, _L, _L, _I],
+    "mla_decode": [_P, _P, _L, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _P, _P, _I],
 }
 
 
@@ -46,14 +50,15 @@ def _build() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    src = _SRC.read_bytes()
+    src = b"".join((_DIR / f).read_bytes() for f in _SOURCES + _HEADERS)
     key = hashlib.sha256(src + " ".join([cc, *_FLAGS, os.uname().machine]).encode()).hexdigest()[:16]
     so = _cache_dir() / f"decode-{key}.so"
     if not so.exists():
         so.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
             out = Path(tmp) / so.name
-            res = subprocess.run([cc, *_FLAGS, str(_SRC), "-o", str(out), "-lm"], capture_output=True, text=True)
+            res = subprocess.run([cc, *_FLAGS, *(str(_DIR / f) for f in _SOURCES), "-o", str(out), "-lm"],
+                                 capture_output=True, text=True)
             if res.returncode != 0:
                 print(f"dsv3: native decode kernels unavailable ({cc} failed): {res.stderr.strip()[:200]}", file=sys.stderr)
                 return None
@@ -80,12 +85,13 @@ def library() -> ctypes.CDLL | None:
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """True when a call on activations `x` with `weights` can take a native kernel: few fp32 rows on CPU,
-    no autograd, not being compiled, contiguous CPU weights whose floating ones are fp32 (int8 ones as stored)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and x.numel() <= MAX_ROWS * x.shape[-1]
-            and all(w.device.type == "cpu" and w.is_contiguous() and (w.dtype == torch.float32 or not w.is_floating_point())
-                    for w in weights)
-            and library() is not None)
+    no autograd, not being compiled, contiguous CPU weights whose floating ones are fp32 (int8 ones as stored).
+    Called several times per layer and step, so the cheap tests come first."""
+    if not (x.is_cpu and x.dtype == torch.float32 and x.numel() <= MAX_ROWS * x.shape[-1]) or torch.is_grad_enabled():
+        return False
+    if (_lib is None and (_tried or library() is None)) or torch.compiler.is_compiling():
+        return False
+    return all(w.is_cpu and w.is_contiguous() and (w.dtype == torch.float32 or not w.is_floating_point()) for w in weights)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -6,25 +6,21 @@
  * routed-expert SwiGLU (gate/up GEMV, silu, down GEMV, weighted sum over the K chosen experts)
  * into one call. Accumulation is fp32. Built at first use by dsv3/kernels/__init__.py.
  */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-static inline float dot_f32(const float *restrict a, const float *restrict b, long n) {
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (long k = 0; k < n; k++) s += a[k] * b[k];
-    return s;
-}
-
-static inline float dot_i8(const float *restrict a, const int8_t *restrict b, long n) {
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (long k = 0; k < n; k++) s += a[k] * (float)b[k];
-    return s;
-}
+#include "common.h"
 
 static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+/* A dense SwiGLU MLP (dense layers, shared experts) for M tokens: y = down(silu(gate x) * up x); h scratch [M, I]. */
+void mlp_decode(const Lin *gate, const Lin *up, const Lin *down, const float *x, float *h, float *y, long M, long D,
+                long I, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (long i = 0; i < I; i++)
+            for (long m = 0; m < M; m++) h[m * I + i] = silu(lin_row(gate, i, x + m * D, D)) * lin_row(up, i, x + m * D, D);
+        lin(down, h, M, I, y, D);
+    }
+}
 
 /* int8 weight rows with one scale per row: y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]. */
 void linear_i8(const float *x, const int8_t *q, const float *scale, float *y, long M, long N, long K, int threads) {

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 if TYPE_CHECKING:
+    from dsv3.kernels.mla import NativeKeys
     from dsv3.model.mla import MLA
 
 
@@ -46,6 +47,10 @@ class AttentionContext:
     def attend(self, layer_idx: int, mla: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         return mla.attend_expanded(q_nope, q_pe, latent, self.mask)
 
+    def native_keys(self, layer_idx: int) -> "NativeKeys | None":
+        """The cache layout for the native MLA decode kernel this step, or None (no cache, or not a decode step)."""
+        return None
+
 
 class DenseLatentCache(AttentionContext):
     """A contiguous per-sequence cache of MLA latents ([B, max_len, kv_lora_rank + rope_dim] per layer).
@@ -63,6 +68,7 @@ class DenseLatentCache(AttentionContext):
         self.length = 0
         self.impl = impl
         self._step = 0
+        self._native: tuple | None = None  # (slot_mapping, key_slots, key_mask) of this step, for the native kernel
 
     @property
     def max_len(self) -> int:
@@ -82,10 +88,21 @@ class DenseLatentCache(AttentionContext):
         mask = (k_slot[None, :] <= q_slot[:, None])[None] & self.key_valid[:, None, : L + T]
         self.mask = (mask | (k_slot[None, :] == q_slot[:, None])[None])[:, None]
         self._step = T
+        self._native = None
+        if (T == 1 or self.impl == "absorb") and self.kv.dtype == torch.float32 and self.kv.device.type == "cpu":
+            B, S = self.kv.shape[1], L + T
+            rows = torch.arange(B, device=self.kv.device)[:, None] * self.max_len
+            self._native = (rows + q_slot).reshape(-1), (rows + k_slot).repeat_interleave(T, dim=0), self.mask.reshape(B * T, S)
 
     def end_step(self) -> None:
         self.length += self._step
         self._step = 0
+
+    def native_keys(self, layer_idx: int) -> "NativeKeys | None":
+        if self._native is None:
+            return None
+        from dsv3.kernels.mla import NativeKeys
+        return NativeKeys(self.kv[layer_idx].view(-1, self.kv.shape[-1]), *self._native)
 
     def attend(self, layer_idx: int, mla: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         L, T = self.length, latent.shape[1]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3 import kernels
+from dsv3.kernels.layers import mlp_decode
 
 
 class RMSNorm(nn.Module):
@@ -37,4 +38,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.usable(x):  # a decode step: one native call (fp32 or int8 projections)
+            y = mlp_decode(self, x)
+            if y is not None:
+                return y
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

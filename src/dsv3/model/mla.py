@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3 import kernels
 from dsv3.config import ModelConfig
+from dsv3.kernels.mla import mla_decode
 from dsv3.model.attention import AttentionContext
 from dsv3.model.layers import RMSNorm
 from dsv3.model.rope import apply_rotary
@@ -46,6 +48,11 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """x [B, T, D]; cos/sin [B, T, dr/2] for the tokens' positions."""
         B, T, _ = x.shape
+        if B * T <= kernels.MAX_ROWS and kernels.usable(x):
+            keys = ctx.native_keys(self.layer_idx)
+            y = None if keys is None else mla_decode(self, x, cos, sin, keys)
+            if y is not None:
+                return y
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -84,9 +91,11 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         causal = mask is None and q.shape[1] > 1
+        pad = q.shape[-1] - self.v_dim  # fused (flash) SDPA kernels want one head size: zero-pad V, slice after
+        v = F.pad(v, (0, pad)) if pad > 0 else v
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask, is_causal=causal, scale=self.scale)
-        return o.transpose(1, 2)
+        return o.transpose(1, 2)[..., : self.v_dim]
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                         mask: torch.Tensor | None, slots=None) -> torch.Tensor:

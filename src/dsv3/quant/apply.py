@@ -84,6 +84,13 @@ def quantization_config(method: str, fmt: Format, include_lm_head: bool, groups:
             "version": 2 if groups else 1}
 
 
+def untie_lm_head(model: nn.Module) -> None:
+    """Give the LM head its own copy of the tied embedding, so it can be quantized (as llama.cpp's
+    `output.weight`) while the embedding, which is only gathered from, keeps full precision."""
+    model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+
+
 def quantize_model(model: nn.Module, method: str, group_size: int = 128, zero_point: bool = True,
                    calib: torch.Tensor | Sequence[Sequence[int]] | None = None, include_lm_head: bool = False,
                    progress: bool = True, **awq_options) -> dict:
@@ -106,6 +113,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, zero_po
             warnings.warn(f"AWQ: {forced} routed expert(s) received no calibration tokens and were calibrated on all "
                           f"tokens (forced routing): {clips.forced_experts}", stacklevel=2)
         model.awq_forced_experts = clips.forced_experts
+    if include_lm_head and model.config.tie_word_embeddings:
+        untie_lm_head(model)
     targets = quant_targets(model, include_lm_head)
     groups = group_sizes(model, targets, fmt) if fmt.name == "int4" else None
     for name, module in tqdm(targets, desc=f"quantizing ({method})", disable=not progress):

@@ -108,6 +108,10 @@ class QuantLinear(nn.Module):
             self._dense = self.fmt.dequant(self.tensors, self.out_features, self.in_features).to(self.act_dtype)
         return self._dense
 
+    def native_int8(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(int8 weight [out, in], fp32 scale [out]) for the native decode kernels; None for other formats."""
+        return (self.qweight, self.scale) if self.fmt.name == "int8" else None
+
     def export(self) -> Tensors:
         return self.fmt.export(self.tensors, self.out_features, self.in_features)
 

@@ -57,6 +57,7 @@ class PretrainConfig:
     eval_batches: int = 16
     log_every: int = 1
     save_dtype: str = "float32"         # dtype of the final model: float32 | bfloat16
+    head_dtype: str = "float32"         # LM-head matmuls: float32 | bfloat16 | auto (bf16 where native: AMX, GPU)
     resume: bool = True                 # continue from OUT/checkpoints if one is there
     progress: bool = True
 
@@ -116,6 +117,8 @@ class PretrainConfig:
             raise PretrainConfigError(f"stop_after {self.stop_after} must be a positive integer.")
         if self.save_dtype not in ("float32", "bfloat16"):
             raise PretrainConfigError(f"save_dtype {self.save_dtype!r} must be float32 or bfloat16.")
+        if self.head_dtype not in ("float32", "bfloat16", "auto"):
+            raise PretrainConfigError(f"head_dtype {self.head_dtype!r} must be float32, bfloat16 or auto.")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise PretrainConfigError(f"device {self.device!r} must be auto, cpu, cuda or cuda:N.")
         if not isinstance(self.mtp_lambda, (int, float)):

@@ -17,6 +17,7 @@ from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.attention import AttentionContext
 from dsv3.model.moe import MoE
 from dsv3.train.balance import sequence_balance_loss
+from dsv3.train.fused_ce import linear_cross_entropy
 
 
 class Losses(NamedTuple):
@@ -40,20 +41,28 @@ def mtp_targets(input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Te
     return next_ids, targets
 
 
-def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+def head_loss(model: DeepseekV3ForCausalLM, hidden: torch.Tensor, targets: torch.Tensor,
+              head_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """CE of the LM head on `hidden`: fused and chunked (`linear_cross_entropy`) for a plain
+    bias-free head, through the module (LoRA, quantized heads) otherwise."""
+    head = model.lm_head
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return linear_cross_entropy(hidden, head.weight, targets, dtype=head_dtype)
+    return F.cross_entropy(head(hidden).float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def pretrain_losses(model: DeepseekV3ForCausalLM, batch: PackedBatch, mtp_lambda: float = 0.0,
-                    seq_aux_alpha: float = 0.0, moes: list[MoE] | None = None) -> Losses:
+                    seq_aux_alpha: float = 0.0, moes: list[MoE] | None = None,
+                    head_dtype: torch.dtype | None = None) -> Losses:
     """Forward one packed micro-batch (already on the model's device) and return its losses.
 
     The MTP term is the mean over depths; it is computed (and logged) even when λ = 0 so
-    that its curve is comparable, but then contributes nothing to the gradient.
+    that its curve is comparable, but then contributes nothing to the gradient. `head_dtype`
+    is the LM head's matmul dtype (None: the hidden states').
     """
     ids, labels, pos, docs = batch
     hidden = model.hidden_states(ids, pos, AttentionContext.causal(doc_ids=docs))
-    main = _ce(model.lm_head(hidden), labels)
+    main = head_loss(model, hidden, labels, head_dtype)
     total, mtp = main, None
     n_mtp = len(model.model.mtp)
     if n_mtp:
@@ -62,7 +71,7 @@ def pretrain_losses(model: DeepseekV3ForCausalLM, batch: PackedBatch, mtp_lambda
             T = h.shape[1] - 1
             next_ids, targets = mtp_targets(ids, labels, docs, k)
             h = model.mtp_hidden(h[:, :T], next_ids, pos[:, :T], AttentionContext.causal(doc_ids=docs[:, :T]), k)
-            terms.append(_ce(model.lm_head(h), targets))
+            terms.append(head_loss(model, h, targets, head_dtype))
         mtp = torch.stack(terms).mean()
         total = total + mtp_lambda * mtp if mtp_lambda else total + 0.0 * mtp
     seq_aux = None

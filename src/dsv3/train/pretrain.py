@@ -3,7 +3,8 @@
 One optimizer step = `grad_accum` micro-batches of `batch_size` packed windows. Per step: the
 loss is next-token CE + λ·MTP CE (+ α·sequence balance loss); routed-expert loads are counted
 during the forwards and, after clipping and before AdamW steps, move each router's selection
-bias by ±γ (aux-loss-free balancing). fp32 on CPU, bf16 autocast on GPU (routers stay fp32).
+bias by ±γ (aux-loss-free balancing). fp32 on CPU, bf16 autocast on GPU (routers stay fp32); the LM
+head's fused cross-entropy can run its matmuls in bf16 (`head_dtype`), which AMX CPUs do ~3x faster.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.train.balance import load_stats, moe_layers, track_load, update_bias
 from dsv3.train.config import PretrainConfig, PretrainConfigError
 from dsv3.train.distributed import DataParallel
+from dsv3.train.fused_ce import bf16_matmul_is_fast
 from dsv3.train.losses import heldout_loss, pretrain_losses
 from dsv3.train.schedule import make_scheduler, piecewise
 from dsv3.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -124,6 +126,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
             block.compile()
     autocast = (partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext)
+    bf16_head = cfg.head_dtype == "bfloat16" or (cfg.head_dtype == "auto" and bf16_matmul_is_fast(device))
+    head_dtype = torch.bfloat16 if bf16_head else None
 
     def evaluate() -> float:
         model.eval()
@@ -146,7 +150,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         for micro in range(cfg.grad_accum):
             batch = [t.to(device) for t in data.batch(step * cfg.grad_accum + micro)]
             with autocast():
-                losses = pretrain_losses(model, batch, lam, cfg.seq_aux_alpha, moes)
+                losses = pretrain_losses(model, batch, lam, cfg.seq_aux_alpha, moes, head_dtype)
             (losses.total / cfg.grad_accum).backward()
             for key, value in zip(sums, losses):
                 sums[key] += float(value.detach()) / cfg.grad_accum if value is not None else 0.0

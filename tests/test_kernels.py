@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,15 +151,16 @@ def _decode_logits(model, steps=6):
     return torch.cat(logits)
 
 
-@pytest.mark.parametrize("method", ["none", "int8"])
+@pytest.mark.parametrize("method", ["none", "int8", "int4"])
 def test_model_decode_same_with_and_without_kernels(monkeypatch, method):
+    """Every projection, expert and the (untied, quantized) LM head native, against PyTorch's kernels in fp32."""
     cfg = ModelConfig.from_dict({**TINY, "vocab_size": 97, "n_routed_experts": 16, "n_group": 4, "topk_group": 2,
-                                 "num_experts_per_tok": 4})
+                                 "num_experts_per_tok": 4, "q_lora_rank": 32})  # int4 native groups are multiples of 32
     torch.manual_seed(1)
     model = DeepseekV3ForCausalLM(cfg)
     model.init_weights(std=0.2)
     if method != "none":
-        quantize_model(model, method, progress=False)
+        quantize_model(model, method, group_size=32, include_lm_head=True, progress=False)
     monkeypatch.setattr(quant_kernels, "KERNEL_ACT_DTYPE", None)  # PyTorch's int8 kernel in fp32, as the native one
     calls, mla_calls = [], count_mla_calls(monkeypatch)
     real = kernels.library()
@@ -169,6 +171,23 @@ def test_model_decode_same_with_and_without_kernels(monkeypatch, method):
     kernels_off(monkeypatch)
     slow = _decode_logits(model)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+def test_portable_build_without_avx512_matches(tmp_path):
+    """The kernels' non-AVX-512 code (other x86 CPUs, ARM) built here with -mno-avx512f, on the same decode check."""
+    code = (
+        "import sys, torch; sys.path.insert(0, 'tests'); import pytest, test_kernels as t\n"
+        "class MP:\n"
+        "    def __init__(self): self.undo = []\n"
+        "    def setattr(self, obj, name, value): self.undo.append((obj, name, getattr(obj, name))); setattr(obj, name, value)\n"
+        "for method in ('none', 'int8', 'int4'):\n"
+        "    mp = MP(); t.test_model_decode_same_with_and_without_kernels(mp, method)\n"
+        "    for obj, name, value in reversed(mp.undo): setattr(obj, name, value)\n"
+        "print('ok')\n")
+    env = {**os.environ, "DSV3_KERNELS_CFLAGS": "-mno-avx512f", "DSV3_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    assert len(list((tmp_path / "kernels").glob("decode-*.so"))) == 1  # built here, not the cached AVX-512 one
 
 
 def test_switched_off_by_environment():

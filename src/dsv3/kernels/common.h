@@ -4,27 +4,92 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float dot_f32(const float *restrict a, const float *restrict b, long n) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+/* AVX-512: four independent accumulators (a single one makes every multiply-add wait for the
+ * previous one) and masked loads for the tail, so rows of 80 or 96 values cost no scalar loop. */
+static inline __m512 ld_i8(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+static inline __m512 ld_f32_tail(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline __m512 ld_i8_tail(const int8_t *p, __mmask16 m) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p))); }
+#define DOT_AVX512(LOAD, LOAD_TAIL)                                                                     \
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps(); \
+    long k = 0;                                                                                         \
+    for (; k + 64 <= n; k += 64) {                                                                      \
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), LOAD(b + k), s0);                                  \
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), LOAD(b + k + 16), s1);                        \
+        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 32), LOAD(b + k + 32), s2);                        \
+        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 48), LOAD(b + k + 48), s3);                        \
+    }                                                                                                   \
+    for (; k + 16 <= n; k += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), LOAD(b + k), s0);        \
+    if (k < n) {                                                                                        \
+        __mmask16 m = (__mmask16)((1u << (n - k)) - 1);                                                 \
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), LOAD_TAIL(b + k, m), s1);                 \
+    }                                                                                                   \
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+
+static inline float dot_f32(const float *restrict a, const float *restrict b, long n) { DOT_AVX512(_mm512_loadu_ps, ld_f32_tail) }
+static inline float dot_i8(const float *restrict a, const int8_t *restrict b, long n) { DOT_AVX512(ld_i8, ld_i8_tail) }
+
+/* int4 blocks of 32 (see Lin): w = u * scale + bias per group, one 16-byte load per block. */
+static inline float dot_u4(const float *restrict x, const uint8_t *restrict p, const float *scale, const float *bias,
+                           long K, long group) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    const __m128i low = _mm_set1_epi8(15);
+    for (long b = 0; b < K; b += 32) {
+        const __m512 sc = _mm512_set1_ps(scale[b / group]), c = _mm512_set1_ps(bias[b / group]);
+        const __m128i q = _mm_loadu_si128((const __m128i *)(p + b / 2));
+        const __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + b), _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), sc, c), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + b + 16), _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), sc, c), acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#else
+/* Portable: 16 partial sums, so the compiler's vectors need not wait on one accumulator. */
+#define DOT_BODY                                                                                        \
+    float acc[16] = {0.f};                                                                              \
+    long k = 0;                                                                                         \
+    for (; k + 16 <= n; k += 16) {                                                                      \
+        _Pragma("omp simd") for (int j = 0; j < 16; j++) acc[j] += a[k + j] * (float)b[k + j];          \
+    }                                                                                                   \
+    float s = 0.f;                                                                                      \
+    for (int j = 0; j < 16; j++) s += acc[j];                                                           \
+    for (; k < n; k++) s += a[k] * (float)b[k];                                                         \
+    return s;
+
+static inline float dot_f32(const float *restrict a, const float *restrict b, long n) { DOT_BODY }
+static inline float dot_i8(const float *restrict a, const int8_t *restrict b, long n) { DOT_BODY }
+
+static inline float dot_u4(const float *restrict x, const uint8_t *restrict p, const float *scale, const float *bias,
+                           long K, long group) {
     float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (long k = 0; k < n; k++) s += a[k] * b[k];
+    for (long b = 0; b < K; b += 32) {
+        const float sc = scale[b / group], c = bias[b / group];
+        for (int j = 0; j < 16; j++)
+            s += x[b + j] * ((float)(p[b / 2 + j] & 15) * sc + c) + x[b + j + 16] * ((float)(p[b / 2 + j] >> 4) * sc + c);
+    }
     return s;
 }
+#endif
 
-static inline float dot_i8(const float *restrict a, const int8_t *restrict b, long n) {
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (long k = 0; k < n; k++) s += a[k] * (float)b[k];
-    return s;
+/* A linear layer's weight as the kernels read it:
+ *   kind 0: fp32 [N, K];  kind 1: int8 [N, K] with a scale per row;
+ *   kind 2: int4 [N, K/2] bytes in blocks of 32 values (byte j of a block holds value j in its low
+ *           nibble and value j+16 in its high one), with per-(row, group) scale and bias:
+ *           w = u * scale + bias for u in 0..15 (bias = -zero_point * scale).
+ * ew / es: the offset of expert e's weight (bytes) and scales (floats), for stacked experts. */
+typedef struct { const void *w; const float *scale; const float *bias; long kind, group, ew, es; } Lin;
+
+/* Row n of expert e's weight times x (K inputs). */
+static inline float lin_row_e(const Lin *L, long e, long n, const float *x, long K) {
+    if (L->kind == 0) return dot_f32(x, (const float *)L->w + e * L->ew / 4 + n * K, K);
+    if (L->kind == 1) return L->scale[e * L->es + n] * dot_i8(x, (const int8_t *)L->w + e * L->ew + n * K, K);
+    long G = K / L->group;
+    return dot_u4(x, (const uint8_t *)L->w + e * L->ew + n * K / 2, L->scale + e * L->es + n * G,
+                  L->bias + e * L->es + n * G, K, L->group);
 }
 
-/* A linear layer's weight as the kernels read it. kind 0: fp32 [N, K]; 1: int8 [N, K] with a scale per row. */
-typedef struct { const void *w; const float *scale; long kind; } Lin;
-
-static inline float lin_row(const Lin *L, long n, const float *x, long K) {
-    if (L->kind == 0) return dot_f32(x, (const float *)L->w + n * K, K);
-    return L->scale[n] * dot_i8(x, (const int8_t *)L->w + n * K, K);
-}
+static inline float lin_row(const Lin *L, long n, const float *x, long K) { return lin_row_e(L, 0, n, x, K); }
 
 /* y[m, n] = x[m] · W[n] for M rows; work-shared over n (call inside a parallel region). */
 static inline void lin(const Lin *L, const float *x, long M, long K, float *y, long N) {

@@ -22,6 +22,37 @@ void mlp_decode(const Lin *gate, const Lin *up, const Lin *down, const float *x,
     }
 }
 
+/* Routed experts given as descriptors with expert strides (any kind; used for int4): as `moe_f32`,
+ * with gate/up [E, I, D] and down [E, D, I]. */
+void moe_lin(const float *x, const int64_t *idx, const float *wt, const Lin *gate, const Lin *up, const Lin *down,
+             float *h, float *y, long M, long K, long D, long I, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (long r = 0; r < M * K * I; r++) {
+            long mk = r / I, i = r % I, e = idx[mk];
+            const float *xm = x + (mk / K) * D;
+            h[r] = silu(lin_row_e(gate, e, i, xm, D)) * lin_row_e(up, e, i, xm, D);
+        }
+#pragma omp for schedule(static)
+        for (long r = 0; r < M * D; r++) {
+            long m = r / D, d = r % D;
+            float acc = 0.f;
+            for (long k = 0; k < K; k++) {
+                long mk = m * K + k;
+                acc += wt[mk] * lin_row_e(down, idx[mk], d, h + mk * I, I);
+            }
+            y[r] = acc;
+        }
+    }
+}
+
+/* Any descriptor's y [M, N] = x [M, K] Wᵀ (used for int4 linears). */
+void linear_lin(const Lin *L, const float *x, float *y, long M, long N, long K, int threads) {
+#pragma omp parallel num_threads(threads)
+    lin(L, x, M, K, y, N);
+}
+
 /* int8 weight rows with one scale per row: y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]. */
 void linear_i8(const float *x, const int8_t *q, const float *scale, float *y, long M, long N, long K, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)

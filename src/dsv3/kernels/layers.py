@@ -1,8 +1,8 @@
 """Linear layers as the native kernels read them, and the dense SwiGLU MLP in one call.
 
-A projection is passed to C as a (pointer, scale, kind) descriptor: an fp32 `nn.Linear`, or an
-int8 layer that exposes `native_int8()` (the quantized linear). Anything else (LoRA wrappers,
-int4, FP8, bf16 weights) has no descriptor and the caller keeps the PyTorch path. A module's
+A projection is passed to C as a descriptor (pointers, kind): an fp32 `nn.Linear`, or a quantized
+layer exposing `native_int8()` or `native_int4()`. Anything else (LoRA wrappers, FP8, bf16
+weights) has no descriptor and the caller keeps the PyTorch path. A module's
 descriptors are built once and rebuilt when one of its weights is replaced.
 """
 
@@ -19,22 +19,35 @@ from dsv3 import kernels
 
 
 class Lin(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("kind", ctypes.c_long)]
+    """`Lin` of common.h: kind 0 fp32, 1 int8 (+ row scales), 2 int4 blocks (+ group scales and biases)."""
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("kind", ctypes.c_long),
+                ("group", ctypes.c_long), ("ew", ctypes.c_long), ("es", ctypes.c_long)]
+
+
+def int4_desc(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, group: int) -> Lin:
+    """An int4 descriptor (`native_int4()` tensors); stacked experts [E, ...] get their strides."""
+    stacked = packed.dim() == 3
+    return Lin(packed.data_ptr(), scale.data_ptr(), bias.data_ptr(), 2, group,
+               packed[0].numel() if stacked else 0, scale[0].numel() if stacked else 0)
 
 
 def describe(layer: nn.Module, keep: list) -> Lin | None:
     """The descriptor of `layer` (its tensors appended to `keep`), or None when it has no native form."""
     if type(layer) is nn.Linear:
         w = layer.weight
-        if layer.bias is not None or w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
+        if layer.bias is not None or w.dtype != torch.float32 or not w.is_cpu or not w.is_contiguous():
             return None
         keep.append(w)
-        return Lin(w.data_ptr(), None, 0)
-    int8 = getattr(layer, "native_int8", lambda: None)()
-    if int8 is None or not all(t.device.type == "cpu" and t.is_contiguous() for t in int8):
-        return None
-    keep += list(int8)
-    return Lin(int8[0].data_ptr(), int8[1].data_ptr(), 1)
+        return Lin(w.data_ptr(), None, None, 0)
+    for kind, get in ((1, "native_int8"), (2, "native_int4")):
+        tensors = getattr(layer, get, lambda: None)()
+        if tensors is None:
+            continue
+        if not all(t.is_cpu and t.is_contiguous() for t in tensors[:3]):
+            return None
+        keep += list(tensors[:3])
+        return Lin(tensors[0].data_ptr(), tensors[1].data_ptr(), None, 1) if kind == 1 else int4_desc(*tensors)
+    return None
 
 
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # off the module: deepcopy-safe

@@ -1,7 +1,7 @@
 """Python side of `mla.c`: one native call for an MLA layer's decode step.
 
-Projections go as `dsv3.kernels.layers` descriptors (fp32 or int8); a layer with any other
-projection (LoRA, int4, FP8, bf16) keeps the PyTorch path.
+Projections go as `dsv3.kernels.layers` descriptors (fp32, int8 or int4); a layer with any other
+projection (LoRA, FP8, bf16) keeps the PyTorch path.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _build(mla: nn.Module) -> tuple | None:
     w_kvb = mla.kv_b_weight().contiguous()  # [H, dn+dv, C]: the layer's own tensor for fp32, dequantized once otherwise
     if None in descs or any(t.dtype != torch.float32 or not t.is_contiguous() for t in norms + [w_kvb]):
         return None
-    q_a, q_b = (descs[0], descs[1]) if lowrank else (Lin(None, None, 0), descs[0])
+    q_a, q_b = (descs[0], descs[1]) if lowrank else (Lin(), descs[0])
     dims = MLADims(mla.o_proj.out_features, mla.n_heads, mla.nope_dim, mla.rope_dim, mla.v_dim, mla.kv_lora_rank,
                    mla.q_lora_rank or 0, mla.q_a_layernorm.eps if lowrank else 0.0, mla.kv_a_layernorm.eps, mla.scale)
     return (dims, q_a, q_b, descs[-2], descs[-1], norms, w_kvb, keep)

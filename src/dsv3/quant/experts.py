@@ -8,7 +8,8 @@ as the checkpoints store them. Two execution paths after sorting (token, slot) p
 * grouped path (fp8, and int8 when many rows share each expert): dequantize only the active
   experts' weights in one vectorized gather and run one `grouped_linear` per projection.
 
-A decode step (a few fp32 tokens) with int8 experts takes one native call instead (`dsv3.kernels.moe_int8`).
+A decode step (a few fp32 tokens) with int8 or int4 experts takes one native call instead
+(`dsv3.kernels.moe_int8`, `moe_lin` over int4 weights kept in the native kernels' layout).
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ class QuantExperts(nn.Module):
         t = {k: getattr(self, f"{proj}_{k}") for k in self.keys[proj]}
         return t if e is None else {k: v[e] for k, v in t.items()}
 
+    def native_int4(self) -> tuple | None:
+        """(gate, up, down) int4 descriptors for `dsv3.kernels.moe_lin`, over weights converted on first use to
+        the native kernels' layout and kept beside the packed ones; None if a group does not allow it."""
+        from dsv3.kernels.layers import cached_plan, int4_desc
+
+        def build():
+            if "_native4" not in self.__dict__:  # tensors only: a deepcopy of the module copies them
+                self.__dict__["_native4"] = [self.fmt.native(self.proj(p), *self.shapes[p]) for p in PROJ]
+            parts = self.__dict__["_native4"]
+            return None if None in parts else tuple(int4_desc(*t) for t in parts)
+        return cached_plan(self, (), build)
+
     def _mm(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         return self.fmt.matmul(x, self.proj(proj, e), self.shapes[proj][0])
 
@@ -64,6 +77,10 @@ class QuantExperts(nn.Module):
             pairs = [(getattr(self, f"{p}_qweight"), getattr(self, f"{p}_scale")) for p in PROJ]
             if kernels.usable(x, *(t for pair in pairs for t in pair)):  # decode: one fused call over the packed experts
                 return kernels.moe_int8(x, idx, weights, *pairs)
+        elif self.fmt.name == "int4" and kernels.usable(x):
+            descs = self.native_int4()
+            if descs is not None:
+                return kernels.moe_lin(x, idx, weights, *descs, self.inter)
         N, K = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)

@@ -143,6 +143,21 @@ class Int4Format:
             return one(p, scz)
         return torch.stack([one(a, b) for a, b in zip(p, scz)])
 
+    def native(self, t: Tensors, out_features: int, in_features: int) -> tuple | None:
+        """(blocks uint8 [..., N, K/2], scale [..., N, G], bias [..., N, G], group) in the layout of the native
+        decode kernels (`dsv3.kernels`, kind 2), or None when the group is not a multiple of 32 or padded."""
+        g = self.tensor_group(t)
+        if g % 32 or in_features % g or t["packed"].shape[-1] * 2 != in_features:
+            return None
+        p, scz = t["packed"], t["scale_zeros"]
+        one = lambda q: kn.int4_unpack(q, self.kernel)[:out_features]  # noqa: E731
+        u = one(p) if p.dim() == 2 else torch.stack([one(q) for q in p])
+        u = u.view(*u.shape[:-1], in_features // 32, 2, 16)
+        blocks = (u[..., 0, :] | (u[..., 1, :] << 4)).flatten(-2).contiguous()
+        scale = scz[..., 0].transpose(-1, -2)[..., :out_features, :].float()
+        bias = scz[..., 1].transpose(-1, -2)[..., :out_features, :].float() - 8.0 * scale  # w = (u - 8)·s + zero'
+        return blocks.cpu(), scale.contiguous().cpu(), bias.contiguous().cpu(), g
+
     def export(self, t: Tensors, out_features: int, in_features: int) -> Tensors:
         u = kn.int4_unpack(t["packed"], self.kernel)[:out_features].cpu()
         s, z = kn.split_scale_zeros(t["scale_zeros"].cpu(), out_features)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv3 import kernels
 from dsv3.quant import kernels as kn
 from dsv3.quant.formats import Format, Tensors
 
@@ -92,6 +93,8 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if torch.is_grad_enabled() and x.requires_grad:
             y = _PackedMatmul.apply(x2, self)
+        elif self.fmt.name == "int4" and kernels.usable(x2) and self._int4_desc() is not None:
+            y = kernels.linear_lin(x2, self._int4_desc(), self.out_features)  # decode: int4 in the native layout
         else:
             y = self.fmt.matmul(x2, self.tensors, self.out_features)
         return y.view(*shape[:-1], self.out_features)
@@ -111,6 +114,20 @@ class QuantLinear(nn.Module):
     def native_int8(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(int8 weight [out, in], fp32 scale [out]) for the native decode kernels; None for other formats."""
         return (self.qweight, self.scale) if self.fmt.name == "int8" else None
+
+    def native_int4(self) -> tuple | None:
+        """int4 weights in the native decode kernels' layout (`Int4Format.native`), built on first use and
+        kept beside the packed ones (the CPU int4 kernel's layout cannot be read by them); None otherwise."""
+        if self.fmt.name != "int4" or not self.packed.is_cpu:
+            return None
+        if "_native4" not in self.__dict__:
+            self.__dict__["_native4"] = self.fmt.native(self.tensors, self.out_features, self.in_features)
+        return self.__dict__["_native4"]
+
+    def _int4_desc(self):
+        from dsv3.kernels.layers import cached_plan, int4_desc
+
+        return cached_plan(self, (), lambda: None if self.native_int4() is None else int4_desc(*self.native_int4()))
 
     def export(self) -> Tensors:
         return self.fmt.export(self.tensors, self.out_features, self.in_features)

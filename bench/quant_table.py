@@ -215,7 +215,8 @@ def main(argv=None) -> int:
     if not args.no_speed:
         measure_speed(rows, args.threads, args.rounds)
     tied = json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings", False)
-    head = "fp32 (tied to the embedding)" if tied else "fp32" if args.keep_head else "quantized with the scheme"
+    head = ("quantized with the scheme (untied from the embedding)" if not args.keep_head
+            else "fp32 (tied to the embedding)" if tied else "fp32")
     note = (f"\nModel {model_dir}. Held-out: {held.shape[0]} windows × {held.shape[1]} tokens of the {where}; AWQ calibrated "
             f"on {calib.shape[0]} × {calib.shape[1]} training tokens. PPL ratio = PPL(system) / PPL(dsv3 fp32) ± its standard "
             f"error over windows; KL = mean over positions of KL(dsv3 fp32 ‖ system) in nats; top-1 = share of positions with "

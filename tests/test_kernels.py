@@ -127,18 +127,22 @@ def test_mla_kernel_matches_pytorch_with_padding_and_several_tokens(monkeypatch,
         torch.testing.assert_close(fast, run(), atol=2e-5, rtol=1e-4)
 
 
-def test_engine_decode_takes_the_mla_kernel(monkeypatch, parts):
+@pytest.mark.parametrize("spec", [0, 2])
+def test_engine_steps_take_the_mla_kernel(monkeypatch, parts, spec):
+    """Decode steps, and with MTP drafting the short verification and drafting chunks, run natively;
+    the tokens are those of the PyTorch path."""
     from dsv3.engine import EngineConfig, LLMEngine
     from dsv3.sampling import SamplingParams
 
     model, tok = parts
-    prompts = [[5 + i, 9, 11 + 2 * i, 7][: 2 + i % 3] for i in range(5)]
+    prompts = [[5 + i, 9, 11 + 2 * i, 7][: 2 + i % 3] for i in range(5 if spec == 0 else 2)]  # steps of <= 8 tokens
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     calls = count_mla_calls(monkeypatch)
-    fast = [o.outputs[0].token_ids for o in LLMEngine(model, tok, EngineConfig()).generate(prompts, params)]
+    cfg = EngineConfig(num_speculative_tokens=spec)
+    fast = [o.outputs[0].token_ids for o in LLMEngine(model, tok, cfg).generate(prompts, params)]
     assert sum(y is not None for y in calls) >= 10 * model.config.num_hidden_layers
     monkeypatch.setattr(mla_module, "mla_decode", lambda *a: None)
-    assert fast == [o.outputs[0].token_ids for o in LLMEngine(model, tok, EngineConfig()).generate(prompts, params)]
+    assert fast == [o.outputs[0].token_ids for o in LLMEngine(model, tok, cfg).generate(prompts, params)]
 
 
 def _decode_logits(model, steps=6):

@@ -70,15 +70,40 @@ class PagedContext(AttentionContext):
         self.decode_tokens, self.decode_slots, self.decode_mask = decode_tokens, decode_slots, decode_mask
         self.prefills = prefills
         self.decode_adapters = decode_adapters  # LoRA slot per decode row (a SlotBatch), or None
-        # A pure decode step (rows in token order, no adapters, fp32 cache on CPU) can take the native MLA kernel.
-        self._native = (not prefills and decode_adapters is None and not cache.quantized and cache.dtype == torch.float32
-                        and cache.data.device.type == "cpu" and decode_tokens.numel() == slot_mapping.numel() > 0)
+        self._native = self._native_layout()
+
+    def _native_layout(self) -> tuple | None:
+        """(key_slots [N, S], key_mask [N, S]) per token of the step for the native MLA kernel, or None.
+
+        Steps of at most `MAX_ROWS` tokens qualify: decodes, and the short chunks of speculative
+        verification and MTP drafting (token t of a chunk starting at `start` sees slots
+        [0, start + t]). Not with LoRA adapters or the int8 latent cache, or off CPU / fp32.
+        """
+        from dsv3 import kernels
+
+        n = self.slot_mapping.numel()
+        if (n == 0 or n > kernels.MAX_ROWS or self.decode_adapters is not None or self.cache.quantized
+                or self.cache.dtype != torch.float32 or not self.cache.data.is_cpu or any(p.adapter is not None for p in self.prefills)):
+            return None
+        if not self.prefills:  # a pure decode step: rows are the tokens, in order
+            return self.decode_slots, self.decode_mask[:, 0, 0]
+        width = max([self.decode_slots.shape[1]] + [p.start + p.token_slice.stop - p.token_slice.start for p in self.prefills])
+        slots = torch.zeros(n, width, dtype=torch.long)
+        mask = torch.zeros(n, width, dtype=torch.bool)
+        for j, t in enumerate(self.decode_tokens.tolist()):
+            slots[t, : self.decode_slots.shape[1]] = self.decode_slots[j]
+            mask[t, : self.decode_slots.shape[1]] = self.decode_mask[j, 0, 0]
+        for p in self.prefills:
+            for i, t in enumerate(range(p.token_slice.start, p.token_slice.stop)):
+                slots[t, : p.start + i + 1] = p.context_slots[: p.start + i + 1]
+                mask[t, : p.start + i + 1] = True
+        return slots, mask
 
     def native_keys(self, layer_idx: int):
-        if not self._native:
+        if self._native is None:
             return None
         from dsv3.kernels.mla import NativeKeys
-        return NativeKeys(self.cache.data[layer_idx], self.slot_mapping, self.decode_slots, self.decode_mask[:, 0, 0])
+        return NativeKeys(self.cache.data[layer_idx], self.slot_mapping, *self._native)
 
     def attend(self, layer_idx: int, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer_idx, self.slot_mapping, latent[0])

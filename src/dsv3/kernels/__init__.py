@@ -35,8 +35,6 @@ MAX_ROWS = 8  # tokens per call up to which the kernels are used (decode, MTP ve
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 _SIGNATURES = {
     "linear_i8": [_P, _P, _P, _P, _L, _L, _L, _I],
-    "moe_f32": [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I],
-    "moe_i8": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I],
     "rms_norm_f32": [_P, _P, _P, _L, _L, ctypes.c_float],
     "route_noaux": [_P, _P, _P, _L, _L, _L, _L, _L, _L, _I, ctypes.c_float, _P, _P, _P],
     "linear_lin": [_P, _P, _P, _L, _L, _L, _I],
@@ -116,28 +114,27 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return y
 
 
+class Lin(ctypes.Structure):
+    """`Lin` of common.h: kind 0 fp32, 1 int8 (+ row scales), 2 int4 blocks (+ group scales and biases);
+    ew / es: expert strides (bytes of weight, floats of scale) for stacked experts."""
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("kind", ctypes.c_long),
+                ("group", ctypes.c_long), ("ew", ctypes.c_long), ("es", ctypes.c_long)]
+
+
 def moe(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """Σ_k weights[:, k] · expert_{idx[:, k]}(x) for x [M, D] fp32, experts gate_up [E, 2I, D], down [E, D, I] fp32."""
-    M, D = x.shape
-    K, I = idx.shape[1], down.shape[-1]
-    xc, ic, wc = x.contiguous(), idx.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
-    h, y = x.new_empty(M * K, I), x.new_empty(M, D)
-    library().moe_f32(xc.data_ptr(), ic.data_ptr(), wc.data_ptr(), gate_up.data_ptr(), down.data_ptr(),
-                      h.data_ptr(), y.data_ptr(), M, K, D, I, torch.get_num_threads())
-    return y
+    I = down.shape[-1]
+    per_expert = gate_up[0].numel() * 4
+    gate = Lin(gate_up.data_ptr(), None, None, 0, 0, per_expert, 0)
+    up = Lin(gate_up.data_ptr() + I * gate_up.shape[-1] * 4, None, None, 0, 0, per_expert, 0)  # rows I..2I-1
+    return moe_lin(x, idx, weights, gate, up, Lin(down.data_ptr(), None, None, 0, 0, down[0].numel() * 4, 0), I)
 
 
 def moe_int8(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor],
              up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """`moe` over int8 experts given as (qweight, per-row scale) pairs: gate/up [E, I, D], down [E, D, I]."""
-    M, D = x.shape
-    K, I = idx.shape[1], down[0].shape[-1]
-    xc, ic, wc = x.contiguous(), idx.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
-    h, y = x.new_empty(M * K, I), x.new_empty(M, D)
-    ptrs = [t.data_ptr() for pair in (gate, up, down) for t in pair]
-    library().moe_i8(xc.data_ptr(), ic.data_ptr(), wc.data_ptr(), *ptrs, h.data_ptr(), y.data_ptr(), M, K, D, I,
-                     torch.get_num_threads())
-    return y
+    descs = [Lin(q.data_ptr(), s.data_ptr(), None, 1, 0, q[0].numel(), s[0].numel()) for q, s in (gate, up, down)]
+    return moe_lin(x, idx, weights, *descs, down[0].shape[-1])
 
 
 def linear_lin(x: torch.Tensor, desc, out_features: int) -> torch.Tensor:
@@ -150,7 +147,7 @@ def linear_lin(x: torch.Tensor, desc, out_features: int) -> torch.Tensor:
 
 
 def moe_lin(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate, up, down, inter: int) -> torch.Tensor:
-    """`moe` over experts given as `dsv3.kernels.layers.Lin` descriptors with expert strides (int4)."""
+    """`moe` over experts given as `Lin` descriptors with expert strides (any kind)."""
     M, D = x.shape
     K = idx.shape[1]
     xc, ic, wc = x.contiguous(), idx.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()

@@ -22,8 +22,10 @@ void mlp_decode(const Lin *gate, const Lin *up, const Lin *down, const float *x,
     }
 }
 
-/* Routed experts given as descriptors with expert strides (any kind; used for int4): as `moe_f32`,
- * with gate/up [E, I, D] and down [E, D, I]. */
+/* Routed experts for M tokens with K choices each, the projections given as descriptors with expert
+ * strides (fp32, int8 or int4): x [M, D]; idx [M, K] (int64 expert ids); wt [M, K] routing weights;
+ * gate/up rows [I, D] and down rows [D, I] per expert; h scratch [M*K, I];
+ * y [M, D] = sum_k wt[m,k] * down[e] @ (silu(gate[e] x) * up[e] x). */
 void moe_lin(const float *x, const int64_t *idx, const float *wt, const Lin *gate, const Lin *up, const Lin *down,
              float *h, float *y, long M, long K, long D, long I, int threads) {
 #pragma omp parallel num_threads(threads)
@@ -59,62 +61,6 @@ void linear_i8(const float *x, const int8_t *q, const float *scale, float *y, lo
     for (long n = 0; n < N; n++) {
         const int8_t *row = q + n * K;
         for (long m = 0; m < M; m++) y[m * N + n] = scale[n] * dot_i8(x + m * K, row, K);
-    }
-}
-
-/* Routed experts for M tokens with K choices each.
- * x [M, D]; idx [M, K] (int64 expert ids); wt [M, K] routing weights;
- * gate_up [E, 2I, D] (rows 0..I-1 gate, I..2I-1 up); down [E, D, I];
- * h scratch [M*K, I]; y [M, D] = sum_k wt[m,k] * down[e] @ (silu(gate[e] x) * up[e] x). */
-void moe_f32(const float *x, const int64_t *idx, const float *wt, const float *gate_up, const float *down,
-             float *h, float *y, long M, long K, long D, long I, int threads) {
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (long r = 0; r < M * K * I; r++) {
-            long mk = r / I, i = r % I;
-            const float *xm = x + (mk / K) * D;
-            const float *gu = gate_up + idx[mk] * 2 * I * D;
-            h[r] = silu(dot_f32(xm, gu + i * D, D)) * dot_f32(xm, gu + (I + i) * D, D);
-        }
-#pragma omp for schedule(static)
-        for (long r = 0; r < M * D; r++) {
-            long m = r / D, d = r % D;
-            float s = 0.f;
-            for (long k = 0; k < K; k++) {
-                long mk = m * K + k;
-                s += wt[mk] * dot_f32(h + mk * I, down + (idx[mk] * D + d) * I, I);
-            }
-            y[r] = s;
-        }
-    }
-}
-
-/* The same with int8 experts stored per projection, one scale per row:
- * gate/up [E, I, D] with scales [E, I]; down [E, D, I] with scales [E, D]. */
-void moe_i8(const float *x, const int64_t *idx, const float *wt, const int8_t *gate, const float *gate_s,
-            const int8_t *up, const float *up_s, const int8_t *down, const float *down_s, float *h, float *y,
-            long M, long K, long D, long I, int threads) {
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (long r = 0; r < M * K * I; r++) {
-            long mk = r / I, i = r % I, e = idx[mk];
-            const float *xm = x + (mk / K) * D;
-            float g = gate_s[e * I + i] * dot_i8(xm, gate + (e * I + i) * D, D);
-            float u = up_s[e * I + i] * dot_i8(xm, up + (e * I + i) * D, D);
-            h[r] = silu(g) * u;
-        }
-#pragma omp for schedule(static)
-        for (long r = 0; r < M * D; r++) {
-            long m = r / D, d = r % D;
-            float acc = 0.f;
-            for (long k = 0; k < K; k++) {
-                long mk = m * K + k, e = idx[mk];
-                acc += wt[mk] * down_s[e * D + d] * dot_i8(h + mk * I, down + (e * D + d) * I, I);
-            }
-            y[r] = acc;
-        }
     }
 }
 

@@ -16,12 +16,7 @@ import torch
 from torch import nn
 
 from dsv3 import kernels
-
-
-class Lin(ctypes.Structure):
-    """`Lin` of common.h: kind 0 fp32, 1 int8 (+ row scales), 2 int4 blocks (+ group scales and biases)."""
-    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("kind", ctypes.c_long),
-                ("group", ctypes.c_long), ("ew", ctypes.c_long), ("es", ctypes.c_long)]
+from dsv3.kernels import Lin
 
 
 def int4_desc(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, group: int) -> Lin:

@@ -34,7 +34,6 @@ MAX_ROWS = 8  # tokens per call up to which the kernels are used (decode, MTP ve
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 _SIGNATURES = {
-    "linear_i8": [_P, _P, _P, _P, _L, _L, _L, _I],
     "rms_norm_f32": [_P, _P, _P, _L, _L, ctypes.c_float],
     "route_noaux": [_P, _P, _P, _L, _L, _L, _L, _L, _L, _I, ctypes.c_float, _P, _P, _P],
     "linear_lin": [_P, _P, _P, _L, _L, _L, _I],
@@ -105,20 +104,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
-def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] fp32 @ (q [N, K] int8 · scale [N] fp32)ᵀ -> [..., N]."""
-    K, N = q.shape[1], q.shape[0]
-    xc = x.reshape(-1, K).contiguous()
-    y = x.new_empty(*x.shape[:-1], N)
-    library().linear_i8(xc.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), xc.shape[0], N, K, torch.get_num_threads())
-    return y
-
-
 class Lin(ctypes.Structure):
     """`Lin` of common.h: kind 0 fp32, 1 int8 (+ row scales), 2 int4 blocks (+ group scales and biases);
     ew / es: expert strides (bytes of weight, floats of scale) for stacked experts."""
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("kind", ctypes.c_long),
                 ("group", ctypes.c_long), ("ew", ctypes.c_long), ("es", ctypes.c_long)]
+
+
+def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] fp32 @ (q [N, K] int8 · scale [N] fp32)ᵀ -> [..., N]."""
+    return linear_lin(x, Lin(q.data_ptr(), scale.data_ptr(), None, 1), q.shape[0])
 
 
 def moe(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -138,7 +133,7 @@ def moe_int8(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate: tu
 
 
 def linear_lin(x: torch.Tensor, desc, out_features: int) -> torch.Tensor:
-    """x [..., K] fp32 @ Wᵀ for a `dsv3.kernels.layers.Lin` descriptor (int4 linears) -> [..., N]."""
+    """x [..., K] fp32 @ Wᵀ for a `Lin` descriptor (int8, int4 linears) -> [..., N]."""
     K = x.shape[-1]
     xc = x.reshape(-1, K).contiguous()
     y = x.new_empty(*x.shape[:-1], out_features)

@@ -49,19 +49,10 @@ void moe_lin(const float *x, const int64_t *idx, const float *wt, const Lin *gat
     }
 }
 
-/* Any descriptor's y [M, N] = x [M, K] Wᵀ (used for int4 linears). */
+/* Any descriptor's y [M, N] = x [M, K] Wᵀ (the int8 and int4 linears). */
 void linear_lin(const Lin *L, const float *x, float *y, long M, long N, long K, int threads) {
 #pragma omp parallel num_threads(threads)
     lin(L, x, M, K, y, N);
-}
-
-/* int8 weight rows with one scale per row: y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]. */
-void linear_i8(const float *x, const int8_t *q, const float *scale, float *y, long M, long N, long K, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (long n = 0; n < N; n++) {
-        const int8_t *row = q + n * K;
-        for (long m = 0; m < M; m++) y[m * N + n] = scale[n] * dot_i8(x + m * K, row, K);
-    }
 }
 
 /* DeepSeek-V3 router (sigmoid scores, `noaux_tc`): for each of N tokens, scores = sigmoid(W x);

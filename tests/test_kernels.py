@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from dsv3 import kernels
+from dsv3.kernels import step as kernel_step
 from dsv3.config import ModelConfig
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model import mla as mla_module
@@ -30,7 +32,25 @@ def _built():
 
 
 def kernels_off(monkeypatch) -> None:
-    monkeypatch.setattr(kernels, "usable", lambda *a, **k: False)
+    monkeypatch.setattr(kernels, "enabled", lambda: False)
+
+
+def per_module(monkeypatch) -> None:
+    """No whole-step call: each module takes its own kernel (the path under a LoRA or a hook)."""
+    monkeypatch.setattr(kernel_step, "ENABLED", False)
+
+
+def count_native(monkeypatch) -> collections.Counter:
+    """Calls into the compiled library, by function name."""
+    calls, real = collections.Counter(), kernels.library()
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            return lambda *a: calls.update([name]) or fn(*a)
+    proxy = Counting()
+    monkeypatch.setattr(kernels, "library", lambda: proxy)
+    return calls
 
 
 def expert_ref(x, idx, wt, gu, dn):
@@ -96,9 +116,10 @@ def count_mla_calls(monkeypatch) -> list:
     return out
 
 
+@pytest.mark.parametrize("path", ["step", "modules"])
 @pytest.mark.parametrize("q_lora_rank", [24, None])
 @pytest.mark.parametrize("T", [1, 3])
-def test_mla_kernel_matches_pytorch_with_padding_and_several_tokens(monkeypatch, q_lora_rank, T):
+def test_mla_kernel_matches_pytorch_with_padding_and_several_tokens(monkeypatch, q_lora_rank, T, path):
     """Batch 2 with a left-padded prompt (masked keys); T = 3 tokens per step (MTP verification) in the absorbed form."""
     cfg = ModelConfig.from_dict({**TINY, "vocab_size": 97, "q_lora_rank": q_lora_rank})
     torch.manual_seed(2)
@@ -120,10 +141,15 @@ def test_mla_kernel_matches_pytorch_with_padding_and_several_tokens(monkeypatch,
         return torch.cat(out)
 
     with torch.inference_mode():
-        calls = count_mla_calls(monkeypatch)
+        if path == "modules":
+            per_module(monkeypatch)
+        calls, native = count_mla_calls(monkeypatch), count_native(monkeypatch)
         fast = run()
-        assert sum(y is not None for y in calls) == 4 * cfg.num_hidden_layers
-        monkeypatch.setattr(mla_module, "mla_decode", lambda *a: None)
+        if path == "step":
+            assert native["decode_step"] == 4 and not calls  # every decode step in one call
+        else:
+            assert sum(y is not None for y in calls) == 4 * cfg.num_hidden_layers and not native["decode_step"]
+        kernels_off(monkeypatch)
         torch.testing.assert_close(fast, run(), atol=2e-5, rtol=1e-4)
 
 
@@ -137,11 +163,17 @@ def test_engine_steps_take_the_mla_kernel(monkeypatch, parts, spec):
     model, tok = parts
     prompts = [[5 + i, 9, 11 + 2 * i, 7][: 2 + i % 3] for i in range(5 if spec == 0 else 2)]  # steps of <= 8 tokens
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    calls = count_mla_calls(monkeypatch)
+    native = count_native(monkeypatch)
     cfg = EngineConfig(num_speculative_tokens=spec)
     fast = [o.outputs[0].token_ids for o in LLMEngine(model, tok, cfg).generate(prompts, params)]
+    assert native["decode_step"] >= 10  # the main model's steps
+    if spec:
+        assert native["decode_layers"] >= 10  # the MTP module's block
+    per_module(monkeypatch)
+    calls = count_mla_calls(monkeypatch)
+    assert fast == [o.outputs[0].token_ids for o in LLMEngine(model, tok, cfg).generate(prompts, params)]
     assert sum(y is not None for y in calls) >= 10 * model.config.num_hidden_layers
-    monkeypatch.setattr(mla_module, "mla_decode", lambda *a: None)
+    kernels_off(monkeypatch)
     assert fast == [o.outputs[0].token_ids for o in LLMEngine(model, tok, cfg).generate(prompts, params)]
 
 
@@ -155,8 +187,9 @@ def _decode_logits(model, steps=6):
     return torch.cat(logits)
 
 
+@pytest.mark.parametrize("path", ["step", "modules"])
 @pytest.mark.parametrize("method", ["none", "int8", "int4"])
-def test_model_decode_same_with_and_without_kernels(monkeypatch, method):
+def test_model_decode_same_with_and_without_kernels(monkeypatch, method, path):
     """Every projection, expert and the (untied, quantized) LM head native, against PyTorch's kernels in fp32."""
     cfg = ModelConfig.from_dict({**TINY, "vocab_size": 97, "n_routed_experts": 16, "n_group": 4, "topk_group": 2,
                                  "num_experts_per_tok": 4, "q_lora_rank": 32})  # int4 native groups are multiples of 32
@@ -166,12 +199,14 @@ def test_model_decode_same_with_and_without_kernels(monkeypatch, method):
     if method != "none":
         quantize_model(model, method, group_size=32, include_lm_head=True, progress=False)
     monkeypatch.setattr(quant_kernels, "KERNEL_ACT_DTYPE", None)  # PyTorch's int8 kernel in fp32, as the native one
-    calls, mla_calls = [], count_mla_calls(monkeypatch)
-    real = kernels.library()
-    monkeypatch.setattr(kernels, "library", lambda: calls.append(1) or real)
+    if path == "modules":
+        per_module(monkeypatch)
+    native, mla_calls = count_native(monkeypatch), count_mla_calls(monkeypatch)
     fast = _decode_logits(model)
-    assert calls, "the decode steps took the native kernels"
-    assert sum(y is not None for y in mla_calls) == 6 * cfg.num_hidden_layers  # every decode step, every layer
+    if path == "step":
+        assert native["decode_step"] == 6 and not mla_calls  # every decode step, head included, in one call
+    else:
+        assert sum(y is not None for y in mla_calls) == 6 * cfg.num_hidden_layers  # every decode step, every layer
     kernels_off(monkeypatch)
     slow = _decode_logits(model)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
@@ -185,7 +220,7 @@ def test_portable_build_without_avx512_matches(tmp_path):
         "    def __init__(self): self.undo = []\n"
         "    def setattr(self, obj, name, value): self.undo.append((obj, name, getattr(obj, name))); setattr(obj, name, value)\n"
         "for method in ('none', 'int8', 'int4'):\n"
-        "    mp = MP(); t.test_model_decode_same_with_and_without_kernels(mp, method)\n"
+        "    mp = MP(); t.test_model_decode_same_with_and_without_kernels(mp, method, 'step')\n"
         "    for obj, name, value in reversed(mp.undo): setattr(obj, name, value)\n"
         "print('ok')\n")
     env = {**os.environ, "DSV3_KERNELS_CFLAGS": "-mno-avx512f", "DSV3_CACHE": str(tmp_path)}
@@ -203,3 +238,57 @@ def test_switched_off_by_environment():
 def test_rms_norm_matches_torch():
     x, w = torch.randn(3, 1, 200) * 3, torch.rand(200) + 0.5
     torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), torch.nn.functional.rms_norm(x, (200,), w, 1e-6), atol=1e-6, rtol=1e-5)
+
+
+def _tiny_model(seed: int = 3) -> DeepseekV3ForCausalLM:
+    cfg = ModelConfig.from_dict({**TINY, "vocab_size": 97, "q_lora_rank": 32})
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(cfg)
+    model.init_weights(std=0.2)
+    return model
+
+
+def test_whole_step_plan_follows_the_model(monkeypatch):
+    """The cached step plan is rebuilt when layers are quantized in place or weights move, and steps
+    aside for forward hooks and expert-load recording, so what runs is always the model as it is now."""
+    model = _tiny_model()
+    monkeypatch.setattr(quant_kernels, "KERNEL_ACT_DTYPE", None)  # PyTorch's int8 kernel in fp32, as the native one
+    native = count_native(monkeypatch)
+    before = _decode_logits(model)
+    quantize_model(model, "int8", include_lm_head=True, progress=False)  # replaces modules: plan rebuilt
+    after = _decode_logits(model)
+    assert native["decode_step"] == 12
+    with monkeypatch.context() as m:
+        kernels_off(m)
+        torch.testing.assert_close(after, _decode_logits(model), atol=1e-4, rtol=1e-4)
+    assert not torch.equal(before, after)
+
+    model = _tiny_model()
+    _decode_logits(model)
+    with torch.no_grad():  # new storage for one weight, as `.to()` gives: the plan must not read the old one
+        model.model.layers[1].mlp.shared_experts.down_proj.weight.data = torch.zeros_like(model.model.layers[1].mlp.shared_experts.down_proj.weight)
+    moved = _decode_logits(model)
+    with monkeypatch.context() as m:
+        kernels_off(m)
+        torch.testing.assert_close(moved, _decode_logits(model), atol=1e-4, rtol=1e-4)
+
+    seen = []
+    handle = model.model.layers[0].self_attn.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    native.clear()
+    _decode_logits(model)
+    assert len(seen) == 7 and native["decode_step"] == 0  # prefill + 6 decode steps, all through the module
+    handle.remove()
+    moe = model.model.layers[1].mlp
+    moe.track_load = True
+    _decode_logits(model)
+    assert moe.expert_load.sum() == 22 * model.config.num_experts_per_tok and native["decode_step"] == 0
+    moe.track_load = False
+    _decode_logits(model)
+    assert native["decode_step"] == 6
+
+
+def test_whole_step_rejects_token_ids_outside_the_vocabulary():
+    model = _tiny_model()
+    cache = DenseLatentCache(model.config.num_hidden_layers, 1, 8, model.config.latent_dim, torch.float32)
+    with torch.inference_mode(), pytest.raises(IndexError, match="out of range"):
+        model(torch.tensor([[97]]), ctx=cache)

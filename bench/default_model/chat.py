@@ -12,16 +12,20 @@ import ast
 import random
 import re
 from pathlib import Path
+from typing import Callable
 
 from dsv3.data.instructions import mine
 
 FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
 
 
-def heldout_instructions(files: list[tuple[str, Path]], n: int, seed: int) -> list[dict]:
-    """`n` "write a function" records of the held-out files, drawn with `seed`."""
+def heldout_instructions(files: list[tuple[str, Path]], n: int, seed: int,
+                         fits: Callable[[str], bool] | None = None) -> list[dict]:
+    """`n` "write a function" records of the held-out files, drawn with `seed`; with `fits`, only
+    those whose reference answer it accepts (the eval keeps answers that fit the token budget)."""
     recs, _ = mine(files)
-    describe = [r for r in recs if r["meta"]["kind"] == "describe"]
+    describe = [r for r in recs if r["meta"]["kind"] == "describe"
+                and (fits is None or fits(next(m["content"] for m in r["messages"] if m["role"] == "assistant")))]
     return random.Random(seed).sample(describe, min(n, len(describe)))
 
 

@@ -16,17 +16,26 @@ import ast
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from dsv3.data.instructions import FunctionSite, iter_functions
 
 
-def function_sites(files: list[tuple[str, Path]], n: int, seed: int, max_head_chars: int = 1500) -> list[FunctionSite]:
-    """`n` documented functions with a body beyond the docstring, drawn with `seed` from all of `files`."""
+def function_sites(files: list[tuple[str, Path]], n: int, seed: int, max_head_chars: int = 1500,
+                   fits: Callable[[FunctionSite], bool] | None = None) -> list[FunctionSite]:
+    """`n` documented functions with a body beyond the docstring, drawn with `seed` from all of `files`;
+    with `fits`, only those it accepts (the eval keeps functions whose own body fits the token budget)."""
     sites = []
     for rel, path in sorted(files):
         sites += [s for s in iter_functions(path.read_text(encoding="utf-8"), rel)
-                  if s.body_lines >= 1 and len(s.head) <= max_head_chars]
+                  if s.body_lines >= 1 and len(s.head) <= max_head_chars and (fits is None or fits(s))]
     return random.Random(seed).sample(sites, min(n, len(sites)))
+
+
+def body_fits(tok, max_tokens: int) -> Callable[[FunctionSite], bool]:
+    """True for a function whose written body is at most `max_tokens` tokens: one the budget lets even
+    a perfect completion finish. (Of 100 held-out functions drawn without it, 60 have longer bodies.)"""
+    return lambda s: len(tok.encode(s.source[len(s.head):], add_special_tokens=False)) <= max_tokens
 
 
 def function_prompt(site: FunctionSite) -> str:

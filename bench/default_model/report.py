@@ -22,8 +22,12 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
                             f", concatenated {_f(s['xz_bits_per_byte_concat'])}", "< xz, <= 1.2"))
     if "function_completion" in r:
         f = r["function_completion"]
-        out.append((f"held-out functions parsing after completion (n={f['n']})",
+        out.append((f"held-out functions parsing after completion{', body fits the budget' if 'any_length' in f else ''} (n={f['n']})",
                     f"{f['parse_rate']:.1%} (with a body: {f['parse_rate_with_body']:.1%})", ">= 70%"))
+        if "any_length" in f:
+            g = f["any_length"]
+            out.append((f"  same, functions of any length (n={g['n']})",
+                        f"{g['parse_rate']:.1%} (with a body: {g['parse_rate_with_body']:.1%})", "reported"))
     if "fim" in r:
         out.append((f"single-line FIM exact match (n={r['fim']['n']})", f"{r['fim']['exact_match']:.1%}", "reported"))
     if "mtp" in r:
@@ -43,8 +47,12 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
                         f"p50 {s['p50'] * 1e3:.0f} ms, p90 {s['p90'] * 1e3:.0f} ms", "p50 < 300 ms"))
     if r.get("chat", {}).get("n"):
         c = r["chat"]
-        out.append((f"chat: held-out 'write a function' answers that parse with a def (n={c['n']})",
+        out.append((f"chat: held-out 'write a function' answers that parse with a def{', reference fits' if 'any_length' in c else ''} (n={c['n']})",
                     f"{c['parse_rate']:.1%} (right name {c['right_name_rate']:.1%})", ">= 60%"))
+        if "any_length" in c:
+            g = c["any_length"]
+            out.append((f"  same, instructions of any length (n={g['n']})",
+                        f"{g['parse_rate']:.1%} (right name {g['right_name_rate']:.1%})", "reported"))
     elif "chat" in r:
         out.append(("chat parse rate", r["chat"].get("skipped", "skipped"), ">= 60%"))
     return out

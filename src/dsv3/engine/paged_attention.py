@@ -105,6 +105,10 @@ class PagedContext(AttentionContext):
         from dsv3.kernels.mla import NativeKeys
         return NativeKeys(self.cache.data[layer_idx], self.slot_mapping, *self._native)
 
+    def native_cache_ptrs(self, layer_ids: list[int]) -> list[int]:
+        data = self.cache.data
+        return [data.data_ptr() + i * data.stride(0) * data.element_size() for i in layer_ids]
+
     def attend(self, layer_idx: int, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer_idx, self.slot_mapping, latent[0])
         out = q_nope.new_empty(q_nope.shape[1], mla.n_heads, mla.v_dim)

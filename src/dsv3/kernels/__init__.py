@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 _DIR = Path(__file__).parent
-_SOURCES = ["decode.c", "mla.c"]
+_SOURCES = ["decode.c", "mla.c", "step.c"]
 _HEADERS = ["common.h"]
 # 512-bit vectors where the CPU has them (GCC prefers 256 for -march=native on recent Xeons): ~1.6x on int8 rows
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast"]
@@ -40,7 +40,12 @@ _SIGNATURES = {
     "moe_lin": [_P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I],
     "mlp_decode": [_P, _P, _P, _P, _P, _P, _L, _L, _L, _I],
     "mla_decode": [_P, _P, _L, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _P, _P, _I],
+    "decode_layers": [_P, _L, _P, _P, _L, _P, _P, _P, _P, _P, _L, _P, _I],
+    "decode_layers_scratch": [_P, _L, _L, _L],
+    "decode_step": [_P, _P, _L, _P, _P, _P, _L, _L, _L, _P, _P, _P, _L, _P, _P, _P, _I],
+    "decode_step_scratch": [_P, _P, _L, _L, _L],
 }
+_RESTYPES = {"decode_layers_scratch": _L, "decode_step_scratch": _L, "decode_step": _L}
 
 
 def _cache_dir() -> Path:
@@ -68,7 +73,7 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(so))
     for name, args in _SIGNATURES.items():
         getattr(lib, name).argtypes = args
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = _RESTYPES.get(name)
     return lib
 
 
@@ -85,13 +90,18 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
+def enabled() -> bool:
+    """The kernels can run now: built, autograd off, not being traced by torch.compile."""
+    if torch.is_grad_enabled() or (_lib is None and (_tried or library() is None)):
+        return False
+    return not torch.compiler.is_compiling()
+
+
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """True when a call on activations `x` with `weights` can take a native kernel: few fp32 rows on CPU,
     no autograd, not being compiled, contiguous CPU weights whose floating ones are fp32 (int8 ones as stored).
     Called several times per layer and step, so the cheap tests come first."""
-    if not (x.is_cpu and x.dtype == torch.float32 and x.numel() <= MAX_ROWS * x.shape[-1]) or torch.is_grad_enabled():
-        return False
-    if (_lib is None and (_tried or library() is None)) or torch.compiler.is_compiling():
+    if not (x.is_cpu and x.dtype == torch.float32 and x.numel() <= MAX_ROWS * x.shape[-1]) or not enabled():
         return False
     return all(w.is_cpu and w.is_contiguous() and (w.dtype == torch.float32 or not w.is_floating_point()) for w in weights)
 

@@ -97,3 +97,21 @@ static inline void lin(const Lin *L, const float *x, long M, long K, float *y, l
     for (long n = 0; n < N; n++)
         for (long m = 0; m < M; m++) y[m * N + n] = lin_row(L, n, x + m * K, K);
 }
+
+/* MLA shapes (mla.c) and the kernels a whole decode step (step.c) calls. */
+typedef struct {
+    long D, H, dn, dr, dv, C, Rq; /* hidden, heads, nope/rope/value head dims, kv_lora_rank, q_lora_rank (0: q_proj) */
+    float q_eps, kv_eps, scale;   /* the two RMSNorm epsilons and the softmax scale */
+} MLADims;
+
+void mla_decode(const MLADims *d, const float *x, long M, const Lin *q_a, const float *q_norm, const Lin *q_b,
+                const Lin *kv_a, const float *kv_norm, const float *w_kvb, const Lin *o, const float *cos,
+                const float *sin, float *cache, const int64_t *slot_mapping, const int64_t *key_slots,
+                const uint8_t *key_mask, long S, float *scratch, float *y, int threads);
+void mlp_decode(const Lin *gate, const Lin *up, const Lin *down, const float *x, float *h, float *y, long M, long D,
+                long I, int threads);
+void moe_lin(const float *x, const int64_t *idx, const float *wt, const Lin *gate, const Lin *up, const Lin *down,
+             float *h, float *y, long M, long K, long D, long I, int threads);
+void route_noaux(const float *x, const float *w, const float *bias, long N, long D, long E, long n_group,
+                 long topk_group, long top_k, int norm, float scale, int64_t *idx, float *wt, float *scores);
+void rms_norm_f32(const float *x, const float *w, float *y, long M, long D, float eps);

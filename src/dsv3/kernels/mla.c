@@ -10,11 +10,6 @@
  */
 #include "common.h"
 
-typedef struct {
-    long D, H, dn, dr, dv, C, Rq; /* hidden, heads, nope/rope/value head dims, kv_lora_rank, q_lora_rank (0: q_proj) */
-    float q_eps, kv_eps, scale;   /* the two RMSNorm epsilons and the softmax scale */
-} MLADims;
-
 static void rms(float *x, long n, const float *w, float eps) {
     float r = 1.f / sqrtf(dot_f32(x, x, n) / (float)n + eps);
     for (long i = 0; i < n; i++) x[i] = w[i] * (x[i] * r);

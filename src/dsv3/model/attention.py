@@ -51,6 +51,10 @@ class AttentionContext:
         """The cache layout for the native MLA decode kernel this step, or None (no cache, or not a decode step)."""
         return None
 
+    def native_cache_ptrs(self, layer_ids: list[int]) -> list[int]:
+        """Addresses of these layers' latent caches (the per-layer part of `native_keys`), for a whole-step call."""
+        return [self.native_keys(i).cache.data_ptr() for i in layer_ids]
+
 
 class DenseLatentCache(AttentionContext):
     """A contiguous per-sequence cache of MLA latents ([B, max_len, kv_lora_rank + rope_dim] per layer).
@@ -62,13 +66,30 @@ class DenseLatentCache(AttentionContext):
 
     def __init__(self, num_layers: int, batch: int, max_len: int, latent_dim: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", impl: Literal["auto", "absorb", "naive"] = "auto"):
-        super().__init__(None)
         self.kv = torch.zeros(num_layers, batch, max_len, latent_dim, dtype=dtype, device=device)
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.impl = impl
         self._step = 0
-        self._native: tuple | None = None  # (slot_mapping, key_slots, key_mask) of this step, for the native kernel
+        self._padded = False  # some key marked invalid (left padding): decode steps need a key mask
+        self._slots = torch.arange(max_len, device=device)
+        super().__init__(None)
+        self._native: tuple | None | bool = None  # this step's (slot_mapping, key_slots, key_mask); False: not built yet
+
+    # The mask and the native layout are built on first use: a native decode step needs neither the
+    # [B, 1, T, S] mask nor, at batch 1 without padding, any new tensor at all.
+    @property
+    def mask(self) -> torch.Tensor | None:
+        if self._mask is False:
+            L, T = self.length, self._step
+            q_slot, k_slot = self._slots[L:L + T], self._slots[:L + T]
+            mask = (k_slot[None, :] <= q_slot[:, None])[None] & self.key_valid[:, None, : L + T]
+            self._mask = (mask | (k_slot[None, :] == q_slot[:, None])[None])[:, None]
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: torch.Tensor | None) -> None:
+        self._mask = value
 
     @property
     def max_len(self) -> int:
@@ -78,31 +99,42 @@ class DenseLatentCache(AttentionContext):
         """Mark the next tokens' validity ([B, T] 0/1), e.g. left padding of a prompt batch."""
         T = attention_mask.shape[1]
         self.key_valid[:, self.length:self.length + T] = attention_mask.bool()
+        self._padded = self._padded or not bool(attention_mask.bool().all())
 
     def begin_step(self, num_tokens: int) -> None:
         L, T = self.length, num_tokens
         if L + T > self.max_len:
             raise ValueError(f"sequence length {L + T} exceeds the cache size {self.max_len}")
-        q_slot = torch.arange(L, L + T, device=self.kv.device)
-        k_slot = torch.arange(L + T, device=self.kv.device)
-        mask = (k_slot[None, :] <= q_slot[:, None])[None] & self.key_valid[:, None, : L + T]
-        self.mask = (mask | (k_slot[None, :] == q_slot[:, None])[None])[:, None]
         self._step = T
-        self._native = None
-        if (T == 1 or self.impl == "absorb") and self.kv.dtype == torch.float32 and self.kv.device.type == "cpu":
-            B, S = self.kv.shape[1], L + T
-            rows = torch.arange(B, device=self.kv.device)[:, None] * self.max_len
-            self._native = (rows + q_slot).reshape(-1), (rows + k_slot).repeat_interleave(T, dim=0), self.mask.reshape(B * T, S)
+        self._mask = False
+        self._native = False
 
     def end_step(self) -> None:
         self.length += self._step
         self._step = 0
 
+    def _native_layout(self) -> tuple | None:
+        L, T = self.length, self._step
+        if not ((T == 1 or self.impl == "absorb") and self.kv.dtype == torch.float32 and self.kv.device.type == "cpu"):
+            return None
+        B, S = self.kv.shape[1], L + T
+        if B == 1 and T == 1 and not self._padded:  # views of one arange: no tensor built per step
+            return self._slots[L:L + 1], self._slots[:S].view(1, S), None
+        rows = torch.arange(B, device=self.kv.device)[:, None] * self.max_len
+        q_slot, k_slot = self._slots[L:L + T], self._slots[:S]
+        return (rows + q_slot).reshape(-1), (rows + k_slot).repeat_interleave(T, dim=0), self.mask.reshape(B * T, S)
+
     def native_keys(self, layer_idx: int) -> "NativeKeys | None":
+        if self._native is False:
+            self._native = self._native_layout()
         if self._native is None:
             return None
         from dsv3.kernels.mla import NativeKeys
         return NativeKeys(self.kv[layer_idx].view(-1, self.kv.shape[-1]), *self._native)
+
+    def native_cache_ptrs(self, layer_ids: list[int]) -> list[int]:
+        base, stride = self.kv.data_ptr(), self.kv.stride(0) * self.kv.element_size()
+        return [base + i * stride for i in layer_ids]
 
     def attend(self, layer_idx: int, mla: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         L, T = self.length, latent.shape[1]

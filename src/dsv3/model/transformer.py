@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.kernels.step import run_blocks, run_model
 from dsv3.model.attention import AttentionContext
 from dsv3.model.layers import MLP, RMSNorm
 from dsv3.model.mla import MLA
@@ -73,22 +74,36 @@ class DeepseekV3ForCausalLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       ctx: AttentionContext | None = None) -> torch.Tensor:
         """input_ids [B, T] -> final-norm hidden states [B, T, D]."""
-        ctx = ctx if ctx is not None else AttentionContext()
-        if positions is None:
-            start = getattr(ctx, "length", 0)
-            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        cos, sin = self.model.rotary(positions)
-        ctx.begin_step(input_ids.shape[1])
-        x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, ctx)
-        ctx.end_step()
-        return self.model.norm(x)
+        return self._run(input_ids, positions, ctx, logits=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 ctx: AttentionContext | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]."""
-        return self.lm_head(self.hidden_states(input_ids, positions, ctx))
+        return self._run(input_ids, positions, ctx, logits=True)
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor | None, ctx: AttentionContext | None,
+             logits: bool) -> torch.Tensor:
+        ctx = ctx if ctx is not None else AttentionContext()
+        start = getattr(ctx, "length", 0)
+        ctx.begin_step(input_ids.shape[1])
+        native = run_model(self, input_ids, positions, start, ctx, logits)  # a decode step: one native call
+        if native is not None:
+            ctx.end_step()
+            hidden, out = native
+            return hidden if not logits else out if out is not None else self.lm_head(hidden)
+        if positions is None:
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        cos, sin = self.model.rotary(positions)
+        x = self.model.embed_tokens(input_ids)
+        y = run_blocks(self.model, self.model.layers, x, cos, sin, ctx)  # native blocks, e.g. under a forward hook on the head
+        if y is None:
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, ctx)
+        else:
+            x = y
+        ctx.end_step()
+        hidden = self.model.norm(x)
+        return self.lm_head(hidden) if logits else hidden
 
     def mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                    ctx: AttentionContext | None = None, depth: int = 0) -> torch.Tensor:

@@ -44,12 +44,12 @@ default-model: build/shards/manifest.json
 	cp runs/pretrain-tiny/pretrain.yaml src/dsv3/data/default/
 
 # The chat-tuned variant (docs/pretrain.md, "Chat-tuned variant"): instruction pairs mined with `ast` from the train
-# split's functions -> LoRA on the default model (configs/chat-tiny.yaml, ~15 min on 2 CPU cores) -> `dsv3 merge` ->
+# split's functions of at most 800 characters (short answers teach the model to finish its code) -> LoRA on the default model (configs/chat-tiny.yaml, ~25 min on 2 CPU cores) -> `dsv3 merge` ->
 # src/dsv3/data/default-chat/. The fine-tune resumes from runs/chat-tiny/checkpoints; delete runs/chat-tiny after
 # replacing the base model, or the old adapter is resumed.
 .PHONY: default-chat
 default-chat: build/shards/manifest.json
-	$(VENV)/bin/dsv3 data instructions --shards build/shards -o build/chat/train.jsonl -q
+	$(VENV)/bin/dsv3 data instructions --shards build/shards -o build/chat/train.jsonl --max-chars 800 -q
 	$(VENV)/bin/dsv3 data instructions --shards build/shards -o build/chat/heldout.jsonl --split heldout -q
 	$(VENV)/bin/dsv3 finetune --config configs/chat-tiny.yaml -q
 	rm -rf runs/chat-tiny/merged

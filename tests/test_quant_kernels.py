@@ -216,3 +216,16 @@ def test_fp8_block_view_path_matches_expanded_scales():
     q, s = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
     ref = torch.stack([p[0].float() * p[1].repeat_interleave(128, 0).repeat_interleave(128, 1) for p in parts])
     assert torch.equal(dequantize_fp8_block(q, s), ref)
+
+
+def test_int8_prefill_rows_are_exact():
+    """From DEQUANT_MIN_ROWS fp32 rows the int8 weight is dequantized for one fp32 GEMM: no bf16
+    rounding of the activations (the default kernel path's), so prompt scoring sees the weights' error only."""
+    torch.manual_seed(0)
+    fmt = make_format("int8")
+    lin = QuantLinear(fmt, 96, 40, fmt.quantize(torch.randn(40, 96)))
+    ref_w = lin.dense_weight().double()
+    x = torch.randn(kn.DEQUANT_MIN_ROWS, 96)
+    torch.testing.assert_close(lin(x).double(), x.double() @ ref_w.T, rtol=1e-5, atol=1e-5)
+    few = x[: kn.DEQUANT_MIN_ROWS - 1]
+    assert (lin(few).double() - few.double() @ ref_w.T).abs().max() > 1e-4  # below it: the bf16-activation kernel

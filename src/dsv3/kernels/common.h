@@ -33,16 +33,30 @@ static inline float dot_i8(const float *restrict a, const int8_t *restrict b, lo
 /* int4 blocks of 32 (see Lin): w = u * scale + bias per group, one 16-byte load per block. */
 static inline float dot_u4(const float *restrict x, const uint8_t *restrict p, const float *scale, const float *bias,
                            long K, long group) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    /* Groups in the outer loop (no division per block), two blocks per step into four accumulators. */
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
     const __m128i low = _mm_set1_epi8(15);
-    for (long b = 0; b < K; b += 32) {
-        const __m512 sc = _mm512_set1_ps(scale[b / group]), c = _mm512_set1_ps(bias[b / group]);
-        const __m128i q = _mm_loadu_si128((const __m128i *)(p + b / 2));
-        const __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + b), _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), sc, c), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + b + 16), _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), sc, c), acc1);
+#define U4_BLOCK(B, A0, A1)                                                                                        \
+    {                                                                                                             \
+        const __m128i q = _mm_loadu_si128((const __m128i *)(p + (B) / 2));                                        \
+        const __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);                 \
+        A0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + (B)), _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), sc, c), A0); \
+        A1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + (B) + 16), _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), sc, c), A1); \
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    for (long g = 0, b = 0; b < K; g++) {
+        const __m512 sc = _mm512_set1_ps(scale[g]), c = _mm512_set1_ps(bias[g]);
+        const long end = b + group;
+        for (; b + 64 <= end; b += 64) {
+            U4_BLOCK(b, acc0, acc1)
+            U4_BLOCK(b + 32, acc2, acc3)
+        }
+        if (b < end) {
+            U4_BLOCK(b, acc0, acc1)
+            b += 32;
+        }
+    }
+#undef U4_BLOCK
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
 }
 #else
 /* Portable: 16 partial sums, so the compiler's vectors need not wait on one accumulator. */

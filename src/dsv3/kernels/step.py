@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import operator
 import threading
 import weakref
 from typing import Sequence
@@ -61,6 +62,9 @@ for _hook in (nn_module.register_module_module_registration_hook, nn_module.regi
     _hook(_registered)
 
 
+_hooks, _pre_hooks, _tracking = (operator.attrgetter(a) for a in ("_forward_hooks", "_forward_pre_hooks", "track_load"))
+
+
 class _Plan:
     """The LayerPlan array of some blocks, the tensors it points into, and what must not change under it."""
 
@@ -76,7 +80,7 @@ class _Plan:
                   for k, t in itertools.islice(((k, t) for k, t in d.items() if t is not None), 1)]
         self.dicts, self.keys, self.ptrs = (list(c) for c in zip(*firsts)) if firsts else ([], [], [])
         self.layer_ids = [b.self_attn.layer_idx for b in blocks]
-        self._scratch: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # (thread, M) -> (keys it holds, buffer)
+        self._scratch: dict[tuple, tuple[int, torch.Tensor]] = {}  # (thread, M) -> (keys it holds, buffer)
 
     def scratch(self, M: int, S: int) -> int:
         """Address of a scratch buffer for M tokens and S keys, reused across steps (per thread), grown by doubling."""
@@ -89,13 +93,21 @@ class _Plan:
             have = self._scratch[key] = (cap, torch.empty(size, dtype=torch.float32))
         return have[1].data_ptr()
 
+    def hidden(self, M: int) -> torch.Tensor:
+        """A reused [M, D] buffer for hidden states nobody asked for (the step returns logits)."""
+        key = ("hidden", threading.get_ident(), M)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = (0, torch.empty(M, self.array[0].mla.D))
+        return buf[1]
+
     def moved(self) -> bool:
         return list(map(torch.Tensor.data_ptr, map(dict.__getitem__, self.dicts, self.keys))) != self.ptrs  # C-level loops
 
     def blocked(self) -> bool:
         """A forward hook or expert-load recording wants the modules to run."""
         return (bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
-                or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules) or any(m.track_load for m in self.moes))
+                or any(map(_hooks, self.modules)) or any(map(_pre_hooks, self.modules)) or any(map(_tracking, self.moes)))
 
 
 def _experts(experts: nn.Module, keep: list) -> tuple[Lin, Lin, Lin, int] | None:
@@ -243,21 +255,20 @@ def run_model(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor
     if not ENABLED or M > kernels.MAX_ROWS or not input_ids.is_cpu or not kernels.enabled():
         return None
     layers = model.model.layers
-    k0 = ctx.native_keys(layers[0].self_attn.layer_idx) if len(layers) else None
-    p = None if k0 is None else _cached(model, lambda: _build_model(model))
+    slots = ctx.native_slots(layers[0].self_attn.layer_idx) if len(layers) else None
+    p = None if slots is None else _cached(model, lambda: _build_model(model))
     if p is None:
         return None
-    S = k0.key_slots.shape[1]
-    ids = input_ids.reshape(M).to(torch.int64).contiguous()
-    pos = None if positions is None else positions.reshape(M).to(torch.int64).contiguous()
-    hidden = torch.empty(B, T, model.config.hidden_size, dtype=torch.float32)
+    slot_mapping, key_slots, key_mask, S = slots
+    ids = input_ids if input_ids.dtype == torch.int64 and input_ids.is_contiguous() else input_ids.to(torch.int64).contiguous()
+    pos = None if positions is None else positions.to(torch.int64).contiguous()
     out = torch.empty(B, T, p.model.vocab, dtype=torch.float32) if logits and p.head else None
+    hidden = torch.empty(B, T, model.config.hidden_size, dtype=torch.float32) if out is None else p.hidden(M)
     caches = (ctypes.c_void_p * len(layers))(*ctx.native_cache_ptrs(p.layer_ids))
     bad = kernels.library().decode_step(
         ctypes.byref(p.model), p.array, len(layers), caches, ids.data_ptr(), None if pos is None else pos.data_ptr(),
-        start, T, M, k0.slot_mapping.data_ptr(), k0.key_slots.data_ptr(),
-        None if k0.key_mask is None else k0.key_mask.data_ptr(), S, hidden.data_ptr(),
-        None if out is None else out.data_ptr(), p.scratch(M, S), torch.get_num_threads())
+        start, T, M, slot_mapping, key_slots, key_mask, S, hidden.data_ptr(), None if out is None else out.data_ptr(),
+        p.scratch(M, S), torch.get_num_threads())
     if bad:
-        raise IndexError(f"token id {int(ids[bad - 1])} is out of range for the vocabulary of {p.model.vocab}")
+        raise IndexError(f"token id {int(ids.reshape(-1)[bad - 1])} is out of range for the vocabulary of {p.model.vocab}")
     return hidden, out

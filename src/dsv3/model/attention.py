@@ -55,6 +55,15 @@ class AttentionContext:
         """Addresses of these layers' latent caches (the per-layer part of `native_keys`), for a whole-step call."""
         return [self.native_keys(i).cache.data_ptr() for i in layer_ids]
 
+    def native_slots(self, layer_idx: int) -> tuple[int, int, int | None, int] | None:
+        """The layer-independent part of `native_keys` as addresses: (slot_mapping, key_slots, key_mask or
+        None, keys per token S); the tensors stay owned by the context for the step."""
+        k = self.native_keys(layer_idx)
+        if k is None:
+            return None
+        return (k.slot_mapping.data_ptr(), k.key_slots.data_ptr(), None if k.key_mask is None else k.key_mask.data_ptr(),
+                k.key_slots.shape[1])
+
 
 class DenseLatentCache(AttentionContext):
     """A contiguous per-sequence cache of MLA latents ([B, max_len, kv_lora_rank + rope_dim] per layer).
@@ -135,6 +144,14 @@ class DenseLatentCache(AttentionContext):
     def native_cache_ptrs(self, layer_ids: list[int]) -> list[int]:
         base, stride = self.kv.data_ptr(), self.kv.stride(0) * self.kv.element_size()
         return [base + i * stride for i in layer_ids]
+
+    def native_slots(self, layer_idx: int) -> tuple[int, int, int | None, int] | None:
+        L = self.length
+        if (self._step == 1 and self.kv.shape[1] == 1 and not self._padded and self.kv.dtype == torch.float32
+                and self.kv.device.type == "cpu"):  # batch 1 decode: addresses into one arange, no tensor at all
+            base = self._slots.data_ptr()
+            return base + L * 8, base, None, L + 1
+        return super().native_slots(layer_idx)
 
     def attend(self, layer_idx: int, mla: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         L, T = self.length, latent.shape[1]

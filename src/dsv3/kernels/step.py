@@ -1,13 +1,12 @@
-"""Python side of `step.c`: a decode step's blocks in one native call.
+"""Python side of `step.c`: a decode step of the whole model, or of some blocks, in one native call.
 
-`run_blocks` turns a model's blocks into a plan of `LayerPlan` structs once (every projection as a
-`dsv3.kernels.layers` descriptor, norms, router and cache pointers), then each step is one call.
-The plan is checked every step in a few microseconds: any module or tensor registered anywhere
-since it was built (a layer quantized, a LoRA wrapper, a new Parameter) or a weight that moved
-(`.to()`) rebuilds it; a forward hook, a MoE recording its expert loads, or a block without a
-native form (LoRA, FP8, bf16, softmax routing) keeps the per-module path, which gives the same
-numbers.
-"""
+`run_model` (the model's decode steps) and `run_blocks` (the MTP module's block) build a plan once
+(`dsv3.kernels.plan`: C structs of descriptors, norms, router and experts), then each step is one
+call. The plan is checked every step in a few microseconds: any module or tensor registered
+anywhere since it was built (a layer quantized, a LoRA wrapper, a new Parameter) or a weight that
+moved (`.to()`) rebuilds it; a forward hook, a MoE recording its expert loads, or a block without
+a native form (LoRA, FP8, bf16, softmax routing) keeps the per-module path, which gives the same
+numbers."""
 
 from __future__ import annotations
 
@@ -23,29 +22,9 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 
 from dsv3 import kernels
-from dsv3.kernels import Lin
-from dsv3.kernels.layers import describe, int4_desc
-from dsv3.kernels.mla import MLADims, plan as mla_plan
+from dsv3.kernels.plan import LayerPlan, ModelPlan, layer_plan, model_plan
 
-_F, _P, _L = ctypes.c_float, ctypes.c_void_p, ctypes.c_long
 ENABLED = True  # False: every module runs on its own (the per-module kernels still apply); tests compare the two
-
-
-class LayerPlan(ctypes.Structure):
-    """`LayerPlan` of step.c."""
-
-    _fields_ = [("mla", MLADims), ("q_a", Lin), ("q_b", Lin), ("kv_a", Lin), ("o", Lin), ("q_norm", _P), ("kv_norm", _P),
-                ("w_kvb", _P), ("in_norm", _P), ("post_norm", _P), ("eps", _F), ("gate", Lin), ("up", Lin),
-                ("down", Lin), ("inter", _L), ("router", _P), ("router_bias", _P), ("E", _L), ("n_group", _L),
-                ("topk_group", _L), ("top_k", _L), ("norm_topk", _L), ("route_scale", _F), ("egate", Lin),
-                ("eup", Lin), ("edown", Lin), ("einter", _L)]
-
-
-class ModelPlan(ctypes.Structure):
-    """`ModelPlan` of step.c."""
-
-    _fields_ = [("embed", _P), ("inv_freq", _P), ("attn_factor", _F), ("final_eps", _F), ("final_norm", _P),
-                ("head", Lin), ("vocab", _L), ("half", _L)]
 
 
 _generation = itertools.count(1)
@@ -110,80 +89,6 @@ class _Plan:
                 or any(map(_hooks, self.modules)) or any(map(_pre_hooks, self.modules)) or any(map(_tracking, self.moes)))
 
 
-def _experts(experts: nn.Module, keep: list) -> tuple[Lin, Lin, Lin, int] | None:
-    """Routed experts as (gate, up, down) descriptors with expert strides, and their intermediate size."""
-    from dsv3.model.moe import Experts
-
-    if type(experts) is Experts:
-        gu, down = experts.gate_up_proj, experts.down_proj
-        if gu.dtype != torch.float32 or not (gu.is_contiguous() and down.is_contiguous() and gu.is_cpu):
-            return None
-        keep += [gu, down]
-        inter, per = down.shape[-1], gu[0].numel() * 4
-        return (Lin(gu.data_ptr(), None, None, 0, 0, per, 0),
-                Lin(gu.data_ptr() + inter * gu.shape[-1] * 4, None, None, 0, 0, per, 0),
-                Lin(down.data_ptr(), None, None, 0, 0, down[0].numel() * 4, 0), inter)
-    fmt = getattr(getattr(experts, "fmt", None), "name", None)
-    if fmt == "int8":
-        pairs = [(getattr(experts, f"{p}_qweight"), getattr(experts, f"{p}_scale")) for p in ("gate_proj", "up_proj", "down_proj")]
-        if not all(t.is_cpu and t.is_contiguous() for pair in pairs for t in pair):
-            return None
-        keep += [t for pair in pairs for t in pair]
-        descs = [Lin(q.data_ptr(), s.data_ptr(), None, 1, 0, q[0].numel(), s[0].numel()) for q, s in pairs]
-        return (*descs, pairs[2][0].shape[-1])
-    if fmt == "int4":
-        descs = experts.native_int4()
-        if descs is None:
-            return None
-        keep += [t for part in experts.__dict__["_native4"] for t in part[:3]]
-        return (*descs, experts.inter)
-    return None
-
-
-def _block(block: nn.Module, keep: list, modules: list) -> LayerPlan | None:
-    from dsv3.model.moe import MoE
-
-    attn, ffn = block.self_attn, block.mlp
-    p = mla_plan(attn)
-    if p is None:
-        return None
-    dims, q_a, q_b, kv_a, o, norms, w_kvb, kept = p
-    keep += kept + norms + [w_kvb]
-    in_norm, post_norm = block.input_layernorm, block.post_attention_layernorm
-    if in_norm.eps != post_norm.eps or any(n.weight.dtype != torch.float32 or not n.weight.is_contiguous()
-                                           for n in (in_norm, post_norm)):
-        return None
-    keep += [in_norm.weight, post_norm.weight]
-    lp = LayerPlan(mla=dims, q_a=q_a, q_b=q_b, kv_a=kv_a, o=o, q_norm=norms[0].data_ptr() if dims.Rq else None,
-                   kv_norm=norms[-1].data_ptr(), w_kvb=w_kvb.data_ptr(), in_norm=in_norm.weight.data_ptr(),
-                   post_norm=post_norm.weight.data_ptr(), eps=in_norm.eps)
-    mlp = ffn.shared_experts if isinstance(ffn, MoE) else ffn
-    if mlp is not None:
-        descs = [describe(getattr(mlp, n), keep) for n in ("gate_proj", "up_proj", "down_proj")]
-        if None in descs:
-            return None
-        lp.gate, lp.up, lp.down = descs
-        lp.inter = mlp.down_proj.in_features
-    modules += [block, attn, ffn, in_norm, post_norm] + [m for m in attn.children()] + \
-        ([m for m in mlp.children()] if mlp is not None else [])
-    if isinstance(ffn, MoE):
-        g = ffn.gate
-        if not (g.scoring_func == "sigmoid" and g.topk_method == "noaux_tc" and g.n_experts <= kernels.MAX_EXPERTS
-                and g.n_group <= kernels.MAX_GROUPS and g.weight.dtype == torch.float32 and g.weight.is_contiguous()):
-            return None
-        ex = _experts(ffn.experts, keep)
-        if ex is None:
-            return None
-        bias = g.e_score_correction_bias
-        keep += [g.weight] + ([bias] if bias is not None else [])
-        lp.router, lp.router_bias = g.weight.data_ptr(), None if bias is None else bias.data_ptr()
-        lp.E, lp.n_group, lp.topk_group, lp.top_k = g.n_experts, g.n_group, g.topk_group, g.top_k
-        lp.norm_topk, lp.route_scale = int(g.norm_topk_prob), g.scaling
-        lp.egate, lp.eup, lp.edown, lp.einter = ex
-        modules += [g, ffn.experts]
-    return lp
-
-
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, _Plan | None]]" = weakref.WeakKeyDictionary()
 
 
@@ -198,7 +103,7 @@ def _cached(owner: nn.Module, build) -> _Plan | None:
 def _build_blocks(blocks: Sequence[nn.Module], extra: list[nn.Module] = (), **model) -> _Plan | None:
     keep: list = []
     modules: list = list(extra)
-    layers = [_block(b, keep, modules) for b in blocks]
+    layers = [layer_plan(b, keep, modules) for b in blocks]
     moes = [b.mlp for b in blocks if hasattr(b.mlp, "track_load")]
     return None if None in layers else _Plan(blocks, layers, keep, modules, moes, **model)
 
@@ -209,15 +114,12 @@ def block_plan(owner: nn.Module, blocks: Sequence[nn.Module]) -> _Plan | None:
 
 
 def _build_model(model: nn.Module) -> _Plan | None:
-    m = model.model
-    emb, norm, rot = m.embed_tokens.weight, m.norm.weight, m.rotary.inv_freq
-    if any(t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu for t in (emb, norm, rot)):
+    keep: list = []
+    parts = model_plan(model, keep)
+    if parts is None:
         return None
-    keep: list = [emb, norm, rot]
-    head = describe(model.lm_head, keep)
-    mp = ModelPlan(embed=emb.data_ptr(), inv_freq=rot.data_ptr(), attn_factor=m.rotary.attn_factor, final_eps=m.norm.eps,
-                   final_norm=norm.data_ptr(), head=head or Lin(), vocab=emb.shape[0], half=rot.numel())
-    p = _build_blocks(m.layers, [m.embed_tokens, m.norm, m.rotary, model.lm_head], model=mp, head=head is not None)
+    m = model.model
+    p = _build_blocks(m.layers, [m.embed_tokens, m.norm, m.rotary, model.lm_head], model=parts[0], head=parts[1])
     if p is not None:
         p.keep += keep
     return p

@@ -35,6 +35,7 @@ from quant_metrics import dsv3_system, logits_system, score  # noqa: E402
 from quant_speed import measure_speed  # noqa: E402
 
 SCHEMES = ("int8", "int4", "awq", "fp8")
+HEAD = {"int4": "int8", "awq": "int8"}  # the LM head beside int4 layers is int8, as Q4_K_M keeps llama.cpp's output at Q6_K
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TRAIN_FILES = ("textwrap.py", "string.py", "shlex.py", "heapq.py", "bisect.py")
 HELD_OUT_FILES = ("difflib.py", "fractions.py")
@@ -103,7 +104,7 @@ def dsv3_rows(args, model_dir: Path, calib: torch.Tensor, work: Path) -> tuple[l
         model = load_model(model_dir, dtype="fp32", progress=False)
         t = time.perf_counter()
         quantize_model(model, scheme, group_size=g, calib=calib if scheme == "awq" else None,
-                       include_lm_head=not args.keep_head, progress=True)
+                       include_lm_head=False if args.keep_head else HEAD.get(scheme, True), progress=True)
         secs = time.perf_counter() - t
         path = save_quantized(model, work / scheme, tokenizer_from=model_dir)
         rows.append(row({"int4": f"int4 g{g} (RTN)", "awq": f"AWQ int4 g{g}"}.get(scheme, scheme), model, [str(path), "fp32"],
@@ -215,7 +216,8 @@ def main(argv=None) -> int:
     if not args.no_speed:
         measure_speed(rows, args.threads, args.rounds)
     tied = json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings", False)
-    head = ("quantized with the scheme (untied from the embedding)" if not args.keep_head
+    head = ("quantized (untied from the embedding): int8 for the int8 and int4 schemes, as llama.cpp's Q4_K_M keeps its "
+            "output matrix at Q6_K and Q8_0 at Q8_0; fp8 for fp8" if not args.keep_head
             else "fp32 (tied to the embedding)" if tied else "fp32")
     note = (f"\nModel {model_dir}. Held-out: {held.shape[0]} windows × {held.shape[1]} tokens of the {where}; AWQ calibrated "
             f"on {calib.shape[0]} × {calib.shape[1]} training tokens. PPL ratio = PPL(system) / PPL(dsv3 fp32) ± its standard "

@@ -67,6 +67,16 @@ def test_argparse_exit_code_is_2(model_dir, tmp_path):
     assert e.value.code == 2
 
 
+def test_lm_head_format_option(model_dir, tmp_path, capsys):
+    out = tmp_path / "int4-head8"
+    assert cli.main(["quantize", "--method", "int4", "--group-size", "32", "--lm-head", "int8", "--model", str(model_dir),
+                     "-o", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["lm_head"] == "int8"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", "--method", "int4", "--lm-head", "int5", "--model", str(model_dir), "-o", str(tmp_path / "x")])
+    assert e.value.code == 2 and "invalid choice: 'int5'" in capsys.readouterr().err
+
+
 def test_generate_loads_the_quantized_output(model_dir, tmp_path, capsys):
     """`dsv3 generate --model OUT` on a `dsv3 quantize` checkpoint loads the packed modules (load_model
     dispatches to load_quantized) and prints what the quantized model generates in-process."""

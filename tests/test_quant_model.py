@@ -229,6 +229,30 @@ def test_quantized_lm_head_roundtrip_with_mtp(model_dir, data, tmp_path):
 
 
 @torch.no_grad()
+def test_int4_layers_with_an_int8_head_roundtrip(model_dir, data, tmp_path):
+    """--lm-head int8 beside int4 layers (llama.cpp's Q4_K_M keeps its output matrix at 6 bits): recorded in
+    config.json, restored on load; an unknown head format is refused by name."""
+    _, held = data
+    model = load_model(model_dir, progress=False)
+    qc = quantize_model(model, "int4", group_size=32, include_lm_head="int8", progress=False)
+    assert qc["lm_head"] == "int8" and model.lm_head.fmt.name == "int8"
+    assert model.model.layers[0].self_attn.o_proj.fmt.name == "int4"
+    out = save_quantized(model, tmp_path / "mixed")
+    with SafetensorsFile(out / "model.safetensors") as sf:
+        assert sf.dtype("lm_head.weight") == torch.int8
+    loaded = load_quantized(out, progress=False)
+    assert loaded.lm_head.fmt.name == "int8" and loaded.model.layers[0].self_attn.o_proj.fmt.name == "int4"
+    assert torch.equal(loaded(held), model(held))
+    with pytest.raises(QuantError, match="unknown LM head format 'int2'"):
+        quantize_model(load_model(model_dir, progress=False), "int4", include_lm_head="int2", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["lm_head"] = "int3"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantError, match="lm_head is 'int3'"):
+        load_quantized(out, progress=False)
+
+
+@torch.no_grad()
 def test_int4_on_default_model_shapes_meets_byte_budget_and_records_groups(tmp_path):
     """The embedded default model's shapes (random weights, so any future weights): with group 128 asked, q_b_proj
     (96 inputs) gets groups of 32 and kv_b_proj and the 64-wide expert down projections groups of 64 instead of a

@@ -68,7 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", default=None, help="calibration text file (required for awq)")
     p.add_argument("--group-size", type=positive_int, default=128, help="int4/awq input channels per scale (32, 64, 128, 256)")
     p.add_argument("--symmetric", action="store_true", help="int4/awq without zero points")
-    p.add_argument("--lm-head", action="store_true", help="also quantize the LM head")
+    p.add_argument("--lm-head", nargs="?", const=True, default=False, choices=(True, "int8"), metavar="FORMAT",  # dsv3.quant.apply.HEAD_FORMATS
+                   help="also quantize the LM head: in the method's format, or in FORMAT (int8: beside int4 layers, "
+                        "as llama.cpp's Q4_K_M keeps its output matrix at 6 bits)")
     p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration sequences (awq)")
     p.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per calibration sequence (awq)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="activation dtype of the result")

@@ -74,8 +74,9 @@ def convert(module: nn.Module, fmt: Format, clip: dict[str, torch.Tensor] | torc
     return QuantLinear.from_linear(module, fmt, clip)
 
 
-def quantization_config(method: str, fmt: Format, include_lm_head: bool, groups: dict[str, int] | None = None) -> dict:
-    """The `quantization_config` written to config.json (DeepSeek's own spelling for fp8)."""
+def quantization_config(method: str, fmt: Format, include_lm_head: bool | str, groups: dict[str, int] | None = None) -> dict:
+    """The `quantization_config` written to config.json (DeepSeek's own spelling for fp8). `lm_head`: false,
+    true (the head in the body's format) or a format name (e.g. "int8" beside int4 layers)."""
     if method == "fp8":
         return {"quant_method": "fp8", **fmt.config()}
     return {"quant_method": "dsv3", "format": fmt.name, **fmt.config(), **({"group_sizes": groups} if groups else {}),
@@ -91,15 +92,23 @@ def untie_lm_head(model: nn.Module) -> None:
     model.config.tie_word_embeddings = False
 
 
+HEAD_FORMATS = ("int8",)  # a head format other than the body's: int8 beside int4 layers (llama.cpp's Q4_K_M keeps Q6_K)
+
+
 def quantize_model(model: nn.Module, method: str, group_size: int = 128, zero_point: bool = True,
-                   calib: torch.Tensor | Sequence[Sequence[int]] | None = None, include_lm_head: bool = False,
+                   calib: torch.Tensor | Sequence[Sequence[int]] | None = None, include_lm_head: bool | str = False,
                    progress: bool = True, **awq_options) -> dict:
     """Quantize `model` in place with int8 | int4 | awq | fp8; returns (and sets) its quantization_config.
 
-    calib: token ids [n_samples, seq_len] (AWQ only). Call after any dtype cast: the packed buffers
-    are not meant to be cast again.
+    calib: token ids [n_samples, seq_len] (AWQ only). include_lm_head: True quantizes the LM head in
+    the method's format, "int8" in int8 whatever the method. Call after any dtype cast: the packed
+    buffers are not meant to be cast again.
     """
     check_method(method)
+    if isinstance(include_lm_head, str) and include_lm_head not in HEAD_FORMATS:
+        raise QuantError(f"unknown LM head format {include_lm_head!r} (use {', '.join(HEAD_FORMATS)})")
+    if method == "fp8" and isinstance(include_lm_head, str):
+        raise QuantError("fp8 checkpoints keep DeepSeek's layout: the LM head can only be fp8 too (--lm-head)")
     fmt = make_format(FORMAT_OF[method], group_size, zero_point, device=model.device)
     clips: dict[str, object] = {}
     if method == "awq":
@@ -115,10 +124,13 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, zero_po
         model.awq_forced_experts = clips.forced_experts
     if include_lm_head and model.config.tie_word_embeddings:
         untie_lm_head(model)
-    targets = quant_targets(model, include_lm_head)
-    groups = group_sizes(model, targets, fmt) if fmt.name == "int4" else None
+    targets = quant_targets(model, bool(include_lm_head))
+    body = [t for t in targets if t[0] != "lm_head" or not isinstance(include_lm_head, str)]
+    groups = group_sizes(model, body, fmt) if fmt.name == "int4" else None
+    head_fmt = make_format(include_lm_head, group_size, zero_point, device=model.device) if isinstance(include_lm_head, str) else fmt
     for name, module in tqdm(targets, desc=f"quantizing ({method})", disable=not progress):
-        set_module(model, name, convert(module, fmt, clips.get(name)))
+        set_module(model, name, convert(module, head_fmt if name == "lm_head" else fmt, None if name == "lm_head" and head_fmt is not fmt
+                                        else clips.get(name)))
     qc = quantization_config(method, fmt, include_lm_head, groups)
     model.config.quantization_config = qc
     return qc

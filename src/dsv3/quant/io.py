@@ -21,7 +21,7 @@ from dsv3.checkpoint import checkpoint_files, copy_tokenizer_files, export_tenso
 from dsv3.config import ModelConfig
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.moe import Experts
-from dsv3.quant.apply import ckpt_name, quant_targets, set_module
+from dsv3.quant.apply import HEAD_FORMATS, ckpt_name, quant_targets, set_module
 from dsv3.quant.experts import PROJ, QuantExperts
 from dsv3.quant.formats import FP8Format, make_format
 from dsv3.quant.linear import QuantLinear
@@ -103,7 +103,11 @@ def _target_formats(cfg: ModelConfig, model: nn.Module, entries: dict[str, torch
         if not isinstance(groups, dict):
             raise QuantError(f"config.json quantization_config.group_sizes is {type(groups).__name__}, expected a mapping name -> group")
         fmt = make_format(qc.get("format", ""), int(qc.get("group_size", 128)), bool(qc.get("zero_point", True)), device, groups)
-        return {name: fmt for name, _ in targets}
+        head = qc.get("lm_head")
+        if isinstance(head, str) and head not in HEAD_FORMATS:
+            raise QuantError(f"config.json quantization_config.lm_head is {head!r}; expected true, false or one of {', '.join(HEAD_FORMATS)}")
+        head_fmt = make_format(head, device=device) if isinstance(head, str) else fmt
+        return {name: head_fmt if name == "lm_head" else fmt for name, _ in targets}
     out = {}
     for name, m in targets:  # fp8: a module is FP8 iff its checkpoint weight is
         probe = f"{ckpt_name(name, L)}.0.gate_proj.weight" if isinstance(m, Experts) else f"{ckpt_name(name, L)}.weight"

@@ -115,6 +115,8 @@ def layer_plan(block: nn.Module, keep: list, modules: list) -> LayerPlan | None:
 def model_plan(model: nn.Module, keep: list) -> tuple[ModelPlan, bool] | None:
     """The parts around the blocks, and whether the LM head is native; None for a non-fp32 model."""
     m = model.model
+    if type(m.embed_tokens) is not nn.Embedding:  # e.g. a vocab-parallel shard: its rows are not the token ids
+        return None
     emb, norm, rot = m.embed_tokens.weight, m.norm.weight, m.rotary.inv_freq
     if any(t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu for t in (emb, norm, rot)):
         return None

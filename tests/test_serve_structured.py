@@ -141,3 +141,32 @@ def test_server_tool_calls(sdk):
     with pytest.raises(openai.BadRequestError, match="not in 'tools'"):
         sdk.chat.completions.create(model="tiny", messages=msgs, tools=[WEATHER],
                                     tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_utf8_state_machine_matches_the_decoder():
+    import random
+
+    from dsv3.serve.utf8 import ACCEPT, ERROR, run
+    rng = random.Random(0)
+    for _ in range(20000):
+        data = bytes(rng.choice([rng.randrange(256), rng.randrange(0x80, 0xC0), rng.choice([0xE0, 0xED, 0xF0, 0xF4, 0xC2])])
+                     for _ in range(rng.randint(1, 4)))
+        try:
+            data.decode("utf-8")
+            valid_prefix = True
+        except UnicodeDecodeError as e:
+            valid_prefix = e.reason == "unexpected end of data" and e.end == len(data)  # only cut short
+        assert (run(ACCEPT, data) != ERROR) == valid_prefix, data
+
+
+def test_grammar_strings_stay_valid_utf8(backend):
+    """xgrammar alone lets a string continue ED A0..BF (a UTF-8-encoded surrogate, decoded as three
+    U+FFFD, so a 6-character maxLength came out as 8 — seen through the server's tool calls)."""
+    b, tok = backend
+    proc = b.processor(b.compile("json_schema", json.dumps(WEATHER["function"]["parameters"])))
+    byte_id = {v: i for i, v in enumerate(b.info.decoded_vocab) if len(v) == 1}
+    prefix = tok.encode('{"city": "', add_special_tokens=False) + [byte_id[b"\xed"]]
+    row = proc(prefix, torch.zeros(b.vocab_size))
+    assert torch.isfinite(row[byte_id[b"\x80"]]) and torch.isfinite(row[byte_id[b"\x9f"]])  # ED 80..9F: U+D000..U+D7FF
+    assert row[byte_id[b"\xa0"]] == float("-inf") and row[byte_id[b"\xac"]] == float("-inf")
+    assert row[byte_id[b"a"]] == float("-inf")  # a lead byte needs its continuation

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from dsv3.serve.errors import APIError
+from dsv3.serve.utf8 import Utf8Masks, tail_state
 
 
 class GrammarBackend:
@@ -37,6 +38,7 @@ class GrammarBackend:
         ctrl_nl = [any(b < 0x20 and b != 0x0A for b in v) for v in vocab] + [False] * (vocab_size - len(vocab))
         self.control = torch.tensor(ctrl[:vocab_size])
         self.control_but_newline = torch.tensor(ctrl_nl[:vocab_size])
+        self.utf8 = Utf8Masks(list(vocab), vocab_size)
         self._compile = lru_cache(maxsize=256)(self._compile_uncached)
 
     def _compile_uncached(self, kind: str, spec: str):
@@ -102,6 +104,8 @@ class GrammarProcessor:
             head = row[:, :width].contiguous()
             self.backend.xgr.apply_token_bitmask_inplace(head, self._mask[:, : (width + 31) // 32])
             head = head.masked_fill(self.banned[:width], float("-inf"))
+            state = tail_state(self.backend.utf8.vocab, output_token_ids)  # xgrammar would let a surrogate through
+            head = head.masked_fill(~self.backend.utf8.allowed(state)[:width], float("-inf"))
             if len(self.prefer):
                 ok = self.prefer[torch.isfinite(head[0, self.prefer])]
                 if len(ok):

@@ -170,3 +170,15 @@ def test_grammar_strings_stay_valid_utf8(backend):
     assert torch.isfinite(row[byte_id[b"\x80"]]) and torch.isfinite(row[byte_id[b"\x9f"]])  # ED 80..9F: U+D000..U+D7FF
     assert row[byte_id[b"\xa0"]] == float("-inf") and row[byte_id[b"\xac"]] == float("-inf")
     assert row[byte_id[b"a"]] == float("-inf")  # a lead byte needs its continuation
+
+
+def test_logprob_bytes_are_the_tokens_own_bytes(backend):
+    """OpenAI's `bytes` let a client rebuild text split inside a character: a token holding one byte
+    of a 3-byte character reports that byte, not the U+FFFD its text alone decodes to."""
+    from dsv3.serve.generation import token_bytes
+
+    _, tok = backend
+    text = "héllo 你好 😀 Œ\n\tx"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert b"".join(bytes(token_bytes(tok, i)) for i in ids) == text.encode()
+    assert bytes(token_bytes(tok, tok.eos_token_id)).decode() == tok.decode([tok.eos_token_id], skip_special_tokens=False)

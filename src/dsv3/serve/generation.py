@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from functools import lru_cache
 from typing import Any, AsyncIterator, Callable
 
 from dsv3.errors import DSV3Error
@@ -98,6 +99,30 @@ def token_text(tok: Any, token_id: int) -> str:
     return tok.decode([token_id], skip_special_tokens=False)
 
 
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the character a byte-level BPE writes for each byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+def token_bytes(tok: Any, token_id: int) -> list[int]:
+    """OpenAI logprobs' `bytes`: what the token stands for — one byte of a multi-byte character is that
+    byte, not the U+FFFD its text alone decodes to."""
+    piece = tok.backend.id_to_token(token_id)
+    dec = _byte_decoder()
+    if piece and type(tok.backend.decoder).__name__ == "ByteLevel" and token_id not in tok._special_ids \
+            and all(c in dec for c in piece):
+        return [dec[c] for c in piece]
+    return list(token_text(tok, token_id).encode())
+
+
 def chat_logprobs(tok: Any, o: Any, top: int, start: int = 0) -> dict | None:
     """OpenAI chat `logprobs.content` for tokens start.. of one output (None if the engine gave none)."""
     lps = getattr(o, "logprobs", None)
@@ -107,9 +132,9 @@ def chat_logprobs(tok: Any, o: Any, top: int, start: int = 0) -> dict | None:
     for tid, d in zip(o.token_ids[start:], lps[start:]):
         s = token_text(tok, tid)
         others = sorted(d.items(), key=lambda kv: -kv[1])[:top]
-        content.append({"token": s, "logprob": float(d.get(tid, float("-inf"))), "bytes": list(s.encode()),
+        content.append({"token": s, "logprob": float(d.get(tid, float("-inf"))), "bytes": token_bytes(tok, tid),
                         "top_logprobs": [{"token": token_text(tok, i), "logprob": float(v),
-                                          "bytes": list(token_text(tok, i).encode())} for i, v in others]})
+                                          "bytes": token_bytes(tok, i)} for i, v in others]})
     return {"content": content}
 
 

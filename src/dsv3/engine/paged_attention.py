@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dsv3.model.attention import AttentionContext
+from dsv3.model.attention import AttentionContext, layer_ptrs
 from dsv3.model.mla import MLA
 
 
@@ -106,8 +106,7 @@ class PagedContext(AttentionContext):
         return NativeKeys(self.cache.data[layer_idx], self.slot_mapping, *self._native)
 
     def native_cache_ptrs(self, layer_ids: list[int]) -> list[int]:
-        data = self.cache.data
-        return [data.data_ptr() + i * data.stride(0) * data.element_size() for i in layer_ids]
+        return layer_ptrs(self.cache.data, layer_ids)
 
     def attend(self, layer_idx: int, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer_idx, self.slot_mapping, latent[0])

@@ -126,20 +126,28 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return linear_lin(x, Lin(q.data_ptr(), scale.data_ptr(), None, 1), q.shape[0])
 
 
+def f32_expert_descs(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[Lin, Lin, Lin]:
+    """(gate, up, down) descriptors with expert strides for fp32 experts gate_up [E, 2I, D], down [E, D, I]."""
+    I, per_expert = down.shape[-1], gate_up[0].numel() * 4
+    return (Lin(gate_up.data_ptr(), None, None, 0, 0, per_expert, 0),
+            Lin(gate_up.data_ptr() + I * gate_up.shape[-1] * 4, None, None, 0, 0, per_expert, 0),  # rows I..2I-1
+            Lin(down.data_ptr(), None, None, 0, 0, down[0].numel() * 4, 0))
+
+
+def int8_expert_descs(pairs) -> tuple[Lin, Lin, Lin]:
+    """The same for int8 experts given as (qweight, per-row scale) pairs: gate/up [E, I, D], down [E, D, I]."""
+    return tuple(Lin(q.data_ptr(), s.data_ptr(), None, 1, 0, q[0].numel(), s[0].numel()) for q, s in pairs)
+
+
 def moe(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """Σ_k weights[:, k] · expert_{idx[:, k]}(x) for x [M, D] fp32, experts gate_up [E, 2I, D], down [E, D, I] fp32."""
-    I = down.shape[-1]
-    per_expert = gate_up[0].numel() * 4
-    gate = Lin(gate_up.data_ptr(), None, None, 0, 0, per_expert, 0)
-    up = Lin(gate_up.data_ptr() + I * gate_up.shape[-1] * 4, None, None, 0, 0, per_expert, 0)  # rows I..2I-1
-    return moe_lin(x, idx, weights, gate, up, Lin(down.data_ptr(), None, None, 0, 0, down[0].numel() * 4, 0), I)
+    return moe_lin(x, idx, weights, *f32_expert_descs(gate_up, down), down.shape[-1])
 
 
 def moe_int8(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor],
              up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """`moe` over int8 experts given as (qweight, per-row scale) pairs: gate/up [E, I, D], down [E, D, I]."""
-    descs = [Lin(q.data_ptr(), s.data_ptr(), None, 1, 0, q[0].numel(), s[0].numel()) for q, s in (gate, up, down)]
-    return moe_lin(x, idx, weights, *descs, down[0].shape[-1])
+    return moe_lin(x, idx, weights, *int8_expert_descs((gate, up, down)), down[0].shape[-1])
 
 
 def linear_lin(x: torch.Tensor, desc, out_features: int) -> torch.Tensor:

@@ -47,24 +47,17 @@ def experts_descs(experts: nn.Module, keep: list) -> tuple[Lin, Lin, Lin, int] |
         if gu.dtype != torch.float32 or not (gu.is_contiguous() and down.is_contiguous() and gu.is_cpu):
             return None
         keep += [gu, down]
-        inter, per = down.shape[-1], gu[0].numel() * 4
-        return (Lin(gu.data_ptr(), None, None, 0, 0, per, 0),
-                Lin(gu.data_ptr() + inter * gu.shape[-1] * 4, None, None, 0, 0, per, 0),
-                Lin(down.data_ptr(), None, None, 0, 0, down[0].numel() * 4, 0), inter)
+        return (*kernels.f32_expert_descs(gu, down), down.shape[-1])
     fmt = getattr(getattr(experts, "fmt", None), "name", None)
     if fmt == "int8":
         pairs = [(getattr(experts, f"{p}_qweight"), getattr(experts, f"{p}_scale")) for p in ("gate_proj", "up_proj", "down_proj")]
         if not all(t.is_cpu and t.is_contiguous() for pair in pairs for t in pair):
             return None
         keep += [t for pair in pairs for t in pair]
-        descs = [Lin(q.data_ptr(), s.data_ptr(), None, 1, 0, q[0].numel(), s[0].numel()) for q, s in pairs]
-        return (*descs, pairs[2][0].shape[-1])
-    if fmt == "int4":
+        return (*kernels.int8_expert_descs(pairs), pairs[2][0].shape[-1])
+    if fmt == "int4":  # the converted weights live on the module, which the plan holds
         descs = experts.native_int4()
-        if descs is None:
-            return None
-        keep += [t for part in experts.__dict__["_native4"] for t in part[:3]]
-        return (*descs, experts.inter)
+        return None if descs is None else (*descs, experts.inter)
     return None
 
 

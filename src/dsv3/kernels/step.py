@@ -59,7 +59,8 @@ class _Plan:
                   for k, t in itertools.islice(((k, t) for k, t in d.items() if t is not None), 1)]
         self.dicts, self.keys, self.ptrs = (list(c) for c in zip(*firsts)) if firsts else ([], [], [])
         self.layer_ids = [b.self_attn.layer_idx for b in blocks]
-        self._scratch: dict[tuple, tuple[int, torch.Tensor]] = {}  # (thread, M) -> (keys it holds, buffer)
+        self._scratch: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # (thread, M) -> (keys it holds, buffer)
+        self._hidden: dict[tuple[int, int], torch.Tensor] = {}  # (thread, M) -> [M, D]
 
     def scratch(self, M: int, S: int) -> int:
         """Address of a scratch buffer for M tokens and S keys, reused across steps (per thread), grown by doubling."""
@@ -74,11 +75,10 @@ class _Plan:
 
     def hidden(self, M: int) -> torch.Tensor:
         """A reused [M, D] buffer for hidden states nobody asked for (the step returns logits)."""
-        key = ("hidden", threading.get_ident(), M)
-        buf = self._scratch.get(key)
-        if buf is None:
-            buf = self._scratch[key] = (0, torch.empty(M, self.array[0].mla.D))
-        return buf[1]
+        key = (threading.get_ident(), M)
+        if key not in self._hidden:
+            self._hidden[key] = torch.empty(M, self.array[0].mla.D)
+        return self._hidden[key]
 
     def moved(self) -> bool:
         return list(map(torch.Tensor.data_ptr, map(dict.__getitem__, self.dicts, self.keys))) != self.ptrs  # C-level loops

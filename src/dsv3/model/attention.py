@@ -17,6 +17,12 @@ if TYPE_CHECKING:
     from dsv3.model.mla import MLA
 
 
+def layer_ptrs(store: torch.Tensor, layer_ids: list[int]) -> list[int]:
+    """Addresses of `store[i]` ([layers, ...], contiguous per layer) for the given layers."""
+    base, stride = store.data_ptr(), store.stride(0) * store.element_size()
+    return [base + i * stride for i in layer_ids]
+
+
 class AttentionContext:
     """Base: full sequences, causal attention, no cache. Subclasses override `attend`."""
 
@@ -124,10 +130,10 @@ class DenseLatentCache(AttentionContext):
 
     def _native_layout(self) -> tuple | None:
         L, T = self.length, self._step
-        if not ((T == 1 or self.impl == "absorb") and self.kv.dtype == torch.float32 and self.kv.device.type == "cpu"):
+        if not self._native_ok():
             return None
         B, S = self.kv.shape[1], L + T
-        if B == 1 and T == 1 and not self._padded:  # views of one arange: no tensor built per step
+        if self._plain_decode():  # views of one arange: no tensor built per step
             return self._slots[L:L + 1], self._slots[:S].view(1, S), None
         rows = torch.arange(B, device=self.kv.device)[:, None] * self.max_len
         q_slot, k_slot = self._slots[L:L + T], self._slots[:S]
@@ -142,16 +148,20 @@ class DenseLatentCache(AttentionContext):
         return NativeKeys(self.kv[layer_idx].view(-1, self.kv.shape[-1]), *self._native)
 
     def native_cache_ptrs(self, layer_ids: list[int]) -> list[int]:
-        base, stride = self.kv.data_ptr(), self.kv.stride(0) * self.kv.element_size()
-        return [base + i * stride for i in layer_ids]
+        return layer_ptrs(self.kv, layer_ids)
 
     def native_slots(self, layer_idx: int) -> tuple[int, int, int | None, int] | None:
-        L = self.length
-        if (self._step == 1 and self.kv.shape[1] == 1 and not self._padded and self.kv.dtype == torch.float32
-                and self.kv.device.type == "cpu"):  # batch 1 decode: addresses into one arange, no tensor at all
-            base = self._slots.data_ptr()
-            return base + L * 8, base, None, L + 1
+        if self._native_ok() and self._plain_decode():  # addresses into one arange, no tensor at all
+            base, L = self._slots.data_ptr(), self.length
+            return base + L * self._slots.element_size(), base, None, L + 1
         return super().native_slots(layer_idx)
+
+    def _native_ok(self) -> bool:
+        return (self._step == 1 or self.impl == "absorb") and self.kv.dtype == torch.float32 and self.kv.device.type == "cpu"
+
+    def _plain_decode(self) -> bool:
+        """Batch 1, one token, no padding: the token sees every slot up to its own."""
+        return self._step == 1 and self.kv.shape[1] == 1 and not self._padded
 
     def attend(self, layer_idx: int, mla: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         L, T = self.length, latent.shape[1]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.kernels.step import run_blocks, run_model
+from dsv3.kernels.step import run_model
 from dsv3.model.attention import AttentionContext
 from dsv3.model.layers import MLP, RMSNorm
 from dsv3.model.mla import MLA
@@ -95,12 +95,8 @@ class DeepseekV3ForCausalLM(nn.Module):
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         cos, sin = self.model.rotary(positions)
         x = self.model.embed_tokens(input_ids)
-        y = run_blocks(self.model, self.model.layers, x, cos, sin, ctx)  # native blocks, e.g. under a forward hook on the head
-        if y is None:
-            for layer in self.model.layers:
-                x = layer(x, cos, sin, ctx)
-        else:
-            x = y
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, ctx)
         ctx.end_step()
         hidden = self.model.norm(x)
         return self.lm_head(hidden) if logits else hidden

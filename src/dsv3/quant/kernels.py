@@ -28,7 +28,7 @@ from dsv3.quant.schemes import ceil_to, pack_nibbles, unpack_nibbles
 INT4_ROW_MULTIPLE = 16  # the CPU int4 kernel needs N divisible by 16; extra rows are zero
 KERNEL_ACT_DTYPE: torch.dtype | None = torch.bfloat16
 # From this many fp32 rows, dequantizing the int8 weight (transiently) and using the fp32 GEMM beats the bf16
-# int8 kernel (1 thread, N=8192 K=256: 64 rows 6.0 vs 5.7 ms, 512 rows 21 vs 46 ms) and rounds nothing.
+# int8 kernel and rounds nothing (`python bench/int8_prefill.py`: 1.0-1.4x at 64 rows, 1.8-2.6x at 512).
 DEQUANT_MIN_ROWS = 64
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

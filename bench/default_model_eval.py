@@ -39,6 +39,7 @@ from dsv3.llm import LLM  # noqa: E402
 from dsv3.paths import default_chat_model_dir, default_model_dir  # noqa: E402
 from dsv3.sampling import SamplingParams  # noqa: E402
 
+UNSEEN = ", whose signature + docstring is in no train file"
 PARTS = ("bpb", "functions", "fim", "mtp", "latency", "chat")
 # fit: draw only functions / instructions whose reference fits the token budget (None: any length)
 FULL = dict(bpb_files=None, functions=100, function_tokens=128, fim=200, mtp_prompts=16, mtp_tokens=64, latency=30, chat=50,
@@ -98,16 +99,17 @@ def complete_functions(llm, sites, max_tokens, progress) -> dict:
             "examples": [r for r in rows if r["with_body"]][:4] + [r for r in rows if not r["parses"]][:2]}
 
 
-def run_functions(llm, tok, files, a, n, max_tokens, fit, progress) -> dict:
+def run_functions(llm, tok, files, seen, a, n, max_tokens, fit, progress) -> dict:
     """With `fit`, the headline sample holds functions whose own body fits `max_tokens`; the any-length
-    sample (most stdlib bodies are longer, so it mostly measures the budget) is reported beside it."""
+    sample (most stdlib bodies are longer, so it mostly measures the budget) is reported beside it.
+    Both leave out functions whose head also appears in a train file (`seen`)."""
     if not fit:
-        return {**complete_functions(llm, completion.function_sites(files, n, a.seed), max_tokens, progress),
-                "target": 0.7, "sample": "held-out documented functions of any length"}
-    fits = completion.function_sites(files, n, a.seed, fits=completion.body_fits(tok, max_tokens))
+        return {**complete_functions(llm, completion.function_sites(files, n, a.seed, seen=seen), max_tokens, progress),
+                "target": 0.7, "sample": f"held-out documented functions of any length{UNSEEN}"}
+    fits = completion.function_sites(files, n, a.seed, fits=completion.body_fits(tok, max_tokens), seen=seen)
     res = {**complete_functions(llm, fits, max_tokens, progress), "target": 0.7,
-           "sample": f"held-out documented functions whose body is at most {max_tokens} tokens"}
-    res["any_length"] = complete_functions(llm, completion.function_sites(files, n, a.seed), max_tokens, progress)
+           "sample": f"held-out documented functions whose body is at most {max_tokens} tokens{UNSEEN}"}
+    res["any_length"] = complete_functions(llm, completion.function_sites(files, n, a.seed, seen=seen), max_tokens, progress)
     return res
 
 
@@ -151,9 +153,10 @@ def main(argv=None) -> int:
     tok = llm.tokenizer
     if "bpb" in parts:
         r["bits_per_byte"] = run_bpb(llm, tok, files, a, counts["bpb_files"], progress)
+    seen = completion.seen_heads(split_files(a.shards, "train", a.inputs)) if {"functions", "chat"} & set(parts) else None
     if "functions" in parts:
-        r["function_completion"] = run_functions(llm, tok, files, a, counts["functions"], counts["function_tokens"], counts["fit"],
-                                                  progress)
+        r["function_completion"] = run_functions(llm, tok, files, seen, a, counts["functions"], counts["function_tokens"],
+                                                  counts["fit"], progress)
     fim = fim_prompts(tok, files, a, max(counts["fim"], counts["latency"] + 1)) if {"fim", "latency"} & set(parts) else []
     if "fim" in parts:
         r["fim"] = run_fim(llm, tok, fim[:counts["fim"]], a, progress)
@@ -179,13 +182,14 @@ def main(argv=None) -> int:
             budget = counts["chat_tokens"]
             fits = lambda text: len(tok.encode(text, add_special_tokens=False)) <= budget  # noqa: E731
             chat_llm = make(chat_dir)
-            anyl = chat.evaluate(chat_llm, chat.heldout_instructions(files, counts["chat"], a.seed), budget)
+            anyl = chat.evaluate(chat_llm, chat.heldout_instructions(files, counts["chat"], a.seed, seen=seen), budget)
             if counts["fit"]:
-                r["chat"] = {"model": str(chat_dir), "sample": f"held-out instructions whose reference answer is at most {budget} tokens",
-                             **chat.evaluate(chat_llm, chat.heldout_instructions(files, counts["chat"], a.seed, fits), budget),
+                r["chat"] = {"model": str(chat_dir),
+                             "sample": f"held-out instructions whose reference answer is at most {budget} tokens{UNSEEN}",
+                             **chat.evaluate(chat_llm, chat.heldout_instructions(files, counts["chat"], a.seed, fits, seen), budget),
                              "any_length": anyl}
             else:
-                r["chat"] = {"model": str(chat_dir), "sample": "held-out instructions of any length", **anyl}
+                r["chat"] = {"model": str(chat_dir), "sample": f"held-out instructions of any length{UNSEEN}", **anyl}
     r["elapsed_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(r, indent=1, ensure_ascii=False) + "\n")
     report.plot(r, out / "summary.png")

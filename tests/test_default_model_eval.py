@@ -97,6 +97,18 @@ def test_function_prompt_is_what_a_user_types(tmp_path):
     assert completion.cut_function(prompt, "x = 1\n") == prompt  # the very first line may already end it
 
 
+def test_functions_seen_in_train_files_are_left_out(tmp_path):
+    (tmp_path / "m.py").write_text(MODULE.format(k=0))
+    (tmp_path / "t.py").write_text("import os\n\n" + MODULE.format(k=0).split("class")[0])  # a train file repeating area_0
+    seen = completion.seen_heads([("src/t.py", tmp_path / "t.py")])
+    assert len(seen) == 1
+    sites = completion.function_sites([("src/m.py", tmp_path / "m.py")], 10, seed=0, seen=seen)
+    assert [s.qualname for s in sites] == ["Shape0.scaled"]
+    recs = chat.heldout_instructions([("src/m.py", tmp_path / "m.py")], 10, seed=0, seen=seen)
+    assert recs and all(r["meta"]["qualname"] != "area_0" for r in recs)
+    assert any(r["meta"]["qualname"] == "area_0" for r in chat.heldout_instructions([("src/m.py", tmp_path / "m.py")], 10, seed=0))
+
+
 def test_fim_items_and_prompt_layout(tmp_path):
     from dsv3.serve.completions import _prompts
     from dsv3.serve.protocol import CompletionRequest
@@ -170,12 +182,13 @@ def test_quick_run_end_to_end(setup, capsys):
     assert b["tokenizer_matches_shards"] and b["token_count_mismatches"] == []  # our tokens are the shards' tokens
     assert b["all"]["model_bits_per_byte"] > 0.5  # a random model compresses badly
     f = r["function_completion"]
-    assert f["n"] == min(6, 2 * len(held)) and 0 <= f["parse_rate_with_body"] <= f["parse_rate"] <= 1  # 2 per file
+    # 2 functions per file, but `Shape{k}.scaled` has the same head in every file, train files included: left out
+    assert f["n"] == min(6, len(held)) and 0 <= f["parse_rate_with_body"] <= f["parse_rate"] <= 1
     assert r["fim"]["n"] == 6 and 0 <= r["fim"]["exact_match"] <= 1
     for k in ("1", "2"):
         row = r["mtp"]["by_k"][k]
         assert row["identical_outputs"] and len(row["acceptance_per_position"]) == int(k) and row["drafted"][0] > 0
     assert r["infill_latency"]["engine"]["latency_s"]["n"] == 4 and r["infill_latency"]["http"]["completion_tokens"] == 20
-    assert r["chat"]["n"] == 3 and 0 <= r["chat"]["parse_rate"] <= 1  # 2 "write a function" records per file, 3 drawn
+    assert r["chat"]["n"] == 3 and 0 <= r["chat"]["parse_rate"] <= 1  # 1 unseen "write a function" record per file
     table = capsys.readouterr().out
     assert "bits/byte" in table and "xz -9e" in table and "MTP k=2" in table

@@ -20,11 +20,13 @@ FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
 
 
 def heldout_instructions(files: list[tuple[str, Path]], n: int, seed: int,
-                         fits: Callable[[str], bool] | None = None) -> list[dict]:
+                         fits: Callable[[str], bool] | None = None, seen: set[str] | None = None) -> list[dict]:
     """`n` "write a function" records of the held-out files, drawn with `seed`; with `fits`, only
-    those whose reference answer it accepts (the eval keeps answers that fit the token budget)."""
+    those whose reference answer it accepts (the eval keeps answers that fit the token budget); with
+    `seen` (normalised heads of the train split's functions), none of a function the model trained on."""
     recs, _ = mine(files)
     describe = [r for r in recs if r["meta"]["kind"] == "describe"
+                and (seen is None or " ".join(r["meta"]["head"].split()) not in seen)
                 and (fits is None or fits(next(m["content"] for m in r["messages"] if m["role"] == "assistant")))]
     return random.Random(seed).sample(describe, min(n, len(describe)))
 

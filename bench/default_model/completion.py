@@ -21,14 +21,31 @@ from typing import Callable
 from dsv3.data.instructions import FunctionSite, iter_functions
 
 
+def normalized(text: str) -> str:
+    return " ".join(text.split())
+
+
+def seen_heads(files: list[tuple[str, Path]]) -> set[str]:
+    """Whitespace-normalised heads (decorators, signature, docstring) of every documented function in
+    `files` (the train split). A held-out file can repeat a train file's function verbatim
+    (transformers' "Copied from" code: 20 of 100 held-out functions drawn without this check), and
+    such a function is not unseen."""
+    out = set()
+    for rel, path in files:
+        out.update(normalized(s.head) for s in iter_functions(path.read_text(encoding="utf-8", errors="replace"), rel))
+    return out
+
+
 def function_sites(files: list[tuple[str, Path]], n: int, seed: int, max_head_chars: int = 1500,
-                   fits: Callable[[FunctionSite], bool] | None = None) -> list[FunctionSite]:
+                   fits: Callable[[FunctionSite], bool] | None = None, seen: set[str] | None = None) -> list[FunctionSite]:
     """`n` documented functions with a body beyond the docstring, drawn with `seed` from all of `files`;
-    with `fits`, only those it accepts (the eval keeps functions whose own body fits the token budget)."""
+    with `fits`, only those it accepts (the eval keeps functions whose own body fits the token budget);
+    with `seen`, none whose head it holds."""
     sites = []
     for rel, path in sorted(files):
         sites += [s for s in iter_functions(path.read_text(encoding="utf-8"), rel)
-                  if s.body_lines >= 1 and len(s.head) <= max_head_chars and (fits is None or fits(s))]
+                  if s.body_lines >= 1 and len(s.head) <= max_head_chars and (fits is None or fits(s))
+                  and (seen is None or normalized(s.head) not in seen)]
     return random.Random(seed).sample(sites, min(n, len(sites)))
 
 

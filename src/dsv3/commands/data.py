@@ -21,13 +21,17 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _instructions(args: argparse.Namespace) -> int:
-    from dsv3.data.instructions import mine, split_files, write_jsonl
-
+def _check_filters(args: argparse.Namespace) -> None:
     if not 0 <= args.min_body <= args.max_body:
         raise DSV3Error(f"--min-body {args.min_body} and --max-body {args.max_body} must satisfy 0 <= min <= max.")
     if args.max_chars < 1:
         raise DSV3Error(f"--max-chars {args.max_chars} must be a positive number of characters.")
+
+
+def _instructions(args: argparse.Namespace) -> int:
+    from dsv3.data.instructions import mine, split_files, write_jsonl
+
+    _check_filters(args)
     files = split_files(args.shards, args.split, args.inputs)
     recs, stats = mine(files, progress=not args.quiet, min_body=args.min_body, max_body=args.max_body, max_chars=args.max_chars)
     if not recs:
@@ -37,6 +41,35 @@ def _instructions(args: argparse.Namespace) -> int:
           f"{stats['records'] - stats['describe']} complete-the-body) from {stats['kept']} of {stats['functions']} "
           f"documented functions in {stats['files']} {args.split} files; {stats['duplicates']} duplicate functions dropped")
     return 0
+
+
+def _functions(args: argparse.Namespace) -> int:
+    from dsv3.data.functions import write_functions
+    from dsv3.data.instructions import split_files
+
+    _check_filters(args)
+    stats = write_functions(split_files(args.shards, args.split, args.inputs), args.output, progress=not args.quiet,
+                            min_body=args.min_body, max_body=args.max_body, max_chars=args.max_chars)
+    if not stats["kept"]:
+        raise DSV3Error(f"no function with a docstring in the {args.split} split of {args.shards} passed the filters.")
+    print(f"{args.output}: {stats['kept']} functions ({stats['chars']} characters) from {stats['functions']} documented "
+          f"functions in {stats['files']} {args.split} files; {stats['duplicates']} duplicates dropped")
+    return 0
+
+
+def _function_args(p: argparse.ArgumentParser, func, metavar: str, output: str, min_body: int, max_chars: int) -> None:
+    """The options `instructions` and `functions` share: which split of which shards, and the function filters."""
+    p.set_defaults(func=func)
+    p.add_argument("--inputs", nargs="+", default=None, metavar="DIR",
+                   help="directories the shards were built from (default: those the manifest records)")
+    p.add_argument("--shards", required=True, metavar="DIR", help="shard directory whose manifest.json gives each file's split")
+    p.add_argument("-o", "--output", required=True, metavar=metavar, help=output)
+    p.add_argument("--split", choices=("train", "heldout"), default="train", help="which files to read (default: train)")
+    p.add_argument("--min-body", type=int, default=min_body,
+                   help=f"fewest non-blank body lines after the docstring (default {min_body})")
+    p.add_argument("--max-body", type=int, default=40, help="most body lines (default 40)")
+    p.add_argument("--max-chars", type=int, default=max_chars, help=f"longest function source in characters (default {max_chars})")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,17 +89,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split hash and MinHash functions")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_build)
-    q = sub.add_parser("instructions", help="mine chat instruction pairs from the functions of one split",
-                       description="Every top-level function or method with a docstring in the files of one split "
-                                   "of a shard manifest becomes 'write a function `f(args)` that ...' and "
-                                   "'complete this function' chat records (JSONL, {messages}) for `dsv3 finetune`.")
-    q.add_argument("--inputs", nargs="+", default=None, metavar="DIR",
-                   help="directories the shards were built from (default: those the manifest records)")
-    q.add_argument("--shards", required=True, metavar="DIR", help="shard directory whose manifest.json gives each file's split")
-    q.add_argument("-o", "--output", required=True, metavar="FILE.jsonl", help="output JSONL file")
-    q.add_argument("--split", choices=("train", "heldout"), default="train", help="which files to mine (default: train)")
-    q.add_argument("--min-body", type=int, default=2, help="fewest non-blank body lines after the docstring (default 2)")
-    q.add_argument("--max-body", type=int, default=40, help="most body lines (default 40)")
-    q.add_argument("--max-chars", type=int, default=1500, help="longest function source in characters (default 1500)")
-    q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    q.set_defaults(func=_instructions)
+    _function_args(sub.add_parser(
+        "instructions", help="mine chat instruction pairs from the functions of one split",
+        description="Every top-level function or method with a docstring in the files of one split of a shard manifest "
+                    "becomes 'write a function `f(args)` that ...' and 'complete this function' chat records "
+                    "(JSONL, {messages}) for `dsv3 finetune`."), _instructions, "FILE.jsonl", "output JSONL file", 2, 1500)
+    _function_args(sub.add_parser(
+        "functions", help="write the documented functions of one split as files (an annealing corpus)",
+        description="Every top-level function or method with a docstring in the files of one split of a shard manifest "
+                    "that passes the filters is written, dedented, as one .py file in OUT (deduplicated), for "
+                    "`dsv3 data build` and a `mix` source of `dsv3 pretrain`."), _functions, "OUT", "output directory of .py files", 1, 800)

@@ -248,28 +248,37 @@ def split_files(shards: str | Path, split: str, inputs: list[str] | None = None)
     return out
 
 
-def mine(files: list[tuple[str, Path]], progress: bool = False, **filters) -> tuple[list[dict], dict]:
-    """Records of every kept function in `files` (sorted by path), deduplicated by source and instruction."""
+def kept_functions(files: list[tuple[str, Path]], stats: dict, progress: bool = False, desc: str = "mining",
+                   **filters) -> Iterator[tuple[str, FunctionSite]]:
+    """(source hash, site) of every function in `files` (sorted by path) that passes `keep`, each
+    whitespace-normalised source once; counts functions, kept and duplicates into `stats`."""
     from tqdm import tqdm
 
-    seen_src, seen_prompt, out = set(), set(), []
-    stats = {"files": len(files), "functions": 0, "kept": 0, "duplicates": 0}
-    for rel, path in tqdm(sorted(files), desc="mining", unit="file", disable=not progress):
+    seen: set[str] = set()
+    stats.update(files=len(files), functions=0, kept=0, duplicates=0)
+    for rel, path in tqdm(sorted(files), desc=desc, unit="file", disable=not progress):
         for site in iter_functions(path.read_text(encoding="utf-8", errors="replace"), rel):
             stats["functions"] += 1
             if not keep(site, **filters):
                 continue
             key = hashlib.sha256(" ".join(site.source.split()).encode()).hexdigest()
-            if key in seen_src:
+            if key in seen:
                 stats["duplicates"] += 1
                 continue
-            seen_src.add(key)
+            seen.add(key)
             stats["kept"] += 1
-            for rec in records(site):
-                prompt = rec["messages"][0]["content"]
-                if prompt not in seen_prompt:
-                    seen_prompt.add(prompt)
-                    out.append(rec)
+            yield key, site
+
+
+def mine(files: list[tuple[str, Path]], progress: bool = False, **filters) -> tuple[list[dict], dict]:
+    """Records of every kept function in `files` (sorted by path), deduplicated by source and instruction."""
+    seen_prompt, out, stats = set(), [], {}
+    for _, site in kept_functions(files, stats, progress, **filters):
+        for rec in records(site):
+            prompt = rec["messages"][0]["content"]
+            if prompt not in seen_prompt:
+                seen_prompt.add(prompt)
+                out.append(rec)
     stats["records"] = len(out)
     stats["describe"] = sum(r["meta"]["kind"] == "describe" for r in out)
     return out, stats

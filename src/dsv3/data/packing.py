@@ -8,6 +8,14 @@ different files: consecutive windows would make each batch one or two files and 
 noisy as a batch that size. Everything about a window follows from (seed, sample index): document
 lengths are known up front (FIM adds exactly three sentinels), so the trainer's step counter is
 the whole state and resume is exact.
+
+FIM comes at one of two levels. `document` transforms whole files before packing (as DeepSeek-Coder,
+whose 16K windows hold whole files); when files are much longer than a window, prefix, suffix and
+middle land in different windows and the model rarely sees all three together. `context` (Bavarian
+et al. 2022, "Efficient Training of Language Models to Fill in the Middle") transforms each file
+piece of a packed window after packing and cuts the result back to the window's length, so every
+FIM example is complete within its window and its prefix may start mid-file, as an editor's does.
+`DataMix` builds batches whose rows come from several shard sets in fixed shares.
 """
 
 from __future__ import annotations
@@ -20,28 +28,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from dsv3.data.fim import FIMTokens, fim_context, fim_transform
 from dsv3.data.shards import DataError, TokenShards
 
 IGNORE_INDEX = -100
-_ORDER, _FIM, _SPLIT, _WINDOWS = 1, 2, 3, 4  # tags that keep the seeded random streams independent
-
-
-FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
-
-
-class FIMTokens(NamedTuple):
-    """Ids of `<｜fim▁begin｜>`, `<｜fim▁hole｜>` and `<｜fim▁end｜>`."""
-    begin: int
-    hole: int
-    end: int
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer) -> "FIMTokens":
-        """Look the DeepSeek sentinels up in anything with `token_to_id` (a `tokenizers.Tokenizer`)."""
-        ids = [tokenizer.token_to_id(t) for t in (FIM_BEGIN, FIM_HOLE, FIM_END)]
-        if None in ids:
-            raise DataError(f"the tokenizer lacks the FIM token {(FIM_BEGIN, FIM_HOLE, FIM_END)[ids.index(None)]}.")
-        return cls(*ids)
+_ORDER, _FIM, _SPLIT, _WINDOWS, _CONTEXT = 1, 2, 3, 4, 5  # tags that keep the seeded random streams independent
 
 
 class PackedBatch(NamedTuple):
@@ -50,13 +41,6 @@ class PackedBatch(NamedTuple):
     labels: torch.Tensor
     position_ids: torch.Tensor
     doc_ids: torch.Tensor
-
-
-def fim_transform(tokens: np.ndarray, rng: np.random.Generator, fim: FIMTokens) -> np.ndarray:
-    """Prefix-suffix-middle: `begin prefix hole suffix end middle`, cut at two random points
-    of the document's tokens (EOS excluded), as in DeepSeek-Coder."""
-    lo, hi = np.sort(rng.integers(0, len(tokens) + 1, size=2))
-    return np.concatenate([[fim.begin], tokens[:lo], [fim.hole], tokens[hi:], [fim.end], tokens[lo:hi]]).astype(np.int64)
 
 
 def boundaries(inputs: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,17 +70,20 @@ class PackedDataset(IterableDataset):
 
     def __init__(self, shards: TokenShards, seq_len: int, batch_size: int = 1, seed: int = 0,
                  shuffle: bool = True, fim_rate: float = 0.0, fim_tokens: FIMTokens | None = None,
-                 rank: int = 0, world_size: int = 1, start_step: int = 0, mask_eos_label: bool = True):
+                 rank: int = 0, world_size: int = 1, start_step: int = 0, mask_eos_label: bool = True,
+                 fim_level: str = "document"):
         if seq_len < 1 or batch_size < 1:
             raise DataError(f"seq_len {seq_len} and batch_size {batch_size} must be positive.")
         if not 0.0 <= fim_rate <= 1.0:
             raise DataError(f"fim_rate {fim_rate} must be in [0, 1].")
         if fim_rate > 0 and fim_tokens is None:
             raise DataError("fim_rate > 0 needs the FIM sentinel ids (fim_tokens).")
+        if fim_level not in ("document", "context"):
+            raise DataError(f"fim_level {fim_level!r} must be document or context.")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}.")
         self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
-        self.shuffle, self.fim_rate, self.fim_tokens = shuffle, fim_rate, fim_tokens
+        self.shuffle, self.fim_rate, self.fim_tokens, self.fim_level = shuffle, fim_rate, fim_tokens, fim_level
         self.rank, self.world_size, self.step, self.mask_eos_label = rank, world_size, start_step, mask_eos_label
         self.eos_id = shards.eos_id
         starts, ends = shards.doc_bounds()
@@ -108,7 +95,7 @@ class PackedDataset(IterableDataset):
 
     # -- the stream ------------------------------------------------------------------------
     def _fim_mask(self, epoch: int) -> np.ndarray:
-        if self.fim_rate == 0.0:
+        if self.fim_rate == 0.0 or self.fim_level == "context":
             return np.zeros(len(self.doc_lens), dtype=bool)
         return np.random.default_rng([self.seed, _FIM, epoch]).random(len(self.doc_lens)) < self.fim_rate
 
@@ -179,7 +166,11 @@ class PackedDataset(IterableDataset):
 
     def sample(self, index: int) -> tuple[np.ndarray, ...]:
         """(input_ids, labels, position_ids, doc_ids) of sample `index` as numpy arrays."""
-        window = self.stream(self.window_index(index) * self.seq_len, self.seq_len + 1)
+        w = self.window_index(index)
+        window = self.stream(w * self.seq_len, self.seq_len + 1)
+        if self.fim_level == "context" and self.fim_rate > 0:
+            rng = np.random.default_rng([self.seed, _CONTEXT, w])
+            window = fim_context(window, rng, self.fim_rate, self.fim_tokens, self.eos_id, self.shards.bos_id)
         inputs, labels = window[:-1], window[1:].copy()
         if self.mask_eos_label:
             labels[inputs == self.eos_id] = IGNORE_INDEX  # never predict across a boundary
@@ -223,3 +214,37 @@ class PackedDataset(IterableDataset):
             if state[key] != getattr(self, key):
                 raise DataError(f"cannot resume: the checkpoint's data {key} is {state[key]}, this run's is {getattr(self, key)}.")
         self.step = int(state["step"])
+
+
+class DataMix:
+    """Batches whose rows come from several `PackedDataset`s: source i gives its own `batch_size`
+    rows of every step (the shares of a `mix`), so the mix, like each source, is a pure function of
+    the step and resume stays exact."""
+
+    def __init__(self, sources: list[PackedDataset]):
+        if not sources:
+            raise DataError("a data mix needs at least one source.")
+        self.sources = sources
+
+    @property
+    def step(self) -> int:
+        return self.sources[0].step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        for s in self.sources:
+            s.step = value
+
+    def batch(self, step: int) -> PackedBatch:
+        parts = [s.batch(step) for s in self.sources]
+        return PackedBatch(*(torch.cat(col) for col in zip(*parts)))
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "sources": [s.state_dict() for s in self.sources]}
+
+    def load_state_dict(self, state: dict) -> None:
+        got = state.get("sources", [state])
+        if len(got) != len(self.sources):
+            raise DataError(f"cannot resume: the checkpoint's data mix has {len(got)} sources, this run's has {len(self.sources)}.")
+        for s, st in zip(self.sources, got):
+            s.load_state_dict(st)

@@ -28,6 +28,8 @@ class PretrainConfig:
 
     model: dict[str, Any] = field(default_factory=dict)
     data: str = ""                      # shard directory written by `dsv3 data build`
+    mix: list = field(default_factory=list)  # [[shard dir, share of each batch's rows], ...] read beside `data`
+    init_from: str | None = None        # model directory (HF layout) to start from: continued pretraining
     tokenizer: str | None = None        # default: the tokenizer recorded in the shard manifest
     out: str = "runs/pretrain"
     seed: int = 0
@@ -47,6 +49,7 @@ class PretrainConfig:
     bias_update_rate: float = 1e-3      # γ of aux-loss-free balancing; 0 disables it
     seq_aux_alpha: float = 0.0          # α of the sequence-wise balance loss; 0 disables it
     fim_rate: float = 0.5
+    fim_level: str = "document"         # document: FIM whole files before packing | context: each file piece of a window
     init_std: float | None = None       # default: model.initializer_range
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     compile: bool = False
@@ -101,8 +104,11 @@ class PretrainConfig:
     def validate(self) -> None:
         if not self.data:
             raise PretrainConfigError("the pretraining config has no `data` (a shard directory from `dsv3 data build`).")
-        if not isinstance(self.model, dict) or not self.model:
-            raise PretrainConfigError("the pretraining config has no `model` mapping (an HF-style config.json dict).")
+        if not isinstance(self.model, dict) or not (self.model or self.init_from):
+            raise PretrainConfigError("the pretraining config has no `model` mapping (an HF-style config.json dict) "
+                                      "and no `init_from` model directory.")
+        if self.fim_level not in ("document", "context"):
+            raise PretrainConfigError(f"fim_level {self.fim_level!r} must be document or context.")
         for key in ("seq_len", "batch_size", "grad_accum", "max_steps", "ckpt_every", "eval_every",
                     "eval_batches", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
@@ -126,6 +132,23 @@ class PretrainConfig:
                 isinstance(e, list) and len(e) == 2 and all(isinstance(x, (int, float)) for x in e) for e in self.mtp_lambda)
             if not ok:
                 raise PretrainConfigError("mtp_lambda must be a number or a list of [step, value] pairs.")
+        self.mix_rows()
+
+    def mix_rows(self) -> list[tuple[str, int]]:
+        """[(shard dir, rows per micro-batch)] of `mix`; `data` keeps the remaining rows (at least one)."""
+        out = []
+        for entry in self.mix:
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                    and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool) and 0 < entry[1] < 1):
+                raise PretrainConfigError(f"mix entry {entry!r} must be [shard directory, share] with 0 < share < 1.")
+            rows = round(entry[1] * self.batch_size)
+            if rows < 1:
+                raise PretrainConfigError(f"mix share {entry[1]} of batch_size {self.batch_size} rounds to no rows.")
+            out.append((entry[0], rows))
+        if sum(r for _, r in out) >= self.batch_size:
+            raise PretrainConfigError(f"mix takes {sum(r for _, r in out)} of {self.batch_size} rows per batch; "
+                                      f"`data` needs at least one.")
+        return out
 
 
 def _scalar(key: str, text: str) -> Any:

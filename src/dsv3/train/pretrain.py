@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from dsv3.checkpoint import save_model
 from dsv3.config import ModelConfig
-from dsv3.data import FIMTokens, PackedDataset, TokenShards, load_manifest
+from dsv3.data import DataError, DataMix, FIMTokens, PackedDataset, TokenShards, load_manifest
 from dsv3.data.builder import load_tokenizer
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.train.balance import load_stats, moe_layers, track_load, update_bias
@@ -45,13 +45,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_config(cfg: PretrainConfig, manifest: dict, tokenizer_dir: str) -> ModelConfig:
-    """The config's model dict, with vocabulary size and special ids filled in from the data."""
+    """The config's model dict (over `init_from`'s config.json), with vocabulary size and special ids
+    filled in from the data."""
     from dsv3.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tokenizer_dir)
+    base = ModelConfig.from_dir(cfg.init_from).to_dict() if cfg.init_from else {}
     raw = {"model_type": "deepseek_v3", "vocab_size": manifest["tokenizer"]["vocab_size"],
            "bos_token_id": tok.bos_token_id, "eos_token_id": manifest["tokenizer"]["eos_id"],
-           "pad_token_id": tok.pad_token_id, **cfg.model}
+           "pad_token_id": tok.pad_token_id, **base, **cfg.model}
     mc = ModelConfig.from_dict(raw)
     if mc.vocab_size < manifest["tokenizer"]["vocab_size"]:
         raise PretrainConfigError(f"model.vocab_size {mc.vocab_size} is smaller than the data's vocabulary "
@@ -96,14 +98,20 @@ def pretrain(cfg: PretrainConfig) -> dict:
     tokenizer_dir = cfg.tokenizer or manifest["tokenizer"]["path"]
     train_shards, held_shards = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "heldout")
     fim = FIMTokens.from_tokenizer(load_tokenizer(tokenizer_dir)[0]) if cfg.fim_rate > 0 else None
-    data = PackedDataset(train_shards, cfg.seq_len, cfg.batch_size, seed=cfg.seed, fim_rate=cfg.fim_rate, fim_tokens=fim,
-                         rank=dp.rank, world_size=dp.world)
+    mix = cfg.mix_rows()
+    packed = partial(PackedDataset, seq_len=cfg.seq_len, seed=cfg.seed, fim_rate=cfg.fim_rate, fim_tokens=fim,
+                     fim_level=cfg.fim_level, rank=dp.rank, world_size=dp.world)
+    data = packed(train_shards, batch_size=cfg.batch_size - sum(rows for _, rows in mix))
+    if mix:
+        data = DataMix([data] + [packed(mix_shards(path, manifest), batch_size=rows) for path, rows in mix])
     heldout = PackedDataset(held_shards, cfg.seq_len, cfg.batch_size, seed=cfg.seed, shuffle=False)
 
     mc = model_config(cfg, manifest, tokenizer_dir)
     torch.manual_seed(cfg.seed)
     model = DeepseekV3ForCausalLM(mc)
     model.init_weights(cfg.init_std)
+    if cfg.init_from:
+        init_weights_from(model, cfg.init_from)
     model.to(device)
     moes = moe_layers(model)
     optimizer = build_optimizer(model, cfg)
@@ -202,6 +210,31 @@ def pretrain(cfg: PretrainConfig) -> dict:
     summary["plots"] = [str(p) for p in save_plots(log.rows, out)]
     dp.close()
     return summary
+
+
+def mix_shards(path: str, manifest: dict) -> TokenShards:
+    """The train split of a `mix` source, which must share the main data's tokenizer."""
+    other = load_manifest(path)
+    if other["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
+        raise DataError(f"mix source {path} was tokenized with another tokenizer than `data` ({other['tokenizer']['path']}).")
+    return TokenShards(path, "train")
+
+
+def init_weights_from(model: DeepseekV3ForCausalLM, model_dir: str) -> None:
+    """Start from the weights (router biases and MTP modules included) of an HF-layout model directory."""
+    from dsv3.checkpoint import load_model
+    from dsv3.errors import CheckpointError
+
+    src = load_model(model_dir, dtype=torch.float32, with_mtp=bool(model.model.mtp), progress=False)
+    theirs, ours = src.state_dict(), model.state_dict()
+    wrong = [n for n, t in theirs.items() if n in ours and t.shape != ours[n].shape]
+    if wrong:
+        raise CheckpointError(f"init_from {model_dir}: {wrong[0]} has shape {list(theirs[wrong[0]].shape)}, the model's is "
+                              f"{list(ours[wrong[0]].shape)}; `model:` may only change what leaves the weights' shapes alone.")
+    missing, unexpected = model.load_state_dict(theirs, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"init_from {model_dir} does not fit the model: "
+                              f"missing {', '.join(missing[:3]) or 'nothing'}; unexpected {', '.join(unexpected[:3]) or 'nothing'}.")
 
 
 def mtp_count(model: DeepseekV3ForCausalLM) -> int:

@@ -165,16 +165,22 @@ def test_engine_steps_take_the_mla_kernel(monkeypatch, parts, spec):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     native = count_native(monkeypatch)
     cfg = EngineConfig(num_speculative_tokens=spec)
-    fast = [o.outputs[0].token_ids for o in LLMEngine(model, tok, cfg).generate(prompts, params)]
+
+    def run():  # tokens, and which drafts were accepted: the MTP module must see the same hidden states
+        engine = LLMEngine(model, tok, cfg)
+        out = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
+        return out, (engine.drafter.stats.accepted, engine.drafter.stats.drafted) if spec else None
+
+    fast = run()
     assert native["decode_step"] >= 10  # the main model's steps
     if spec:
         assert native["decode_layers"] >= 10  # the MTP module's block
     per_module(monkeypatch)
     calls = count_mla_calls(monkeypatch)
-    assert fast == [o.outputs[0].token_ids for o in LLMEngine(model, tok, cfg).generate(prompts, params)]
+    assert fast == run()
     assert sum(y is not None for y in calls) >= 10 * model.config.num_hidden_layers
     kernels_off(monkeypatch)
-    assert fast == [o.outputs[0].token_ids for o in LLMEngine(model, tok, cfg).generate(prompts, params)]
+    assert fast == run()
 
 
 def _decode_logits(model, steps=6):

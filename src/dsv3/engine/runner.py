@@ -88,11 +88,11 @@ class ModelRunner:
         """Run the main model: (hidden states [N, D] of every token, fp32 logits of the requested rows)."""
         input_ids, positions, ctx, rows = self.prepare(items)
         try:
-            hidden = self.model.hidden_states(input_ids, positions, ctx)[0]
+            hidden, logits = self.model.step(input_ids, positions, ctx, rows)
         finally:
             if self.multi_lora:  # other users of the model (LLM.score, the generator) see the base model
                 set_slot_ids(self.model, None)
-        return hidden, self.model.lm_head(hidden[rows]).float()
+        return hidden, logits.float()
 
     @torch.inference_mode()
     def execute_mtp(self, items: list[StepItem], hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -148,10 +148,11 @@ def run_blocks(owner: nn.Module, blocks: Sequence[nn.Module], x: torch.Tensor, c
 
 
 def run_model(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor | None, start: int, ctx,
-              logits: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+              logits: bool, fresh_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """A decode step of the whole model in one native call, after `ctx.begin_step`: (post-norm hidden [B, T, D],
     logits [B, T, V] when asked and the head is native, else None), or None when the step has no native form.
-    positions [B, T], or None for start + t."""
+    positions [B, T], or None for start + t. With logits, the hidden states land in a buffer the next step
+    reuses unless `fresh_hidden` (the engine keeps them for the MTP module)."""
     B, T = input_ids.shape
     M = B * T
     if not ENABLED or M > kernels.MAX_ROWS or not input_ids.is_cpu or not kernels.enabled():
@@ -165,7 +166,8 @@ def run_model(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor
     ids = input_ids if input_ids.dtype == torch.int64 and input_ids.is_contiguous() else input_ids.to(torch.int64).contiguous()
     pos = None if positions is None else positions.to(torch.int64).contiguous()
     out = torch.empty(B, T, p.model.vocab, dtype=torch.float32) if logits and p.head else None
-    hidden = torch.empty(B, T, model.config.hidden_size, dtype=torch.float32) if out is None else p.hidden(M)
+    hidden = (torch.empty(B, T, model.config.hidden_size, dtype=torch.float32) if out is None or fresh_hidden
+              else p.hidden(M))
     caches = (ctypes.c_void_p * len(layers))(*ctx.native_cache_ptrs(p.layer_ids))
     bad = kernels.library().decode_step(
         ctypes.byref(p.model), p.array, len(layers), caches, ids.data_ptr(), None if pos is None else pos.data_ptr(),

@@ -74,23 +74,32 @@ class DeepseekV3ForCausalLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       ctx: AttentionContext | None = None) -> torch.Tensor:
         """input_ids [B, T] -> final-norm hidden states [B, T, D]."""
-        return self._run(input_ids, positions, ctx, logits=False)
+        return self._run(input_ids, positions, ctx, logits=False)[0]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 ctx: AttentionContext | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]."""
-        return self._run(input_ids, positions, ctx, logits=True)
+        hidden, out = self._run(input_ids, positions, ctx, logits=True)
+        return out if out is not None else self.lm_head(hidden)
+
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor | None, ctx: AttentionContext | None,
+             rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The engine's step: (hidden states [B·T, D] of every token, logits [len(rows), V] of the flattened
+        `rows`). A decode step gets both from one native call; otherwise the head runs on `rows` only."""
+        hidden, out = self._run(input_ids, positions, ctx, logits=True, fresh_hidden=True)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return flat, out.reshape(-1, out.shape[-1])[rows] if out is not None else self.lm_head(flat[rows])
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor | None, ctx: AttentionContext | None,
-             logits: bool) -> torch.Tensor:
+             logits: bool, fresh_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(post-norm hidden [B, T, D], logits [B, T, V] when asked and the step ran natively with its head, else None)."""
         ctx = ctx if ctx is not None else AttentionContext()
         start = getattr(ctx, "length", 0)
         ctx.begin_step(input_ids.shape[1])
-        native = run_model(self, input_ids, positions, start, ctx, logits)  # a decode step: one native call
+        native = run_model(self, input_ids, positions, start, ctx, logits, fresh_hidden)  # a decode step: one native call
         if native is not None:
             ctx.end_step()
-            hidden, out = native
-            return hidden if not logits else out if out is not None else self.lm_head(hidden)
+            return native
         if positions is None:
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         cos, sin = self.model.rotary(positions)
@@ -98,8 +107,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, ctx)
         ctx.end_step()
-        hidden = self.model.norm(x)
-        return self.lm_head(hidden) if logits else hidden
+        return self.model.norm(x), None
 
     def mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                    ctx: AttentionContext | None = None, depth: int = 0) -> torch.Tensor:

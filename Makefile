@@ -54,7 +54,7 @@ default-model: build/shards/manifest.json build/functions/manifest.json
 	cp runs/anneal-tiny/pretrain.yaml src/dsv3/data/default/anneal.yaml
 
 # The chat-tuned variant (docs/pretrain.md, "Chat-tuned variant"): instruction pairs mined with `ast` from the train
-# split's functions of at most 800 characters (short answers teach the model to finish its code) -> LoRA on the default model (configs/chat-tiny.yaml, ~25 min on 2 CPU cores) -> `dsv3 merge` ->
+# split's functions of at most 800 characters (short answers teach the model to finish its code) -> LoRA on the default model (configs/chat-tiny.yaml, 10-25 min on 2 CPU cores) -> `dsv3 merge` ->
 # src/dsv3/data/default-chat/. The fine-tune resumes from runs/chat-tiny/checkpoints; delete runs/chat-tiny after
 # replacing the base model, or the old adapter is resumed.
 .PHONY: default-chat

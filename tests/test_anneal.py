@@ -4,6 +4,7 @@ and `dsv3 data functions` (the annealing stage of the embedded default model).""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -111,6 +112,13 @@ def test_init_from_continues_a_run_and_mixes_data(shards, tmp_path):
     pretrain(run_config(shards, tmp_path / "r", model={}, init_from=first["final"], mix=[[data, 0.5]], max_steps=3, stop_after=1))
     resumed = pretrain(run_config(shards, tmp_path / "r", model={}, init_from=first["final"], mix=[[data, 0.5]], max_steps=3))
     assert resumed["start_step"] == 1 and resumed["loss"] == straight["loss"]
+    other = tmp_path / "other-shards"  # the same tokens, but recorded as another tokenizer's
+    shutil.copytree(shards / "shards", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="another tokenizer"):
+        pretrain(run_config(shards, tmp_path / "mixbad", mix=[[str(other), 0.5]], max_steps=1))
     with pytest.raises(CheckpointError, match="shape"):
         pretrain(run_config(shards, tmp_path / "bad", model={"moe_intermediate_size": 24}, init_from=first["final"], max_steps=1))
 

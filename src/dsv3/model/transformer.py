@@ -85,7 +85,8 @@ class DeepseekV3ForCausalLM(nn.Module):
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor | None, ctx: AttentionContext | None,
              rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The engine's step: (hidden states [B·T, D] of every token, logits [len(rows), V] of the flattened
-        `rows`). A decode step gets both from one native call; otherwise the head runs on `rows` only."""
+        `rows`). A decode step gets both from one native call (its head covers all of the step's few tokens:
+        reading the head's weights once dominates); otherwise the head runs on `rows` only."""
         hidden, out = self._run(input_ids, positions, ctx, logits=True, fresh_hidden=True)
         flat = hidden.reshape(-1, hidden.shape[-1])
         return flat, out.reshape(-1, out.shape[-1])[rows] if out is not None else self.lm_head(flat[rows])

@@ -53,7 +53,7 @@ def serve(model_dir: Path, config: ServeConfig | None = None, ssl: tuple[str, st
     port = free_port()
     ucfg = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
                           ssl_certfile=ssl[0] if ssl else None, ssl_keyfile=ssl[1] if ssl else None,
-                          timeout_graceful_shutdown=5)
+                          timeout_graceful_shutdown=5, proxy_headers=False)
     server = uvicorn.Server(ucfg)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

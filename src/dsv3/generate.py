@@ -39,7 +39,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, float]] | None = None  # per token: the chosen token and the top-N
 
@@ -54,6 +54,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
     prompt_logprobs: list[dict[int, float] | None] | None = None  # None for the first prompt token
+    error: str | None = None  # set when the engine stopped this request after an internal error
 
 
 @dataclass

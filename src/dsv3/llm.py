@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from dsv3.checkpoint import load_for_inference
-from dsv3.engine import EngineConfig, LLMEngine
+from dsv3.engine import EngineConfig, LLMEngine, RequestFailedError
 from dsv3.errors import DSV3Error
 from dsv3.generate import Generator, RequestOutput, StreamEvent
 from dsv3.paths import default_model_dir
@@ -103,6 +103,8 @@ class LLM:
                 for out in self.engine.step():
                     if out.request_id != rid:
                         continue
+                    if out.error is not None:
+                        raise RequestFailedError(out.error)
                     o = out.outputs[0]
                     yield StreamEvent(o.text[emitted:], o.token_ids[-1] if o.token_ids else None, o.finish_reason)
                     emitted = len(o.text)

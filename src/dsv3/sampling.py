@@ -56,15 +56,15 @@ class SamplingParams:
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
-            bad(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
+            bad(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")  # > vocab: no limit
         if not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.repetition_penalty <= 0:
             bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
             bad("presence_penalty and frequency_penalty must be in [-2, 2]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(1 << 63) <= self.seed < 1 << 64):
+            bad(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is None:
@@ -100,7 +100,7 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     dev = logits.device
     temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev)[:, None]
     logits = logits / temp
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=dev)
+    top_k = torch.tensor([min(p.top_k, logits.shape[-1]) if p.top_k > 0 else logits.shape[-1] for p in params], device=dev)
     top_p = torch.tensor([p.top_p for p in params], device=dev)
     min_p = torch.tensor([p.min_p for p in params], device=dev)
     sorted_logits, order = logits.sort(dim=-1, descending=True)

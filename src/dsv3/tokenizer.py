@@ -124,6 +124,11 @@ class Tokenizer:
         """Token ids of `text`; with `add_special_tokens`, BOS (and EOS) as tokenizer_config.json asks."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode() takes a string, got {type(text).__name__}.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TokenizerError(f"the text holds an unpaired UTF-16 surrogate ({text[e.start]!r} at character {e.start}), "
+                                 "which is not valid Unicode text") from None
         if self.add_bos_token is None:
             return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         ids = self.backend.encode(text, add_special_tokens=False).ids

@@ -54,8 +54,30 @@ def served_name(args: argparse.Namespace) -> str:
     return args.served_model_name or (args.model.name if args.model else "dsv3")
 
 
+def trusted_proxies(specs: list[str]) -> list:
+    """`--trusted-proxy` values (addresses or CIDR networks) as ip_network objects."""
+    import ipaddress
+
+    out = []
+    for spec in specs:
+        try:
+            out.append(ipaddress.ip_network(spec.strip(), strict=False))
+        except ValueError:
+            raise ServeError(f"--trusted-proxy {spec!r} is not an IP address or CIDR network (e.g. 10.0.0.0/8)") from None
+    return out
+
+
+def grammar_limits(args: argparse.Namespace):
+    from dsv3.serve.structured import GrammarLimits
+
+    if not args.grammar_timeout > 0:
+        raise ServeError(f"--grammar-timeout must be a positive number of seconds, got {args.grammar_timeout}")
+    return GrammarLimits(max_bytes=args.grammar_max_bytes, max_depth=args.grammar_max_depth, max_enum=args.grammar_max_enum,
+                         max_repeat=args.grammar_max_repeat, timeout_s=args.grammar_timeout)
+
+
 def build_config(args: argparse.Namespace):
-    from dsv3.serve.audit import AuditLog
+    from dsv3.serve.audit import AuditLog, read_key
     from dsv3.serve.auth import APIKeys
     from dsv3.serve.cache import ResponseCache
     from dsv3.serve.ratelimit import RateLimit, RateLimiter
@@ -75,12 +97,16 @@ def build_config(args: argparse.Namespace):
     if args.response_cache is not None:
         cache = ResponseCache(None if args.response_cache == "memory" else args.response_cache,
                               max_entries=args.response_cache_size, ttl_s=args.response_cache_ttl)
+    if args.audit_log_key is not None and args.audit_log is None:
+        raise ServeError("--audit-log-key needs --audit-log")
+    key = read_key(args.audit_log_key) if args.audit_log_key else None
     return ServeConfig(
         served_model_name=served_name(args), lora_names=list(lora),
         keys=APIKeys.build(args.api_key, args.api_key_file), protect_health_metrics=args.protect_health_metrics,
         max_body_bytes=args.max_body_bytes, rate_limiter=RateLimiter(RateLimit.parse(args.rate_limit)) if args.rate_limit else None,
-        cache=cache, audit=AuditLog(args.audit_log) if args.audit_log else None, audit_content=args.audit_log_content,
-        max_queue=args.max_queue, keepalive_s=args.keepalive, exit_on_engine_death=parallel_requested(args))
+        cache=cache, audit=AuditLog(args.audit_log, key) if args.audit_log else None, audit_content=args.audit_log_content,
+        max_queue=args.max_queue, keepalive_s=args.keepalive, exit_on_engine_death=parallel_requested(args),
+        grammar_limits=grammar_limits(args), trusted_proxies=trusted_proxies(args.trusted_proxy))
 
 
 def loader(args: argparse.Namespace, lora: dict[str, str] | None = None):
@@ -124,8 +150,10 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(config, loader(args))
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; a no-op handler makes that a clean exit 0
     signal.signal(signal.SIGTERM, lambda *_: None)
+    # proxy_headers=False: uvicorn would otherwise trust X-Forwarded-For from 127.0.0.1; the gate reads it only
+    # from --trusted-proxy peers
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_certfile, ssl_keyfile=args.tls_keyfile,
-                timeout_graceful_shutdown=args.grace_period, log_config=None, access_log=False)
+                timeout_graceful_shutdown=args.grace_period, log_config=None, access_log=False, proxy_headers=False)
     front = app.state.front  # create_app makes the ServerState the app state
     if front is not None and front.errored is not None:
         print(f"dsv3: error: the engine stopped: {front.errored}", file=sys.stderr)
@@ -134,14 +162,28 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_audit_verify(args: argparse.Namespace) -> int:
-    from dsv3.serve.audit import verify
+    from dsv3.serve.audit import read_key, verify
 
-    r = verify(args.path)
+    r = verify(args.path, read_key(args.key) if getattr(args, "key", None) else None)
     if r.ok:
-        print(f"{args.path}: OK, {r.lines} lines, chain intact")
+        keyed = f", HMAC from line {r.keyed_from}" if r.keyed_from else ""
+        print(f"{args.path}: OK, {r.lines} lines, chain intact{keyed}")
         return 0
-    print(f"{args.path}: line {r.bad_line}: {r.reason}")
+    where = f"line {r.bad_line}" if r.bad_line else "log"
+    print(f"{args.path}: {where}: {r.reason}")
     return 1
+
+
+def run_audit_repair(args: argparse.Namespace) -> int:
+    from dsv3.serve.audit import read_key, repair
+
+    r = repair(args.path, read_key(args.key) if args.key else None)
+    if r is None:
+        print(f"{args.path}: no torn line; nothing to repair")
+    else:
+        print(f"{args.path}: moved a torn last line ({r.torn_bytes} bytes, sha256 {r.torn_sha256[:16]}...) to "
+              f"{r.moved_to}; the chain continues with an audit_repair record")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -162,6 +204,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--tls-keyfile", default=None)
     s.add_argument("--audit-log", default=None, metavar="PATH", help="hash-chained JSONL audit log")
     s.add_argument("--audit-log-content", action="store_true", help="also store request bodies in the audit log")
+    s.add_argument("--audit-log-key", default=None, metavar="FILE",
+                   help="HMAC key file for the audit chain (forged or re-chained lines then fail `audit verify --key`)")
+    s.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
+                   help="read X-Forwarded-For only from these peers (repeatable; default: never)")
+    g = s.add_argument_group("grammar limits (response_format, forced tool calls): over a limit is a 400")
+    g.add_argument("--grammar-max-bytes", type=positive_int, default=64 << 10, help="schema size as compact JSON")
+    g.add_argument("--grammar-max-depth", type=positive_int, default=64, help="schema nesting (objects and arrays)")
+    g.add_argument("--grammar-max-enum", type=positive_int, default=2048, help="enum/const values in one schema")
+    g.add_argument("--grammar-max-repeat", type=positive_int, default=1000,
+                   help="regex counted repetition ({m,n}, nested counts multiplied)")
+    g.add_argument("--grammar-timeout", type=float, default=10.0, help="seconds one compile may take")
     s.add_argument("--rate-limit", default=None, metavar="RPM[,TPM]", help="per-key requests (and tokens) per minute")
     s.add_argument("--response-cache", default=None, metavar="PATH|memory", help="hot-answer cache (SQLite file or 'memory')")
     s.add_argument("--response-cache-size", type=positive_int, default=1024, help="in-memory entries")
@@ -177,4 +230,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     asub.required = True
     v = asub.add_parser("verify", help="report the first altered, removed or reordered line")
     v.add_argument("path")
+    v.add_argument("--key", default=None, metavar="FILE", help="the log's HMAC key file (--audit-log-key)")
     v.set_defaults(func=run_audit_verify)
+    r = asub.add_parser("repair", help="move a torn last line (a crash mid-write) aside and continue the chain")
+    r.add_argument("path")
+    r.add_argument("--key", default=None, metavar="FILE", help="the log's HMAC key file, if it is keyed")
+    r.set_defaults(func=run_audit_repair)

@@ -5,18 +5,28 @@ an asyncio queue of cumulative outputs. New requests and aborts are validated on
 side and handed to the engine thread through a queue, so accepting a request never waits for a
 running step. Cancelling a consumer (e.g. a client disconnect) aborts the request and frees its
 cache blocks.
+
+A request the engine stopped after an internal error (see `LLMEngine`'s fault isolation) raises
+`RequestFailedError` in its own consumer only. A step that raises outside that isolation fails the
+requests in flight, frees their blocks and the loop goes on; only `EngineDeadError`, or
+`MAX_STEP_FAILURES` such steps in a row, stops the loop (`errored`, and `/health` answers 503).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from typing import Any, AsyncIterator
 
-from dsv3.engine.llm_engine import LLMEngine
+from dsv3.engine.llm_engine import EngineDeadError, LLMEngine, RequestFailedError
 from dsv3.generate import RequestOutput
 from dsv3.sampling import SamplingParams
+
+log = logging.getLogger("dsv3.engine")
+
+MAX_STEP_FAILURES = 3
 
 
 class AsyncLLMEngine:
@@ -29,6 +39,7 @@ class AsyncLLMEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.errored: BaseException | None = None
+        self.step_failures = 0  # consecutive steps that raised outside the engine's per-request isolation
 
     def start(self) -> None:
         if self._thread is None:
@@ -68,11 +79,20 @@ class AsyncLLMEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except BaseException as e:  # the engine is unusable: fail every stream, report unhealthy
-                self.errored = e
-                for q in list(self._queues.values()):
+            except Exception as e:
+                self.step_failures += 1
+                dead = isinstance(e, EngineDeadError) or self.step_failures >= MAX_STEP_FAILURES
+                log.error("an engine step failed (%s: %s); %s", type(e).__name__, e,
+                          "the engine stops" if dead else "the requests in flight are stopped", exc_info=e)
+                if dead:  # the engine is unusable: fail every stream, report unhealthy
+                    self.errored = e
+                for rid, q in list(self._queues.items()):
+                    self.engine.abort(rid)
                     self._loop.call_soon_threadsafe(q.put_nowait, e)
-                return
+                if dead:
+                    return
+                continue
+            self.step_failures = 0
             for out in outputs:
                 q = self._queues.get(out.request_id)
                 if q is not None:
@@ -99,6 +119,9 @@ class AsyncLLMEngine:
                     raise item
                 if isinstance(item, BaseException):
                     raise RuntimeError("the engine failed while generating") from item
+                if item.error is not None:
+                    finished = True
+                    raise RequestFailedError(item.error)
                 yield item
                 if item.finished:
                     finished = True

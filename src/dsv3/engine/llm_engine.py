@@ -1,8 +1,18 @@
-"""LLMEngine: continuous batching of many requests over one model and one paged latent cache."""
+"""LLMEngine: continuous batching of many requests over one model and one paged latent cache.
+
+Faults are isolated per request: whatever one sequence raises in a step -- drafting, the model
+forward, prompt logprobs, logits processors, sampling, verification, detokenizing -- finishes that
+request with `finish_reason="error"` and an `error` message, frees its blocks, and leaves every
+other sequence of the step exactly as if the failing one had not been there. A model forward that
+raises is re-run on halves of the batch until the failing chunks are found (the re-runs rewrite the
+same cache slots, so survivors are unaffected). Only `EngineDeadError` (a lost parallel rank) ends
+the engine.
+"""
 
 from __future__ import annotations
 
 import itertools
+import logging
 import zlib
 import time
 from dataclasses import dataclass
@@ -21,6 +31,16 @@ from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.output import OutputTracker
 from dsv3.sampling import SamplingParams, apply_penalties, sample
 from dsv3.tokenizer import Tokenizer
+
+log = logging.getLogger("dsv3.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot continue (e.g. a parallel rank died); every request fails and health turns 503."""
+
+
+class RequestFailedError(RuntimeError):
+    """One request failed inside the engine and was stopped; the engine and other requests carry on."""
 
 
 @dataclass
@@ -46,6 +66,7 @@ class _Request:
     prompt_ids: list[int]
     seqs: list[Sequence]
     arrival_time: float
+    error: str | None = None
 
 
 class LLMEngine:
@@ -68,7 +89,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens, c.enable_chunked_prefill)
         self.runner = ModelRunner(model, num_blocks, c.block_size, c.kv_cache_dtype)
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "request_errors": 0}
         self.eos_ids = set(tokenizer.stop_token_ids) | set(cfg.eos_token_ids)
         self.drafter = None
         if c.num_speculative_tokens:
@@ -85,7 +106,11 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise RequestError("params must be a SamplingParams")
         text, ids = self._encode(prompt)
-        check_prompt_ids(ids, self.model.config.vocab_size, self.max_model_len)
+        vocab = self.model.config.vocab_size
+        check_prompt_ids(ids, vocab, self.max_model_len)
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise RequestError(f"stop_token_ids holds {bad[0]}, outside the vocabulary [0, {vocab})")
         if params.n > self.config.max_num_seqs:
             raise RequestError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         budget = self.max_model_len - len(ids)
@@ -109,7 +134,8 @@ class LLMEngine:
             gen = None
             if not params.greedy:
                 gen = torch.Generator(device=self.runner.device)
-                gen.manual_seed(params.seed + i if params.seed is not None else zlib.crc32(f"{self.config.seed}:{request_id}:{i}".encode()))
+                gen.manual_seed((params.seed + i) % (1 << 64) if params.seed is not None and params.seed + i >= 1 << 64
+                                else params.seed + i if params.seed is not None else zlib.crc32(f"{self.config.seed}:{request_id}:{i}".encode()))
             seq = Sequence(next(self._seq_ids), request_id, i, list(ids), len(ids), params,
                            OutputTracker(self.tokenizer, ids, params, self.eos_ids, max_new), gen, adapter_id, cache_salt, now)
             seqs.append(seq)
@@ -153,77 +179,175 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        drafts = self.drafter.draft(chunks) if self.drafter else {}
+        touched: dict[str, None] = {}
+        drafts = self._draft(chunks, touched)
         items = [StepItem(c.seq.token_ids[c.start:c.start + c.num_tokens] + (drafts[c.seq].tokens if c.seq in drafts else []),
                           c.start, c.seq.block_table, sample=c.completes, all_logits=c.seq in drafts, adapter=c.seq.adapter_id)
-                 for c in chunks]
-        hidden, logits = self.runner.execute(items)
+                 for c in chunks if not c.seq.is_finished]
+        chunks = [c for c in chunks if not c.seq.is_finished]
+        chunks, items, hidden, logits = self._execute(chunks, items, touched)
         self.stats["steps"] += 1
-        collect_prompt_logprobs(self.model, chunks, items, hidden)
         new_tokens: dict[Sequence, list[int]] = {}
         to_sample, sample_rows = [], []
         row = offset = 0
         for c, it in zip(chunks, items):
-            seq, computed = c.seq, c.num_tokens
-            if it.all_logits:
-                draft = drafts[seq]
-                accepted = verify(seq, draft, logits[row:row + len(it.token_ids)])
-                self.drafter.stats.record(len(draft.tokens), len(accepted) - 1)
-                self.stats["spec_draft_tokens"] += len(draft.tokens)
-                self.stats["spec_accepted_tokens"] += len(accepted) - 1
-                new_tokens[seq] = accepted
-                computed += len(accepted) - 1
-                row += len(it.token_ids)
-            elif it.sample:
-                to_sample.append(seq)
-                sample_rows.append(row)
-                row += 1
-            seq.num_computed_tokens += computed
-            if self.drafter:
-                self.drafter.keep_hidden(seq, c.start, hidden[offset:offset + computed])
-            self.block_manager.commit(seq)
+            seq, n_rows = c.seq, (len(it.token_ids) if it.all_logits else int(it.sample))
+            h = hidden[offset:offset + len(it.token_ids)]
             offset += len(it.token_ids)
+            rows = slice(row, row + n_rows)
+            row += n_rows
+            try:
+                collect_prompt_logprobs(self.model, [c], [it], h)
+                computed = c.num_tokens
+                if it.all_logits:
+                    draft = drafts[seq]
+                    accepted = verify(seq, draft, logits[rows])
+                    self.drafter.stats.record(len(draft.tokens), len(accepted) - 1)
+                    self.stats["spec_draft_tokens"] += len(draft.tokens)
+                    self.stats["spec_accepted_tokens"] += len(accepted) - 1
+                    new_tokens[seq] = accepted
+                    computed += len(accepted) - 1
+                elif it.sample:
+                    to_sample.append(seq)
+                    sample_rows.append(rows.start)
+                seq.num_computed_tokens += computed
+                if self.drafter:
+                    self.drafter.keep_hidden(seq, c.start, h[:computed])
+                self.block_manager.commit(seq)
+            except Exception as e:
+                self._fail(seq, e, touched)
         if to_sample:
-            for seq, tok in zip(to_sample, self._sample(to_sample, logits[sample_rows])):
+            for seq, tok in self._sample(to_sample, logits[sample_rows], touched).items():
                 new_tokens[seq] = [tok]
-        touched: dict[str, None] = {}
         now = time.monotonic()
         for seq, toks in new_tokens.items():
-            seq.first_token_time = seq.first_token_time or now
-            for tok in toks:
-                seq.token_ids.append(tok)
-                seq.output.append(tok)
-                self.stats["generation_tokens"] += 1
-                if seq.output.finish_reason:
-                    self.scheduler.remove(seq)
-                    seq.status = SequenceStatus.FINISHED
-                    break
+            if seq.is_finished:
+                continue
+            try:
+                seq.first_token_time = seq.first_token_time or now
+                for tok in toks:
+                    seq.token_ids.append(tok)
+                    seq.output.append(tok)
+                    self.stats["generation_tokens"] += 1
+                    if seq.output.finish_reason:
+                        self.scheduler.remove(seq)
+                        seq.status = SequenceStatus.FINISHED
+                        break
+            except Exception as e:
+                self._fail(seq, e, touched)
             touched[seq.request_id] = None
         return [self._request_output(self.requests[r]) for r in touched if r in self.requests]
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+    # ---- fault isolation ----------------------------------------------------------------
+    def _fail(self, seq: Sequence, exc: BaseException, touched: dict[str, None]) -> None:
+        """Finish the request `seq` belongs to with an error; free its blocks. Other requests are untouched."""
+        if isinstance(exc, EngineDeadError):
+            raise exc
+        req = self.requests.get(seq.request_id)
+        if req is None or req.error is not None:
+            return
+        req.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else 'no message'}"
+        self.stats["request_errors"] += 1
+        log.error("request %s failed in the engine and was stopped (%s); other requests continue",
+                  seq.request_id, req.error, exc_info=exc)
+        for s in req.seqs:
+            if not s.is_finished:
+                self.scheduler.remove(s)
+                s.status = SequenceStatus.FINISHED
+                s.output.finish_reason = "error"
+        touched[seq.request_id] = None
+
+    def _draft(self, chunks: list, touched: dict[str, None]) -> dict:
+        """MTP drafts for the step; a batch that raises is drafted chunk by chunk to find the culprit."""
+        if not self.drafter:
+            return {}
+        try:
+            return self.drafter.draft(chunks)
+        except EngineDeadError:
+            raise
+        except Exception as e:
+            if len(chunks) == 1:
+                self._fail(chunks[0].seq, e, touched)
+                return {}
+        drafts = {}
+        for c in chunks:
+            try:
+                drafts.update(self.drafter.draft([c]))
+            except EngineDeadError:
+                raise
+            except Exception as e:
+                self._fail(c.seq, e, touched)
+        return drafts
+
+    def _execute(self, chunks: list, items: list[StepItem], touched: dict[str, None]):
+        """The model forward over `items`; on an error, bisect until the chunks that raise are found and failed.
+
+        Returns the surviving (chunks, items) with their hidden states and logits, laid out as one run would.
+        """
+        if not items:
+            return [], [], torch.empty(0), torch.empty(0)
+        try:
+            hidden, logits = self.runner.execute(items)
+            return chunks, items, hidden, logits
+        except EngineDeadError:
+            raise
+        except Exception as e:
+            if len(items) == 1:
+                self._fail(chunks[0].seq, e, touched)
+                return [], [], torch.empty(0), torch.empty(0)
+        mid = len(items) // 2
+        parts = [self._execute(chunks[:mid], items[:mid], touched), self._execute(chunks[mid:], items[mid:], touched)]
+        parts = [p for p in parts if p[1]]
+        if not parts:
+            return [], [], torch.empty(0), torch.empty(0)
+        return ([c for p in parts for c in p[0]], [it for p in parts for it in p[1]],
+                torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts]))
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, touched: dict[str, None]) -> dict[Sequence, int]:
+        """One token per sequence; a sequence whose processors or sampling raise is failed, the rest sampled."""
         raw = logits.clone() if any(s.params.logprobs is not None for s in seqs) else None
+        keep = []
         for i, seq in enumerate(seqs):
             params = seq.params
-            if seq.output.banned_ids:
-                logits[i, seq.output.banned_ids] = float("-inf")
-            if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
-                V = logits.shape[-1]
-                seen = torch.zeros(1, V, dtype=torch.bool, device=logits.device)
-                seen[0, seq.token_ids] = True
-                counts = torch.bincount(torch.tensor(seq.token_ids[seq.num_prompt_tokens:], dtype=torch.long), minlength=V).float()[None]
-                logits[i:i + 1] = apply_penalties(logits[i:i + 1], [params], seen, counts.to(logits.device))
-            for proc in params.logits_processors:
-                logits[i] = proc(seq.token_ids[seq.num_prompt_tokens:], logits[i])
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-        if raw is not None:
-            lp = raw.log_softmax(-1)
-            for i, seq in enumerate(seqs):
+            try:
+                if seq.output.banned_ids:
+                    logits[i, seq.output.banned_ids] = float("-inf")
+                if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
+                    V = logits.shape[-1]
+                    seen = torch.zeros(1, V, dtype=torch.bool, device=logits.device)
+                    seen[0, seq.token_ids] = True
+                    counts = torch.bincount(torch.tensor(seq.token_ids[seq.num_prompt_tokens:], dtype=torch.long), minlength=V).float()[None]
+                    logits[i:i + 1] = apply_penalties(logits[i:i + 1], [params], seen, counts.to(logits.device))
+                for proc in params.logits_processors:
+                    logits[i] = proc(seq.token_ids[seq.num_prompt_tokens:], logits[i])
+                keep.append(i)
+            except Exception as e:
+                self._fail(seq, e, touched)
+        seqs_kept = [seqs[i] for i in keep]
+        logits = logits[keep]
+        try:
+            tokens = sample(logits, [s.params for s in seqs_kept], [s.generator for s in seqs_kept]).tolist()
+        except Exception:  # find the row(s) that raise
+            tokens = []
+            for j, seq in enumerate(seqs_kept):
+                try:
+                    tokens.append(int(sample(logits[j:j + 1], [seq.params], [seq.generator])[0]))
+                except Exception as e:
+                    self._fail(seq, e, touched)
+                    tokens.append(None)
+        out: dict[Sequence, int] = {}
+        for j, (i, seq) in enumerate(zip(keep, seqs_kept)):
+            if tokens[j] is None or seq.is_finished:
+                continue
+            try:
                 if seq.params.logprobs is not None:
-                    entry = top_logprobs(lp[i:i + 1], [tokens[i]], seq.params.logprobs)[0]
+                    entry = top_logprobs(raw[i:i + 1].log_softmax(-1), [tokens[j]], seq.params.logprobs)[0]
                     seq.logprobs = (seq.logprobs or []) + [entry]
-                    seq.cumulative_logprob += entry[tokens[i]]
-        return tokens
+                    seq.cumulative_logprob += entry[tokens[j]]
+                out[seq] = tokens[j]
+            except Exception as e:
+                self._fail(seq, e, touched)
+        return out
 
     def _request_output(self, req: _Request) -> RequestOutput:
         outs = [CompletionOutput(s.index, s.output.text[: s.output.emitted], s.output.token_ids[:], s.output.finish_reason,
@@ -232,7 +356,8 @@ class LLMEngine:
         finished = all(s.is_finished for s in req.seqs)
         if finished:
             self.requests.pop(req.request_id, None)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.seqs[0].prompt_logprobs)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.seqs[0].prompt_logprobs,
+                             req.error)
 
     # ---- offline convenience ------------------------------------------------------------
     def generate(self, prompts: list[Any], params: SamplingParams | list[SamplingParams] | None = None,

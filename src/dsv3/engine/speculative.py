@@ -110,7 +110,7 @@ class MTPDrafter:
 
     def _eligible(self, chunk) -> int:
         seq = chunk.seq
-        if not (chunk.num_tokens == 1 and chunk.start > 0 and chunk.completes and seq.mtp_pending is not None
+        if not (chunk.num_tokens == 1 and chunk.start > seq.mtp_done and chunk.completes and seq.mtp_pending is not None
                 and seq.mtp_pending.shape[0] == chunk.start - seq.mtp_done and supports_speculation(seq.params)):
             return 0
         left = seq.output.max_new - seq.num_output_tokens

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dsv3.engine import EngineConfig, LLMEngine
+from dsv3.engine import EngineConfig, EngineDeadError, LLMEngine
 from dsv3.engine.runner import ModelRunner
 from dsv3.parallel import dist as pdist
 from dsv3.parallel.dist import ParallelConfig, ParallelError
@@ -49,7 +49,7 @@ def agree(error: str | None) -> None:
         raise ParallelError(f"rank {failed[0][0]} failed to start: {failed[0][1]}")
 
 
-class RankFailure(RuntimeError):
+class RankFailure(EngineDeadError):
     """Another rank stopped (crashed, killed, lost its host): this engine cannot continue."""
 
 
@@ -74,10 +74,16 @@ class DriverRunner:
         try:
             send((op, *(a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)))
             return getattr(self.inner, op)(*args)
-        except RuntimeError as e:  # gloo reports a dead peer as a plain RuntimeError, NCCL as DistError
-            if not (isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "closed by peer"))):
-                raise
-            raise RankFailure(f"a parallel rank stopped during {op}: {str(e).splitlines()[0]}") from e
+        except RankFailure:
+            raise
+        except Exception as e:
+            # gloo reports a dead peer as a plain RuntimeError, NCCL as DistError. Any other error in a replayed
+            # forward is fatal too: the other ranks may already wait in a collective this rank never reaches,
+            # so the engine cannot re-run parts of the batch the way a single-process engine isolates a fault.
+            if isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "closed by peer")):
+                raise RankFailure(f"a parallel rank stopped during {op}: {str(e).splitlines()[0]}") from e
+            raise RankFailure(f"the parallel {op} failed on rank 0 ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "the ranks may be out of step") from e
         finally:
             self.in_step = False
 

@@ -39,6 +39,11 @@ def create_app(config: ServeConfig, load: Loader) -> FastAPI:
 
         try:
             engine, tokenizer = await asyncio.to_thread(load)
+            if config.cache is not None:  # answers are stored per weights: never serve another model's
+                from dsv3.serve.cache import weights_fingerprint
+
+                fingerprint = await asyncio.to_thread(weights_fingerprint, engine.model, config.lora_names)
+                await asyncio.to_thread(config.cache.bind, fingerprint)
             front = AsyncLLMEngine(engine)
             front.start()
         except Exception as e:  # reported by /health; the process stays up so operators can see why
@@ -68,6 +73,8 @@ def create_app(config: ServeConfig, load: Loader) -> FastAPI:
                 watcher.cancel()
             if st.front is not None:
                 await asyncio.to_thread(st.front.shutdown)
+            if st._grammar is not None:
+                await asyncio.to_thread(st._grammar.close)
             if config.audit is not None:
                 config.audit.close()
             if config.cache is not None:

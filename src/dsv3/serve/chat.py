@@ -10,13 +10,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from dsv3.serve.errors import APIError
-from dsv3.serve.generation import (admit, cache_lookup, chat_logprobs, finish_reason, generate, new_id,
-                                   sampling_params, usage)
+from dsv3.serve.generation import (admit, cache_lookup, chat_logprobs, check_grammar_params, finish_reason, generate,
+                                   new_id, sampling_params, usage)
 from dsv3.serve.protocol import ChatCompletionRequest, NamedToolChoice
 from dsv3.serve.state import ServerState
 from dsv3.serve.streaming import DONE, KEEPALIVE, error_event, sse, with_keepalive
-from dsv3.serve.structured import logit_bias_processor, response_format_grammar
-from dsv3.serve.tools import CALLS_BEGIN, forced_call_grammar, marker_ids, parse_tool_calls, tools_system_prompt
+from dsv3.serve.structured import check_spec, logit_bias_processor, response_format_spec
+from dsv3.serve.tools import CALLS_BEGIN, forced_call_spec, marker_ids, parse_tool_calls, tools_system_prompt
 
 
 def _messages(req: ChatCompletionRequest, with_tools: bool) -> list[dict[str, Any]]:
@@ -35,15 +35,29 @@ def _messages(req: ChatCompletionRequest, with_tools: bool) -> list[dict[str, An
     return out
 
 
-def _processors(st: ServerState, req: ChatCompletionRequest, with_tools: bool) -> list:
+def _grammar_spec(st: ServerState, req: ChatCompletionRequest, with_tools: bool) -> tuple[str, object, str] | None:
+    """(kind, spec, param) of the grammar this request needs, checked against the limits (cheap: runs first)."""
+    if with_tools and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)):
+        kind, spec, param = "tool_call", forced_call_spec(req.tools, req.tool_choice), "tools"
+    elif (rf := response_format_spec(req.response_format)) is not None:
+        kind, spec, param = *rf, "response_format"
+    else:
+        return None
+    check_grammar_params(req)
+    check_spec(kind, spec, st.config.grammar_limits, param)
+    return kind, spec, param
+
+
+async def _processors(st: ServerState, req: ChatCompletionRequest, grammar_spec: tuple | None) -> list:
     procs = []
     if req.logit_bias:
         procs.append(logit_bias_processor(req.logit_bias, st.engine.model.config.vocab_size))
-    if with_tools and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)):
-        grammar = forced_call_grammar(st.grammar, req.tools, req.tool_choice)
-        procs.append(st.grammar.processor(grammar, allow_newline=True, prefer=marker_ids(st.tokenizer)))
-    elif req.response_format is not None and req.response_format.type != "text":
-        procs.append(st.grammar.processor(response_format_grammar(st.grammar, req.response_format)))
+    if grammar_spec is not None:
+        kind, spec, param = grammar_spec
+        grammar = await st.grammar()
+        compiled = await grammar.compile_async(kind, spec, param=param)
+        tools = kind == "tool_call"
+        procs.append(grammar.processor(compiled, allow_newline=tools, prefer=marker_ids(st.tokenizer) if tools else None))
     return procs
 
 
@@ -73,6 +87,7 @@ def register(app: FastAPI, st: ServerState) -> None:
         with_tools = bool(req.tools) and req.tool_choice != "none"
         if req.tool_choice not in (None, "none") and not req.tools:
             raise APIError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+        grammar_spec = _grammar_spec(st, req, with_tools)
         key, hit = cache_lookup(st, request.headers, info, "chat", model, req.model_dump(exclude_none=True, by_alias=True))
         if hit is not None:
             return Response(hit, media_type="application/json", headers={"x-dsv3-cache": "hit"})
@@ -80,8 +95,10 @@ def register(app: FastAPI, st: ServerState) -> None:
         prompt = {"prompt_token_ids": st.tokenizer.encode(text, add_special_tokens=False)}
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = req.top_logprobs or 0
-        params = sampling_params(req, max_tokens, top if req.logprobs else None, _processors(st, req, with_tools))
+        params = sampling_params(req, max_tokens, top if req.logprobs else None)
         ids = admit(st, prompt, params, max_tokens)
+        st.reserve(info, 1)
+        params.logits_processors = await _processors(st, req, grammar_spec)  # compiling a grammar comes last: it costs most
         info["prompt_tokens"] = len(ids)
         rid, created = new_id("chatcmpl"), int(time.time())
         head = {"id": rid, "created": created, "model": model, "system_fingerprint": None}
@@ -89,7 +106,7 @@ def register(app: FastAPI, st: ServerState) -> None:
             return StreamingResponse(_stream(st, req, info, prompt, params, head, with_tools, len(ids)),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})
         final = None
-        async for out in generate(st, prompt, params, rid, model):
+        async for out in generate(st, prompt, params, rid, model, info):
             final = out
         choices = []
         for o in final.outputs:
@@ -123,7 +140,7 @@ async def _stream(st: ServerState, req: ChatCompletionRequest, info: dict, promp
     try:
         for i in range(n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-        async for out in with_keepalive(generate(st, prompt, params, head["id"], head["model"]), st.config.keepalive_s):
+        async for out in with_keepalive(generate(st, prompt, params, head["id"], head["model"], info), st.config.keepalive_s):
             if out is None:
                 yield KEEPALIVE
                 continue

@@ -10,12 +10,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from dsv3.serve.errors import APIError
-from dsv3.serve.generation import (admit, cache_lookup, completion_logprobs, finish_reason, generate, new_id,
-                                   sampling_params, usage)
+from dsv3.serve.generation import (admit, cache_lookup, check_grammar_params, completion_logprobs, finish_reason,
+                                   generate, new_id, sampling_params, usage)
 from dsv3.serve.protocol import CompletionRequest
 from dsv3.serve.state import ServerState
 from dsv3.serve.streaming import DONE, KEEPALIVE, error_event, merge, sse, with_keepalive
-from dsv3.serve.structured import logit_bias_processor, response_format_grammar
+from dsv3.serve.structured import check_spec, logit_bias_processor, response_format_spec
 
 
 def _prompts(st: ServerState, req: CompletionRequest) -> list[list[int]]:
@@ -68,22 +68,31 @@ def register(app: FastAPI, st: ServerState) -> None:
         key, hit = cache_lookup(st, request.headers, info, "completions", model, req.model_dump(exclude_none=True, by_alias=True))
         if hit is not None:
             return Response(hit, media_type="application/json", headers={"x-dsv3-cache": "hit"})
+        if (spec := response_format_spec(req.response_format)) is not None:  # cheap checks first
+            check_grammar_params(req)
+            check_spec(*spec, st.config.grammar_limits, "response_format")
         procs = []
         if req.logit_bias:
             procs.append(logit_bias_processor(req.logit_bias, st.engine.model.config.vocab_size))
-        grammar = response_format_grammar(st.grammar, req.response_format) if req.response_format else None
         prompts = _prompts(st, req)
-        params_list = []
-        for ids in prompts:  # a grammar processor holds per-request state, so each prompt gets its own
-            p = procs + ([st.grammar.processor(grammar)] if grammar is not None else [])
-            params_list.append(sampling_params(req, req.max_tokens, req.logprobs, p))
+        if len(prompts) > st.config.max_queue:
+            raise APIError(400, f"'prompt' holds {len(prompts)} prompts; the server queues at most "
+                                f"{st.config.max_queue} at once (--max-queue): split the batch", param="prompt")
+        params_list = [sampling_params(req, req.max_tokens, req.logprobs) for _ in prompts]
         for ids, params in zip(prompts, params_list):
             admit(st, {"prompt_token_ids": ids}, params, req.max_tokens)
+        st.reserve(info, len(prompts), param="prompt")
+        backend = compiled = None
+        if spec is not None:  # compiling comes last: it costs most
+            backend = await st.grammar()
+            compiled = await backend.compile_async(*spec, param="response_format")
+        for params in params_list:  # a grammar processor holds per-request state, so each prompt gets its own
+            params.logits_processors = procs + ([backend.processor(compiled)] if compiled is not None else [])
         info["prompt_tokens"] = sum(len(p) for p in prompts)
         rid, created = new_id("cmpl"), int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None}
         echo = [st.tokenizer.decode(p) if req.echo else "" for p in prompts]
-        runs = [generate(st, {"prompt_token_ids": ids}, params, f"{rid}-{k}", model)
+        runs = [generate(st, {"prompt_token_ids": ids}, params, f"{rid}-{k}", model, info)
                 for k, (ids, params) in enumerate(zip(prompts, params_list))]
         if req.stream:
             return StreamingResponse(_stream(st, req, info, runs, prompts, echo, head), media_type="text/event-stream",

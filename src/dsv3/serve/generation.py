@@ -1,41 +1,35 @@
 """From an OpenAI request to engine calls and back: sampling parameters, admission, usage, logprobs.
 
 Shared by the chat and completions routes. Admission is where a request either gets a 4xx (bad
-parameters, prompt too long, queue full) or is handed to the engine; after that, failures are the
-engine's and answer 503.
+parameters, prompt too long, a grammar with `ignore_eos`/`min_tokens`), a 503 (queue full) or is
+handed to the engine -- all before the response starts, so a stream never opens only to fail. After
+that, a request the engine stopped after an internal error answers 422 (`generation_failed`; the
+engine and every other request carry on), and a stopped engine 503.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import uuid
 from functools import lru_cache
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
+from dsv3.engine.llm_engine import RequestFailedError
 from dsv3.errors import DSV3Error
 from dsv3.generate import RequestOutput
 from dsv3.sampling import SamplingParams
 from dsv3.serve.errors import APIError
 from dsv3.serve.state import ServerState
 
-_PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
-
-
-def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None,
-                    processors: list[Callable]) -> SamplingParams:
+def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The engine's parameters for an OpenAI body (logits processors are attached once the grammar is compiled)."""
     kw: dict[str, Any] = dict(
         n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
         temperature=1.0 if req.temperature is None else req.temperature, top_p=1.0 if req.top_p is None else req.top_p,
         top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop,
         stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs)
-    if processors:
-        if "logits_processors" not in _PARAM_FIELDS:
-            raise APIError(400, "this engine build cannot constrain decoding (no logits_processors); "
-                                "drop response_format, logit_bias and forced tool_choice", param="response_format")
-        kw["logits_processors"] = processors
-    if getattr(req, "echo", False) and logprobs is not None and "prompt_logprobs" in _PARAM_FIELDS:
+    if getattr(req, "echo", False) and logprobs is not None:
         kw["prompt_logprobs"] = logprobs
     try:
         return SamplingParams(**kw)
@@ -43,15 +37,25 @@ def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None,
         raise APIError(400, str(e)) from None
 
 
+def check_grammar_params(req: Any) -> None:
+    """A grammar ends the output when it is complete (only a stop token may follow), so it cannot be combined
+    with decoding that forbids stopping."""
+    if req.ignore_eos:
+        raise APIError(400, "'ignore_eos' cannot be combined with a grammar (response_format, a forced tool call): "
+                            "the output ends when the grammar is complete", param="ignore_eos")
+    if req.min_tokens:
+        raise APIError(400, "'min_tokens' cannot be combined with a grammar (response_format, a forced tool call): "
+                            "the output ends when the grammar is complete", param="min_tokens")
+
+
 def admit(st: ServerState, prompt: Any, params: SamplingParams, requested_max: int | None) -> list[int]:
-    """Validate against the engine (prompt length, ids, n) and the queue bound; returns the prompt's token ids."""
-    if st.inflight >= st.config.max_queue:
-        raise APIError(503, f"the server is at its limit of {st.config.max_queue} queued requests; retry later",
-                       code="server_overloaded", headers={"Retry-After": "1"})
+    """Validate against the engine (prompt length, ids, n, stop ids); returns the prompt's token ids."""
     try:
         _, ids, _ = st.engine.validate(prompt, params)
     except DSV3Error as e:
-        raise APIError(400, str(e), param="prompt" if "prompt" in str(e) else None) from None
+        msg = str(e)
+        param = "prompt" if "prompt" in msg else "stop_token_ids" if "stop_token_ids" in msg else "n" if "n=" in msg else None
+        raise APIError(400, msg, param=param) from None
     limit = st.engine.max_model_len
     if requested_max is not None and len(ids) + requested_max > limit:
         raise APIError(400, f"max_tokens={requested_max} plus the prompt's {len(ids)} tokens exceeds the "
@@ -63,32 +67,40 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-async def generate(st: ServerState, prompt: Any, params: SamplingParams, rid: str,
-                   model: str | None = None) -> AsyncIterator[RequestOutput]:
-    """Run one prompt on the engine with the queue bound and latency metrics; `model` picks a LoRA adapter."""
-    if st.inflight >= st.config.max_queue:
-        raise APIError(503, f"the server is at its limit of {st.config.max_queue} queued requests; retry later",
-                       code="server_overloaded", headers={"Retry-After": "1"})
-    st.inflight += 1
+async def generate(st: ServerState, prompt: Any, params: SamplingParams, rid: str, model: str | None = None,
+                   info: dict | None = None) -> AsyncIterator[RequestOutput]:
+    """Run one admitted prompt on the engine with latency metrics; `model` picks a LoRA adapter.
+
+    `info["completion_tokens"]` follows every token generated (summed over a request's prompts), so what
+    a client was sent is charged to its rate limit even if it disconnects before the end.
+    """
     m, t0 = st.metrics, time.monotonic()
     last, produced = None, 0
+    counts = info.setdefault("generated", {}) if info is not None else {}
     try:
         adapter = st.adapter_id(model)
         async for out in st.front.generate(prompt, params, rid, **({"adapter_id": adapter} if adapter else {})):
             now = time.monotonic()
             n_tok = sum(len(o.token_ids) for o in out.outputs)
-            if m is not None and n_tok > produced:
-                (m.ttft if last is None else m.itl).observe(now - (t0 if last is None else last))
+            if n_tok > produced:
+                if m is not None:
+                    (m.ttft if last is None else m.itl).observe(now - (t0 if last is None else last))
                 last, produced = now, n_tok
+                if info is not None:
+                    counts[rid] = n_tok
+                    info["completion_tokens"] = sum(counts.values())
             yield out
             if out.finished and m is not None:
                 m.e2e.observe(time.monotonic() - t0)
                 for o in out.outputs:
                     m.finished.labels(finished_reason=o.finish_reason or "abort").inc()
+    except RequestFailedError as e:
+        if m is not None:
+            m.finished.labels(finished_reason="error").inc()
+        raise APIError(422, f"this request failed inside the engine and was stopped ({e}); other requests are not "
+                            "affected", code="generation_failed") from None
     except RuntimeError as e:
         raise APIError(503, f"the engine failed: {e}") from None
-    finally:
-        st.inflight -= 1
 
 
 def finish_reason(o: Any) -> str | None:
@@ -169,7 +181,7 @@ def cache_lookup(st: ServerState, headers: Any, info: dict, route: str, model: s
     bypass = headers.get("x-dsv3-cache", "").lower() == "bypass" or "no-cache" in headers.get("cache-control", "").lower()
     if cache is None or bypass or not is_deterministic(body):
         return None, None
-    key = cache_key(route, model, body)
+    key = cache_key(route, model, body, tenant=info["key_id"], fingerprint=cache.fingerprint)
     hit = cache.get(key)
     info["cache"] = "hit" if hit is not None else "miss"
     return key, hit

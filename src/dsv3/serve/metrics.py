@@ -42,6 +42,8 @@ class _EngineCollector:
             yield CounterMetricFamily("dsv3:prompt_tokens", "Prompt tokens accepted", value=engine.stats.get("prompt_tokens", 0))
             yield CounterMetricFamily("dsv3:generation_tokens", "Tokens generated",
                                       value=engine.stats.get("generation_tokens", 0))
+            yield CounterMetricFamily("dsv3:request_errors", "Requests the engine stopped after an internal error "
+                                      "(each isolated: other requests carried on)", value=engine.stats.get("request_errors", 0))
             if "spec_accepted_tokens" in engine.stats:
                 yield CounterMetricFamily("dsv3:spec_decode_num_accepted_tokens", "Speculative tokens accepted",
                                           value=engine.stats["spec_accepted_tokens"])

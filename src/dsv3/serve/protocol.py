@@ -9,11 +9,43 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def unpaired_surrogate(value: Any) -> str | None:
+    """The path of the first string (or dict key) in `value` holding a lone UTF-16 surrogate, else None.
+
+    JSON may spell one (`"\\ud800"`) and Python decodes it, but it is not Unicode text: a tokenizer
+    cannot encode it, and nothing generated from it could be sent back as UTF-8."""
+    todo: list[tuple[Any, str]] = [(value, "")]
+    while todo:
+        v, path = todo.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "the request body"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                key = f"{path}.{k}" if path else str(k)
+                todo.append((k, key))
+                todo.append((item, key))
+        elif isinstance(v, (list, tuple)):
+            todo.extend((item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(v))
+    return None
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="after")
+    def _text_is_unicode(self) -> "_Body":
+        # nested bodies check themselves; this walks this model's own plain values (str, lists, dicts)
+        own = {k: v for k, v in self.__dict__.items() if not isinstance(v, BaseModel)}
+        bad = unpaired_surrogate(own)
+        if bad is not None:
+            raise ValueError(f"'{bad}' holds an unpaired UTF-16 surrogate (U+D800..U+DFFF), which is not valid text")
+        return self
 
 
 class StreamOptions(_Body):

@@ -12,6 +12,7 @@ import math
 import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from dsv3.errors import DSV3Error
@@ -84,3 +85,35 @@ class RateLimiter:
             _, tok = self._buckets(key, now)
             tok.refill(now)
             tok.level -= tokens
+
+
+class RefusalLog:
+    """How many lines a client address may add to the audit and access logs for refused requests.
+
+    A refused request (401, 413, 429) is logged as one line without its body, but an unauthenticated
+    client could still send them as fast as it can: each address gets a bucket of `per_minute` lines
+    that refills continuously; past it, refusals are counted and the next line that is written says
+    how many were left out (`suppressed`). At most `max_addresses` buckets are kept (least recent out).
+    """
+
+    def __init__(self, per_minute: float = 20.0, max_addresses: int = 10000, clock=time.monotonic):
+        self.per_minute, self.max_addresses, self.clock = per_minute, max_addresses, clock
+        self._buckets: "OrderedDict[str, list[float]]" = OrderedDict()  # addr -> [level, last time, suppressed]
+        self._lock = threading.Lock()
+
+    def admit(self, address: str) -> tuple[bool, int]:
+        """(write this line?, refusals suppressed since the last line written for this address)."""
+        with self._lock:
+            now = self.clock()
+            b = self._buckets.pop(address, None) or [self.per_minute, now, 0]
+            b[0] = min(self.per_minute, b[0] + (now - b[1]) * self.per_minute / 60.0)
+            b[1] = now
+            self._buckets[address] = b
+            while len(self._buckets) > self.max_addresses:
+                self._buckets.popitem(last=False)
+            if b[0] < 1.0:
+                b[2] += 1
+                return False, 0
+            b[0] -= 1.0
+            suppressed, b[2] = int(b[2]), 0
+            return True, suppressed

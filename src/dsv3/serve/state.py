@@ -6,6 +6,8 @@ loading (load balancers then hold traffic back) instead of the port simply refus
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +16,7 @@ from dsv3.serve.auth import APIKeys
 from dsv3.serve.cache import ResponseCache
 from dsv3.serve.errors import APIError
 from dsv3.serve.ratelimit import RateLimiter
+from dsv3.serve.structured import GrammarLimits
 
 
 @dataclass
@@ -30,6 +33,9 @@ class ServeConfig:
     keepalive_s: float = 15.0
     lora_names: list[str] = field(default_factory=list)
     exit_on_engine_death: bool = False  # multi-process engines: a dead rank cannot recover, so stop serving
+    grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
+    refusal_log_per_minute: float = 20.0  # audit/access lines per client address for refused (401/413/429) requests
 
 
 class ServerState:
@@ -41,6 +47,7 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.inflight = 0
         self._grammar: Any = None
+        self._grammar_lock: asyncio.Lock | None = None
         self.metrics: Any = None
 
     @property
@@ -71,10 +78,34 @@ class ServerState:
         names = self.config.lora_names
         return names.index(model) + 1 if model in names else 0
 
-    @property
-    def grammar(self) -> Any:
+    async def grammar(self) -> Any:
+        """The grammar backend, built on first use in a worker thread (a large vocabulary takes a while)."""
         if self._grammar is None:
             from dsv3.serve.structured import GrammarBackend
 
-            self._grammar = GrammarBackend(self.tokenizer, self.engine.model.config.vocab_size, sorted(self.engine.eos_ids))
+            self._grammar_lock = self._grammar_lock or asyncio.Lock()
+            async with self._grammar_lock:
+                if self._grammar is None:
+                    def build() -> GrammarBackend:
+                        b = GrammarBackend(self.tokenizer, self.engine.model.config.vocab_size, sorted(self.engine.eos_ids),
+                                           self.config.grammar_limits)
+                        b.pool.start()
+                        return b
+                    self._grammar = await asyncio.to_thread(build)
         return self._grammar
+
+    def reserve(self, info: dict, count: int, param: str | None = None) -> None:
+        """Take `count` of the `max_queue` generation slots for this HTTP request (the gate gives them back when
+        it ends): more than the whole queue is a 400, more than what is free a 503 before any byte is sent."""
+        limit = self.config.max_queue
+        if count > limit:
+            raise APIError(400, f"this request asks for {count} generations at once; the server queues at most {limit} "
+                                "(--max-queue): split it", param=param)
+        if self.inflight + count > limit:
+            raise APIError(503, f"the server is at its limit of {limit} queued requests; retry later",
+                           code="server_overloaded", headers={"Retry-After": "1"})
+        self.inflight += count
+        info["reserved"] = info.get("reserved", 0) + count
+
+    def release(self, info: dict) -> None:
+        self.inflight -= info.pop("reserved", 0)

@@ -49,13 +49,8 @@ def marker_ids(tokenizer: Any) -> list[int]:
     return [i for i in ids if i is not None]
 
 
-def _ebnf_literal(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)
-
-
-def forced_call_grammar(backend: Any, tools: list[Any], tool_choice: Any):
-    """A grammar for exactly one call of the chosen function ('required': any of them)."""
-    xgr = backend.xgr
+def forced_call_spec(tools: list[Any], tool_choice: Any) -> dict[str, Any]:
+    """The `tool_call` grammar spec for exactly one call of the chosen function ('required': any of them)."""
     if tool_choice == "required":
         chosen = tools
     else:
@@ -63,17 +58,10 @@ def forced_call_grammar(backend: Any, tools: list[Any], tool_choice: Any):
         if not chosen:
             raise APIError(400, f"'tool_choice' names function {tool_choice.function.name!r}, which is not in 'tools'",
                            param="tool_choice")
-    alts = []
-    for t in chosen:
-        schema = t.function.parameters or {"type": "object"}
-        try:
-            args = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
-        except Exception as e:
-            raise APIError(400, f"the parameters schema of tool {t.function.name!r} is invalid: {str(e).splitlines()[0][:200]}",
-                           param="tools") from None
-        head = xgr.Grammar.from_ebnf("root ::= " + _ebnf_literal(CALLS_BEGIN + CALL_BEGIN + "function" + SEP
-                                                                  + t.function.name + "\n```json\n"))
-        tail = xgr.Grammar.from_ebnf("root ::= " + _ebnf_literal("\n```" + CALL_END + CALLS_END))
-        alts.append(xgr.Grammar.concat(head, args, tail))
-    grammar = alts[0] if len(alts) == 1 else xgr.Grammar.union(*alts)
-    return backend.compile_grammar(grammar)
+    return {"calls": [[CALLS_BEGIN + CALL_BEGIN + "function" + SEP + t.function.name + "\n```json\n",
+                       t.function.parameters or {"type": "object"}, "\n```" + CALL_END + CALLS_END] for t in chosen]}
+
+
+def forced_call_grammar(backend: Any, tools: list[Any], tool_choice: Any):
+    """The compiled grammar of `forced_call_spec` (blocking; the server uses `compile_async`)."""
+    return backend.compile("tool_call", forced_call_spec(tools, tool_choice), param="tools")

@@ -1,0 +1,62 @@
+"""Grammar compilation in a process of its own, so a costly schema can be stopped.
+
+xgrammar's compiler releases the GIL, so a thread would keep the event loop free -- but a thread
+cannot be stopped: a 45-byte schema (`"pattern": "^a{1,30000}$"`) keeps a core busy for over a
+minute. Compiling in a child process lets the server kill it at its time budget and start a new
+one. The child gets the tokenizer info as xgrammar's JSON and sends back the compiled grammar the
+same way (a few KB; deserializing it takes under a millisecond).
+
+Specs are plain data (`kind`, `text`), so the child builds every grammar itself:
+`json_object`, `json_schema` (text: the schema), `regex`, `ebnf`, and `tool_call` (text: JSON
+`{"calls": [[prefix, schema, suffix], ...]}`: one literal-schema-literal sequence per allowed call).
+"""
+
+from __future__ import annotations
+
+import json
+from multiprocessing.connection import Connection
+from typing import Any
+
+
+def build(xgr: Any, compiler: Any, kind: str, text: str) -> Any:
+    """Compile one spec with an xgrammar `GrammarCompiler`."""
+    if kind == "json_object":  # any object (OpenAI's json_object mode), compact
+        return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+    if kind == "json_schema":
+        return compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
+    if kind == "regex":
+        return compiler.compile_regex(text)
+    if kind == "ebnf":
+        return compiler.compile_grammar(xgr.Grammar.from_ebnf(text))
+    if kind == "tool_call":
+        alts = []
+        for prefix, schema, suffix in json.loads(text)["calls"]:
+            head = xgr.Grammar.from_ebnf("root ::= " + json.dumps(prefix, ensure_ascii=False))
+            args = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True)
+            tail = xgr.Grammar.from_ebnf("root ::= " + json.dumps(suffix, ensure_ascii=False))
+            alts.append(xgr.Grammar.concat(head, args, tail))
+        return compiler.compile_grammar(alts[0] if len(alts) == 1 else xgr.Grammar.union(*alts))
+    raise ValueError(f"unknown grammar kind {kind!r}")
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[-1] if text else type(e).__name__)[:300]
+
+
+def serve(conn: Connection, tokenizer_info_json: str) -> None:
+    """The child's loop: ("compile", kind, text) -> ("ok", compiled JSON) | ("error", message)."""
+    import xgrammar as xgr
+
+    info = xgr.TokenizerInfo.deserialize_json(tokenizer_info_json)
+    compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    conn.send(("ready", ""))
+    while True:
+        try:
+            _, kind, text = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send(("ok", build(xgr, compiler, kind, text).serialize_json()))
+        except Exception as e:  # xgrammar reports bad schemas with assorted exception types
+            conn.send(("error", first_line(e)))

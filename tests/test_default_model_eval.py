@@ -3,6 +3,8 @@ on a tiny random model and a tiny shard directory."""
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import math
 import shutil
@@ -130,7 +132,8 @@ def test_fim_items_and_prompt_layout(tmp_path):
     fim = tok.fim_tokens
     assert ids == ([tok.bos_token_id, fim.prefix] + tok.encode(pre, add_special_tokens=False) + [fim.suffix]
                    + tok.encode(suf, add_special_tokens=False) + [fim.middle])
-    server = _prompts(SimpleNamespace(tokenizer=tok), CompletionRequest(prompt=pre, suffix=suf))
+    state = SimpleNamespace(tokenizer=tok, engine=SimpleNamespace(max_model_len=4096))
+    server = asyncio.run(_prompts(state, CompletionRequest(prompt=pre, suffix=suf)))
     assert server == [ids]  # exactly what `/v1/completions` with a suffix sends to the model
     assert completion.first_line("x = 1  \ny = 2") == "x = 1"
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 import dsv3.engine.llm_engine as engine_mod
 from dsv3.engine import EngineConfig, LLMEngine, RequestFailedError

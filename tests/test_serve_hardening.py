@@ -25,7 +25,7 @@ import pytest
 
 import dsv3.engine.llm_engine as engine_mod
 from dsv3.serve import ServeConfig
-from dsv3.serve.audit import AuditLog, repair, seal, verify
+from dsv3.serve.audit import AuditLog, seal, verify
 from dsv3.serve.auth import APIKeys
 from dsv3.serve.cache import ResponseCache, weights_fingerprint
 from dsv3.serve.ratelimit import RateLimit, RateLimiter
@@ -138,7 +138,7 @@ def test_injected_fault_fails_one_request_and_the_server_keeps_serving(model_dir
                 return real_call(self, out_ids, logits)
             monkeypatch.setattr(GrammarProcessor, "__call__", call)
 
-        step, hold = eng.step, {"on": True}
+        step = eng.step
 
         def slow_step():  # slow enough that all requests overlap
             time.sleep(0.005)
@@ -265,6 +265,31 @@ def test_a_compile_never_stalls_health_or_streams_and_stops_at_its_budget(model_
         choice = r.json()["choices"][0]
         assert r.status_code == 200 and (choice["finish_reason"] == "length" or "a" in json.loads(choice["message"]["content"]))
         assert s.state._grammar.pool.killed == 1
+
+
+def test_long_texts_never_stall_the_event_loop(srv):
+    """Megabytes of prompt: refused before tokenizing when they cannot fit the context, and tokenized in a worker
+    thread (with the GIL released) when they must be (/tokenize), so /health keeps its pace."""
+    text = "def f(x):\n    return x + 1\n" * 110_000  # 2.9 MB
+    with client(srv) as c:
+        t = time.monotonic()
+        err = error(chat(c, messages=[{"role": "user", "content": text}]), 400)
+        assert "characters" in err["message"] and time.monotonic() - t < 2.0
+        result: dict = {}
+
+        def tokenize():
+            result["r"] = httpx.post(srv.url + "/tokenize", json={"prompt": text}, timeout=120)
+        th = threading.Thread(target=tokenize)
+        th.start()
+        lat = []
+        while th.is_alive():
+            t = time.monotonic()
+            assert c.get("/health").status_code == 200
+            lat.append(time.monotonic() - t)
+            time.sleep(0.02)
+        r = result["r"]
+        assert r.status_code == 200 and r.json()["count"] > 100_000
+        assert len(lat) > 5 and max(lat) < 0.5, (len(lat), max(lat))
 
 
 # ---- 3. lone surrogates -----------------------------------------------------------------------------
@@ -563,6 +588,9 @@ def test_queue_overflow_is_a_503_before_a_stream_starts(model_dir):
             r.close()
             cl.close()
         assert c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2}).status_code == 200
+        deadline = time.monotonic() + 5  # slots are given back just after a response's last byte
+        while s.state.inflight and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert s.state.inflight == 0
 
 

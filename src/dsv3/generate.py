@@ -54,7 +54,8 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
     prompt_logprobs: list[dict[int, float] | None] | None = None  # None for the first prompt token
-    error: str | None = None  # set when the engine stopped this request after an internal error
+    error: str | None = None  # set when the engine stopped this request after an error
+    error_is_input: bool = False  # ... caused by the request itself (e.g. a schema no output can finish)
 
 
 @dataclass

@@ -104,7 +104,7 @@ class LLM:
                     if out.request_id != rid:
                         continue
                     if out.error is not None:
-                        raise RequestFailedError(out.error)
+                        raise RequestFailedError(out.error, out.error_is_input)
                     o = out.outputs[0]
                     yield StreamEvent(o.text[emitted:], o.token_ids[-1] if o.token_ids else None, o.finish_reason)
                     emitted = len(o.text)

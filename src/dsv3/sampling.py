@@ -15,13 +15,16 @@ import torch
 from dsv3.errors import DSV3Error
 
 
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: dividing logits by a smaller temperature overflows to inf
+
+
 class SamplingError(DSV3Error, ValueError):
     """Invalid sampling parameters."""
 
 
 @dataclass
 class SamplingParams:
-    """How to decode one request. temperature 0 means greedy; top_k 0 or -1 disables top-k."""
+    """How to decode one request. temperature 0 (below 1e-5, as in vLLM) means greedy; top_k 0 or -1 disables top-k."""
 
     n: int = 1
     max_tokens: int | None = 16
@@ -82,7 +85,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], seen: torch.Tensor, out_counts: torch.Tensor) -> torch.Tensor:
@@ -98,8 +101,10 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], seen: to
 def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p, as -inf masks over a [B, V] block."""
     dev = logits.device
-    temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev)[:, None]
-    logits = logits / temp
+    temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)[:, None]
+    # extreme penalties can push logits to +-inf: keep +inf as the largest finite value (so a softmax stays a
+    # distribution over the favoured tokens) and NaN as impossible
+    logits = torch.nan_to_num(logits / temp, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
     top_k = torch.tensor([min(p.top_k, logits.shape[-1]) if p.top_k > 0 else logits.shape[-1] for p in params], device=dev)
     top_p = torch.tensor([p.top_p for p in params], device=dev)
     min_p = torch.tensor([p.min_p for p in params], device=dev)
@@ -120,7 +125,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """
     logits = logits.float()
     greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-    choice = logits.argmax(-1)
+    choice = torch.nan_to_num(logits, nan=float("-inf")).argmax(-1)  # argmax would pick a NaN
     if not bool(greedy.all()):
         probs = filter_logits(logits, params).softmax(-1)
         noise = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=g) for g in generators])

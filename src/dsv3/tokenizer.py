@@ -10,6 +10,8 @@ emitting half of a UTF-8 character.
 
 from __future__ import annotations
 
+import functools
+
 import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
@@ -28,6 +30,9 @@ FIM_SPELLINGS = (
     ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
 )
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+LONG_TEXT = 8192  # characters (or ids): longer texts are encoded (decoded) with the GIL released
 
 
 class TokenizerError(DSV3Error):
@@ -129,9 +134,15 @@ class Tokenizer:
         except UnicodeEncodeError as e:
             raise TokenizerError(f"the text holds an unpaired UTF-16 surrogate ({text[e.start]!r} at character {e.start}), "
                                  "which is not valid Unicode text") from None
+        # the Rust encoder holds the GIL for `encode` but releases it for `encode_batch`: long texts go that way,
+        # so a server thread tokenizing a long prompt does not stop every other thread (seconds for megabytes)
+        def one(t: str, special: bool) -> Any:
+            if len(t) > LONG_TEXT:
+                return self.backend.encode_batch([t], add_special_tokens=special)[0]
+            return self.backend.encode(t, add_special_tokens=special)
         if self.add_bos_token is None:
-            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+            return one(text, add_special_tokens).ids
+        ids = one(text, False).ids
         if add_special_tokens:
             if self.add_bos_token and self.bos_token_id is not None:
                 ids.insert(0, self.bos_token_id)
@@ -147,8 +158,16 @@ class Tokenizer:
         eos = [self.eos_token_id] if add_special_tokens and self.add_eos_token and self.eos_token_id is not None else []
         return [bos + e.ids + eos for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry, in characters: a text of n characters holds at least n / this many tokens."""
+        return max((len(t) for t in self.backend.get_vocab(with_added_tokens=True)), default=1)
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        if len(ids) > LONG_TEXT:  # `decode_batch` releases the GIL, as `encode_batch` does
+            return self.backend.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             tokenize: bool = False, tools: Sequence[Mapping[str, Any]] | None = None,

@@ -121,7 +121,7 @@ class AsyncLLMEngine:
                     raise RuntimeError("the engine failed while generating") from item
                 if item.error is not None:
                     finished = True
-                    raise RequestFailedError(item.error)
+                    raise RequestFailedError(item.error, item.error_is_input)
                 yield item
                 if item.finished:
                     finished = True

@@ -26,6 +26,7 @@ from dsv3.engine.runner import ModelRunner, StepItem
 from dsv3.engine.scheduler import Scheduler
 from dsv3.engine.sequence import Sequence, SequenceStatus
 from dsv3.engine.speculative import MTPDrafter, verify
+from dsv3.errors import DSV3Error
 from dsv3.generate import CompletionOutput, RequestError, RequestOutput, check_prompt_ids
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.output import OutputTracker
@@ -40,7 +41,13 @@ class EngineDeadError(RuntimeError):
 
 
 class RequestFailedError(RuntimeError):
-    """One request failed inside the engine and was stopped; the engine and other requests carry on."""
+    """One request failed inside the engine and was stopped; the engine and other requests carry on.
+
+    `is_input`: the request itself was at fault (a `DSV3Error`, e.g. a grammar no output can finish)."""
+
+    def __init__(self, message: str, is_input: bool = False):
+        super().__init__(message)
+        self.is_input = is_input
 
 
 @dataclass
@@ -67,6 +74,7 @@ class _Request:
     seqs: list[Sequence]
     arrival_time: float
     error: str | None = None
+    error_is_input: bool = False  # the error was the request's own fault (a DSV3Error), not the engine's
 
 
 class LLMEngine:
@@ -89,7 +97,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens, c.enable_chunked_prefill)
         self.runner = ModelRunner(model, num_blocks, c.block_size, c.kv_cache_dtype)
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "request_errors": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "request_errors": 0,
+                      "request_rejections": 0}
         self.eos_ids = set(tokenizer.stop_token_ids) | set(cfg.eos_token_ids)
         self.drafter = None
         if c.num_speculative_tokens:
@@ -246,10 +255,15 @@ class LLMEngine:
         req = self.requests.get(seq.request_id)
         if req is None or req.error is not None:
             return
-        req.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else 'no message'}"
-        self.stats["request_errors"] += 1
-        log.error("request %s failed in the engine and was stopped (%s); other requests continue",
-                  seq.request_id, req.error, exc_info=exc)
+        if isinstance(exc, DSV3Error):  # the request's own fault (e.g. a schema no output can finish)
+            req.error, req.error_is_input = str(exc), True
+            self.stats["request_rejections"] += 1
+            log.info("request %s stopped: %s", seq.request_id, req.error)
+        else:
+            req.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else 'no message'}"
+            self.stats["request_errors"] += 1
+            log.error("request %s failed in the engine and was stopped (%s); other requests continue",
+                      seq.request_id, req.error, exc_info=exc)
         for s in req.seqs:
             if not s.is_finished:
                 self.scheduler.remove(s)
@@ -357,7 +371,7 @@ class LLMEngine:
         if finished:
             self.requests.pop(req.request_id, None)
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.seqs[0].prompt_logprobs,
-                             req.error)
+                             req.error, req.error_is_input)
 
     # ---- offline convenience ------------------------------------------------------------
     def generate(self, prompts: list[Any], params: SamplingParams | list[SamplingParams] | None = None,

@@ -21,9 +21,12 @@ from fastapi.responses import JSONResponse, Response
 from dsv3.serve import chat, completions
 from dsv3.serve.errors import error_response, install_error_handlers
 from dsv3.serve.gate import Gate
+from dsv3.serve.generation import encode
 from dsv3.serve.metrics import Metrics
 from dsv3.serve.protocol import DetokenizeRequest, TokenizeRequest
 from dsv3.serve.state import ServeConfig, ServerState
+from dsv3.serve.streaming import json_body
+from dsv3.tokenizer import LONG_TEXT
 
 log = logging.getLogger("dsv3.serve")
 
@@ -123,10 +126,11 @@ def create_app(config: ServeConfig, load: Loader) -> FastAPI:
             return error_response(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
         if req.messages is not None:
             text = st.tokenizer.apply_chat_template([{"role": m.role, "content": m.text() or ""} for m in req.messages])
-            ids = st.tokenizer.encode(text, add_special_tokens=False)
+            ids = await encode(st, text, add_special_tokens=False, fit=False)
         else:
-            ids = st.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": st.engine.max_model_len}
+            ids = await encode(st, req.prompt, add_special_tokens=req.add_special_tokens, fit=False)
+        body = await json_body({"tokens": ids, "count": len(ids), "max_model_len": st.engine.max_model_len}, len(ids))
+        return Response(body, media_type="application/json")
 
     @app.post("/detokenize", tags=["tokenizer"])
     async def detokenize(req: DetokenizeRequest, request: Request):
@@ -134,9 +138,11 @@ def create_app(config: ServeConfig, load: Loader) -> FastAPI:
         st.require_ready()
         request.scope["dsv3"]["model"] = st.check_model(req.model)
         vocab = st.engine.model.config.vocab_size
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
-        if bad:
-            return error_response(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
+        if req.tokens and not (0 <= min(req.tokens) and max(req.tokens) < vocab):
+            bad = next(t for t in req.tokens if not 0 <= t < vocab)
+            return error_response(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+        if len(req.tokens) > LONG_TEXT:  # off the event loop, with the GIL released
+            return {"prompt": await asyncio.to_thread(st.tokenizer.decode, req.tokens)}
         return {"prompt": st.tokenizer.decode(req.tokens)}
 
     @app.exception_handler(404)

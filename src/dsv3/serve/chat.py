@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -10,11 +9,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from dsv3.serve.errors import APIError
-from dsv3.serve.generation import (admit, cache_lookup, chat_logprobs, check_grammar_params, finish_reason, generate,
-                                   new_id, sampling_params, usage)
+from dsv3.serve.generation import (admit, cache_lookup, chat_logprobs, check_grammar_params, encode, finish_reason,
+                                   generate, new_id, sampling_params, usage)
 from dsv3.serve.protocol import ChatCompletionRequest, NamedToolChoice
 from dsv3.serve.state import ServerState
-from dsv3.serve.streaming import DONE, KEEPALIVE, error_event, sse, with_keepalive
+from dsv3.serve.streaming import DONE, KEEPALIVE, error_event, json_body, sse, with_keepalive
 from dsv3.serve.structured import check_spec, logit_bias_processor, response_format_spec
 from dsv3.serve.tools import CALLS_BEGIN, forced_call_spec, marker_ids, parse_tool_calls, tools_system_prompt
 
@@ -92,7 +91,7 @@ def register(app: FastAPI, st: ServerState) -> None:
         if hit is not None:
             return Response(hit, media_type="application/json", headers={"x-dsv3-cache": "hit"})
         text = st.tokenizer.apply_chat_template(_messages(req, with_tools), add_generation_prompt=True)
-        prompt = {"prompt_token_ids": st.tokenizer.encode(text, add_special_tokens=False)}
+        prompt = {"prompt_token_ids": await encode(st, text, add_special_tokens=False, param="messages")}
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = req.top_logprobs or 0
         params = sampling_params(req, max_tokens, top if req.logprobs else None)
@@ -115,8 +114,8 @@ def register(app: FastAPI, st: ServerState) -> None:
                             "logprobs": chat_logprobs(st.tokenizer, o, top) if req.logprobs else None, "finish_reason": fr})
         n_out = sum(len(o.token_ids) for o in final.outputs)
         info["completion_tokens"] = n_out
-        body = json.dumps({**head, "object": "chat.completion", "choices": choices, "usage": usage(len(ids), n_out)},
-                          ensure_ascii=False).encode()
+        body = await json_body({**head, "object": "chat.completion", "choices": choices, "usage": usage(len(ids), n_out)},
+                               n_out * (1 + top) if req.logprobs else 0)
         if key is not None:
             st.cache.put(key, body)
         return Response(body, media_type="application/json", headers={"x-dsv3-cache": "miss"} if key else None)

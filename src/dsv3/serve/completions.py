@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -10,15 +9,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from dsv3.serve.errors import APIError
-from dsv3.serve.generation import (admit, cache_lookup, check_grammar_params, completion_logprobs, finish_reason,
-                                   generate, new_id, sampling_params, usage)
+from dsv3.serve.generation import (admit, cache_lookup, check_grammar_params, completion_logprobs, encode,
+                                   finish_reason, generate, new_id, sampling_params, usage)
 from dsv3.serve.protocol import CompletionRequest
 from dsv3.serve.state import ServerState
-from dsv3.serve.streaming import DONE, KEEPALIVE, error_event, merge, sse, with_keepalive
+from dsv3.serve.streaming import DONE, KEEPALIVE, error_event, json_body, merge, sse, with_keepalive
 from dsv3.serve.structured import check_spec, logit_bias_processor, response_format_spec
 
 
-def _prompts(st: ServerState, req: CompletionRequest) -> list[list[int]]:
+async def _prompts(st: ServerState, req: CompletionRequest) -> list[list[int]]:
     """Every prompt as token ids (a string, a list of strings, a list of ids, a list of id lists)."""
     p, tok = req.prompt, st.tokenizer
     if isinstance(p, str):
@@ -38,10 +37,10 @@ def _prompts(st: ServerState, req: CompletionRequest) -> list[list[int]]:
                     raise APIError(400, "'suffix' needs a model with fill-in-the-middle tokens; this one has none",
                                    param="suffix")
                 bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-                item = bos + [fim.prefix] + tok.encode(item, add_special_tokens=False) + [fim.suffix] + \
-                    tok.encode(req.suffix, add_special_tokens=False) + [fim.middle]
+                item = bos + [fim.prefix] + await encode(st, item, False) + [fim.suffix] + \
+                    await encode(st, req.suffix, False, param="suffix") + [fim.middle]
             else:
-                item = tok.encode(item)
+                item = await encode(st, item)
         elif req.suffix is not None:
             raise APIError(400, "'suffix' works with text prompts only", param="suffix")
         out.append(list(item))
@@ -74,7 +73,7 @@ def register(app: FastAPI, st: ServerState) -> None:
         procs = []
         if req.logit_bias:
             procs.append(logit_bias_processor(req.logit_bias, st.engine.model.config.vocab_size))
-        prompts = _prompts(st, req)
+        prompts = await _prompts(st, req)
         if len(prompts) > st.config.max_queue:
             raise APIError(400, f"'prompt' holds {len(prompts)} prompts; the server queues at most "
                                 f"{st.config.max_queue} at once (--max-queue): split the batch", param="prompt")
@@ -108,8 +107,9 @@ def register(app: FastAPI, st: ServerState) -> None:
                 choices.append({"index": k * req.n + o.index, "text": echo[k] + o.text, "logprobs": lp,
                                 "finish_reason": finish_reason(o)})
         info["completion_tokens"] = n_out
-        body = json.dumps({**head, "choices": choices, "usage": usage(info["prompt_tokens"], n_out)},
-                          ensure_ascii=False).encode()
+        listed = n_out + (info["prompt_tokens"] if req.echo else 0)
+        body = await json_body({**head, "choices": choices, "usage": usage(info["prompt_tokens"], n_out)},
+                               listed * (1 + (req.logprobs or 0)) if req.logprobs is not None else 0)
         if key is not None:
             st.cache.put(key, body)
         return Response(body, media_type="application/json", headers={"x-dsv3-cache": "miss"} if key else None)

@@ -9,6 +9,7 @@ engine and every other request carry on), and a stopped engine 503.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from functools import lru_cache
@@ -20,6 +21,7 @@ from dsv3.generate import RequestOutput
 from dsv3.sampling import SamplingParams
 from dsv3.serve.errors import APIError
 from dsv3.serve.state import ServerState
+from dsv3.tokenizer import LONG_TEXT
 
 def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     """The engine's parameters for an OpenAI body (logits processors are attached once the grammar is compiled)."""
@@ -35,6 +37,20 @@ def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None) -> S
         return SamplingParams(**kw)
     except DSV3Error as e:
         raise APIError(400, str(e)) from None
+
+
+async def encode(st: ServerState, text: str, add_special_tokens: bool = True, param: str | None = "prompt",
+                 fit: bool = True) -> list[int]:
+    """Token ids of a request's text without stalling the event loop: a text that cannot fit the context
+    (`fit`) is refused before tokenizing, and a long one is tokenized in a worker thread (the encoder then
+    releases the GIL, so streams and the engine keep going)."""
+    limit = st.engine.max_model_len
+    if fit and len(text) > limit * st.tokenizer.max_token_chars:
+        raise APIError(400, f"the prompt has {len(text)} characters, more than {limit} tokens can hold "
+                            f"(max_model_len is {limit})", param=param)
+    if len(text) > LONG_TEXT:
+        return await asyncio.to_thread(st.tokenizer.encode, text, add_special_tokens)
+    return st.tokenizer.encode(text, add_special_tokens)
 
 
 def check_grammar_params(req: Any) -> None:
@@ -97,6 +113,8 @@ async def generate(st: ServerState, prompt: Any, params: SamplingParams, rid: st
     except RequestFailedError as e:
         if m is not None:
             m.finished.labels(finished_reason="error").inc()
+        if e.is_input:
+            raise APIError(400, f"generation stopped: {e}", code="generation_constraint") from None
         raise APIError(422, f"this request failed inside the engine and was stopped ({e}); other requests are not "
                             "affected", code="generation_failed") from None
     except RuntimeError as e:

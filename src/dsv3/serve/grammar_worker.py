@@ -3,8 +3,10 @@
 xgrammar's compiler releases the GIL, so a thread would keep the event loop free -- but a thread
 cannot be stopped: a 45-byte schema (`"pattern": "^a{1,30000}$"`) keeps a core busy for over a
 minute. Compiling in a child process lets the server kill it at its time budget and start a new
-one. The child gets the tokenizer info as xgrammar's JSON and sends back the compiled grammar the
-same way (a few KB; deserializing it takes under a millisecond).
+one. The child is a plain `python -m dsv3.serve.grammar_worker FD` (not a multiprocessing spawn,
+which would re-import the embedding program's main module) talking over one end of a socket
+pair; it gets the tokenizer info as xgrammar's JSON and sends back the compiled grammar the same
+way (a few KB; deserializing it takes under a millisecond).
 
 Specs are plain data (`kind`, `text`), so the child builds every grammar itself:
 `json_object`, `json_schema` (text: the schema), `regex`, `ebnf`, and `tool_call` (text: JSON
@@ -14,6 +16,8 @@ Specs are plain data (`kind`, `text`), so the child builds every grammar itself:
 from __future__ import annotations
 
 import json
+import re
+import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -39,16 +43,20 @@ def build(xgr: Any, compiler: Any, kind: str, text: str) -> Any:
     raise ValueError(f"unknown grammar kind {kind!r}")
 
 
+_LOCATION = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")  # xgrammar's "[01:49:51] /project/cpp/x.cc:5082: "
+
+
 def first_line(e: BaseException) -> str:
+    """xgrammar's message without its timestamp and C++ source location."""
     text = str(e).strip()
-    return (text.splitlines()[-1] if text else type(e).__name__)[:300]
+    return _LOCATION.sub("", text.splitlines()[-1] if text else type(e).__name__)[:300]
 
 
-def serve(conn: Connection, tokenizer_info_json: str) -> None:
-    """The child's loop: ("compile", kind, text) -> ("ok", compiled JSON) | ("error", message)."""
+def serve(conn: Connection) -> None:
+    """The child's loop: first the tokenizer info, then ("compile", kind, text) -> ("ok", JSON) | ("error", message)."""
     import xgrammar as xgr
 
-    info = xgr.TokenizerInfo.deserialize_json(tokenizer_info_json)
+    info = xgr.TokenizerInfo.deserialize_json(conn.recv())
     compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
     conn.send(("ready", ""))
     while True:
@@ -60,3 +68,7 @@ def serve(conn: Connection, tokenizer_info_json: str) -> None:
             conn.send(("ok", build(xgr, compiler, kind, text).serialize_json()))
         except Exception as e:  # xgrammar reports bad schemas with assorted exception types
             conn.send(("error", first_line(e)))
+
+
+if __name__ == "__main__":
+    serve(Connection(int(sys.argv[1])))

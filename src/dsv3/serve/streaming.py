@@ -18,6 +18,18 @@ DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 
 
+LARGE_BODY_ITEMS = 20_000  # tokens (or logprob entries) past which a JSON body is encoded off the event loop
+
+
+async def json_body(obj: Any, items: int = 0) -> bytes:
+    """A response body as JSON bytes. json's C encoder holds the GIL for the whole document (about a second for a
+    million token ids), so a large body (`items` past LARGE_BODY_ITEMS) is encoded in a worker thread by the
+    pure-Python incremental encoder, which lets the event loop run between its pieces."""
+    if items <= LARGE_BODY_ITEMS:
+        return json.dumps(obj, ensure_ascii=False).encode()
+    return await asyncio.to_thread(lambda: "".join(json.JSONEncoder(ensure_ascii=False).iterencode(obj)).encode())
+
+
 def sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 

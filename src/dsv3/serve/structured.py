@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import multiprocessing as mp
 import queue
 import re
 import threading
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from dsv3.errors import DSV3Error
 from dsv3.serve.errors import APIError
 from dsv3.serve.utf8 import Utf8Masks, tail_state
 
@@ -146,6 +146,10 @@ def check_spec(kind: str, spec: Any, limits: GrammarLimits, param: str = "respon
     return spec
 
 
+class GrammarDeadEnd(DSV3Error):
+    """Mid-generation, the grammar allows no next token (a schema no output can finish): the request's fault."""
+
+
 class GrammarTimeout(Exception):
     """A compile ran past its budget (its worker process was killed)."""
 
@@ -155,20 +159,30 @@ class GrammarBusy(Exception):
 
 
 class _Worker:
-    def __init__(self, ctx: Any, info_json: str):
-        from dsv3.serve import grammar_worker
+    """One `python -m dsv3.serve.grammar_worker` child and our end of its socket pair."""
 
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=grammar_worker.serve, args=(child, info_json), daemon=True, name="dsv3-grammar")
-        self.proc.start()
-        child.close()
+    def __init__(self, info_json: str):
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen([sys.executable, "-m", "dsv3.serve.grammar_worker", str(theirs.fileno())],
+                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.conn.send(info_json)
         if not self.conn.poll(120) or self.conn.recv()[0] != "ready":
             self.kill()
             raise RuntimeError("the grammar compiler process did not start")
 
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
     def kill(self) -> None:
         self.proc.kill()
-        self.proc.join(5)
+        self.proc.wait(5)
         self.conn.close()
 
 
@@ -177,7 +191,6 @@ class CompilerPool:
 
     def __init__(self, info_json: str, workers: int = 1):
         self.info_json = info_json
-        self._ctx = mp.get_context("spawn")
         self._idle: queue.Queue = queue.Queue()
         for _ in range(workers):
             self._idle.put(None)  # started on first use
@@ -192,7 +205,7 @@ class CompilerPool:
             except queue.Empty:
                 break
         for w in slots:
-            self._idle.put(w if w is not None else _Worker(self._ctx, self.info_json))
+            self._idle.put(w if w is not None else _Worker(self.info_json))
 
     def compile(self, kind: str, text: str, timeout_s: float) -> tuple[str, str]:
         """("ok", compiled grammar JSON) or ("error", message); raises GrammarTimeout / GrammarBusy."""
@@ -201,8 +214,8 @@ class CompilerPool:
         except queue.Empty:
             raise GrammarBusy() from None
         try:
-            if w is None or not w.proc.is_alive():
-                w = _Worker(self._ctx, self.info_json)
+            if w is None or not w.alive():
+                w = _Worker(self.info_json)
             w.conn.send(("compile", kind, text))
             if not w.conn.poll(timeout_s):
                 w.kill()
@@ -273,11 +286,22 @@ class GrammarBackend:
         if status != "ok":
             raise APIError(400, f"'{param}' cannot be compiled to a grammar: {payload}", param=param)
         compiled = self.xgr.CompiledGrammar.deserialize_json(payload, self.info)
+        if not self._can_start(compiled):
+            raise APIError(400, f"'{param}' can never be satisfied: no output is valid under it", param=param,
+                           code="grammar_unsatisfiable")
         with self._cache_lock:
             self._cache[(kind, text)] = compiled
             while len(self._cache) > 256:
                 self._cache.popitem(last=False)
         return compiled
+
+    def _can_start(self, compiled: Any) -> bool:
+        """Whether any token may come first (xgrammar compiles e.g. `{"not": {}}` to a grammar nothing satisfies)."""
+        mask = self.xgr.allocate_token_bitmask(1, self.vocab_size)
+        self.xgr.GrammarMatcher(compiled).fill_next_token_bitmask(mask)
+        row = torch.zeros(1, self.vocab_size)
+        self.xgr.apply_token_bitmask_inplace(row, mask)
+        return bool(torch.isfinite(row).any())
 
     def compile(self, kind: str, spec: Any = "", param: str = "response_format") -> Any:
         """Check and compile (blocking; the server uses `compile_async`)."""
@@ -340,6 +364,9 @@ class GrammarProcessor:
             head = head.masked_fill(self.banned[:width], float("-inf"))
             state = tail_state(self.backend.utf8.vocab, output_token_ids)  # xgrammar would let a surrogate through
             head = head.masked_fill(~self.backend.utf8.allowed(state)[:width], float("-inf"))
+            if not bool(torch.isfinite(head).any()):
+                raise GrammarDeadEnd(f"the grammar allows no token after {len(output_token_ids)} generated tokens: "
+                                     "the schema cannot be completed from here")
             if len(self.prefer):
                 ok = self.prefer[torch.isfinite(head[0, self.prefer])]
                 if len(ok):

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from dsv3.context import check_max_model_len, check_prompt_len
 from dsv3.engine.block_manager import BlockManager
 from dsv3.engine.logprobs import collect_prompt_logprobs, top_logprobs
 from dsv3.engine.runner import ModelRunner, StepItem
@@ -54,6 +55,7 @@ class LLMEngine:
         self.config = c = config or EngineConfig()
         cfg = model.config
         self.max_model_len = c.max_model_len or cfg.max_position_embeddings
+        check_max_model_len(cfg, c.max_model_len)  # one warning line past the trained/declared length
         self.adapter_names: list[str] = list(c.lora_adapters or {})
         if self.adapter_names:
             from dsv3.lora.multi import load_stacked
@@ -86,6 +88,7 @@ class LLMEngine:
             raise RequestError("params must be a SamplingParams")
         text, ids = self._encode(prompt)
         check_prompt_ids(ids, self.model.config.vocab_size, self.max_model_len)
+        check_prompt_len(self.model.config, len(ids))
         if params.n > self.config.max_num_seqs:
             raise RequestError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         budget = self.max_model_len - len(ids)

@@ -30,6 +30,7 @@ class ServeConfig:
     keepalive_s: float = 15.0
     lora_names: list[str] = field(default_factory=list)
     exit_on_engine_death: bool = False  # multi-process engines: a dead rank cannot recover, so stop serving
+    exit_on_load_error: bool = False  # stop the server when the model fails to load (`dsv3 serve` without --retry-load)
 
 
 class ServerState:

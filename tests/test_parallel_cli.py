@@ -25,8 +25,11 @@ def model_dir(tmp_path_factory):
 
 def test_generate_tp2_equals_one_process(model_dir):
     expected = LLM(model_dir, dtype="fp32").generate("def main():", SamplingParams(max_tokens=10, temperature=0))[0].outputs[0].text
+    with socket.socket() as s:  # the rendezvous port, chosen (--master-port) rather than found free by dsv3
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     r = subprocess.run([sys.executable, "-m", "dsv3", "generate", "--model", str(model_dir), "--dtype", "fp32",
-                        "--tensor-parallel-size", "2", "--max-tokens", "10", "def main():"],
+                        "--tensor-parallel-size", "2", "--master-port", str(port), "--max-tokens", "10", "def main():"],
                        capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected + "\n"

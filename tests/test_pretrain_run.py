@@ -70,12 +70,14 @@ def test_cli_trains_and_the_final_model_generates(shards, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"model": MODEL, "data": str(shards / "shards"), "seq_len": 32, "batch_size": 2,
                                       "max_steps": 2, "eval_every": 1, "eval_batches": 1, "progress": False}))
-    rc, err = _cli(["pretrain", "--config", str(config), "--out", str(tmp_path / "run"), "--lr", "1e-3",
-                    "--model.num_hidden_layers", "3", "--save_dtype", "bfloat16"], capsys)
+    rc, err = _cli(["pretrain", "--config", str(config), "--out", str(tmp_path / "run"), "--lr", "1e-3",  # both spellings
+                    "--model.num-hidden-layers", "3", "--save_dtype", "bfloat16", "--max-steps", "2"], capsys)
     assert rc == 0, err
     saved = yaml.safe_load((tmp_path / "run/final/pretrain.yaml").read_text())
     assert saved["lr"] == 1e-3 and saved["model"]["num_hidden_layers"] == 3
-    assert json.loads((tmp_path / "run/final/config.json").read_text())["torch_dtype"] == "bfloat16"
+    final = json.loads((tmp_path / "run/final/config.json").read_text())
+    assert final["torch_dtype"] == "bfloat16"
+    assert final["training_seq_len"] == 32  # what dsv3.context warns past
     out = LLM(tmp_path / "run/final", progress=False).generate(["def f("], SamplingParams(max_tokens=4))
     assert len(out) == 1
 

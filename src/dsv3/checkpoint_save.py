@@ -44,6 +44,14 @@ def export_tensors(model: DeepseekV3ForCausalLM) -> Iterator[tuple[str, callable
         yield f"model.layers.{L + k}.shared_head.head.weight", (lambda: model.lm_head.weight.clone()), model.lm_head.weight.nbytes
 
 
+def remove_stale_weights(out: Path) -> None:
+    """Delete the weight files an earlier save left in `out` (a re-run with `--overwrite`): a leftover
+    shard index or shard would otherwise be read together with, or instead of, the new weights."""
+    for f in [out / "model.safetensors", out / "model.safetensors.index.json", *out.glob("model-*-of-*.safetensors")]:
+        if f.is_file() or f.is_symlink():
+            f.unlink()
+
+
 def save_model(model: DeepseekV3ForCausalLM, out_dir: str | Path, max_shard_bytes: int = 4 * 2**30,
                tokenizer_from: str | Path | None = None) -> Path:
     """Write config.json and safetensors weights (sharded with an index past `max_shard_bytes`)."""
@@ -51,6 +59,7 @@ def save_model(model: DeepseekV3ForCausalLM, out_dir: str | Path, max_shard_byte
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_weights(out)
     model.config.save(out)
     shards: list[list[tuple[str, callable]]] = [[]]
     size = 0

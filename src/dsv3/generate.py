@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from dsv3.context import check_prompt_len
 from dsv3.errors import DSV3Error
 from dsv3.model import DeepseekV3ForCausalLM, DenseLatentCache
 from dsv3.sampling import SamplingParams, apply_penalties, sample
@@ -76,6 +77,7 @@ class Generator:
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         check_prompt_ids(prompt_ids, self.model.config.vocab_size, self.max_model_len)
+        check_prompt_len(self.model.config, len(prompt_ids))
 
     @torch.inference_mode()
     def stream(self, prompt_ids: list[int], params: SamplingParams, seed: int | None = None) -> Iterator[StreamEvent]:

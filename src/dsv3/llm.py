@@ -93,10 +93,11 @@ class LLM:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[StreamEvent]:
-        """Yield text increments as they are decoded (never a broken UTF-8 character)."""
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+               lora: str | None = None) -> Iterator[StreamEvent]:
+        """Yield text increments as they are decoded (never a broken UTF-8 character); `lora` as in `generate`."""
         rid = f"stream-{next(self._ids)}"
-        self.engine.add_request(rid, prompt, sampling_params or SamplingParams())
+        self.engine.add_request(rid, prompt, sampling_params or SamplingParams(), adapter_id=self.engine.adapter_id(lora))
         emitted = 0
         try:
             while self.engine.has_unfinished_requests():

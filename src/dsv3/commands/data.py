@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from dsv3.errors import DSV3Error
 
 
 def _build(args: argparse.Namespace) -> int:
     from dsv3.data.builder import build
+    from dsv3.outputs import prepare_output_dir
+
+    # a re-run into the same directory is the rebuild it is for: `build` replaces its own shards and manifest
+    prepare_output_dir(args.output, overwrite=True)
 
     m = build(args.inputs, args.tokenizer, args.output, include=args.include,
               heldout_fraction=args.heldout_fraction, shard_tokens=args.shard_tokens,
@@ -30,9 +35,11 @@ def _check_filters(args: argparse.Namespace) -> None:
 
 def _instructions(args: argparse.Namespace) -> int:
     from dsv3.data.instructions import mine, split_files, write_jsonl
+    from dsv3.outputs import prepare_output_file
 
     _check_filters(args)
     files = split_files(args.shards, args.split, args.inputs)
+    prepare_output_file(args.output)
     recs, stats = mine(files, progress=not args.quiet, min_body=args.min_body, max_body=args.max_body, max_chars=args.max_chars)
     if not recs:
         raise DSV3Error(f"no function with a docstring in the {args.split} split of {args.shards} passed the filters.")
@@ -46,9 +53,15 @@ def _instructions(args: argparse.Namespace) -> int:
 def _functions(args: argparse.Namespace) -> int:
     from dsv3.data.functions import write_functions
     from dsv3.data.instructions import split_files
+    from dsv3.outputs import prepare_output_dir
 
     _check_filters(args)
-    stats = write_functions(split_files(args.shards, args.split, args.inputs), args.output, progress=not args.quiet,
+    files = split_files(args.shards, args.split, args.inputs)
+    out = prepare_output_dir(args.output, overwrite=args.overwrite)
+    for stale in out.glob("*.py"):  # --overwrite: an earlier run's functions (named by hash) must not stay mixed in
+        if re.fullmatch(r"[0-9a-f]{20}", stale.stem):
+            stale.unlink()
+    stats = write_functions(files, args.output, progress=not args.quiet,
                             min_body=args.min_body, max_body=args.max_body, max_chars=args.max_chars)
     if not stats["kept"]:
         raise DSV3Error(f"no function with a docstring in the {args.split} split of {args.shards} passed the filters.")
@@ -94,8 +107,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Every top-level function or method with a docstring in the files of one split of a shard manifest "
                     "becomes 'write a function `f(args)` that ...' and 'complete this function' chat records "
                     "(JSONL, {messages}) for `dsv3 finetune`."), _instructions, "FILE.jsonl", "output JSONL file", 2, 1500)
-    _function_args(sub.add_parser(
+    fn = sub.add_parser(
         "functions", help="write the documented functions of one split as files (an annealing corpus)",
         description="Every top-level function or method with a docstring in the files of one split of a shard manifest "
                     "that passes the filters is written, dedented, as one .py file in OUT (deduplicated), for "
-                    "`dsv3 data build` and a `mix` source of `dsv3 pretrain`."), _functions, "OUT", "output directory of .py files", 1, 800)
+                    "`dsv3 data build` and a `mix` source of `dsv3 pretrain`.")
+    _function_args(fn, _functions, "OUT", "output directory of .py files", 1, 800)
+    fn.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")

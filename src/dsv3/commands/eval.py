@@ -1,4 +1,4 @@
-"""`dsv3 eval TASK`: measure a model on HumanEval, MMLU, GSM8K or perplexity; `dsv3 eval compare`.
+"""`dsv3 eval TASK`: measure a model on HumanEval, MMLU, GSM8K, perplexity or extraction; `dsv3 eval compare`.
 
 The model is either loaded in-process (`--model DIR`) or reached over HTTP at any
 OpenAI-compatible server (`--base-url URL [--api-key KEY] [--model NAME]`); the scoring is
@@ -13,9 +13,10 @@ import os
 import time
 from pathlib import Path
 
+from dsv3.commands.run import rope_scaling
 from dsv3.errors import DSV3Error
 
-TASKS = ("humaneval", "mmlu", "gsm8k", "perplexity")
+TASKS = ("humaneval", "mmlu", "gsm8k", "perplexity", "extraction")
 
 
 def _common(p: argparse.ArgumentParser, fewshot: int | None) -> None:
@@ -30,6 +31,8 @@ def _common(p: argparse.ArgumentParser, fewshot: int | None) -> None:
     src.add_argument("--concurrency", type=int, default=8, help="parallel HTTP requests (default 8)")
     src.add_argument("--dtype", default="float32", help="in-process weights dtype (default float32)")
     src.add_argument("--batch-size", type=int, default=16, help="in-process batch size (default 16)")
+    src.add_argument("--rope-scaling", type=rope_scaling, default=None, metavar="SPEC",
+                     help="in-process: YaRN context extension, as for `dsv3 generate` (docs/generate.md)")
     run = p.add_argument_group("run")
     run.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N items (per subject for MMLU)")
     if fewshot is not None:
@@ -40,7 +43,7 @@ def _common(p: argparse.ArgumentParser, fewshot: int | None) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="measure a model: humaneval, mmlu, gsm8k, perplexity, compare",
+    p = subparsers.add_parser("eval", help="measure a model: humaneval, mmlu, gsm8k, perplexity, extraction, compare",
                               description=__doc__.split("\n\n")[0])
     tasks = p.add_subparsers(dest="task", metavar="TASK")
     tasks.required = True
@@ -78,6 +81,14 @@ def register(subparsers) -> None:
     pp.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default window/2)")
     pp.set_defaults(func=_run)
 
+    ex = tasks.add_parser("extraction", help="structured extraction to a JSON schema: field-level precision/recall/F1")
+    _common(ex, None)
+    ex.add_argument("--data", metavar="FILE.jsonl", default=None,
+                    help="records {document, gold, schema?} (default: a small synthetic set of report summaries)")
+    ex.add_argument("--schema", metavar="FILE.json", default=None, help="JSON schema for records that carry none")
+    ex.add_argument("--max-tokens", type=int, default=256, help="generation budget per document (default 256)")
+    ex.set_defaults(func=_run)
+
     cmp_ = tasks.add_parser("compare", help="draw several results.json side by side as a PNG bar chart")
     cmp_.add_argument("results", nargs="+", metavar="results.json")
     cmp_.add_argument("--output", "-o", required=True, metavar="chart.png")
@@ -92,6 +103,9 @@ def make_backend(args: argparse.Namespace):
     if args.base_url:
         from dsv3.eval.http_backend import OpenAIBackend
 
+        if args.rope_scaling is not None:
+            raise DSV3Error("--rope-scaling applies to a model run in-process; give it to the server instead.")
+
         return OpenAIBackend(args.base_url, api_key=args.api_key, model=args.model, chat=args.chat,
                              concurrency=args.concurrency)
     if args.chat:
@@ -99,16 +113,22 @@ def make_backend(args: argparse.Namespace):
     if not args.model:
         from dsv3.paths import default_model_dir
 
-        args.model = str(default_model_dir())  # the embedded default model, or a one-line error
+        # the embedded default model (its chat variant for extraction, asked in a chat turn), or a one-line error
+        args.model = str(default_model_dir(chat=args.task == "extraction"))
     if not Path(args.model).is_dir():
         raise DSV3Error(f"--model {args.model} is not a model directory (to name a served model, add --base-url).")
     from dsv3.eval.backends import InProcessBackend
 
-    return InProcessBackend(args.model, dtype=args.dtype, batch_size=args.batch_size)
+    model = args.model
+    if args.rope_scaling is not None:
+        from dsv3.context import with_rope_scaling
+
+        model = with_rope_scaling(model, args.rope_scaling)
+    return InProcessBackend(model, dtype=args.dtype, batch_size=args.batch_size)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dsv3.eval import gsm8k, humaneval, mmlu, perplexity
+    from dsv3.eval import extraction, gsm8k, humaneval, mmlu, perplexity
     from dsv3.eval.report import format_table
     from dsv3.eval.sandbox import SandboxLimits
 
@@ -133,14 +153,16 @@ def _run(args: argparse.Namespace) -> int:
     elif args.task == "gsm8k":
         result = gsm8k.evaluate(backend, args.data, args.train, args.num_fewshot, args.limit, args.seed,
                                 args.max_tokens)
+    elif args.task == "extraction":
+        result = extraction.evaluate(backend, args.data, args.schema, args.limit, args.max_tokens)
     else:
         result = perplexity.evaluate(backend, args.data, args.window, args.stride, args.limit)
     result.seconds = time.perf_counter() - start
     result.config["backend_url" if args.base_url else "model_dir"] = args.base_url or args.model
     print(format_table([result]))
     for group, metrics in result.groups.items():
-        if group.startswith(("category/", "file/")):
-            m = metrics.get("acc") or metrics.get("bits_per_byte")
+        if group.startswith(("category/", "file/", "field/")):
+            m = metrics.get("acc") or metrics.get("bits_per_byte") or metrics.get("f1")
             print(f"  {group:<32} {m.value:.4f}  (n={m.n})")
     if args.output:
         result.save(args.output)
@@ -151,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
 def _check_paths(args: argparse.Namespace) -> None:
     """Fail on a missing data path before spending minutes loading a model."""
     from dsv3.eval.data import require_dir, require_file
+    from dsv3.outputs import prepare_output_file
 
     if args.task == "mmlu":
         require_dir(args.data, "MMLU data")
@@ -161,14 +184,24 @@ def _check_paths(args: argparse.Namespace) -> None:
     elif args.task == "perplexity":
         for path in args.data:
             require_file(path, "text")
+    elif args.task == "extraction":
+        if args.data:
+            require_file(args.data, "extraction data")
+        if args.schema:
+            require_file(args.schema, "JSON schema")
     elif args.data:
         require_file(args.data, "HumanEval")
+    if args.output:
+        prepare_output_file(args.output)  # a bad path fails now, not after the whole run
 
 
 def _compare(args: argparse.Namespace) -> int:
     from dsv3.eval.report import TaskResult, bar_chart, format_table
 
+    from dsv3.outputs import prepare_output_file
+
     results = [TaskResult.load(p) for p in args.results]
+    prepare_output_file(args.output)
     labels = args.labels or [Path(p).stem for p in args.results]
     if len(labels) != len(results):
         raise DSV3Error(f"--labels has {len(labels)} names for {len(results)} results files.")

@@ -28,8 +28,20 @@ def calibration_ids(path: Path, tokenizer, n_samples: int, seq_len: int):
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
+def existing_quantization(cfg) -> str | None:
+    """The format of a `dsv3 quantize` checkpoint (int8, int4, awq, fp8), or None for full-precision weights.
+
+    DeepSeek's own FP8 release is not counted: it is dequantized on load and may be quantized again.
+    """
+    from dsv3.commands.plan import checkpoint_quantization
+
+    return checkpoint_quantization(cfg) if (cfg.quantization_config or {}).get("quant_method") == "dsv3" else None
+
+
 def run_quantize(args: argparse.Namespace) -> int:
     from dsv3.checkpoint import load_model
+    from dsv3.config import ModelConfig
+    from dsv3.outputs import prepare_output_dir
     from dsv3.quant import quantize_model, save_quantized
     from dsv3.quant.apply import linear_weight_bytes
     from dsv3.quant.schemes import QuantError, check_group_size
@@ -42,6 +54,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise QuantError(f"calibration file {args.calib!r} does not exist")
     if Path(args.output).resolve() == Path(args.model).resolve():
         raise QuantError(f"output directory {args.output!r} is the input model directory; choose another -o")
+    already = existing_quantization(ModelConfig.from_dir(args.model))
+    if already is not None:
+        raise QuantError(f"{args.model} is already quantized ({already}, by dsv3 quantize); quantize the "
+                         "full-precision checkpoint it was made from instead")
+    prepare_output_dir(args.output, overwrite=args.overwrite)
     model = load_model(args.model, dtype=args.dtype, progress=True)
     calib = None
     if args.method == "awq":
@@ -65,6 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", required=True, choices=METHODS, help="int8: per-channel; int4: group RTN; awq: int4 + AWQ; fp8: e4m3 128x128 blocks")
     p.add_argument("--model", required=True, type=model_dir, help="input checkpoint directory")
     p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     p.add_argument("--calib", default=None, help="calibration text file (required for awq)")
     p.add_argument("--group-size", type=positive_int, default=128, help="int4/awq input channels per scale (32, 64, 128, 256)")
     p.add_argument("--symmetric", action="store_true", help="int4/awq without zero points")

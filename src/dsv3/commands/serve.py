@@ -7,9 +7,11 @@ import json
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 
-from dsv3.commands.run import add_model_args, engine_config, parallel_requested, positive_int, start_parallel
+from dsv3.commands.run import (add_model_args, check_bind, engine_config, parallel_requested, port_number, positive_int,
+                               resolve_model, start_parallel)
 from dsv3.errors import DSV3Error
 
 
@@ -77,6 +79,7 @@ def grammar_limits(args: argparse.Namespace):
 
 
 def build_config(args: argparse.Namespace):
+    from dsv3.outputs import prepare_output_file
     from dsv3.serve.audit import AuditLog, read_key
     from dsv3.serve.auth import APIKeys
     from dsv3.serve.cache import ResponseCache
@@ -88,6 +91,9 @@ def build_config(args: argparse.Namespace):
     for f in (args.tls_certfile, args.tls_keyfile):
         if f is not None and not Path(f).is_file():
             raise ServeError(f"TLS file {f} does not exist")
+    for flag, path in (("--audit-log", args.audit_log), ("--response-cache", args.response_cache)):
+        if path is not None and path != "memory":
+            prepare_output_file(path, flag).parent.mkdir(parents=True, exist_ok=True)  # opened right below
     if args.quantization is not None and args.tensor_parallel_size * args.expert_parallel_size > 1:
         raise ServeError("--quantization cannot be combined with tensor or expert parallelism yet")
     lora = parse_lora(args.lora, served_name(args))
@@ -106,19 +112,37 @@ def build_config(args: argparse.Namespace):
         max_body_bytes=args.max_body_bytes, rate_limiter=RateLimiter(RateLimit.parse(args.rate_limit)) if args.rate_limit else None,
         cache=cache, audit=AuditLog(args.audit_log, key) if args.audit_log else None, audit_content=args.audit_log_content,
         max_queue=args.max_queue, keepalive_s=args.keepalive, exit_on_engine_death=parallel_requested(args),
-        grammar_limits=grammar_limits(args), trusted_proxies=trusted_proxies(args.trusted_proxy))
+        exit_on_load_error=args.retry_load is None, grammar_limits=grammar_limits(args),
+        trusted_proxies=trusted_proxies(args.trusted_proxy))
 
 
-def loader(args: argparse.Namespace, lora: dict[str, str] | None = None):
+def loader(args: argparse.Namespace, lora: dict[str, str] | None = None, path: Path | None = None,
+           stop: threading.Event | None = None):
+    """The server's `load()`: engine and tokenizer of `path` (default: --model, or the embedded model).
+
+    With --retry-load a failed load is logged and tried again every so many seconds until `stop` is set.
+    """
     lora = parse_lora(args.lora, served_name(args)) if lora is None else lora
 
     def load():
+        while True:
+            try:
+                return load_once()
+            except Exception as e:
+                if args.retry_load is None or (stop is not None and stop.is_set()):
+                    raise
+                logging.getLogger("dsv3.serve").error("model load failed (%s: %s); retrying in %g s", type(e).__name__,
+                                                      first_line(e), args.retry_load)
+                if stop is not None and stop.wait(args.retry_load):
+                    raise
+
+    def load_once():
         from dsv3.checkpoint import load_for_inference
         from dsv3.engine import LLMEngine
-        from dsv3.paths import default_model_dir
         from dsv3.tokenizer import Tokenizer
 
-        path = args.model if args.model is not None else default_model_dir()
+        nonlocal path
+        path = path if path is not None else resolve_model(args)
         if parallel_requested(args):
             cfg = engine_config(args, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory << 20, seed=args.seed)
             handle = start_parallel(args, path, cfg)
@@ -140,25 +164,51 @@ def run_serve(args: argparse.Namespace) -> int:
     from dsv3.serve.app import create_app
 
     if launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0:  # worker rank: serve the model, not HTTP
-        start_parallel(args, args.model, engine_config(args, max_num_seqs=args.max_num_seqs, seed=args.seed))
+        start_parallel(args, resolve_model(args), engine_config(args, max_num_seqs=args.max_num_seqs, seed=args.seed))
         return 0
 
     config = build_config(args)
+    check_bind(args.host, args.port, "--port")
+    path = resolve_model(args)
+    if args.retry_load is None:
+        check_model(path)  # the common mistakes (no such model, no weights) fail here, before the server starts
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    app = create_app(config, loader(args))
+    stop = threading.Event()
+    app = create_app(config, loader(args, path=path, stop=stop))
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; a no-op handler makes that a clean exit 0
     signal.signal(signal.SIGTERM, lambda *_: None)
-    # proxy_headers=False: uvicorn would otherwise trust X-Forwarded-For from 127.0.0.1; the gate reads it only
-    # from --trusted-proxy peers
-    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_certfile, ssl_keyfile=args.tls_keyfile,
-                timeout_graceful_shutdown=args.grace_period, log_config=None, access_log=False, proxy_headers=False)
-    front = app.state.front  # create_app makes the ServerState the app state
+    try:
+        # proxy_headers=False: uvicorn would otherwise trust X-Forwarded-For from 127.0.0.1; the gate reads it only
+        # from --trusted-proxy peers
+        uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_certfile, ssl_keyfile=args.tls_keyfile,
+                    timeout_graceful_shutdown=args.grace_period, log_config=None, access_log=False, proxy_headers=False)
+    finally:
+        stop.set()
+    state = app.state  # create_app makes the ServerState the app state
+    if state.load_error is not None:  # without --retry-load the server stopped at once (ServeConfig.exit_on_load_error)
+        print(f"dsv3: error: the model failed to load: {first_line(state.load_error)}", file=sys.stderr)
+        return 2
+    front = state.front
     if front is not None and front.errored is not None:
         print(f"dsv3: error: the engine stopped: {front.errored}", file=sys.stderr)
         return 1
     return 0
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_model(path: Path) -> None:
+    """A model directory has a valid config.json and safetensors weights (cheap; the load checks the rest)."""
+    from dsv3.checkpoint import checkpoint_files
+    from dsv3.config import ModelConfig
+
+    ModelConfig.from_dir(path)
+    checkpoint_files(Path(path))
 
 
 def run_audit_verify(args: argparse.Namespace) -> int:
@@ -190,7 +240,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, metrics, audit log)")
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=port_number, default=8000)
     s.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
     s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    help="serve a PEFT LoRA adapter under NAME (repeatable); a request's 'model' picks it")
@@ -223,6 +273,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-body-bytes", type=positive_int, default=4 << 20)
     s.add_argument("--keepalive", type=float, default=15.0, help="seconds between SSE keep-alive comments")
     s.add_argument("--grace-period", type=positive_int, default=30, help="seconds to finish in-flight work on SIGTERM")
+    s.add_argument("--retry-load", type=float, default=None, metavar="SECONDS",
+                   help="if the model fails to load, keep serving 503 and retry every SECONDS "
+                        "(default: exit 2 at once with the reason)")
     s.set_defaults(func=run_serve)
 
     a = sub.add_parser("audit", help="check a serve audit log")

@@ -22,10 +22,12 @@ def expand_globs(patterns: list[str]) -> list[Path]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dsv3.outputs import prepare_output_dir
     from dsv3.tokenizer import Tokenizer
     from dsv3.tokenizer_train import train_tokenizer
 
     files = expand_globs(args.files)
+    prepare_output_dir(args.output, overwrite=args.overwrite)
     out = train_tokenizer(files, args.vocab_size, args.output, min_frequency=args.min_frequency,
                           model_max_length=args.model_max_length)
     tok = Tokenizer.from_dir(out)
@@ -54,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="training files or glob patterns (quote them; ** recurses)")
     train.add_argument("--vocab-size", type=_positive, required=True, help="vocabulary size, special tokens included")
     train.add_argument("-o", "--output", type=Path, required=True, help="directory for tokenizer.json and configs")
+    train.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     train.add_argument("--min-frequency", type=_positive, default=2, help="least count for a merge (default 2)")
     train.add_argument("--model-max-length", type=_positive, default=131072,
                        help="model_max_length written to tokenizer_config.json (default 131072)")

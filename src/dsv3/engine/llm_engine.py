@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from dsv3.context import check_max_model_len, check_prompt_len
 from dsv3.engine.block_manager import BlockManager
 from dsv3.engine.logprobs import collect_prompt_logprobs, top_logprobs
 from dsv3.engine.runner import ModelRunner, StepItem
@@ -83,6 +84,7 @@ class LLMEngine:
         self.config = c = config or EngineConfig()
         cfg = model.config
         self.max_model_len = c.max_model_len or cfg.max_position_embeddings
+        check_max_model_len(cfg, c.max_model_len)  # one warning line past the trained/declared length
         self.adapter_names: list[str] = list(c.lora_adapters or {})
         if self.adapter_names:
             from dsv3.lora.multi import load_stacked
@@ -117,6 +119,7 @@ class LLMEngine:
         text, ids = self._encode(prompt)
         vocab = self.model.config.vocab_size
         check_prompt_ids(ids, vocab, self.max_model_len)
+        check_prompt_len(self.model.config, len(ids))
         bad = [t for t in params.stop_token_ids if t >= vocab]
         if bad:
             raise RequestError(f"stop_token_ids holds {bad[0]}, outside the vocabulary [0, {vocab})")

@@ -55,6 +55,13 @@ class Backend(ABC):
                               desc: str = "perplexity") -> list[RollingScore]:
         """Log-likelihood of each full text, scored in sliding windows of `window` tokens."""
 
+    def extract_json(self, conversations: Sequence[list[dict]], schemas: Sequence[dict], max_tokens: int,
+                     desc: str = "extract") -> list[str]:
+        """Greedy chat answers, each decoded under its JSON schema's grammar (structured extraction)."""
+        from dsv3.errors import DSV3Error
+
+        raise DSV3Error(f"the {type(self).__name__} backend cannot decode under a JSON schema.")
+
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """Truncate at the earliest stop sequence, as lm-eval does after any server-side stopping."""
@@ -150,6 +157,42 @@ class InProcessBackend(Backend):
             sums[t] += float(sum(lps[len(lps) - k:]))
             counts[t] += k
         return [RollingScore(s, c) for s, c in zip(sums, counts)]
+
+
+    def extract_json(self, conversations, schemas, max_tokens, desc="extract"):
+        """The chat template, then greedy decoding masked by xgrammar's grammar of each schema."""
+        from dsv3 import SamplingParams
+        from dsv3.eval.data import DataError
+        from dsv3.serve.errors import APIError
+        from dsv3.serve.structured import GrammarBackend
+
+        engine = self.llm.engine
+        grammar = GrammarBackend(self.tok, engine.model.config.vocab_size, sorted(engine.eos_ids))
+        compiled: dict[str, object] = {}
+        params = []
+        for i, schema in enumerate(schemas):
+            key = json.dumps(schema, sort_keys=True)
+            if key not in compiled:
+                try:
+                    compiled[key] = grammar.compile("json_schema", schema)
+                except APIError as e:
+                    raise DataError(f"record {i + 1}: the schema cannot be compiled to a grammar ({e.message}).") from None
+            params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                         logits_processors=[grammar.processor(compiled[key])]))
+        prompts = [{"prompt_token_ids": self.llm.chat_prompt_ids(c)} for c in conversations]
+        texts: list[str] = []
+        try:
+            with tqdm(total=len(prompts), desc=desc, unit="doc", disable=None) as bar:
+                for start in range(0, len(prompts), self.batch_size):
+                    outs = self.llm.generate(prompts[start:start + self.batch_size], params[start:start + self.batch_size],
+                                             use_tqdm=False)
+                    texts += [o.outputs[0].text for o in outs]
+                    bar.update(len(outs))
+        finally:
+            close = getattr(grammar, "close", None)
+            if close is not None:
+                close()
+        return texts
 
 
 def _config_max_length(model_dir: Path) -> int:

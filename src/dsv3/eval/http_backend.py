@@ -178,6 +178,22 @@ class OpenAIBackend(Backend):
         return self.parallel(one, list(prompts), desc, "prompt")
 
 
+    def extract_json(self, conversations, schemas, max_tokens, desc="extract"):
+        """`/v1/chat/completions` with `response_format` json_schema (strict), greedy."""
+        def one(job: tuple[list[dict], dict]) -> str:
+            conv, schema = job
+            payload = {"model": self.name, "messages": conv, "max_tokens": max_tokens, "temperature": 0.0,
+                       "response_format": {"type": "json_schema",
+                                           "json_schema": {"name": "extraction", "schema": schema, "strict": True}}}
+            choices = _by_index(self.request("/chat/completions", payload).get("choices") or [])
+            text = (choices[0].get("message") or {}).get("content") if choices else None
+            if not isinstance(text, str):
+                raise ServerError(f"the server at {self.root} returned a chat completion without text.")
+            return text
+
+        return self.parallel(one, list(zip(conversations, schemas)), desc, "doc")
+
+
 def parse_echo(resp: dict, prompt: str, url: str) -> list[tuple[int, str, float | None, dict | None]]:
     """Check an echo response really covers the prompt, then return its tokens with offsets."""
     choices = resp.get("choices") or []

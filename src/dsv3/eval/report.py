@@ -52,6 +52,7 @@ class TaskResult:
                 "samples": self.samples}
 
     def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
@@ -133,6 +134,7 @@ def bar_chart(results: Sequence[TaskResult], labels: Sequence[str], out: str | P
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out

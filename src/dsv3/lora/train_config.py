@@ -1,14 +1,16 @@
 """`dsv3 finetune` settings: one dataclass, read from YAML, every key also a command-line flag.
 
 Defaults follow the fine-tuning request (lr 2e-5, batch 32, rank 64, 10 % warm-up, cosine decay).
-`batch_size` counts rows (packed sequences with packing on) per optimizer step; it is reached by
-gradient accumulation over `micro_batch_size` rows, so a small machine trains the same recipe.
+`batch_size` counts rows (packed sequences with packing on) per optimizer step, or, with
+`batch_unit: examples`, examples (packed into as few rows as they fill); it is reached by gradient
+accumulation over `micro_batch_size` rows, so a small machine trains the same recipe.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ class FinetuneConfig:
     on_bad_example: str = "skip"               # "skip" (reported) or "error"
     learning_rate: float = 2e-5
     batch_size: int = 32
+    batch_unit: str = "rows"                   # what batch_size counts: "rows" (packed rows) or "examples"
     micro_batch_size: int = 4
     lora_rank: int = 64
     lora_alpha: float | None = None            # None: 2 * lora_rank
@@ -78,7 +81,9 @@ class FinetuneConfig:
         for name in ("eval_split", "warmup_ratio", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise FinetuneConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.batch_size % self.micro_batch_size:
+        if self.batch_unit not in ("rows", "examples"):
+            raise FinetuneConfigError(f"batch_unit must be 'rows' or 'examples', got {self.batch_unit!r}")
+        if self.batch_unit == "rows" and self.batch_size % self.micro_batch_size:
             raise FinetuneConfigError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
         if self.template not in ("chat", "alpaca"):
             raise FinetuneConfigError(f"template must be 'chat' or 'alpaca', got {self.template!r}")
@@ -119,8 +124,15 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
                 raise TypeError
             return value
         if kind.startswith("float"):
+            if isinstance(value, str):  # YAML 1.1 reads `2e-5` (no dot) as a string; the request writes it so
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise TypeError from None
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError
+            if not math.isfinite(value):
+                raise FinetuneConfigError(f"setting {name!r} must be a finite number, got {value!r}")
             return float(value)
         if not isinstance(value, str):
             raise TypeError

@@ -42,6 +42,18 @@ def rows_of(examples, cfg: FinetuneConfig):
     return pack_bfd(examples, cfg.max_seq_len) if cfg.packing else [[e] for e in examples]
 
 
+def batch_note(cfg: FinetuneConfig, n_examples: int, n_rows: int, steps: int) -> str:
+    """One line saying what a step holds and how often the run sees each example."""
+    if cfg.batch_unit == "examples":
+        rows = f"packed into rows of up to {cfg.max_seq_len} tokens" if cfg.packing else "one per row"
+        return (f"batch: {cfg.batch_size} examples per step, {rows}; "
+                f"{steps} steps see each of the {n_examples} examples {steps * cfg.batch_size / n_examples:.1f} times")
+    shape = f"rows of up to {cfg.max_seq_len} tokens" + (" (examples packed)" if cfg.packing else " (one example each)")
+    hint = "; batch_unit: examples makes batch_size count examples" if n_rows < n_examples else ""
+    return (f"batch: {cfg.batch_size} {shape} per step; the {n_examples} examples fill {n_rows} rows, so "
+            f"{steps} steps see each example {steps * cfg.batch_size / n_rows:.1f} times{hint}")
+
+
 def token_loss(model, batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over response targets (and their count); attention stays inside each example.
 
@@ -86,7 +98,10 @@ class Trainer:
         self.report = {**report, "train_examples": len(examples), "eval_examples": len(evals)}
         log(f"examples: {report['used']} used, {report['skipped']} skipped; {len(examples)} train, {len(evals)} eval")
         self.rows, self.eval_rows = rows_of(examples, cfg), rows_of(evals, cfg)
-        self.total = cfg.train_steps or max(1, math.ceil(cfg.epochs * len(self.rows) / cfg.batch_size))
+        # what one step draws batch_size of: rows (packed with packing on) or single examples, packed per step
+        self.units = self.rows if cfg.batch_unit == "rows" else [[e] for e in examples]
+        self.total = cfg.train_steps or max(1, math.ceil(cfg.epochs * len(self.units) / cfg.batch_size))
+        log(batch_note(cfg, len(examples), len(self.rows), self.total))
         self.warmup = int(cfg.warmup_ratio * self.total)
         dtype = torch.bfloat16 if self.autocast else torch.float32
         self.model = load_model(self.model_dir, dtype=dtype, device=self.device, with_mtp=False, progress=False)
@@ -138,15 +153,18 @@ class Trainer:
         return path
 
     def step_rows(self, step: int) -> list:
-        """The `batch_size` rows of optimizer step `step`: a fresh seeded permutation each epoch."""
-        n, bs = len(self.rows), self.cfg.batch_size
+        """The rows of optimizer step `step`: `batch_size` units (rows, or examples then packed) drawn from a
+        fresh seeded permutation each epoch."""
+        n, bs = len(self.units), self.cfg.batch_size
         out = []
         for k in range(step * bs, (step + 1) * bs):
             epoch = k // n
             if epoch not in self._perms:
                 g = torch.Generator().manual_seed(self.cfg.seed + epoch)
                 self._perms = {epoch: torch.randperm(n, generator=g).tolist()}
-            out.append(self.rows[self._perms[epoch][k % n]])
+            out.append(self.units[self._perms[epoch][k % n]])
+        if self.cfg.batch_unit == "examples":
+            return rows_of([unit[0] for unit in out], self.cfg)
         return out
 
     def train_step(self) -> dict:

@@ -186,10 +186,11 @@ class ParallelEngine:
 
 def start_engine(model_dir: str | Path, tensor_parallel_size: int = 1, expert_parallel_size: int = 1,
                  dtype: str = "auto", device: str = "cpu", config: EngineConfig | None = None,
-                 progress: bool = True) -> ParallelEngine | None:
+                 progress: bool = True, port: int | None = None) -> ParallelEngine | None:
     """Start every rank. Under torchrun each process calls this: rank 0 gets the engine, others serve and get None.
 
-    Outside torchrun this process becomes rank 0 and spawns the other ranks on 127.0.0.1.
+    Outside torchrun this process becomes rank 0 and spawns the other ranks on 127.0.0.1, meeting them on
+    `port` (default: a free one).
     """
     from dsv3.tokenizer import Tokenizer
 
@@ -205,7 +206,7 @@ def start_engine(model_dir: str | Path, tensor_parallel_size: int = 1, expert_pa
             return None
     else:
         rank, world, addr = 0, pc.world, "127.0.0.1"
-        spec.port = pdist.free_port()
+        spec.port = port or pdist.free_port()
         ctx = mp.get_context("spawn")
         for r in range(1, world):
             p = ctx.Process(target=_spawned, args=(r, spec, world), daemon=True)

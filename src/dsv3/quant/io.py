@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dsv3.checkpoint import checkpoint_files, copy_tokenizer_files, export_tensors, map_name, resolve_dtype
+from dsv3.checkpoint_save import remove_stale_weights
 from dsv3.config import ModelConfig
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.moe import Experts
@@ -62,6 +63,7 @@ def save_quantized(model: DeepseekV3ForCausalLM, out_dir: str | Path, tokenizer_
         raise QuantError("the model is not quantized (no quantization_config): run quantize_model first")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_weights(out)
     qnames = {n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
     qprefixes = {ckpt_name(q, model.config.num_hidden_layers) for q in qnames}
     tensors = {}

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from dsv3.errors import DSV3Error
 from dsv3.serve import chat, completions
 from dsv3.serve.errors import error_response, install_error_handlers
 from dsv3.serve.gate import Gate
@@ -49,9 +50,14 @@ def create_app(config: ServeConfig, load: Loader) -> FastAPI:
                 await asyncio.to_thread(config.cache.bind, fingerprint)
             front = AsyncLLMEngine(engine)
             front.start()
-        except Exception as e:  # reported by /health; the process stays up so operators can see why
+        except Exception as e:  # reported by /health, the process staying up to show why, unless exit_on_load_error
             st.load_error = e
-            log.exception("model load failed")
+            if isinstance(e, DSV3Error):  # a user error (bad path, bad config): its sentence is the whole story
+                log.error("model load failed: %s", e)
+            else:
+                log.exception("model load failed")
+            if config.exit_on_load_error:  # `dsv3 serve`: stop now; it exits 2 with the reason
+                os.kill(os.getpid(), signal.SIGTERM)
             return
         st.engine, st.tokenizer, st.front = engine, tokenizer, front
         log.info("model loaded; serving %s", config.served_model_name)

@@ -33,6 +33,7 @@ class ServeConfig:
     keepalive_s: float = 15.0
     lora_names: list[str] = field(default_factory=list)
     exit_on_engine_death: bool = False  # multi-process engines: a dead rank cannot recover, so stop serving
+    exit_on_load_error: bool = False  # stop the server when the model fails to load (`dsv3 serve` without --retry-load)
     grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
     refusal_log_per_minute: float = 20.0  # audit/access lines per client address for refused (401/413/429) requests

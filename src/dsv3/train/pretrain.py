@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dsv3.checkpoint import save_model
 from dsv3.config import ModelConfig
+from dsv3.context import TRAINED_KEY
 from dsv3.data import DataError, DataMix, FIMTokens, PackedDataset, TokenShards, load_manifest
 from dsv3.data.builder import load_tokenizer
 from dsv3.model import DeepseekV3ForCausalLM
@@ -247,6 +248,7 @@ def save_final(model: DeepseekV3ForCausalLM, cfg: PretrainConfig, out: Path, tok
     if cfg.save_dtype == "bfloat16":
         model = model.cast(torch.bfloat16)
     model.config.torch_dtype = cfg.save_dtype
+    model.config.extra[TRAINED_KEY] = cfg.seq_len  # what `dsv3.context` warns past (config.json `training_seq_len`)
     final = save_model(model, out / "final", tokenizer_from=tokenizer_dir)
     (final / "pretrain.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return final

@@ -1,0 +1,232 @@
+"""Every `dsv3` sub-command, given a missing file, an unwritable output, an existing output and a bad flag,
+answers with one `dsv3...: error:` line on stderr and exit status 2 — never a traceback, never after the work.
+
+The walk calls the real dispatcher (`dsv3.cli.main`, what the `dsv3` script runs) in-process, since each
+case fails before any model loads; a few cases also run `python -m dsv3` to show the same line, status and
+absence of a traceback in a fresh process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3 import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A workspace: a tiny model, an adapter for it, token shards, a file, a full directory, data files."""
+    from dsv3.checkpoint import load_model
+    from dsv3.data.builder import build
+    from dsv3.lora import LoRASpec, inject_lora, save_adapter
+    from tiny_model import make_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("cli_errors")
+    model = make_tiny_model_dir(root / "model")
+    m = load_model(model, dtype=torch.float32, progress=False)
+    spec = LoRASpec(r=4, target_modules=["q_b_proj", "o_proj"])
+    inject_lora(m, spec)
+    save_adapter(m, root / "adapter", spec)
+    src = root / "src"
+    src.mkdir()
+    (src / "a.py").write_text('def add(a, b):\n    """Add two numbers."""\n    total = a + b\n    return total\n')
+    (src / "b.py").write_text('def mul(a, b):\n    """Multiply two numbers."""\n    product = a * b\n    return product\n')
+    build([str(src)], model, root / "shards", heldout_fraction=0.0, progress=False)
+    afile = root / "afile"
+    afile.write_text("not a directory\n")
+    full = root / "full"
+    full.mkdir()
+    (full / "old.txt").write_text("an earlier run's output\n")
+    data = root / "train.jsonl"
+    data.write_text('{"instruction": "say hi", "output": "hi"}\n')
+    text = root / "text.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 4)
+    results = root / "results.json"
+    results.write_text("{}")
+    return {"root": root, "model": model, "adapter": root / "adapter", "shards": root / "shards", "src": src,
+            "afile": afile, "unwritable": afile / "out", "full": full, "data": data, "text": text,
+            "missing": root / "missing", "results": results}
+
+
+def run(argv, capsys) -> tuple[int, str]:
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse usage errors
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def assert_one_line(rc: int, err: str, needle: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dsv3") and ": error: " in lines[0], lines[0]
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+# (sub-command case, argv, the words the one line must contain); {x} names come from the workspace
+CASES = [
+    # generate / chat: a missing model or prompt file, a bad flag
+    ("generate missing model", ["generate", "--model", "{missing}", "x"], "does not exist"),
+    ("generate missing prompt file", ["generate", "--model", "{model}", "--prompt-file", "{missing}"], "prompt file"),
+    ("generate missing adapter", ["generate", "--model", "{model}", "--lora", "{missing}", "x"], "adapter directory"),
+    ("generate bad flag", ["generate", "--model", "{model}", "--max-tokens", "0", "x"], "positive integer"),
+    ("generate bad rope scaling", ["generate", "--rope-scaling", "linear:factor=2", "x"], "only yarn"),
+    ("chat missing model", ["chat", "--model", "{missing}"], "does not exist"),
+    ("chat bad flag", ["chat", "--temperature", "hot"], "invalid float value"),
+    # serve: missing model, unwritable / directory outputs, bad flags
+    ("serve missing model", ["serve", "--model", "{missing}"], "does not exist"),
+    ("serve unwritable audit log", ["serve", "--model", "{model}", "--audit-log", "{unwritable}/a.jsonl"], "--audit-log"),
+    ("serve audit log is a directory", ["serve", "--model", "{model}", "--audit-log", "{full}"], "existing directory"),
+    ("serve port out of range", ["serve", "--port", "99999"], "outside 0-65535"),
+    ("serve abbreviated flag", ["serve", "--prot", "18308"], "unrecognized arguments: --prot"),
+    ("audit verify missing log", ["audit", "verify", "{missing}"], "does not exist"),
+    # quantize
+    ("quantize missing model", ["quantize", "--method", "int8", "--model", "{missing}", "-o", "{root}/q"], "does not exist"),
+    ("quantize unwritable output", ["quantize", "--method", "int8", "--model", "{model}", "-o", "{unwritable}"],
+     "cannot be created"),
+    ("quantize output is a file", ["quantize", "--method", "int8", "--model", "{model}", "-o", "{afile}"], "existing file"),
+    ("quantize existing output", ["quantize", "--method", "int8", "--model", "{model}", "-o", "{full}"], "--overwrite"),
+    ("quantize bad flag", ["quantize", "--method", "awq4", "--model", "{model}", "-o", "{root}/q"], "invalid choice"),
+    # merge
+    ("merge missing adapter", ["merge", "--model", "{model}", "--adapter", "{missing}", "-o", "{root}/m"], "does not exist"),
+    ("merge unwritable output", ["merge", "--model", "{model}", "--adapter", "{adapter}", "-o", "{unwritable}"],
+     "cannot be created"),
+    ("merge existing output", ["merge", "--model", "{model}", "--adapter", "{adapter}", "-o", "{full}"], "--overwrite"),
+    ("merge bad flag", ["merge", "--adapter", "{adapter}", "-o", "{root}/m", "--dtype"], "expected one argument"),
+    # finetune
+    ("finetune missing data", ["finetune", "--model", "{model}", "--data-files", "{missing}", "--output-dir", "{root}/f", "-q"],
+     "does not exist"),
+    ("finetune unwritable output", ["finetune", "--model", "{model}", "--data-files", "{data}", "--output-dir", "{unwritable}"],
+     "cannot be created"),
+    ("finetune existing output", ["finetune", "--model", "{model}", "--data-files", "{data}", "--output-dir", "{full}"],
+     "--resume auto"),
+    ("finetune bad flag", ["finetune", "--learning-rate", "fast"], "invalid float value"),
+    # tokenizer train
+    ("tokenizer missing files", ["tokenizer", "train", "--files", "{missing}/*.py", "--vocab-size", "300", "-o", "{root}/t"],
+     "matches no files"),
+    ("tokenizer unwritable output", ["tokenizer", "train", "--files", "{src}/*.py", "--vocab-size", "300", "-o", "{unwritable}"],
+     "cannot be created"),
+    ("tokenizer existing output", ["tokenizer", "train", "--files", "{src}/*.py", "--vocab-size", "300", "-o", "{full}"],
+     "--overwrite"),
+    ("tokenizer bad flag", ["tokenizer", "train", "--files", "{src}/*.py", "--vocab-size", "-3", "-o", "{root}/t"],
+     "positive integer"),
+    # data build / instructions / functions
+    ("data build missing tokenizer", ["data", "build", "--inputs", "{src}", "--tokenizer", "{missing}", "-o", "{root}/d"],
+     "tokenizer"),
+    ("data build unwritable output", ["data", "build", "--inputs", "{src}", "--tokenizer", "{model}", "-o", "{unwritable}"],
+     "cannot be created"),
+    ("data build output is a file", ["data", "build", "--inputs", "{src}", "--tokenizer", "{model}", "-o", "{afile}"],
+     "existing file"),
+    ("data build bad flag", ["data", "build", "--inputs", "{src}", "--tokenizer", "{model}", "-o", "{root}/d",
+                             "--heldout-fraction", "2"], "heldout-fraction"),
+    ("data instructions missing shards", ["data", "instructions", "--shards", "{missing}", "-o", "{root}/i.jsonl"], "manifest"),
+    ("data instructions unwritable output", ["data", "instructions", "--shards", "{shards}", "-o", "{unwritable}/i.jsonl"],
+     "cannot be created"),
+    ("data instructions output is a directory", ["data", "instructions", "--shards", "{shards}", "-o", "{full}"],
+     "existing directory"),
+    ("data functions existing output", ["data", "functions", "--shards", "{shards}", "-o", "{full}"], "--overwrite"),
+    ("data functions unwritable output", ["data", "functions", "--shards", "{shards}", "-o", "{unwritable}"],
+     "cannot be created"),
+    ("data functions bad flag", ["data", "functions", "--shards", "{shards}", "-o", "{root}/fn", "--split", "test"],
+     "invalid choice"),
+    # pretrain
+    ("pretrain missing config", ["pretrain", "--config", "{missing}.yaml"], "does not exist"),
+    ("pretrain unwritable out", ["pretrain", "--data", "{shards}", "--init-from", "{model}", "--out", "{unwritable}"],
+     "cannot be created"),
+    ("pretrain out is a file", ["pretrain", "--data", "{shards}", "--init-from", "{model}", "--out", "{afile}"], "existing file"),
+    ("pretrain bad flag", ["pretrain", "--data", "{shards}", "--init-from", "{model}", "--max-steps", "many"], "max_steps"),
+    # eval: every task checks its data and its --output before loading a model or calling a server
+    ("eval perplexity missing data", ["eval", "perplexity", "--data", "{missing}"], "does not exist"),
+    ("eval perplexity unwritable output", ["eval", "perplexity", "--data", "{text}", "-o", "{unwritable}/r.json"],
+     "cannot be created"),
+    ("eval perplexity output is a directory", ["eval", "perplexity", "--data", "{text}", "-o", "{full}"], "existing directory"),
+    ("eval perplexity bad flag", ["eval", "perplexity", "--data", "{text}", "--window", "0"], "--window"),
+    ("eval mmlu missing data", ["eval", "mmlu", "--data", "{missing}"], "does not exist"),
+    ("eval gsm8k missing data", ["eval", "gsm8k", "--data", "{missing}"], "does not exist"),
+    ("eval humaneval missing data", ["eval", "humaneval", "--data", "{missing}"], "does not exist"),
+    ("eval extraction missing data", ["eval", "extraction", "--data", "{missing}"], "does not exist"),
+    ("eval extraction unwritable output", ["eval", "extraction", "-o", "{unwritable}/r.json"], "cannot be created"),
+    ("eval extraction bad flag", ["eval", "extraction", "--max-tokens", "0"], "--max-tokens"),
+    ("eval compare missing results", ["eval", "compare", "{missing}.json", "-o", "{root}/c.png"], "cannot be read"),
+    # plan
+    ("plan missing model", ["plan", "--model", "{missing}"], "neither a checkpoint"),
+    ("plan bad flag", ["plan", "--model", "deepseek-v3", "--devices", "0"], "positive integer"),
+]
+
+
+@pytest.mark.parametrize("name, argv, needle", CASES, ids=[c[0] for c in CASES])
+def test_one_line_error(ws, capsys, name, argv, needle):
+    argv = [a.format(**ws) for a in argv]
+    before = sorted(p.name for p in ws["root"].iterdir())
+    rc, err = run(argv, capsys)
+    assert_one_line(rc, err, needle)
+    assert sorted(p.name for p in ws["root"].iterdir()) == before  # a failed command creates no output directory
+    if "existing" in name or "unwritable" in name or "is a file" in name:
+        assert (ws["full"] / "old.txt").read_text() == "an earlier run's output\n"  # nothing was written over
+        assert sorted(p.name for p in ws["full"].iterdir()) == ["old.txt"]
+
+
+def test_every_sub_command_is_walked():
+    """Each leaf sub-command of `dsv3 --help` appears in CASES with a failing case."""
+    parser = cli.build_parser()
+    leaves = []
+
+    def walk(p, prefix):
+        subs = [a for a in p._actions if a.__class__.__name__ == "_SubParsersAction"]
+        if not subs:
+            leaves.append(" ".join(prefix))
+        for s in subs:
+            for name, child in s.choices.items():
+                walk(child, prefix + [name])
+
+    walk(parser, [])
+    walked = {" ".join(a for a in c[1] if not a.startswith("-") and "{" not in a)[:40] for c in CASES}
+    for leaf in leaves:
+        assert any(w.startswith(leaf) for w in walked), f"no error case for `dsv3 {leaf}`"
+
+
+def test_quantize_refuses_an_already_quantized_checkpoint(ws, tmp_path, capsys):
+    out = tmp_path / "q8"
+    rc, err = run(["quantize", "--method", "int8", "--model", ws["model"], "-o", out], capsys)
+    assert rc == 0, err
+    rc, err = run(["quantize", "--method", "int4", "--model", out, "-o", tmp_path / "q4"], capsys)
+    assert_one_line(rc, err, "already quantized (int8")
+    assert not (tmp_path / "q4").exists()
+
+
+def test_overwrite_replaces_an_existing_output(ws, tmp_path, capsys):
+    from dsv3.config import ModelConfig
+
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"stale shard")
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {"x": "model-00001-of-00002.safetensors"}}')
+    rc, err = run(["quantize", "--method", "int8", "--model", ws["model"], "-o", out, "--overwrite"], capsys)
+    assert rc == 0, err
+    assert not (out / "model.safetensors.index.json").exists() and not (out / "model-00001-of-00002.safetensors").exists()
+    assert ModelConfig.from_dir(out).quantization_config["format"] == "int8"
+    rc, err = run(["generate", "--model", out, "--max-tokens", "2", "def"], capsys)
+    assert rc == 0, err
+
+
+def test_real_entry_point_prints_one_line_and_no_traceback(ws):
+    """The same checks in a fresh `python -m dsv3` process: stderr, exit status, no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for argv, needle in [
+        (["quantize", "--method", "int8", "--model", ws["model"], "-o", ws["unwritable"]], "cannot be created"),
+        (["eval", "perplexity", "--data", ws["text"], "-o", ws["unwritable"] / "r.json"], "cannot be created"),
+        (["serve", "--port", "99999"], "outside 0-65535"),
+    ]:
+        r = subprocess.run([sys.executable, "-m", "dsv3", *map(str, argv)], capture_output=True, text=True, env=env,
+                           timeout=120)
+        assert_one_line(r.returncode, r.stderr, needle)

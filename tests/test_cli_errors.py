@@ -90,6 +90,12 @@ CASES = [
     ("serve port out of range", ["serve", "--port", "99999"], "outside 0-65535"),
     ("serve abbreviated flag", ["serve", "--prot", "18308"], "unrecognized arguments: --prot"),
     ("audit verify missing log", ["audit", "verify", "{missing}"], "does not exist"),
+    ("audit verify missing key", ["audit", "verify", "{afile}", "--key", "{missing}"], "key file"),
+    ("audit repair missing log", ["audit", "repair", "{missing}"], "does not exist"),
+    ("audit repair bad flag", ["audit", "repair"], "the following arguments are required: path"),
+    ("serve audit key without log", ["serve", "--model", "{model}", "--audit-log-key", "{afile}"], "needs --audit-log"),
+    ("serve bad trusted proxy", ["serve", "--model", "{model}", "--trusted-proxy", "10.0.0.0/33"], "--trusted-proxy"),
+    ("serve bad grammar timeout", ["serve", "--model", "{model}", "--grammar-timeout", "0"], "--grammar-timeout"),
     # quantize
     ("quantize missing model", ["quantize", "--method", "int8", "--model", "{missing}", "-o", "{root}/q"], "does not exist"),
     ("quantize unwritable output", ["quantize", "--method", "int8", "--model", "{model}", "-o", "{unwritable}"],

@@ -231,3 +231,23 @@ def test_logprobs_match_a_full_forward_pass(sdk, ref):
     assert len(content) == c.usage.completion_tokens
     for e in content:  # greedy: the chosen token is the most likely one
         assert len(e.top_logprobs) == 2 and e.logprob == pytest.approx(e.top_logprobs[0].logprob)
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(srv, ref):
+    """vLLM's `truncate_prompt_tokens`: a prompt longer than the context runs on its last k tokens."""
+    gen, tok = ref
+    long_ids = [5 + (i * 7) % 200 for i in range(300)]  # longer than the test server's 256-token context
+    with client(srv) as c:
+        assert c.post("/v1/completions", json={"prompt": long_ids, "max_tokens": 4}).status_code == 400
+        r = c.post("/v1/completions", json={"prompt": long_ids, "max_tokens": 6, "temperature": 0,
+                                            "truncate_prompt_tokens": 100})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 100
+        want = gen.complete(long_ids[-100:], SamplingParams(max_tokens=6, temperature=0))
+        assert r.json()["choices"][0]["text"] == want.text
+        r = c.post("/v1/completions", json={"prompt": long_ids, "max_tokens": 1, "truncate_prompt_tokens": -1})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == srv.engine.max_model_len - 1
+        text = "def f(x):\n    return x\n" * 80
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": text}], "max_tokens": 3,
+                                                 "truncate_prompt_tokens": 50})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 50
+        assert c.post("/v1/completions", json={"prompt": "x", "truncate_prompt_tokens": -2}).status_code == 400

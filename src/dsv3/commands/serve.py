@@ -225,7 +225,10 @@ def run_audit_verify(args: argparse.Namespace) -> int:
 
 
 def run_audit_repair(args: argparse.Namespace) -> int:
-    from dsv3.serve.audit import read_key, repair
+    from dsv3.serve.audit import AuditError, read_key, repair
+
+    if not Path(args.path).is_file():
+        raise AuditError(f"audit log {args.path} does not exist")
 
     r = repair(args.path, read_key(args.key) if args.key else None)
     if r is None:

@@ -10,7 +10,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from dsv3.serve.errors import APIError
 from dsv3.serve.generation import (admit, cache_lookup, chat_logprobs, check_grammar_params, encode, finish_reason,
-                                   generate, new_id, sampling_params, usage)
+                                   generate, new_id, sampling_params, truncate, usage)
 from dsv3.serve.protocol import ChatCompletionRequest, NamedToolChoice
 from dsv3.serve.state import ServerState
 from dsv3.serve.streaming import DONE, KEEPALIVE, error_event, json_body, sse, with_keepalive
@@ -91,7 +91,8 @@ def register(app: FastAPI, st: ServerState) -> None:
         if hit is not None:
             return Response(hit, media_type="application/json", headers={"x-dsv3-cache": "hit"})
         text = st.tokenizer.apply_chat_template(_messages(req, with_tools), add_generation_prompt=True)
-        prompt = {"prompt_token_ids": await encode(st, text, add_special_tokens=False, param="messages")}
+        ids = await encode(st, text, add_special_tokens=False, param="messages", fit=not req.truncate_prompt_tokens)
+        prompt = {"prompt_token_ids": truncate(st, req, ids)}
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = req.top_logprobs or 0
         params = sampling_params(req, max_tokens, top if req.logprobs else None)

@@ -10,7 +10,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from dsv3.serve.errors import APIError
 from dsv3.serve.generation import (admit, cache_lookup, check_grammar_params, completion_logprobs, encode,
-                                   finish_reason, generate, new_id, sampling_params, usage)
+                                   finish_reason, generate, new_id, sampling_params, truncate, usage)
 from dsv3.serve.protocol import CompletionRequest
 from dsv3.serve.state import ServerState
 from dsv3.serve.streaming import DONE, KEEPALIVE, error_event, json_body, merge, sse, with_keepalive
@@ -40,10 +40,10 @@ async def _prompts(st: ServerState, req: CompletionRequest) -> list[list[int]]:
                 item = bos + [fim.prefix] + await encode(st, item, False) + [fim.suffix] + \
                     await encode(st, req.suffix, False, param="suffix") + [fim.middle]
             else:
-                item = await encode(st, item)
+                item = await encode(st, item, fit=not req.truncate_prompt_tokens)
         elif req.suffix is not None:
             raise APIError(400, "'suffix' works with text prompts only", param="suffix")
-        out.append(list(item))
+        out.append(truncate(st, req, list(item)))
     return out
 
 

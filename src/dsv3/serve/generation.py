@@ -53,6 +53,16 @@ async def encode(st: ServerState, text: str, add_special_tokens: bool = True, pa
     return st.tokenizer.encode(text, add_special_tokens)
 
 
+def truncate(st: ServerState, req: Any, ids: list[int]) -> list[int]:
+    """vLLM's `truncate_prompt_tokens`: keep the last k prompt tokens (k = -1: as many as the context holds,
+    leaving room for one generated token); None or 0 keeps them all."""
+    k = req.truncate_prompt_tokens
+    if not k:
+        return ids
+    keep = st.engine.max_model_len - 1 if k == -1 else k
+    return ids[-keep:] if len(ids) > keep else ids
+
+
 def check_grammar_params(req: Any) -> None:
     """A grammar ends the output when it is complete (only a stop token may follow), so it cannot be combined
     with decoding that forbids stopping."""

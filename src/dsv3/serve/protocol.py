@@ -136,6 +136,7 @@ class _Sampling(_Body):
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # vLLM: keep the last k prompt tokens (-1: the context)
 
 
 class ChatCompletionRequest(_Sampling):

@@ -50,16 +50,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
-    """The `dsv3 plan` command that reproduces `args` (options left at their defaults are left out)."""
+    """The `dsv3 plan` command that reproduces `args` (options at their defaults are left out, but --target)."""
     out = ["dsv3", "plan"]
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
         value = getattr(args, action.dest)
-        if value == action.default:
+        if value == action.default and action.dest != "target":
             continue
         flag = action.option_strings[-1]
-        out += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        out += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, text]
     return shlex.join(out)
 
 

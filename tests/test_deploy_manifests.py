@@ -199,6 +199,11 @@ def test_multinode_group_is_one_torchrun_world(tmp_path):
         assert p.torchrun.master_addr == f"dsv3-0.{headless['metadata']['name']}"
         assert p.torchrun.master_port == headless["spec"]["ports"][0]["port"]
         assert p.torchrun.module and p.torchrun.training_script == "dsv3" and p.torchrun.rdzv_backend == "static"
+        # torchrun passes SIGTERM on, then waits --shutdown-timeout before SIGKILL: rank 0 needs its grace period
+        grace = build_parser().parse_args([a for a in leader.serve_argv if not a.startswith("--model=")]).grace_period
+        assert p.torchrun.shutdown_timeout == grace + SHUTDOWN_MARGIN
+        assert p.spec["terminationGracePeriodSeconds"] == (leader.container["lifecycle"]["preStop"]["sleep"]["seconds"]
+                                                           + p.torchrun.shutdown_timeout)
     layouts = set()
     for p in group:
         a = serve_args(p, tmp_path)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from dsv3.commands import plan_k8s
 from dsv3.errors import ConfigError, DSV3Error
 
 # DeepSeek-V3/R1 671B (the hub config.json), so the arithmetic needs no download.
@@ -62,8 +63,6 @@ def run_plan(args: argparse.Namespace) -> int:
         raise DSV3Error(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
     emit = args.emit == "k8s"
     if emit:
-        from dsv3.commands import plan_k8s
-
         plan_k8s.check(args)
     cfg = load_config(args.model)
     quant = args.quantization or checkpoint_quantization(cfg)
@@ -118,7 +117,6 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dsv3.commands import plan_k8s
     from dsv3.commands.run import positive_int
     from dsv3.parallel.sizing import QUANTIZATIONS
 

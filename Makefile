@@ -4,12 +4,22 @@ PYTHON ?= python3
 STAMP  := $(VENV)/.installed
 PROMPT ?= def fibonacci(n):
 
-.PHONY: run test test-all clean default-model
+# What goes into the venv: the package with its test extras, editable. The container images run the same recipe
+# with INSTALL=. (deploy/Dockerfile), so every version comes from pyproject.toml's pins. TORCH_INDEX installs
+# torch's pinned version from another wheel index first (the CPU image: https://download.pytorch.org/whl/cpu).
+INSTALL     ?= -e '.[test]'
+TORCH_INDEX ?=
+TORCH_PIN   := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml)
+
+.PHONY: run test test-all clean default-model venv deploy-tools deploy-checkov
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(if $(TORCH_INDEX),$(VENV)/bin/pip install -q --index-url $(TORCH_INDEX) '$(TORCH_PIN)')
+	$(VENV)/bin/pip install -q $(INSTALL)
 	touch $(STAMP)
+
+venv: $(STAMP)  ## only install
 
 run: $(STAMP)  ## generate with the embedded default model
 	$(VENV)/bin/dsv3 generate --max-tokens 64 "$(PROMPT)"
@@ -21,7 +31,23 @@ test-all: $(STAMP)  ## including tests marked slow
 	$(VENV)/bin/pytest -q -m ""
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache deploy/.venv-tools deploy/.venv-checkov
+
+# Linters and schema validators for deploy/ (tests/test_deploy_*.py), each in a venv of its own: their dependencies
+# would clash with the project's pins (and checkov's with kubernetes-validate's). Only the slow test installs checkov.
+deploy/.venv-tools/.installed: deploy/requirements-tools.txt
+	$(PYTHON) -m venv deploy/.venv-tools
+	deploy/.venv-tools/bin/pip install -q -r $<
+	touch $@
+
+deploy/.venv-checkov/.installed: deploy/requirements-checkov.txt
+	$(PYTHON) -m venv deploy/.venv-checkov
+	deploy/.venv-checkov/bin/pip install -q -r $<
+	touch $@
+
+deploy-tools: deploy/.venv-tools/.installed  ## hadolint, kubernetes-validate
+
+deploy-checkov: deploy/.venv-checkov/.installed  ## checkov
 
 # Rebuild the embedded default model (docs/pretrain.md): Python sources of the interpreter's standard library
 # and of the runtime packages dsv3 pins -> tokenizer -> shards -> `dsv3 pretrain` -> `dsv3 finetune` (chat variant).

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from dsv3.commands import plan_k8s
 from dsv3.errors import ConfigError, DSV3Error
 
 # DeepSeek-V3/R1 671B (the hub config.json), so the arithmetic needs no download.
@@ -59,41 +61,59 @@ def run_plan(args: argparse.Namespace) -> int:
 
     if args.device_memory is not None and args.device_memory <= 0:
         raise DSV3Error(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
+    emit = args.emit == "k8s"
+    if emit:
+        plan_k8s.check(args)
     cfg = load_config(args.model)
     quant = args.quantization or checkpoint_quantization(cfg)
-    opts = dict(quantization=quant, dtype=_dtype(args, cfg), max_model_len=args.max_model_len,
+    dtype = "fp32" if emit and args.target == "cpu" and args.dtype == "auto" else _dtype(args, cfg)  # as serve on a CPU
+    opts = dict(quantization=quant, dtype=dtype, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_dtype=args.kv_cache_dtype, with_mtp=not args.no_mtp)
     p = plan(cfg, args.devices, **opts)
-    print(f"model: {args.model} · weights {quant if quant != 'none' else opts['dtype']}"
-          f" · {args.devices} device(s) (TP={args.devices}, experts split {args.devices} ways)")
-    print(f"  weights per device        {gib(p.weights):>14}")
-    print(f"  latent cache per token    {p.cache_per_token / 1024:>10,.1f} KiB   (every device; MLA latents are shared by all heads)")
-    print(f"  cache per sequence        {gib(p.per_sequence):>14}   ({p.max_model_len:,} tokens)")
-    print(f"  activations (est. peak)   {gib(p.activations):>14}   ({min(args.max_num_batched_tokens, p.max_model_len):,}-token step)")
-    print(f"  reserve                   {gib(RESERVE):>14}")
-    print(f"  needed for {p.max_num_seqs} sequences   {gib(p.needed()):>14} per device")
-    if args.device_memory is None:
-        return 0
-    mem = int(args.device_memory * 2**30)
-    n = p.sequences_that_fit(mem)
-    if n >= p.max_num_seqs:
-        print(f"fits: {n:,} sequences of {p.max_model_len:,} tokens fit in {args.device_memory:g} GiB per device")
-        return 0
-    if n > 0:
-        print(f"fits partly: only {n:,} of {p.max_num_seqs} sequences of {p.max_model_len:,} tokens fit in {args.device_memory:g} GiB per device")
-        return 0
-    print(f"does not fit: {gib(p.fixed())} per device before any cache, {args.device_memory:g} GiB available")
-    for d in DEVICE_COUNTS:
-        if d <= args.devices:
-            continue
-        try:
-            if plan(cfg, d, **opts).sequences_that_fit(mem) >= 1:
-                print(f"smallest device count that fits one sequence: {d}")
-                break
-        except ParallelError:
-            continue
-    return 1
+    lines = [f"model: {args.model} · weights {quant if quant != 'none' else dtype}"
+             f" · {args.devices} device(s) (TP={args.devices}, experts split {args.devices} ways)",
+             f"  weights per device        {gib(p.weights):>14}",
+             f"  latent cache per token    {p.cache_per_token / 1024:>10,.1f} KiB   (every device; MLA latents are shared by all heads)",
+             f"  cache per sequence        {gib(p.per_sequence):>14}   ({p.max_model_len:,} tokens)",
+             f"  activations (est. peak)   {gib(p.activations):>14}   ({min(args.max_num_batched_tokens, p.max_model_len):,}-token step)",
+             f"  reserve                   {gib(RESERVE):>14}",
+             f"  needed for {p.max_num_seqs} sequences   {gib(p.needed()):>14} per device"]
+    code, seqs = 0, p.max_num_seqs
+    if args.device_memory is not None:
+        mem = int(args.device_memory * 2**30)
+        n = p.sequences_that_fit(mem)
+        if n >= p.max_num_seqs:
+            lines.append(f"fits: {n:,} sequences of {p.max_model_len:,} tokens fit in {args.device_memory:g} GiB per device")
+        elif n > 0:
+            lines.append(f"fits partly: only {n:,} of {p.max_num_seqs} sequences of {p.max_model_len:,} tokens fit in "
+                         f"{args.device_memory:g} GiB per device")
+            seqs = n
+        else:
+            code = 1
+            lines.append(f"does not fit: {gib(p.fixed())} per device before any cache, {args.device_memory:g} GiB available")
+            for d in DEVICE_COUNTS:
+                if d <= args.devices:
+                    continue
+                try:
+                    if plan(cfg, d, **opts).sequences_that_fit(mem) >= 1:
+                        lines.append(f"smallest device count that fits one sequence: {d}")
+                        break
+                except ParallelError:
+                    continue
+    if not emit:
+        print("\n".join(lines))
+        return code
+    if code:
+        print("\n".join(lines), file=sys.stderr)
+        print("dsv3: error: the model does not fit; no manifests written", file=sys.stderr)
+        return 1
+    if seqs < p.max_num_seqs:
+        p = plan(cfg, args.devices, **{**opts, "max_num_seqs": seqs})
+        lines.append(f"manifests size the server for the {seqs:,} sequences that fit (--max-num-seqs {seqs})")
+    command = plan_k8s.command_line(args, args.parser)
+    sys.stdout.write(plan_k8s.patch(args, p, cfg, dtype, seqs, [f"Generated by: {command}", *lines]))
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -112,4 +132,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--devices", type=positive_int, default=1, help="GPUs (ranks) the model is split over")
     p.add_argument("--device-memory", type=float, default=None, metavar="GB", help="memory per device in GiB (enables the verdict)")
     p.add_argument("--no-mtp", action="store_true", help="leave out the MTP module (no speculative decoding)")
-    p.set_defaults(func=run_plan)
+    plan_k8s.add_args(p)
+    p.set_defaults(func=run_plan, parser=p)

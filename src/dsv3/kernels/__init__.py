@@ -6,6 +6,9 @@ per expert, ~9 GB/s here). These kernels read each weight row once per step, wit
 per call, and run a layer's routed experts, or its whole MLA, in one call. They share PyTorch's OpenMP runtime and
 thread count. The C compiler is needed once per machine (the .so is cached under
 ~/.cache/dsv3/kernels); without one, or with DSV3_KERNELS=0, callers fall back to PyTorch ops.
+Where no compiler may be present (a container's runtime image), DSV3_KERNELS_PREBUILT names a
+directory of libraries built ahead of time for declared x86-64 levels (`python -m
+dsv3.kernels.prebuild`); the most capable one this CPU can run is loaded, else PyTorch ops are used.
 """
 
 from __future__ import annotations
@@ -52,24 +55,77 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("DSV3_CACHE", Path.home() / ".cache" / "dsv3")) / "kernels"
 
 
+def _sources() -> bytes:
+    return b"".join((_DIR / f).read_bytes() for f in _SOURCES + _HEADERS)
+
+
+def compile_library(cc: str, flags: list[str], so: Path) -> bool:
+    """Compile the kernels with `cc` into `so` (atomically replaced); False, with the reason on stderr, on failure."""
+    so.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+        out = Path(tmp) / so.name
+        res = subprocess.run([cc, *flags, *(str(_DIR / f) for f in _SOURCES), "-o", str(out), "-lm"],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"dsv3: native decode kernels unavailable ({cc} failed): {res.stderr.strip()[:200]}", file=sys.stderr)
+            return False
+        os.replace(out, so)  # atomic: concurrent builders never load a half-written file
+    return True
+
+
+# x86-64 psABI micro-architecture levels a prebuilt library may target -> the /proc/cpuinfo flags each may use
+X86_LEVELS = {
+    "x86-64-v3": "sse4_1 sse4_2 ssse3 popcnt cx16 lahf_lm avx avx2 bmi1 bmi2 f16c fma movbe abm xsave",
+    "x86-64-v4": "sse4_1 sse4_2 ssse3 popcnt cx16 lahf_lm avx avx2 bmi1 bmi2 f16c fma movbe abm xsave "
+                 "avx512f avx512bw avx512cd avx512dq avx512vl",
+}
+
+
+def prebuilt_name(level: str) -> str:
+    """File name of a library prebuilt for `level` from exactly these sources (another version's is never loaded)."""
+    return f"decode-{hashlib.sha256(_sources()).hexdigest()[:16]}-{level}.so"
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as Linux reports them (empty where /proc/cpuinfo has none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def _prebuilt(directory: Path) -> ctypes.CDLL | None:
+    """The most capable library in `directory` that was built from these sources and that this CPU can run."""
+    have = cpu_flags()
+    for level in sorted(X86_LEVELS, key=lambda lv: -len(X86_LEVELS[lv].split())):
+        so = directory / prebuilt_name(level)
+        if so.exists() and set(X86_LEVELS[level].split()) <= have:
+            return _load(so)
+    found = sorted(p.name for p in directory.glob("decode-*.so")) if directory.is_dir() else []
+    print(f"dsv3: native decode kernels unavailable: no library in {directory} fits these sources and this CPU "
+          f"(found: {', '.join(found) or 'none'}); using PyTorch ops", file=sys.stderr)
+    return None
+
+
 def _build() -> ctypes.CDLL | None:
+    if os.environ.get("DSV3_KERNELS_PREBUILT"):
+        return _prebuilt(Path(os.environ["DSV3_KERNELS_PREBUILT"]))
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
     flags = _FLAGS + shlex.split(os.environ.get("DSV3_KERNELS_CFLAGS", ""))  # e.g. -mno-avx512f: the portable code
-    src = b"".join((_DIR / f).read_bytes() for f in _SOURCES + _HEADERS)
-    key = hashlib.sha256(src + " ".join([cc, *flags, os.uname().machine]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(_sources() + " ".join([cc, *flags, os.uname().machine]).encode()).hexdigest()[:16]
     so = _cache_dir() / f"decode-{key}.so"
-    if not so.exists():
-        so.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-            out = Path(tmp) / so.name
-            res = subprocess.run([cc, *flags, *(str(_DIR / f) for f in _SOURCES), "-o", str(out), "-lm"],
-                                 capture_output=True, text=True)
-            if res.returncode != 0:
-                print(f"dsv3: native decode kernels unavailable ({cc} failed): {res.stderr.strip()[:200]}", file=sys.stderr)
-                return None
-            os.replace(out, so)  # atomic: concurrent builders never load a half-written file
+    if not so.exists() and not compile_library(cc, flags, so):
+        return None
+    return _load(so)
+
+
+def _load(so: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(so))
     for name, args in _SIGNATURES.items():
         getattr(lib, name).argtypes = args

@@ -36,8 +36,8 @@ from dsv3.data.instructions import split_files  # noqa: E402
 from dsv3.data.shards import load_manifest  # noqa: E402
 from dsv3.errors import DSV3Error  # noqa: E402
 from dsv3.llm import LLM  # noqa: E402
-from dsv3.paths import default_chat_model_dir, default_model_dir  # noqa: E402
-from dsv3.sampling import SamplingParams  # noqa: E402
+from dsv3.io.paths import default_chat_model_dir, default_model_dir  # noqa: E402
+from dsv3.engine.sampling import SamplingParams  # noqa: E402
 
 UNSEEN = ", whose signature + docstring is in no train file"
 PARTS = ("bpb", "functions", "fim", "mtp", "latency", "chat")

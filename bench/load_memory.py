@@ -3,7 +3,7 @@
     python bench/load_memory.py [--params-mb 1024] [--dtype fp32] [--keep DIR]
 
 Writes a random DeepSeek-V3-shaped checkpoint (MLA, 1 dense + MoE layers) of about the requested
-size, then loads it with `dsv3.checkpoint.load_model` in a fresh process and prints the peak RSS
+size, then loads it with `dsv3.io.checkpoint.load_model` in a fresh process and prints the peak RSS
 increase during loading divided by the model's in-memory size (the target is <= 1.3), next to the
 same figure for HF transformers' `from_pretrained` on the same files.
 """
@@ -26,8 +26,8 @@ def rss(field):
     raise RuntimeError(field)
 which, path = sys.argv[1], sys.argv[2]
 if which == 'dsv3':
-    from dsv3.checkpoint import load_model
-    import dsv3.model
+    from dsv3.io.checkpoint import load_model
+    import dsv3.models.deepseek_v3
 else:
     import transformers
 before = rss('VmRSS:')
@@ -43,9 +43,9 @@ print(json.dumps({'before': before, 'peak': peak, 'model_bytes': size}))
 
 
 def make_checkpoint(out: Path, target_mb: int) -> None:
-    from dsv3.checkpoint import save_model
+    from dsv3.io.checkpoint import save_model
     from dsv3.config import ModelConfig
-    from dsv3.model import DeepseekV3ForCausalLM
+    from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
 
     per_layer = 32 * 3 * 1024 * 512 * 4  # 32 experts of width 512 at hidden 1024, fp32
     layers = max(2, round((target_mb * 2**20 - 2 * 32000 * 1024 * 4) / per_layer) + 1)

@@ -32,7 +32,7 @@ def _write_tokenizer(path: Path, vocab_size: int) -> None:
     """A byte-level BPE over the stdlib, padded to the model's vocabulary (special tokens at 0/1)."""
     import sysconfig
 
-    from dsv3.tokenizer_train import train_tokenizer
+    from dsv3.data.tokenizer_train import train_tokenizer
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(stdlib.glob("*.py"))[:60]

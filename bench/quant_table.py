@@ -47,10 +47,10 @@ BENCH73M = dict(model_type="deepseek_v3", vocab_size=32000, hidden_size=512, int
 
 
 def build_bench73m(out: Path) -> Path:
-    from dsv3.checkpoint import save_model
+    from dsv3.io.checkpoint import save_model
     from dsv3.config import ModelConfig
-    from dsv3.model import DeepseekV3ForCausalLM
-    from dsv3.tokenizer_train import train_tokenizer
+    from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+    from dsv3.data.tokenizer_train import train_tokenizer
 
     train_tokenizer([STDLIB / f for f in TRAIN_FILES], 4096, out, min_frequency=2, model_max_length=4096, show_progress=False)
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def build_bench73m(out: Path) -> Path:
 
 def token_windows(args, model_dir: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(held-out windows, calibration windows, a sentence saying where they come from)."""
-    from dsv3.tokenizer import Tokenizer
+    from dsv3.io.tokenizer import Tokenizer
 
     shards = args.shards or (shards_of(model_dir) if args.model else None)
     if args.text is None and shards is not None:
@@ -87,7 +87,7 @@ def token_windows(args, model_dir: Path) -> tuple[torch.Tensor, torch.Tensor, st
 
 def dsv3_rows(args, model_dir: Path, calib: torch.Tensor, work: Path) -> tuple[list[dict], dict]:
     """Rows (sizes, checkpoint to time) and scoring functions of dsv3's float and quantized models."""
-    from dsv3.checkpoint import load_model
+    from dsv3.io.checkpoint import load_model
     from dsv3.quant import quantize_model, save_quantized
     from dsv3.quant.apply import linear_weight_bytes
 

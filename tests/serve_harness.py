@@ -12,10 +12,10 @@ import httpx
 import pytest
 import uvicorn
 
-from dsv3.checkpoint import load_model
+from dsv3.io.checkpoint import load_model
 from dsv3.engine import EngineConfig, LLMEngine
 from dsv3.serve import ServeConfig, create_app
-from dsv3.tokenizer import Tokenizer
+from dsv3.io.tokenizer import Tokenizer
 
 
 def free_port() -> int:
@@ -90,7 +90,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def oracle(model_dir: Path, max_model_len: int = 256):
     """The single-request `Generator` (dense cache, no batching): an independent path to compare against."""
-    from dsv3.generate import Generator
+    from dsv3.engine.generator import Generator
 
     tok = Tokenizer.from_dir(model_dir)
     return Generator(load_model(model_dir, dtype="fp32"), tok, max_model_len), tok

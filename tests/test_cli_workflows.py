@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapter(model_dir, tmp_path_factory):
-    from dsv3.checkpoint import load_model
+    from dsv3.io.checkpoint import load_model
     from dsv3.lora import LoRASpec, inject_lora, save_adapter
 
     m = load_model(model_dir, dtype=torch.float32, progress=False)
@@ -208,7 +208,7 @@ def test_torchrun_worker_rank_without_model_serves_the_default_model(monkeypatch
     import dsv3.commands.serve as serve_cmd
     from test_serve_cli import parse
 
-    from dsv3.paths import default_model_dir
+    from dsv3.io.paths import default_model_dir
 
     seen = {}
     monkeypatch.setattr(serve_cmd, "start_parallel", lambda args, model, cfg: seen.update(model=model))

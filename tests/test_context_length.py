@@ -11,7 +11,7 @@ import torch
 
 from dsv3 import cli
 from dsv3.config import ModelConfig
-from dsv3.context import context_limit, parse_rope_scaling, rope_scaled_config, with_rope_scaling
+from dsv3.models.context_length import context_limit, parse_rope_scaling, rope_scaled_config, with_rope_scaling
 from dsv3.errors import ConfigError
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
@@ -28,9 +28,9 @@ def plain_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
-    import dsv3.context
+    import dsv3.models.context_length
 
-    monkeypatch.setattr(dsv3.context, "_warned", set())
+    monkeypatch.setattr(dsv3.models.context_length, "_warned", set())
 
 
 def cfg(**kw) -> ModelConfig:
@@ -52,7 +52,7 @@ def test_limit_prefers_training_length_then_yarn_then_declared():
 def test_embedded_model_records_its_trained_length_and_its_card_says_so():
     import yaml
 
-    from dsv3.paths import PACKAGE_DATA, default_model_dir
+    from dsv3.io.paths import PACKAGE_DATA, default_model_dir
 
     for chat in (False, True):
         c = ModelConfig.from_dir(default_model_dir(chat=chat))
@@ -84,10 +84,10 @@ def test_engine_warns_once_per_process_not_per_request(plain_dir, caplog):
 
     llm = LLM(plain_dir, dtype="fp32")  # max_model_len: the declared 256, so no max_model_len warning
     long = ["x = 1\n" * 10, "y = 2\n" * 15, "z = 3\n" * 20]
-    with caplog.at_level(logging.WARNING, logger="dsv3.context"):
+    with caplog.at_level(logging.WARNING, logger="dsv3.models.context_length"):
         llm.generate(long, SamplingParams(max_tokens=2), use_tqdm=False)
         llm.generate(long[:1], SamplingParams(max_tokens=2), use_tqdm=False)
-    warnings = [r for r in caplog.records if r.name == "dsv3.context"]
+    warnings = [r for r in caplog.records if r.name == "dsv3.models.context_length"]
     assert len(warnings) == 1 and "a prompt of" in warnings[0].getMessage()
 
 
@@ -113,7 +113,7 @@ def _raw():
 
 def test_rope_scaling_overlay_equals_an_edited_config(plain_dir, tmp_path, capsys):
     """--rope-scaling gives exactly the model of a checkpoint whose config.json was edited by hand."""
-    from dsv3.checkpoint import load_model
+    from dsv3.io.checkpoint import load_model
 
     edited = tmp_path / "edited"
     shutil.copytree(plain_dir, edited)

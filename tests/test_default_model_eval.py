@@ -22,7 +22,7 @@ from default_model_eval import main  # noqa: E402
 
 from dsv3.data.builder import build, split_of  # noqa: E402
 from dsv3.data.instructions import iter_functions  # noqa: E402
-from dsv3.tokenizer import Tokenizer  # noqa: E402
+from dsv3.io.tokenizer import Tokenizer  # noqa: E402
 
 MODULE = textwrap.dedent('''\
     """Module {k}."""

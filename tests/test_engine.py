@@ -10,9 +10,9 @@ import torch
 
 from dsv3.engine import EngineConfig, LLMEngine
 from dsv3.engine.async_engine import AsyncLLMEngine
-from dsv3.generate import Generator
-from dsv3.model.moe import Gate
-from dsv3.sampling import SamplingParams
+from dsv3.engine.generator import Generator
+from dsv3.layers.moe import Gate
+from dsv3.engine.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

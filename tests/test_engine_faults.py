@@ -17,7 +17,7 @@ import pytest
 import dsv3.engine.llm_engine as engine_mod
 from dsv3.engine import EngineConfig, LLMEngine, RequestFailedError
 from dsv3.engine.async_engine import AsyncLLMEngine
-from dsv3.sampling import SamplingParams
+from dsv3.engine.sampling import SamplingParams
 
 PROMPTS = [[5, 9, 14, 22, 31], [7, 7, 40, 41], [12, 13, 14, 15, 16, 17, 18], [50, 3, 60]]
 POISON = [33, 34, 35, 36]

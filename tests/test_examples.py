@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv3.sampling import SamplingParams
+from dsv3.engine.sampling import SamplingParams
 from serve_harness import model_dir, oracle, ref, serve, srv  # noqa: F401 (fixtures)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -108,7 +108,7 @@ def test_keep_filters_body_size_literals_and_fences():
 
 def test_records_train_on_the_fenced_function(tmp_path):
     from dsv3.lora.data import tokenize_record
-    from dsv3.tokenizer import Tokenizer
+    from dsv3.io.tokenizer import Tokenizer
     from tiny_tokenizer import make_tiny_tokenizer
 
     recs = records(site("add"))
@@ -190,7 +190,7 @@ def test_cli_writes_jsonl_and_reports_errors(corpus, tmp_path, capsys):
 
 
 def test_default_chat_model_choice(tmp_path, monkeypatch):
-    import dsv3.paths as paths
+    import dsv3.io.paths as paths
 
     base, chat = tmp_path / "data" / "default", tmp_path / "data" / "default-chat"
     base.mkdir(parents=True)

@@ -15,10 +15,10 @@ import torch
 from dsv3 import kernels
 from dsv3.kernels import step as kernel_step
 from dsv3.config import ModelConfig
-from dsv3.model import DeepseekV3ForCausalLM
-from dsv3.model import mla as mla_module
-from dsv3.model.attention import DenseLatentCache
-from dsv3.model.moe import Gate
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.layers import mla as mla_module
+from dsv3.attention.context import DenseLatentCache
+from dsv3.layers.moe import Gate
 from dsv3.quant import kernels as quant_kernels
 from dsv3.quant.apply import quantize_model
 from tiny_model import TINY
@@ -158,7 +158,7 @@ def test_engine_steps_take_the_mla_kernel(monkeypatch, parts, spec):
     """Decode steps, and with MTP drafting the short verification and drafting chunks, run natively;
     the tokens are those of the PyTorch path."""
     from dsv3.engine import EngineConfig, LLMEngine
-    from dsv3.sampling import SamplingParams
+    from dsv3.engine.sampling import SamplingParams
 
     model, tok = parts
     prompts = [[5 + i, 9, 11 + 2 * i, 7][: 2 + i % 3] for i in range(5 if spec == 0 else 2)]  # steps of <= 8 tokens

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from dsv3.checkpoint import load_model
+from dsv3.io.checkpoint import load_model
 from dsv3.lora.batching import IGNORE, collate, pack_bfd
 from dsv3.lora.data import DataError, Example, load_examples, tokenize_record
 from dsv3.lora.trainer import token_loss
-from dsv3.model import AttentionContext
-from dsv3.tokenizer import Tokenizer
+from dsv3.attention import AttentionContext
+from dsv3.io.tokenizer import Tokenizer
 from tiny_model import make_tiny_model_dir
 
 

@@ -15,14 +15,14 @@ import re
 import pytest
 import torch
 
-from dsv3.checkpoint import load_model
-from dsv3.generate import Generator
+from dsv3.io.checkpoint import load_model
+from dsv3.engine.generator import Generator
 from dsv3.lora import load_adapter
 from dsv3.lora.train_config import load_config
 from dsv3.lora.trainer import finetune
-from dsv3.paths import default_model_dir
-from dsv3.sampling import SamplingParams
-from dsv3.tokenizer import Tokenizer
+from dsv3.io.paths import default_model_dir
+from dsv3.engine.sampling import SamplingParams
+from dsv3.io.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 OPS = {"sum": "a + b", "difference": "a - b", "product": "a * b", "quotient": "a / b", "remainder": "a % b",

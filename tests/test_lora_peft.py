@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3.checkpoint import load_model
+from dsv3.io.checkpoint import load_model
 from dsv3.lora import LoRASpec, inject_lora, load_adapter, save_adapter, set_merged
 from dsv3.lora.layers import LoRALinear
 from dsv3.lora.merge import merge_adapter
-from dsv3.model import AttentionContext, DenseLatentCache
+from dsv3.attention import AttentionContext, DenseLatentCache
 from hf_oracle import build_hf_model
 
 peft = pytest.importorskip("peft")

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from dsv3.checkpoint import load_model
+from dsv3.io.checkpoint import load_model
 from dsv3.engine import EngineConfig, LLMEngine
 from dsv3.engine.runner import ModelRunner, StepItem
 from dsv3.lora import LoRASpec, inject_lora, save_adapter, set_slot_ids
@@ -24,9 +24,9 @@ from dsv3.lora.layers import LoRALinear
 from dsv3.lora.merge import merge_adapter
 from dsv3.lora.multi import load_stacked
 from dsv3.lora.slots import SlotBatch
-from dsv3.sampling import SamplingParams
+from dsv3.engine.sampling import SamplingParams
 from dsv3.serve import ServeConfig
-from dsv3.tokenizer import Tokenizer
+from dsv3.io.tokenizer import Tokenizer
 from serve_harness import serve, tiny_loader
 from tiny_model import make_tiny_model_dir
 
@@ -252,8 +252,8 @@ def test_serve_lora_flags(world, tmp_path):
 def test_adapters_over_a_quantized_base(world):
     """`--quantization int8` with `--lora`: the stacked adapters run over the packed base linears (LoRALinear
     wraps QuantLinear) and equal one adapter loaded on the same quantized model, decoded by the generator."""
-    from dsv3.checkpoint import load_for_inference
-    from dsv3.generate import Generator
+    from dsv3.io.checkpoint import load_for_inference
+    from dsv3.engine.generator import Generator
     from dsv3.lora import load_adapter
     from dsv3.quant.linear import QuantLinear
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import dsv3.cli
-from dsv3.checkpoint import load_model
-from dsv3.generate import Generator
+from dsv3.io.checkpoint import load_model
+from dsv3.engine.generator import Generator
 from dsv3.lora import load_adapter
-from dsv3.sampling import SamplingParams
-from dsv3.tokenizer import Tokenizer
+from dsv3.engine.sampling import SamplingParams
+from dsv3.io.tokenizer import Tokenizer
 from dsv3.lora.train_config import FinetuneConfigError, load_config
 from dsv3.lora.trainer import finetune
 from tiny_model import make_tiny_model_dir

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.config import ModelConfig
-from dsv3.model import DeepseekV3ForCausalLM
-from dsv3.model.moe import _grouped_mm
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.layers.moe import _grouped_mm
 from tiny_model import TINY
 
 

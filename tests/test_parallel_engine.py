@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3.checkpoint import load_model
+from dsv3.io.checkpoint import load_model
 from dsv3.engine import EngineConfig, LLMEngine
 from dsv3.parallel.worker import start_engine
-from dsv3.sampling import SamplingParams
-from dsv3.tokenizer import Tokenizer
+from dsv3.engine.sampling import SamplingParams
+from dsv3.io.tokenizer import Tokenizer
 
 PROMPTS = [[5, 17, 33, 101, 7], [44, 9, 250, 3, 3, 18, 91, 12, 60, 2, 77], [300, 301]]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv3.checkpoint import dequantize_fp8, load_model
+from dsv3.io.checkpoint import dequantize_fp8, load_model
 from dsv3.parallel import ParallelConfig
 from dsv3.parallel.experts import LocalExperts
 from dsv3.parallel.layers import Shard

@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = r"""
 import json, sys, torch
 import torch.multiprocessing as mp
-from dsv3.checkpoint import load_model
+from dsv3.io.checkpoint import load_model
 from dsv3.config import ModelConfig
-from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dsv3.parallel import ParallelConfig, dist as pdist
 from dsv3.parallel.load import load_sharded, rss
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dsv3.checkpoint import load_model
-from dsv3.model import DenseLatentCache
+from dsv3.io.checkpoint import load_model
+from dsv3.attention import DenseLatentCache
 from dsv3.parallel import ParallelConfig, ParallelError
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (tp, ep)

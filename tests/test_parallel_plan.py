@@ -9,7 +9,7 @@ from dsv3.cli import _Parser
 from dsv3.commands import plan as plan_cmd
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
-from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dsv3.parallel import ParallelConfig, ParallelError
 from dsv3.parallel.load import build_local_model
 from dsv3.parallel.shard import parallelize

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = r"""
 import json, sys
 from dsv3.parallel.worker import start_engine
-from dsv3.sampling import SamplingParams
+from dsv3.engine.sampling import SamplingParams
 handle = start_engine(sys.argv[1], 2, 2, dtype="fp32", progress=False)
 if handle is not None:
     with handle:
@@ -31,7 +31,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
 
     from dsv3.llm import LLM
     from dsv3.parallel.dist import free_port
-    from dsv3.sampling import SamplingParams
+    from dsv3.engine.sampling import SamplingParams
 
     model = make_tiny_model_dir(tmp_path / "tiny")
     ref = LLM(model, dtype="fp32").generate([{"prompt_token_ids": [5, 17, 33]}, {"prompt_token_ids": [44, 9, 250, 3]}],

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3.checkpoint import load_model
-from dsv3.model import AttentionContext, DenseLatentCache
+from dsv3.io.checkpoint import load_model
+from dsv3.attention import AttentionContext, DenseLatentCache
 from hf_oracle import CONFIGS, build_hf_model
 
 T, PAD = 64, 9  # prompt length; the second row is left-padded by PAD tokens

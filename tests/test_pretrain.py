@@ -15,8 +15,8 @@ import torch
 from dsv3.config import ModelConfig
 from dsv3.data import PackedDataset, TokenShards, build
 from dsv3.data.packing import IGNORE_INDEX
-from dsv3.model import DeepseekV3ForCausalLM
-from dsv3.model.moe import MoE
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.layers.moe import MoE
 from dsv3.train.balance import load_stats, moe_layers, sequence_balance_loss, track_load, update_bias
 from dsv3.train.losses import mtp_targets, pretrain_losses
 from dsv3.train.schedule import piecewise, warmup_cosine

@@ -65,7 +65,7 @@ def test_cli_trains_and_the_final_model_generates(shards, tmp_path, capsys):
     import yaml
 
     from dsv3.llm import LLM
-    from dsv3.sampling import SamplingParams
+    from dsv3.engine.sampling import SamplingParams
 
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"model": MODEL, "data": str(shards / "shards"), "seq_len": 32, "batch_size": 2,
@@ -77,7 +77,7 @@ def test_cli_trains_and_the_final_model_generates(shards, tmp_path, capsys):
     assert saved["lr"] == 1e-3 and saved["model"]["num_hidden_layers"] == 3
     final = json.loads((tmp_path / "run/final/config.json").read_text())
     assert final["torch_dtype"] == "bfloat16"
-    assert final["training_seq_len"] == 32  # what dsv3.context warns past
+    assert final["training_seq_len"] == 32  # what dsv3.models.context_length warns past
     out = LLM(tmp_path / "run/final", progress=False).generate(["def f("], SamplingParams(max_tokens=4))
     assert len(out) == 1
 

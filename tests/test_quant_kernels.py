@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from dsv3.checkpoint import dequantize_fp8
+from dsv3.io.checkpoint import dequantize_fp8
 from dsv3.config import ModelConfig
-from dsv3.model.moe import Experts
+from dsv3.layers.moe import Experts
 from dsv3.quant import kernels as kn
 from dsv3.quant.experts import QuantExperts
 from dsv3.quant.formats import make_format

@@ -13,20 +13,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv3.checkpoint import load_model, save_model
+from dsv3.io.checkpoint import load_model, save_model
 from dsv3.config import ModelConfig
-from dsv3.model import DeepseekV3ForCausalLM
-from dsv3.paths import default_model_dir
-from dsv3.generate import Generator
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.io.paths import default_model_dir
+from dsv3.engine.generator import Generator
 from dsv3.quant import QuantError, load_quantized, quantize_model, save_quantized
 from dsv3.quant.apply import linear_weight_bytes
 from dsv3.quant.awq import _Search, awq_calibrate
 from dsv3.quant.experts import QuantExperts
 from dsv3.quant.linear import QuantLinear
 from dsv3.quant.schemes import pseudo_quantize_int4
-from dsv3.safetensors_io import SafetensorsFile
-from dsv3.sampling import SamplingParams
-from dsv3.tokenizer import Tokenizer
+from dsv3.io.safetensors import SafetensorsFile
+from dsv3.engine.sampling import SamplingParams
+from dsv3.io.tokenizer import Tokenizer
 from tiny_model import make_tiny_model_dir
 
 G = 32  # group size for the tiny widths (64, 24, 32, 96)

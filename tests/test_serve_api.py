@@ -11,7 +11,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dsv3.sampling import SamplingParams
+from dsv3.engine.sampling import SamplingParams
 from serve_harness import client, model_dir, oracle, ref, serve, srv, tiny_model_dir  # noqa: F401 (fixtures)
 
 

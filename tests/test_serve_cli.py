@@ -54,7 +54,7 @@ def test_usage_errors_exit_2(capsys):
 def test_quantization_flag_quantizes_at_load(tmp_path):
     from dsv3.commands.serve import loader
     from dsv3.quant.linear import QuantLinear
-    from dsv3.sampling import SamplingParams
+    from dsv3.engine.sampling import SamplingParams
     from tiny_model import make_tiny_model_dir
 
     d = make_tiny_model_dir(tmp_path / "m")

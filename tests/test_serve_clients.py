@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsv3.sampling import SamplingParams
+from dsv3.engine.sampling import SamplingParams
 from serve_harness import model_dir, oracle, ref, serve, srv, tiny_model_dir  # noqa: F401 (fixtures)
 
 

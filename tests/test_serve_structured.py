@@ -9,12 +9,12 @@ import openai
 import pytest
 import torch
 
-from dsv3.chat_template import DEEPSEEK_V3_CHAT_TEMPLATE, render_chat_template
+from dsv3.io.chat_template import DEEPSEEK_V3_CHAT_TEMPLATE, render_chat_template
 from dsv3.serve.errors import APIError
 from dsv3.serve.protocol import Tool
 from dsv3.serve.structured import GrammarBackend
 from dsv3.serve.tools import forced_call_grammar, marker_ids, parse_tool_calls
-from dsv3.tokenizer import Tokenizer
+from dsv3.io.tokenizer import Tokenizer
 from serve_harness import serve, tiny_model_dir
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "ok", "color", "n"],

@@ -10,7 +10,7 @@ import torch
 from dsv3.engine import EngineConfig, LLMEngine
 from dsv3.engine.sequence import Sequence
 from dsv3.engine.speculative import Draft, verify
-from dsv3.sampling import SamplingParams
+from dsv3.engine.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

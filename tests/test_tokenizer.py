@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from tokenizers.decoders import DecodeStream
 
-from dsv3.chat_template import DEEPSEEK_V3_CHAT_TEMPLATE, ChatTemplateError
+from dsv3.io.chat_template import DEEPSEEK_V3_CHAT_TEMPLATE, ChatTemplateError
 from dsv3.errors import DSV3Error
-from dsv3.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
-from dsv3.tokenizer_train import SPECIAL_TOKENS, TokenizerTrainError, train_tokenizer
+from dsv3.io.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
+from dsv3.data.tokenizer_train import SPECIAL_TOKENS, TokenizerTrainError, train_tokenizer
 from tiny_tokenizer import make_tiny_tokenizer, stdlib_sources
 
 SRC = Path(__file__).resolve().parents[1] / "src"

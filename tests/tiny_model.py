@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from dsv3.checkpoint import save_model
+from dsv3.io.checkpoint import save_model
 from dsv3.config import ModelConfig
-from dsv3.model import DeepseekV3ForCausalLM
-from dsv3.tokenizer import Tokenizer
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.io.tokenizer import Tokenizer
 from tiny_tokenizer import make_tiny_tokenizer
 
 TINY = dict(

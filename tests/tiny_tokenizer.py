@@ -10,7 +10,7 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-from dsv3.tokenizer_train import train_tokenizer
+from dsv3.data.tokenizer_train import train_tokenizer
 
 # Small, long-lived stdlib modules; whichever of them exist are used (at least three always do).
 STDLIB_FILES = ("textwrap.py", "string.py", "bisect.py", "heapq.py", "fnmatch.py", "colorsys.py", "keyword.py",

@@ -48,7 +48,7 @@ def judge(answer: str, name: str | None = None) -> dict:
 
 
 def evaluate(llm, recs: list[dict], max_tokens: int = 256, examples: int = 5) -> dict:
-    from dsv3.sampling import SamplingParams
+    from dsv3.engine.sampling import SamplingParams
 
     convs = [[m for m in r["messages"] if m["role"] != "assistant"] for r in recs]
     outs = llm.chat(convs, SamplingParams(max_tokens=max_tokens, temperature=0), use_tqdm=True)

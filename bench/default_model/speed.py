@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from tqdm import tqdm
 
 from dsv3.engine.speculative import SpecStats
-from dsv3.sampling import SamplingParams
+from dsv3.engine.sampling import SamplingParams
 
 
 def timed_request(engine, ids: list[int], params: SamplingParams, rid: str) -> dict:

@@ -2,7 +2,8 @@
 
 It is built from a Hugging Face `config.json` (DeepSeek-V3/R1, DeepSeek-V2(-Lite), Moonlight,
 Kimi-K2) and validated up front, so that a wrong checkpoint fails with a message naming the
-field instead of a shape error deep inside a matmul.
+field instead of a shape error deep inside a matmul. The dataclass comes first, then the parsing
+(`parse_config`), in which every failure names the field.
 """
 
 from __future__ import annotations
@@ -138,8 +139,6 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
-        from dsv3._config_parse import parse_config
-
         return parse_config(cls, raw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,3 +158,161 @@ class ModelConfig:
 
     def save(self, model_dir: str | Path) -> None:
         Path(model_dir, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+# ---- parsing and validating config.json ---------------------------------------------------
+
+REQUIRED = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+)
+# Router defaults per family, used only where config.json is silent (HF writes them all).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
+    "kimi_k2": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
+    "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False},
+}
+
+
+def _int(raw: dict[str, Any], key: str, default: int | None = None, minimum: int = 0) -> int:
+    v = raw.get(key, default)
+    if v is None:
+        if default is None:
+            raise ConfigError(f"config.json: required field '{key}' is missing")
+        v = default
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ConfigError(f"config.json: field '{key}' must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _float(raw: dict[str, Any], key: str, default: float) -> float:
+    v = raw.get(key, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"config.json: field '{key}' must be a number, got {v!r}")
+    return float(v)
+
+
+def _rope(raw: dict[str, Any]):
+    """Read YaRN from `rope_scaling` (classic) and/or `rope_parameters` (transformers v5)."""
+    classic, params = raw.get("rope_scaling"), raw.get("rope_parameters")
+    theta = raw.get("rope_theta")
+    if isinstance(params, dict) and "rope_theta" in params:
+        if theta is not None and float(theta) != float(params["rope_theta"]):
+            raise ConfigError("config.json: 'rope_theta' contradicts 'rope_parameters.rope_theta'")
+        theta = params["rope_theta"]
+    theta = 10000.0 if theta is None else theta
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 1:
+        raise ConfigError(f"config.json: field 'rope_theta' must be a number > 1, got {theta!r}")
+    specs = [s for s in (classic, params) if isinstance(s, dict)]
+    for s, name in ((classic, "rope_scaling"), (params, "rope_parameters")):
+        if s is not None and not isinstance(s, dict):
+            raise ConfigError(f"config.json: field '{name}' must be an object or null")
+    kinds = {s.get("rope_type", s.get("type", "default")) for s in specs}
+    kinds.discard("default")
+    if not kinds:
+        return float(theta), None
+    if len(kinds) > 1 or kinds != {"yarn"}:
+        raise ConfigError(f"config.json: unsupported 'rope_scaling' type {sorted(kinds)} (only yarn or none)")
+    yarn = [s for s in specs if s.get("rope_type", s.get("type")) == "yarn"]
+    if len(yarn) == 2 and yarn[0].get("factor") != yarn[1].get("factor"):
+        raise ConfigError("config.json: 'rope_scaling.factor' contradicts 'rope_parameters.factor'")
+    s = yarn[0]
+    orig = s.get("original_max_position_embeddings")
+    if not isinstance(orig, int) or orig <= 0:
+        raise ConfigError("config.json: 'rope_scaling.original_max_position_embeddings' is missing or not a positive integer")
+    factor = s.get("factor")
+    if factor is None:
+        factor = _int(raw, "max_position_embeddings", None, 1) / orig
+    if not isinstance(factor, (int, float)) or factor < 1:
+        raise ConfigError(f"config.json: 'rope_scaling.factor' must be a number >= 1, got {factor!r}")
+    return float(theta), RopeScaling(
+        factor=float(factor),
+        original_max_position_embeddings=orig,
+        beta_fast=float(s.get("beta_fast") or 32),
+        beta_slow=float(s.get("beta_slow") or 1),
+        mscale=s.get("mscale"),
+        mscale_all_dim=s.get("mscale_all_dim"),
+        truncate=bool(s.get("truncate", True)),
+    )
+
+
+def parse_config(cls, raw: dict[str, Any]):
+    if not isinstance(raw, dict):
+        raise ConfigError("config.json must contain a JSON object")
+    mt = raw.get("model_type")
+    if mt not in FAMILY_DEFAULTS:
+        raise ConfigError(f"config.json: unknown 'model_type' {mt!r} (supported: deepseek_v3, deepseek_v2, kimi_k2)")
+    for key in REQUIRED:
+        if key not in raw or raw[key] is None:
+            raise ConfigError(f"config.json: required field '{key}' is missing")
+    if "q_lora_rank" not in raw:
+        raise ConfigError("config.json: required field 'q_lora_rank' is missing (use null for no query compression)")
+    fam = FAMILY_DEFAULTS[mt]
+    L = _int(raw, "num_hidden_layers", None, 1)
+    E = _int(raw, "n_routed_experts", 0)
+    kw: dict[str, Any] = dict(
+        model_type=mt,
+        vocab_size=_int(raw, "vocab_size", None, 1),
+        hidden_size=_int(raw, "hidden_size", None, 1),
+        num_hidden_layers=L,
+        num_attention_heads=_int(raw, "num_attention_heads", None, 1),
+        kv_lora_rank=_int(raw, "kv_lora_rank", None, 1),
+        qk_nope_head_dim=_int(raw, "qk_nope_head_dim", None, 1),
+        qk_rope_head_dim=_int(raw, "qk_rope_head_dim", None, 2),
+        v_head_dim=_int(raw, "v_head_dim", None, 1),
+        q_lora_rank=raw["q_lora_rank"] or None,
+        n_routed_experts=E,
+        first_k_dense_replace=_int(raw, "first_k_dense_replace", 0),
+        moe_layer_freq=_int(raw, "moe_layer_freq", 1, 1),
+        n_shared_experts=_int(raw, "n_shared_experts", 0),
+        routed_scaling_factor=_float(raw, "routed_scaling_factor", 1.0),
+        rms_norm_eps=_float(raw, "rms_norm_eps", 1e-6),
+        max_position_embeddings=_int(raw, "max_position_embeddings", 4096, 1),
+        num_nextn_predict_layers=_int(raw, "num_nextn_predict_layers", raw.get("num_mtp_layers") or 0),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        scoring_func=raw.get("scoring_func") or fam["scoring_func"],
+        topk_method=raw.get("topk_method") or fam["topk_method"],
+        norm_topk_prob=bool(raw.get("norm_topk_prob", fam["norm_topk_prob"])),
+        hidden_act=raw.get("hidden_act", "silu"),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=raw.get("eos_token_id"),
+        pad_token_id=raw.get("pad_token_id"),
+        initializer_range=_float(raw, "initializer_range", 0.02),
+        torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+        quantization_config=raw.get("quantization_config"),
+    )
+    if kw["q_lora_rank"] is not None:
+        kw["q_lora_rank"] = _int(raw, "q_lora_rank", None, 1)
+    kw["rope_theta"], kw["rope_scaling"] = _rope(raw)
+    if kw["hidden_act"] != "silu":
+        raise ConfigError(f"config.json: 'hidden_act' {kw['hidden_act']!r} is not supported (only silu)")
+    if kw["scoring_func"] not in ("sigmoid", "softmax"):
+        raise ConfigError(f"config.json: 'scoring_func' must be sigmoid or softmax, got {kw['scoring_func']!r}")
+    if kw["topk_method"] not in ("noaux_tc", "group_limited_greedy", "greedy"):
+        raise ConfigError(f"config.json: unknown 'topk_method' {kw['topk_method']!r}")
+    has_dense = any(not (E > 0 and i >= kw["first_k_dense_replace"] and i % kw["moe_layer_freq"] == 0) for i in range(L))
+    kw["intermediate_size"] = _int(raw, "intermediate_size", None if has_dense else 0, 1 if has_dense else 0)
+    if E > 0:
+        kw["moe_intermediate_size"] = _int(raw, "moe_intermediate_size", None, 1)
+        K = kw["num_experts_per_tok"] = _int(raw, "num_experts_per_tok", None, 1)
+        G = kw["n_group"] = _int(raw, "n_group", 1, 1)
+        Gk = kw["topk_group"] = _int(raw, "topk_group", 1, 1)
+        if K > E:
+            raise ConfigError(f"config.json: 'num_experts_per_tok' ({K}) exceeds 'n_routed_experts' ({E})")
+        if E % G:
+            raise ConfigError(f"config.json: 'n_routed_experts' ({E}) is not divisible by 'n_group' ({G})")
+        if Gk > G:
+            raise ConfigError(f"config.json: 'topk_group' ({Gk}) exceeds 'n_group' ({G})")
+        grouped = kw["topk_method"] != "greedy" and G > 1
+        if grouped and K > Gk * (E // G):
+            raise ConfigError(f"config.json: 'num_experts_per_tok' ({K}) exceeds the experts in 'topk_group' groups ({Gk}×{E // G})")
+        if grouped and kw["topk_method"] == "noaux_tc" and E // G < 2:
+            raise ConfigError(f"config.json: 'n_group' ({G}) leaves fewer than 2 experts per group for noaux_tc")
+    for k in ("bos_token_id", "pad_token_id"):
+        if kw[k] is not None and (isinstance(kw[k], bool) or not isinstance(kw[k], int)):
+            raise ConfigError(f"config.json: field '{k}' must be an integer or null")
+    known = {f.name for f in dataclasses.fields(cls)} | {"rope_parameters", "dtype", "num_mtp_layers", "architectures", "transformers_version"}
+    kw["extra"] = {k: v for k, v in raw.items() if k not in known}
+    return cls(**kw)

@@ -9,13 +9,14 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from dsv3.checkpoint import load_for_inference
+from dsv3.io.checkpoint import load_for_inference
 from dsv3.engine import EngineConfig, LLMEngine, RequestFailedError
 from dsv3.errors import DSV3Error
-from dsv3.generate import Generator, RequestOutput, StreamEvent
-from dsv3.paths import default_model_dir
-from dsv3.sampling import SamplingParams
-from dsv3.tokenizer import Tokenizer
+from dsv3.engine.generator import Generator
+from dsv3.engine.outputs import RequestOutput, StreamEvent
+from dsv3.io.paths import default_model_dir
+from dsv3.engine.sampling import SamplingParams
+from dsv3.io.tokenizer import Tokenizer
 
 Prompt = str | dict[str, Any]
 

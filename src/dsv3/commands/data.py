@@ -10,7 +10,7 @@ from dsv3.errors import DSV3Error
 
 def _build(args: argparse.Namespace) -> int:
     from dsv3.data.builder import build
-    from dsv3.outputs import prepare_output_dir
+    from dsv3.commands.outputs import prepare_output_dir
 
     # a re-run into the same directory is the rebuild it is for: `build` replaces its own shards and manifest
     prepare_output_dir(args.output, overwrite=True)
@@ -35,7 +35,7 @@ def _check_filters(args: argparse.Namespace) -> None:
 
 def _instructions(args: argparse.Namespace) -> int:
     from dsv3.data.instructions import mine, split_files, write_jsonl
-    from dsv3.outputs import prepare_output_file
+    from dsv3.commands.outputs import prepare_output_file
 
     _check_filters(args)
     files = split_files(args.shards, args.split, args.inputs)
@@ -53,7 +53,7 @@ def _instructions(args: argparse.Namespace) -> int:
 def _functions(args: argparse.Namespace) -> int:
     from dsv3.data.functions import write_functions
     from dsv3.data.instructions import split_files
-    from dsv3.outputs import prepare_output_dir
+    from dsv3.commands.outputs import prepare_output_dir
 
     _check_filters(args)
     files = split_files(args.shards, args.split, args.inputs)

@@ -111,7 +111,7 @@ def make_backend(args: argparse.Namespace):
     if args.chat:
         raise DSV3Error("--chat needs --base-url (it selects the server's chat endpoint).")
     if not args.model:
-        from dsv3.paths import default_model_dir
+        from dsv3.io.paths import default_model_dir
 
         # the embedded default model (its chat variant for extraction, asked in a chat turn), or a one-line error
         args.model = str(default_model_dir(chat=args.task == "extraction"))
@@ -121,7 +121,7 @@ def make_backend(args: argparse.Namespace):
 
     model = args.model
     if args.rope_scaling is not None:
-        from dsv3.context import with_rope_scaling
+        from dsv3.models.context_length import with_rope_scaling
 
         model = with_rope_scaling(model, args.rope_scaling)
     return InProcessBackend(model, dtype=args.dtype, batch_size=args.batch_size)
@@ -173,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
 def _check_paths(args: argparse.Namespace) -> None:
     """Fail on a missing data path before spending minutes loading a model."""
     from dsv3.eval.data import require_dir, require_file
-    from dsv3.outputs import prepare_output_file
+    from dsv3.commands.outputs import prepare_output_file
 
     if args.task == "mmlu":
         require_dir(args.data, "MMLU data")
@@ -198,7 +198,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from dsv3.eval.report import TaskResult, bar_chart, format_table
 
-    from dsv3.outputs import prepare_output_file
+    from dsv3.commands.outputs import prepare_output_file
 
     results = [TaskResult.load(p) for p in args.results]
     prepare_output_file(args.output)

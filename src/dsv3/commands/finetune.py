@@ -13,7 +13,7 @@ def check_output(cfg, overwrite: bool) -> None:
     --overwrite removes the old run's `checkpoints/` (dsv3's own files), so a later `--resume auto`
     cannot pick up a checkpoint of the run it replaced; everything else the run writes is rewritten.
     """
-    from dsv3.outputs import prepare_output_dir
+    from dsv3.commands.outputs import prepare_output_dir
 
     out = Path(cfg.output_dir)
     if cfg.resume:

@@ -10,7 +10,7 @@ from dsv3.errors import DSV3Error
 
 def _merge(args: argparse.Namespace) -> int:
     from dsv3.lora.merge import merge_adapter
-    from dsv3.outputs import prepare_output_dir
+    from dsv3.commands.outputs import prepare_output_dir
 
     if args.model is not None and not Path(args.model).is_dir():
         raise DSV3Error(f"model directory {args.model} does not exist")

@@ -13,7 +13,7 @@ _SKIP_MODEL_FIELDS = ("extra",)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dsv3.outputs import prepare_output_dir
+    from dsv3.commands.outputs import prepare_output_dir
     from dsv3.train.pretrain import pretrain
 
     overrides = {k: v for k, v in vars(args).get("overrides", {}).items() if v is not None}

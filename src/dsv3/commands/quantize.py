@@ -39,13 +39,13 @@ def existing_quantization(cfg) -> str | None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from dsv3.checkpoint import load_model
+    from dsv3.io.checkpoint import load_model
     from dsv3.config import ModelConfig
-    from dsv3.outputs import prepare_output_dir
+    from dsv3.commands.outputs import prepare_output_dir
     from dsv3.quant import quantize_model, save_quantized
     from dsv3.quant.apply import linear_weight_bytes
     from dsv3.quant.schemes import QuantError, check_group_size
-    from dsv3.tokenizer import Tokenizer
+    from dsv3.io.tokenizer import Tokenizer
 
     check_group_size(args.group_size)
     if args.method == "awq" and args.calib is None:

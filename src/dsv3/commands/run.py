@@ -60,7 +60,7 @@ def check_bind(host: str, port: int, flag: str) -> None:
 
 
 def rope_scaling(text: str) -> dict:
-    from dsv3.context import parse_rope_scaling
+    from dsv3.models.context_length import parse_rope_scaling
 
     try:
         return parse_rope_scaling(text)
@@ -89,11 +89,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_model(args: argparse.Namespace, chat: bool = False) -> Path:
     """The model directory to load: --model or the embedded one, seen through --rope-scaling if given."""
-    from dsv3.paths import default_model_dir
+    from dsv3.io.paths import default_model_dir
 
     model = args.model if args.model is not None else default_model_dir(chat=chat)
     if getattr(args, "rope_scaling", None) is not None:
-        from dsv3.context import with_rope_scaling
+        from dsv3.models.context_length import with_rope_scaling
 
         model = with_rope_scaling(model, args.rope_scaling)
     return model
@@ -144,7 +144,7 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def sampling_params(args: argparse.Namespace):
-    from dsv3.sampling import SamplingParams
+    from dsv3.engine.sampling import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, stop=args.stop)

@@ -79,7 +79,7 @@ def grammar_limits(args: argparse.Namespace):
 
 
 def build_config(args: argparse.Namespace):
-    from dsv3.outputs import prepare_output_file
+    from dsv3.commands.outputs import prepare_output_file
     from dsv3.serve.audit import AuditLog, read_key
     from dsv3.serve.auth import APIKeys
     from dsv3.serve.cache import ResponseCache
@@ -137,9 +137,9 @@ def loader(args: argparse.Namespace, lora: dict[str, str] | None = None, path: P
                     raise
 
     def load_once():
-        from dsv3.checkpoint import load_for_inference
+        from dsv3.io.checkpoint import load_for_inference
         from dsv3.engine import LLMEngine
-        from dsv3.tokenizer import Tokenizer
+        from dsv3.io.tokenizer import Tokenizer
 
         nonlocal path
         path = path if path is not None else resolve_model(args)
@@ -204,7 +204,7 @@ def first_line(e: BaseException) -> str:
 
 def check_model(path: Path) -> None:
     """A model directory has a valid config.json and safetensors weights (cheap; the load checks the rest)."""
-    from dsv3.checkpoint import checkpoint_files
+    from dsv3.io.checkpoint import checkpoint_files
     from dsv3.config import ModelConfig
 
     ModelConfig.from_dir(path)

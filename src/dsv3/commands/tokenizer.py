@@ -7,7 +7,7 @@ import glob
 import sys
 from pathlib import Path
 
-from dsv3.tokenizer_train import TokenizerTrainError
+from dsv3.data.tokenizer_train import TokenizerTrainError
 
 
 def expand_globs(patterns: list[str]) -> list[Path]:
@@ -22,9 +22,9 @@ def expand_globs(patterns: list[str]) -> list[Path]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dsv3.outputs import prepare_output_dir
-    from dsv3.tokenizer import Tokenizer
-    from dsv3.tokenizer_train import train_tokenizer
+    from dsv3.commands.outputs import prepare_output_dir
+    from dsv3.io.tokenizer import Tokenizer
+    from dsv3.data.tokenizer_train import train_tokenizer
 
     files = expand_globs(args.files)
     prepare_output_dir(args.output, overwrite=args.overwrite)

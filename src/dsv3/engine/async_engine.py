@@ -21,8 +21,8 @@ import threading
 from typing import Any, AsyncIterator
 
 from dsv3.engine.llm_engine import EngineDeadError, LLMEngine, RequestFailedError
-from dsv3.generate import RequestOutput
-from dsv3.sampling import SamplingParams
+from dsv3.engine.outputs import RequestOutput
+from dsv3.engine.sampling import SamplingParams
 
 log = logging.getLogger("dsv3.engine")
 

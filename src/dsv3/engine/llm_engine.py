@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dsv3.context import check_max_model_len, check_prompt_len
+from dsv3.models.context_length import check_max_model_len, check_prompt_len
 from dsv3.engine.block_manager import BlockManager
 from dsv3.engine.logprobs import collect_prompt_logprobs, top_logprobs
 from dsv3.engine.runner import ModelRunner, StepItem
@@ -28,11 +28,11 @@ from dsv3.engine.scheduler import Scheduler
 from dsv3.engine.sequence import Sequence, SequenceStatus
 from dsv3.engine.speculative import MTPDrafter, verify
 from dsv3.errors import DSV3Error
-from dsv3.generate import CompletionOutput, RequestError, RequestOutput, check_prompt_ids
-from dsv3.model import DeepseekV3ForCausalLM
-from dsv3.output import OutputTracker
-from dsv3.sampling import SamplingParams, apply_penalties, sample
-from dsv3.tokenizer import Tokenizer
+from dsv3.engine.outputs import CompletionOutput, RequestError, RequestOutput, check_prompt_ids
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.engine.output import OutputTracker
+from dsv3.engine.sampling import SamplingParams, apply_penalties, sample
+from dsv3.io.tokenizer import Tokenizer
 
 log = logging.getLogger("dsv3.engine")
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from dsv3.model.attention import AttentionContext, layer_ptrs
-from dsv3.model.mla import MLA
+from dsv3.attention.context import AttentionContext, layer_ptrs
+from dsv3.layers.mla import MLA
 
 
 class LatentCache:

@@ -9,7 +9,7 @@ import torch
 from dsv3.engine.paged_attention import LatentCache, PagedContext, PrefillChunk
 from dsv3.lora.apply import lora_modules, set_slot_ids
 from dsv3.lora.slots import SlotBatch
-from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
 
 
 @dataclass

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv3.output import OutputTracker
-from dsv3.sampling import SamplingParams
+from dsv3.engine.output import OutputTracker
+from dsv3.engine.sampling import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

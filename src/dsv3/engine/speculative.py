@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv3.engine.sequence import Sequence
-from dsv3.sampling import SamplingParams, filter_logits
+from dsv3.engine.sampling import SamplingParams, filter_logits
 
 
 @dataclass

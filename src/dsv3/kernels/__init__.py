@@ -230,7 +230,7 @@ def route_noaux(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 top_k: int, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's sigmoid, bias-corrected, group-limited router for a few tokens x [N, D] fp32.
 
-    Returns (weights [N, K] fp32, expert ids [N, K] int64, scores [N, E] fp32), as `dsv3.model.moe.Gate`.
+    Returns (weights [N, K] fp32, expert ids [N, K] int64, scores [N, E] fp32), as `dsv3.layers.moe.Gate`.
     """
     N, D = x.shape
     E = weight.shape[0]

@@ -40,7 +40,7 @@ class ModelPlan(ctypes.Structure):
 
 def experts_descs(experts: nn.Module, keep: list) -> tuple[Lin, Lin, Lin, int] | None:
     """Routed experts as (gate, up, down) descriptors with expert strides, and their intermediate size."""
-    from dsv3.model.moe import Experts
+    from dsv3.layers.moe import Experts
 
     if type(experts) is Experts:
         gu, down = experts.gate_up_proj, experts.down_proj
@@ -62,7 +62,7 @@ def experts_descs(experts: nn.Module, keep: list) -> tuple[Lin, Lin, Lin, int] |
 
 
 def layer_plan(block: nn.Module, keep: list, modules: list) -> LayerPlan | None:
-    from dsv3.model.moe import MoE
+    from dsv3.layers.moe import MoE
 
     attn, ffn = block.self_attn, block.mlp
     p = mla_plan(attn)

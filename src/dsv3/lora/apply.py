@@ -17,7 +17,7 @@ from torch import nn
 
 from dsv3.lora.layers import AdapterError, ExpertsLoRA, LoRALinear, init_lora_, is_adaptable_linear, lora_scaling
 from dsv3.lora.slots import SlotBatch
-from dsv3.model.moe import Experts
+from dsv3.layers.moe import Experts
 
 MLA_TARGETS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")

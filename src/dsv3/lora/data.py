@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from dsv3.errors import DSV3Error
-from dsv3.tokenizer import Tokenizer
+from dsv3.io.tokenizer import Tokenizer
 
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
                 "Write a response that appropriately completes the request.\n\n"

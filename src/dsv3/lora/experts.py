@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.model.moe import Experts, grouped_linear
+from dsv3.layers.moe import Experts, grouped_linear
 
 
 class _GroupedFrozen(torch.autograd.Function):

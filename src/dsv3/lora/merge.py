@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from dsv3.checkpoint import load_model, resolve_dtype, save_model
+from dsv3.io.checkpoint import load_model, resolve_dtype, save_model
 from dsv3.config import ModelConfig
 from dsv3.errors import DSV3Error
 from dsv3.lora.apply import unload
 from dsv3.lora.peft_io import load_adapter, read_adapter_config
-from dsv3.paths import default_model_dir
+from dsv3.io.paths import default_model_dir
 
 
 def merge_adapter(model_dir: str | Path | None, adapter_dir: str | Path, out_dir: str | Path,

@@ -14,7 +14,7 @@ import torch
 
 from dsv3.lora.apply import LoRASpec, MLP_TARGETS, lora_modules
 from dsv3.lora.layers import ExpertsLoRA, LoRALinear, is_adaptable_linear, lora_scaling
-from dsv3.model.moe import Experts
+from dsv3.layers.moe import Experts
 
 
 def target_regex(model: torch.nn.Module) -> str:

@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dsv3.checkpoint import load_model
+from dsv3.io.checkpoint import load_model
 from dsv3.lora.apply import inject_lora, mark_trainable, wrap_frozen_experts
 from dsv3.lora.batching import IGNORE, collate, pack_bfd
 from dsv3.lora.data import DataError, load_examples
 from dsv3.lora.peft_io import load_adapter, read_adapter_config, save_adapter
 from dsv3.lora.plot import plot_losses
 from dsv3.lora.train_config import FinetuneConfig, FinetuneConfigError
-from dsv3.model import AttentionContext
-from dsv3.paths import default_model_dir
-from dsv3.tokenizer import Tokenizer
+from dsv3.attention import AttentionContext
+from dsv3.io.paths import default_model_dir
+from dsv3.io.tokenizer import Tokenizer
 
 STATE_NAME = "trainer_state.pt"
 

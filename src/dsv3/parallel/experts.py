@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.model.moe import grouped_linear
+from dsv3.layers.moe import grouped_linear
 from dsv3.parallel.dist import all_reduce
 from dsv3.parallel.layers import Shard
 
@@ -21,7 +21,7 @@ from dsv3.parallel.layers import Shard
 class LocalExperts(nn.Module):
     """Experts [first, first + count) of E, each holding intermediate slice `inter` (None = all of it).
 
-    Same call as `dsv3.model.moe.Experts`: forward(x [N, D], idx [N, K], weights [N, K]) -> [N, D].
+    Same call as `dsv3.layers.moe.Experts`: forward(x [N, D], idx [N, K], weights [N, K]) -> [N, D].
     """
 
     def __init__(self, n_experts: int, first: int, count: int, dim: int, inter: int, inter_shard: Shard | None = None):

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from dsv3.checkpoint import checkpoint_files, dequantize_fp8, has_mtp_weights, iter_checkpoint, resolve_dtype
+from dsv3.io.checkpoint import checkpoint_files, dequantize_fp8, has_mtp_weights, iter_checkpoint, resolve_dtype
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
-from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dsv3.parallel.dist import ParallelConfig, ParallelError
 from dsv3.parallel.shard import localize, owners, parallelize, pieces
 
@@ -51,7 +51,7 @@ def build_local_model(cfg: ModelConfig, pc: ParallelConfig, dtype: torch.dtype, 
 def load_sharded(model_dir: str | Path, pc: ParallelConfig, dtype: torch.dtype | str | None = None,
                  device: str | torch.device = "cpu", with_mtp: bool | None = None,
                  progress: bool = True) -> DeepseekV3ForCausalLM:
-    """Load rank `pc.rank`'s part of a checkpoint (eval mode); same arguments as `dsv3.checkpoint.load_model`."""
+    """Load rank `pc.rank`'s part of a checkpoint (eval mode); same arguments as `dsv3.io.checkpoint.load_model`."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     qc = cfg.quantization_config or {}

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3.model.layers import MLP
-from dsv3.model.mla import MLA
-from dsv3.model.moe import MoE
-from dsv3.model.transformer import DeepseekV3ForCausalLM
+from dsv3.layers.mlp import MLP
+from dsv3.layers.mla import MLA
+from dsv3.layers.moe import MoE
+from dsv3.models.deepseek_v3.model import DeepseekV3ForCausalLM
 from dsv3.parallel.dist import ParallelConfig
 from dsv3.parallel.experts import LocalExperts
 from dsv3.parallel.layers import (ColumnParallelLinear, ParallelHead, RowParallelLinear, Shard,

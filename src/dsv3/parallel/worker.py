@@ -192,7 +192,7 @@ def start_engine(model_dir: str | Path, tensor_parallel_size: int = 1, expert_pa
     Outside torchrun this process becomes rank 0 and spawns the other ranks on 127.0.0.1, meeting them on
     `port` (default: a free one).
     """
-    from dsv3.tokenizer import Tokenizer
+    from dsv3.io.tokenizer import Tokenizer
 
     pc = ParallelConfig(tensor_parallel_size, expert_parallel_size)
     spec = LaunchSpec(str(model_dir), pc.tp, pc.ep, dtype, device, progress)

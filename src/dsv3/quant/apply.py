@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsv3.model.moe import Experts
+from dsv3.layers.moe import Experts
 from dsv3.quant.experts import QuantExperts
 from dsv3.quant.formats import Format, make_format
 from dsv3.quant.linear import QuantLinear

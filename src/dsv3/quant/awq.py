@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsv3.model.attention import AttentionContext
-from dsv3.model.layers import MLP
-from dsv3.model.moe import MoE
+from dsv3.attention.context import AttentionContext
+from dsv3.layers.mlp import MLP
+from dsv3.layers.moe import MoE
 from dsv3.quant.schemes import ceil_to, effective_group, pseudo_quantize_int4
 
 

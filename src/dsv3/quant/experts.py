@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3 import kernels
-from dsv3.model.moe import Experts, grouped_linear
+from dsv3.layers.moe import Experts, grouped_linear
 from dsv3.quant.formats import Format, Tensors
 
 PROJ = ("gate_proj", "up_proj", "down_proj")

@@ -17,17 +17,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsv3.checkpoint import checkpoint_files, copy_tokenizer_files, export_tensors, map_name, resolve_dtype
-from dsv3.checkpoint_save import remove_stale_weights
+from dsv3.io.checkpoint import checkpoint_files, copy_tokenizer_files, export_tensors, map_name, resolve_dtype
+from dsv3.io.save import remove_stale_weights
 from dsv3.config import ModelConfig
-from dsv3.model import DeepseekV3ForCausalLM
-from dsv3.model.moe import Experts
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.layers.moe import Experts
 from dsv3.quant.apply import HEAD_FORMATS, ckpt_name, quant_targets, set_module
 from dsv3.quant.experts import PROJ, QuantExperts
 from dsv3.quant.formats import FP8Format, make_format
 from dsv3.quant.linear import QuantLinear
 from dsv3.quant.schemes import QuantError
-from dsv3.safetensors_io import SafetensorsFile
+from dsv3.io.safetensors import SafetensorsFile
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 QUANT_METHODS = ("dsv3", "fp8")

@@ -27,7 +27,7 @@ from dsv3.serve.metrics import Metrics
 from dsv3.serve.protocol import DetokenizeRequest, TokenizeRequest
 from dsv3.serve.state import ServeConfig, ServerState
 from dsv3.serve.streaming import json_body
-from dsv3.tokenizer import LONG_TEXT
+from dsv3.io.tokenizer import LONG_TEXT
 
 log = logging.getLogger("dsv3.serve")
 

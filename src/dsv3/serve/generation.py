@@ -17,11 +17,11 @@ from typing import Any, AsyncIterator
 
 from dsv3.engine.llm_engine import RequestFailedError
 from dsv3.errors import DSV3Error
-from dsv3.generate import RequestOutput
-from dsv3.sampling import SamplingParams
+from dsv3.engine.outputs import RequestOutput
+from dsv3.engine.sampling import SamplingParams
 from dsv3.serve.errors import APIError
 from dsv3.serve.state import ServerState
-from dsv3.tokenizer import LONG_TEXT
+from dsv3.io.tokenizer import LONG_TEXT
 
 def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     """The engine's parameters for an OpenAI body (logits processors are attached once the grammar is compiled)."""

@@ -4,7 +4,7 @@ Auxiliary-loss-free balancing (arXiv 2408.15664, V3 report §2.1.2): every route
 counts the tokens each expert received during an optimizer step; before the step the router's
 `e_score_correction_bias` moves by +γ for underloaded and −γ for overloaded experts. The bias
 is a buffer, so no gradient ever reaches it, and the router adds it for expert *selection*
-only — gating weights still come from the unbiased scores (see `dsv3.model.moe.Gate`).
+only — gating weights still come from the unbiased scores (see `dsv3.layers.moe.Gate`).
 
 The optional sequence-wise balance loss α·Σ_i f_i·P_i (V3 eq. 17–20) keeps single sequences
 from collapsing onto few experts; V3 uses a tiny α (1e-4).
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3.model.moe import MoE
+from dsv3.layers.moe import MoE
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from dsv3.model.moe import MoE
+from dsv3.layers.moe import MoE
 
 
 class DataParallel:

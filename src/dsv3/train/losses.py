@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.data.packing import IGNORE_INDEX, PackedBatch
-from dsv3.model import DeepseekV3ForCausalLM
-from dsv3.model.attention import AttentionContext
-from dsv3.model.moe import MoE
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.attention.context import AttentionContext
+from dsv3.layers.moe import MoE
 from dsv3.train.balance import sequence_balance_loss
 from dsv3.train.fused_ce import linear_cross_entropy
 

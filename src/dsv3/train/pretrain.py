@@ -20,12 +20,12 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from dsv3.checkpoint import save_model
+from dsv3.io.checkpoint import save_model
 from dsv3.config import ModelConfig
-from dsv3.context import TRAINED_KEY
+from dsv3.models.context_length import TRAINED_KEY
 from dsv3.data import DataError, DataMix, FIMTokens, PackedDataset, TokenShards, load_manifest
 from dsv3.data.builder import load_tokenizer
-from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dsv3.train.balance import load_stats, moe_layers, track_load, update_bias
 from dsv3.train.config import PretrainConfig, PretrainConfigError
 from dsv3.train.distributed import DataParallel
@@ -48,7 +48,7 @@ def resolve_device(name: str) -> torch.device:
 def model_config(cfg: PretrainConfig, manifest: dict, tokenizer_dir: str) -> ModelConfig:
     """The config's model dict (over `init_from`'s config.json), with vocabulary size and special ids
     filled in from the data."""
-    from dsv3.tokenizer import Tokenizer
+    from dsv3.io.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tokenizer_dir)
     base = ModelConfig.from_dir(cfg.init_from).to_dict() if cfg.init_from else {}
@@ -223,7 +223,7 @@ def mix_shards(path: str, manifest: dict) -> TokenShards:
 
 def init_weights_from(model: DeepseekV3ForCausalLM, model_dir: str) -> None:
     """Start from the weights (router biases and MTP modules included) of an HF-layout model directory."""
-    from dsv3.checkpoint import load_model
+    from dsv3.io.checkpoint import load_model
     from dsv3.errors import CheckpointError
 
     src = load_model(model_dir, dtype=torch.float32, with_mtp=bool(model.model.mtp), progress=False)
@@ -248,7 +248,7 @@ def save_final(model: DeepseekV3ForCausalLM, cfg: PretrainConfig, out: Path, tok
     if cfg.save_dtype == "bfloat16":
         model = model.cast(torch.bfloat16)
     model.config.torch_dtype = cfg.save_dtype
-    model.config.extra[TRAINED_KEY] = cfg.seq_len  # what `dsv3.context` warns past (config.json `training_seq_len`)
+    model.config.extra[TRAINED_KEY] = cfg.seq_len  # what `dsv3.models.context_length` warns past (config.json `training_seq_len`)
     final = save_model(model, out / "final", tokenizer_from=tokenizer_dir)
     (final / "pretrain.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return final

@@ -1,4 +1,4 @@
-"""Small building blocks shared by attention, FFN and MTP: RMSNorm and the SwiGLU MLP."""
+"""RMSNorm: y = w ⊙ x / rms(x), normalised in fp32 as HF and the checkpoints expect."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3 import kernels
-from dsv3.kernels.layers import mlp_decode
 
 
 class RMSNorm(nn.Module):
@@ -26,20 +25,3 @@ class RMSNorm(nn.Module):
         xf = x.float()
         var = (xf * xf).sum(-1, keepdim=True).div_(xf.shape[-1])  # = pow(2).mean(); `mean` costs ~10x more on small rows
         return self.weight * (xf * torch.rsqrt(var + self.eps)).to(x.dtype)
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) ⊙ up(x)). Used for dense layers and shared experts."""
-
-    def __init__(self, dim: int, inter_dim: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(x):  # a decode step: one native call (fp32 or int8 projections)
-            y = mlp_decode(self, x)
-            if y is not None:
-                return y
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -14,7 +14,7 @@ import torch
 
 if TYPE_CHECKING:
     from dsv3.kernels.mla import NativeKeys
-    from dsv3.model.mla import MLA
+    from dsv3.layers.mla import MLA
 
 
 def layer_ptrs(store: torch.Tensor, layer_ids: list[int]) -> list[int]:

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from dsv3.chat_template import DEEPSEEK_V3_CHAT_TEMPLATE
+from dsv3.io.chat_template import DEEPSEEK_V3_CHAT_TEMPLATE
 from dsv3.errors import DSV3Error
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"

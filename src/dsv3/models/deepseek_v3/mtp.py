@@ -13,8 +13,8 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.kernels.step import run_blocks
-from dsv3.model.attention import AttentionContext
-from dsv3.model.layers import RMSNorm
+from dsv3.attention.context import AttentionContext
+from dsv3.layers.norm import RMSNorm
 
 
 class SharedHead(nn.Module):

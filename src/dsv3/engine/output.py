@@ -6,8 +6,8 @@ back from a stream until it knows they do not start a stop string, and cuts the 
 
 from __future__ import annotations
 
-from dsv3.sampling import SamplingParams
-from dsv3.tokenizer import IncrementalDetokenizer, Tokenizer
+from dsv3.engine.sampling import SamplingParams
+from dsv3.io.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class OutputTracker:

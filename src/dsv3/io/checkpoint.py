@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
-from dsv3.model import DeepseekV3ForCausalLM
-from dsv3.checkpoint_save import TOKENIZER_FILES, copy_tokenizer_files, export_tensors, save_model
-from dsv3.safetensors_io import SafetensorsFile
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.io.save import TOKENIZER_FILES, copy_tokenizer_files, export_tensors, save_model
+from dsv3.io.safetensors import SafetensorsFile
 
 __all__ = ["TOKENIZER_FILES", "checkpoint_files", "copy_tokenizer_files", "dequantize_fp8", "export_tensors", "iter_checkpoint",
            "load_for_inference", "load_model", "map_name", "read_tensor", "resolve_dtype", "save_model"]

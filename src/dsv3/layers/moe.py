@@ -14,7 +14,7 @@ from torch import nn
 
 from dsv3 import kernels
 from dsv3.config import ModelConfig
-from dsv3.model.layers import MLP
+from dsv3.layers.mlp import MLP
 
 
 class Gate(nn.Module):

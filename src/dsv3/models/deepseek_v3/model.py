@@ -2,7 +2,7 @@
 
 Parameter names equal the Hugging Face checkpoint names (`model.layers.3.self_attn.kv_b_proj.weight`)
 except that routed experts are stacked per layer and MTP modules live in `model.mtp` — see
-`dsv3.checkpoint` for the mapping. The same module serves inference, fine-tuning and pretraining.
+`dsv3.io.checkpoint` for the mapping. The same module serves inference, fine-tuning and pretraining.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.kernels.step import run_model
-from dsv3.model.attention import AttentionContext
-from dsv3.model.layers import MLP, RMSNorm
-from dsv3.model.mla import MLA
-from dsv3.model.moe import MoE
-from dsv3.model.mtp import MTPLayer
-from dsv3.model.rope import RotaryEmbedding, rope_inv_freq
+from dsv3.attention.context import AttentionContext
+from dsv3.layers.mlp import MLP
+from dsv3.layers.norm import RMSNorm
+from dsv3.layers.mla import MLA
+from dsv3.layers.moe import MoE
+from dsv3.models.deepseek_v3.mtp import MTPLayer
+from dsv3.layers.rope import RotaryEmbedding, rope_inv_freq
 
 
 class Block(nn.Module):

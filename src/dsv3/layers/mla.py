@@ -18,9 +18,9 @@ from torch import nn
 from dsv3 import kernels
 from dsv3.config import ModelConfig
 from dsv3.kernels.mla import mla_decode
-from dsv3.model.attention import AttentionContext
-from dsv3.model.layers import RMSNorm
-from dsv3.model.rope import apply_rotary
+from dsv3.attention.context import AttentionContext
+from dsv3.layers.norm import RMSNorm
+from dsv3.layers.rope import apply_rotary
 
 
 class MLA(nn.Module):

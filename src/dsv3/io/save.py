@@ -1,4 +1,4 @@
-"""Saving a model in the Hugging Face checkpoint layout (the inverse of `dsv3.checkpoint.load_model`).
+"""Saving a model in the Hugging Face checkpoint layout (the inverse of `dsv3.io.checkpoint.load_model`).
 
 Stacked experts are written back per expert and MTP module k as layer `num_hidden_layers + k`
 (with copies of the shared embedding and head, as DeepSeek's files have), sharded with an index
@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import tokenizers
 
-from dsv3.chat_template import DEEPSEEK_V3_CHAT_TEMPLATE, render_chat_template, select_template
+from dsv3.io.chat_template import DEEPSEEK_V3_CHAT_TEMPLATE, render_chat_template, select_template
 from dsv3.errors import DSV3Error
 
 DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"

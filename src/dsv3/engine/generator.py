@@ -6,66 +6,17 @@ continuous batching over a paged cache on top of the same model code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
-from dsv3.context import check_prompt_len
-from dsv3.errors import DSV3Error
-from dsv3.model import DeepseekV3ForCausalLM, DenseLatentCache
-from dsv3.sampling import SamplingParams, apply_penalties, sample
-from dsv3.output import OutputTracker
-from dsv3.tokenizer import Tokenizer
-
-
-class RequestError(DSV3Error, ValueError):
-    """A request that cannot be accepted (raised before anything is scheduled)."""
-
-
-def check_prompt_ids(prompt_ids: list[int], vocab_size: int, max_model_len: int) -> None:
-    """The checks every generation path applies to a prompt: non-empty, shorter than max_model_len, ids in the vocabulary."""
-    if not prompt_ids:
-        raise RequestError("the prompt is empty")
-    if len(prompt_ids) >= max_model_len:
-        raise RequestError(f"the prompt has {len(prompt_ids)} tokens; max_model_len is {max_model_len}")
-    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
-        raise RequestError(f"prompt token ids must be in [0, {vocab_size})")
-
-
-@dataclass
-class CompletionOutput:
-    """One generated continuation (vLLM's shape)."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    cumulative_logprob: float | None = None
-    logprobs: list[dict[int, float]] | None = None  # per token: the chosen token and the top-N
-
-
-@dataclass
-class RequestOutput:
-    """All continuations of one prompt."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput] = field(default_factory=list)
-    finished: bool = True
-    prompt_logprobs: list[dict[int, float] | None] | None = None  # None for the first prompt token
-    error: str | None = None  # set when the engine stopped this request after an error
-    error_is_input: bool = False  # ... caused by the request itself (e.g. a schema no output can finish)
-
-
-@dataclass
-class StreamEvent:
-    """An increment of a streamed completion: new text, the token that produced it, and whether it ended."""
-
-    text: str
-    token_id: int | None
-    finish_reason: str | None = None
+from dsv3.attention import DenseLatentCache
+from dsv3.engine.output import OutputTracker
+from dsv3.engine.outputs import CompletionOutput, StreamEvent, check_prompt_ids
+from dsv3.engine.sampling import SamplingParams, apply_penalties, sample
+from dsv3.io.tokenizer import Tokenizer
+from dsv3.models.context_length import check_prompt_len
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
 
 
 class Generator:

@@ -30,7 +30,7 @@ from typing import Any
 
 from dsv3.errors import ConfigError
 
-log = logging.getLogger("dsv3.context")
+log = logging.getLogger("dsv3.models.context_length")
 TRAINED_KEY = "training_seq_len"
 YARN_KEYS = {"factor": float, "original_max_position_embeddings": int, "beta_fast": float, "beta_slow": float,
              "mscale": float, "mscale_all_dim": float}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dsv3.errors import DSV3Error
 
-PACKAGE_DATA = Path(__file__).parent / "data"
+PACKAGE_DATA = Path(__file__).parents[1] / "data"
 
 
 def default_chat_model_dir() -> Path | None:

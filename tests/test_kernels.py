@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv3 import kernels
-from dsv3.kernels import step as kernel_step
+from dsv3 import kernels, ops
+from dsv3.ops.forms import NativeExperts, NativeLinear
 from dsv3.config import ModelConfig
 from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
-from dsv3.layers import mla as mla_module
 from dsv3.attention.context import DenseLatentCache
 from dsv3.layers.moe import Gate
 from dsv3.quant import kernels as quant_kernels
@@ -28,28 +27,26 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
 
 @pytest.fixture(autouse=True)
 def _built():
-    assert kernels.library() is not None, "a C compiler is present, so the kernels must build"
+    assert kernels.load(), "a C compiler is present, so the kernels must build"
+    with torch.no_grad():  # the native kernels run without autograd
+        yield
 
 
 def kernels_off(monkeypatch) -> None:
-    monkeypatch.setattr(kernels, "enabled", lambda: False)
+    monkeypatch.setattr(kernels, "load", lambda: False)
 
 
 def per_module(monkeypatch) -> None:
     """No whole-step call: each module takes its own kernel (the path under a LoRA or a hook)."""
-    monkeypatch.setattr(kernel_step, "ENABLED", False)
+    monkeypatch.setattr(ops, "WHOLE_STEPS", False)
 
 
 def count_native(monkeypatch) -> collections.Counter:
-    """Calls into the compiled library, by function name."""
-    calls, real = collections.Counter(), kernels.library()
-
-    class Counting:
-        def __getattr__(self, name):
-            fn = getattr(real, name)
-            return lambda *a: calls.update([name]) or fn(*a)
-    proxy = Counting()
-    monkeypatch.setattr(kernels, "library", lambda: proxy)
+    """Calls of the native `dsv3::` ops, by name."""
+    calls = collections.Counter()
+    for name in ("rms_norm", "route_noaux", "linear", "mlp", "moe", "mla_decode", "decode_layers", "decode_step"):
+        real = getattr(torch.ops.dsv3, name)
+        monkeypatch.setattr(torch.ops.dsv3, name, lambda *a, _n=name, _r=real, **k: calls.update([_n]) or _r(*a, **k))
     return calls
 
 
@@ -72,21 +69,21 @@ def test_moe_f32_matches_reference(M):
     gu, dn = torch.randn(E, 2 * I, D) * 0.1, torch.randn(E, D, I) * 0.1
     x, wt = torch.randn(M, D), torch.rand(M, K)
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(M)])
-    y = kernels.moe(x, idx, wt, gu, dn)
+    y = ops.experts(x, idx, wt, NativeExperts(NativeLinear(0, gu), NativeLinear(0, gu), NativeLinear(0, dn)))
     torch.testing.assert_close(y.double(), expert_ref(x, idx, wt, gu, dn), atol=1e-5, rtol=1e-5)
 
 
 def test_linear_int8_and_moe_int8_match_dequantized_math():
     torch.manual_seed(0)
     q, s, x = torch.randint(-127, 128, (70, 48), dtype=torch.int8), torch.rand(70) * 0.01, torch.randn(2, 48)
-    torch.testing.assert_close(kernels.linear_int8(x, q, s).double(), x.double() @ (q.double() * s.double()[:, None]).T,
+    torch.testing.assert_close(ops.linear(x, NativeLinear(1, q, s)).double(), x.double() @ (q.double() * s.double()[:, None]).T,
                                atol=1e-5, rtol=1e-5)
     E, D, I, K = 8, 64, 24, 2
     g, u = torch.randint(-127, 128, (E, I, D), dtype=torch.int8), torch.randint(-127, 128, (E, I, D), dtype=torch.int8)
     d = torch.randint(-127, 128, (E, D, I), dtype=torch.int8)
     gs, us, ds = torch.rand(E, I) * 0.01, torch.rand(E, I) * 0.01, torch.rand(E, D) * 0.01
     x, wt, idx = torch.randn(3, D), torch.rand(3, K), torch.tensor([[0, 5], [7, 1], [5, 0]])
-    y = kernels.moe_int8(x, idx, wt, (g, gs), (u, us), (d, ds))
+    y = ops.experts(x, idx, wt, NativeExperts(NativeLinear(1, g, gs), NativeLinear(1, u, us), NativeLinear(1, d, ds)))
     gu = torch.cat([g.double() * gs.double()[..., None], u.double() * us.double()[..., None]], dim=1)
     torch.testing.assert_close(y.double(), expert_ref(x, idx, wt, gu, d.double() * ds.double()[..., None]), atol=1e-5, rtol=1e-5)
 
@@ -111,8 +108,8 @@ def test_router_matches_gate(monkeypatch, groups, topk_group, top_k):
 
 def count_mla_calls(monkeypatch) -> list:
     """Record what each native MLA call returned (None: the layer had no native form)."""
-    out, real = [], mla_module.mla_decode
-    monkeypatch.setattr(mla_module, "mla_decode", lambda *a: out.append(real(*a)) or out[-1])
+    out, real = [], ops.mla_decode
+    monkeypatch.setattr(ops, "mla_decode", lambda *a: out.append(real(*a)) or out[-1])
     return out
 
 
@@ -232,18 +229,18 @@ def test_portable_build_without_avx512_matches(tmp_path):
     env = {**os.environ, "DSV3_KERNELS_CFLAGS": "-mno-avx512f", "DSV3_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
-    assert len(list((tmp_path / "kernels").glob("decode-*.so"))) == 1  # built here, not the cached AVX-512 one
+    assert len(list((tmp_path / "kernels").glob("dsv3ops-*.so"))) == 1  # built here, not the cached AVX-512 one
 
 
 def test_switched_off_by_environment():
-    code = "from dsv3 import kernels; print(kernels.library() is None)"
+    code = "from dsv3 import kernels; print(kernels.load() is False)"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DSV3_KERNELS": "0"}, capture_output=True, text=True)
     assert out.stdout.strip() == "True", out.stderr
 
 
 def test_rms_norm_matches_torch():
     x, w = torch.randn(3, 1, 200) * 3, torch.rand(200) + 0.5
-    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), torch.nn.functional.rms_norm(x, (200,), w, 1e-6), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), torch.nn.functional.rms_norm(x, (200,), w, 1e-6), atol=1e-6, rtol=1e-5)
 
 
 def _tiny_model(seed: int = 3) -> DeepseekV3ForCausalLM:

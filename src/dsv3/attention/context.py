@@ -8,19 +8,20 @@ latent cache, in `dsv3.engine`), without copies of the model code.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 
 if TYPE_CHECKING:
-    from dsv3.kernels.mla import NativeKeys
     from dsv3.layers.mla import MLA
 
 
-def layer_ptrs(store: torch.Tensor, layer_ids: list[int]) -> list[int]:
-    """Addresses of `store[i]` ([layers, ...], contiguous per layer) for the given layers."""
-    base, stride = store.data_ptr(), store.stride(0) * store.element_size()
-    return [base + i * stride for i in layer_ids]
+class NativeKeys(NamedTuple):
+    """Where a step's latents go and which ones each token attends to, as the native MLA kernel reads them."""
+    cache: torch.Tensor         # [slots, kv_lora_rank + rope_dim] fp32, contiguous (one layer)
+    slot_mapping: torch.Tensor  # [M] int64: the slot each new token's latent is written to
+    key_slots: torch.Tensor     # [M, S] int64: the slots each token attends to
+    key_mask: torch.Tensor | None  # [M, S] bool (False: skip), or None
 
 
 class AttentionContext:
@@ -53,22 +54,18 @@ class AttentionContext:
     def attend(self, layer_idx: int, mla: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         return mla.attend_expanded(q_nope, q_pe, latent, self.mask)
 
-    def native_keys(self, layer_idx: int) -> "NativeKeys | None":
+    def native_keys(self, layer_idx: int) -> NativeKeys | None:
         """The cache layout for the native MLA decode kernel this step, or None (no cache, or not a decode step)."""
         return None
 
-    def native_cache_ptrs(self, layer_ids: list[int]) -> list[int]:
-        """Addresses of these layers' latent caches (the per-layer part of `native_keys`), for a whole-step call."""
-        return [self.native_keys(i).cache.data_ptr() for i in layer_ids]
+    def native_cache(self) -> torch.Tensor | None:
+        """Every layer's latent cache as one contiguous tensor [layers, ..., C + dr], for a whole-step call."""
+        return None
 
-    def native_slots(self, layer_idx: int) -> tuple[int, int, int | None, int] | None:
-        """The layer-independent part of `native_keys` as addresses: (slot_mapping, key_slots, key_mask or
-        None, keys per token S); the tensors stay owned by the context for the step."""
-        k = self.native_keys(layer_idx)
-        if k is None:
-            return None
-        return (k.slot_mapping.data_ptr(), k.key_slots.data_ptr(), None if k.key_mask is None else k.key_mask.data_ptr(),
-                k.key_slots.shape[1])
+    def native_slots(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """This step's (slot_mapping, key_slots, key_mask), the same for every layer, or None."""
+        k = self.native_keys(0)
+        return None if k is None else (k.slot_mapping, k.key_slots, k.key_mask)
 
 
 class DenseLatentCache(AttentionContext):
@@ -139,22 +136,20 @@ class DenseLatentCache(AttentionContext):
         q_slot, k_slot = self._slots[L:L + T], self._slots[:S]
         return (rows + q_slot).reshape(-1), (rows + k_slot).repeat_interleave(T, dim=0), self.mask.reshape(B * T, S)
 
-    def native_keys(self, layer_idx: int) -> "NativeKeys | None":
+    def native_keys(self, layer_idx: int) -> NativeKeys | None:
         if self._native is False:
             self._native = self._native_layout()
         if self._native is None:
             return None
-        from dsv3.kernels.mla import NativeKeys
         return NativeKeys(self.kv[layer_idx].view(-1, self.kv.shape[-1]), *self._native)
 
-    def native_cache_ptrs(self, layer_ids: list[int]) -> list[int]:
-        return layer_ptrs(self.kv, layer_ids)
+    def native_cache(self) -> torch.Tensor | None:
+        return self.kv if self.kv.is_contiguous() else None
 
-    def native_slots(self, layer_idx: int) -> tuple[int, int, int | None, int] | None:
-        if self._native_ok() and self._plain_decode():  # addresses into one arange, no tensor at all
-            base, L = self._slots.data_ptr(), self.length
-            return base + L * self._slots.element_size(), base, None, L + 1
-        return super().native_slots(layer_idx)
+    def native_slots(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        if self._native is False:
+            self._native = self._native_layout()
+        return self._native
 
     def _native_ok(self) -> bool:
         return (self._step == 1 or self.impl == "absorb") and self.kv.dtype == torch.float32 and self.kv.device.type == "cpu"

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dsv3.attention.context import AttentionContext, layer_ptrs
+from dsv3.attention.context import AttentionContext, NativeKeys
 from dsv3.layers.mla import MLA
 
 
@@ -79,10 +79,10 @@ class PagedContext(AttentionContext):
         verification and MTP drafting (token t of a chunk starting at `start` sees slots
         [0, start + t]). Not with LoRA adapters or the int8 latent cache, or off CPU / fp32.
         """
-        from dsv3 import kernels
+        from dsv3 import ops
 
         n = self.slot_mapping.numel()
-        if (n == 0 or n > kernels.MAX_ROWS or self.decode_adapters is not None or self.cache.quantized
+        if (n == 0 or n > ops.MAX_ROWS or self.decode_adapters is not None or self.cache.quantized
                 or self.cache.dtype != torch.float32 or not self.cache.data.is_cpu or any(p.adapter is not None for p in self.prefills)):
             return None
         if not self.prefills:  # a pure decode step: rows are the tokens, in order
@@ -99,14 +99,16 @@ class PagedContext(AttentionContext):
                 mask[t, : p.start + i + 1] = True
         return slots, mask
 
-    def native_keys(self, layer_idx: int):
+    def native_keys(self, layer_idx: int) -> NativeKeys | None:
         if self._native is None:
             return None
-        from dsv3.kernels.mla import NativeKeys
         return NativeKeys(self.cache.data[layer_idx], self.slot_mapping, *self._native)
 
-    def native_cache_ptrs(self, layer_ids: list[int]) -> list[int]:
-        return layer_ptrs(self.cache.data, layer_ids)
+    def native_cache(self) -> torch.Tensor | None:
+        return self.cache.data if not self.cache.quantized else None
+
+    def native_slots(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        return None if self._native is None else (self.slot_mapping, *self._native)
 
     def attend(self, layer_idx: int, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer_idx, self.slot_mapping, latent[0])

@@ -11,22 +11,20 @@ tie the library to the build machine's CPU, which is rarely the one that serves.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
-from dsv3.kernels import _FLAGS, X86_LEVELS, compile_library, prebuilt_name
+from dsv3.kernels import BASE_FLAGS, X86_LEVELS, compile_library, compilers, prebuilt_name
 
 
-def prebuild(out: Path, levels: list[str], cc: str) -> list[Path]:
+def prebuild(out: Path, levels: list[str], cc: str, cxx: str) -> list[Path]:
     """Compile one library per level into `out`; the paths written (raises RuntimeError on a failed build)."""
-    flags = [f for f in _FLAGS if not f.startswith("-march=")]
     written = []
     for level in levels:
         so = out / prebuilt_name(level)
-        if not compile_library(cc, [*flags, f"-march={level}", "-mtune=generic"], so):
-            raise RuntimeError(f"building the kernels for {level} failed")
+        err = compile_library(cc, cxx, (*BASE_FLAGS, f"-march={level}", "-mtune=generic"), so)
+        if err is not None:
+            raise RuntimeError(f"building the kernels for {level} failed: {err}")
         written.append(so)
     return written
 
@@ -36,12 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="directory for the libraries (DSV3_KERNELS_PREBUILT at run time)")
     p.add_argument("levels", nargs="+", choices=sorted(X86_LEVELS), help="x86-64 micro-architecture levels")
     args = p.parse_args(argv)
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        print("dsv3: error: no C compiler (set CC)", file=sys.stderr)
+    tools = compilers()
+    if tools is None:
+        print("dsv3: error: no C and C++ compiler (set CC and CXX)", file=sys.stderr)
         return 2
     try:
-        for so in prebuild(args.out, args.levels, cc):
+        for so in prebuild(args.out, args.levels, *tools):
             print(so)
     except RuntimeError as e:
         print(f"dsv3: error: {e}", file=sys.stderr)

@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3 import kernels
-from dsv3.config import ModelConfig
-from dsv3.kernels.mla import mla_decode
+from dsv3 import ops
 from dsv3.attention.context import AttentionContext
+from dsv3.config import ModelConfig
+from dsv3.layers.linear import Linear, dense_weight, native_form
 from dsv3.layers.norm import RMSNorm
 from dsv3.layers.rope import apply_rotary
+from dsv3.ops.forms import NativeMLA, f32_cpu
 
 
 class MLA(nn.Module):
@@ -35,24 +36,44 @@ class MLA(nn.Module):
         self.scale = cfg.softmax_scale
         D, H, dqk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, H * dqk, bias=False)
+            self.q_proj = Linear(D, H * dqk)
         else:
-            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(D, self.q_lora_rank)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank)  # eps 1e-6 regardless of config (as HF)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, H * dqk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=False)
+            self.q_b_proj = Linear(self.q_lora_rank, H * dqk)
+        self.kv_a_proj_with_mqa = Linear(D, self.kv_lora_rank + self.rope_dim)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+        self.kv_b_proj = Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim))
+        self.o_proj = Linear(H * self.v_dim, D)
+
+    def native_form(self) -> NativeMLA | None:
+        """The whole layer for the native kernel: every projection native, fp32 norms and kv_b (dequantized if packed)."""
+        lowrank = self.q_lora_rank is not None
+        q_a = native_form(self.q_a_proj) if lowrank else None
+        q_b = native_form(self.q_b_proj if lowrank else self.q_proj)
+        kv_a, o = native_form(self.kv_a_proj_with_mqa), native_form(self.o_proj)
+        q_norm = self.q_a_layernorm.weight if lowrank else None
+        # kv_b as the layer holds it ([H·(dn+dv), C], read as [H, dn+dv, C]): the weight itself, or the dequantized
+        # copy a packed layer keeps; never a view made here, which would keep pointing at storage the weight left
+        w_kvb = dense_weight(self.kv_b_proj) if native_form(self.kv_b_proj) is not None else None
+        if (lowrank and q_a is None) or None in (q_b, kv_a, o, w_kvb) or \
+                not f32_cpu(q_norm, self.kv_a_layernorm.weight, w_kvb):
+            return None
+        dims = (self.o_proj.out_features, self.n_heads, self.nope_dim, self.rope_dim, self.v_dim, self.kv_lora_rank,
+                self.q_lora_rank or 0)
+        fdims = (self.q_a_layernorm.eps if lowrank else 0.0, self.kv_a_layernorm.eps, self.scale)
+        return NativeMLA(q_a, q_b, kv_a, o, q_norm, self.kv_a_layernorm.weight, w_kvb, dims, fdims)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """x [B, T, D]; cos/sin [B, T, dr/2] for the tokens' positions."""
         B, T, _ = x.shape
-        if B * T <= kernels.MAX_ROWS and kernels.usable(x):
+        if ops.native(x):
             keys = ctx.native_keys(self.layer_idx)
-            y = None if keys is None else mla_decode(self, x, cos, sin, keys)
-            if y is not None:
-                return y
+            if keys is not None:
+                y = ops.mla_decode(x, self.native_form(), cos, sin, keys.cache, keys.slot_mapping, keys.key_slots,
+                                   keys.key_mask)
+                if y is not None:
+                    return y
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -69,9 +90,7 @@ class MLA(nn.Module):
         `with_lora=False` gives a LoRA layer's frozen base weight, when its deltas are applied per slot.
         """
         proj = self.kv_b_proj if with_lora else getattr(self.kv_b_proj, "base_layer", self.kv_b_proj)
-        w = getattr(proj, "dense_weight", None)
-        w = w() if callable(w) else proj.weight
-        return w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return dense_weight(proj).view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
 
     def _kv_b_lora(self, slots, rows: int) -> list | None:
         """kv_b_proj's per-adapter terms (rows, A, B, s) for a multi-adapter batch; None without one."""

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3 import kernels
+from dsv3 import ops
 from dsv3.config import ModelConfig
 from dsv3.layers.mlp import MLP
+from dsv3.ops.forms import NativeExperts, NativeLinear, NativeRouter, f32_cpu
 
 
 class Gate(nn.Module):
@@ -38,12 +39,19 @@ class Gate(nn.Module):
         else:
             self.e_score_correction_bias = None
 
+    def native_form(self) -> NativeRouter | None:
+        """The native router (sigmoid scores, `noaux_tc`) over fp32 weights, or None."""
+        bias = self.e_score_correction_bias
+        if self.scoring_func != "sigmoid" or self.topk_method != "noaux_tc" or not f32_cpu(self.weight, bias):
+            return None
+        return NativeRouter(self.weight, bias, self.n_group, self.topk_group, self.top_k, self.norm_topk_prob, self.scaling)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, K] fp32, expert ids [N, K], scores [N, E] fp32)."""
-        if (self.scoring_func == "sigmoid" and self.topk_method == "noaux_tc" and self.n_experts <= kernels.MAX_EXPERTS
-                and self.n_group <= kernels.MAX_GROUPS and kernels.usable(x, self.weight)):
-            return kernels.route_noaux(x, self.weight, self.e_score_correction_bias, self.n_group, self.topk_group,
-                                       self.top_k, self.norm_topk_prob, self.scaling)  # decode: one call
+        if ops.native(x):
+            routed = ops.route_noaux(x, self.native_form())  # decode: one call
+            if routed is not None:
+                return routed
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
@@ -123,10 +131,20 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Im, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, Im))
 
+    def native_form(self) -> NativeExperts | None:
+        """fp32 stacked experts: gate and up both given as the fused gate_up_proj (the kernels take its first rows as
+        gate, the rest as up), down as stored."""
+        gu, down = self.gate_up_proj, self.down_proj
+        if not f32_cpu(gu, down):
+            return None
+        return NativeExperts(NativeLinear(0, gu), NativeLinear(0, gu), NativeLinear(0, down))
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], idx/weights [N, K] -> Σ_k weights[:, k] · expert_{idx[:, k]}(x), accumulated in fp32."""
-        if kernels.usable(x, self.gate_up_proj, self.down_proj):
-            return kernels.moe(x, idx, weights, self.gate_up_proj, self.down_proj)  # decode: one fused call
+        if ops.native(x):
+            y = ops.experts(x, idx, weights, self.native_form())  # decode: one fused call
+            if y is not None:
+                return y
         N, K = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)

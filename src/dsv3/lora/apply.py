@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dsv3 import ops
 from dsv3.lora.layers import AdapterError, ExpertsLoRA, LoRALinear, init_lora_, is_adaptable_linear, lora_scaling
 from dsv3.lora.slots import SlotBatch
 from dsv3.layers.moe import Experts
@@ -63,6 +64,7 @@ def _matches(name: str, targets: list[str]) -> bool:
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+    ops.invalidate()  # plans built before hold the replaced module's tensors
 
 
 def inject_lora(model: nn.Module, spec: LoRASpec, init: bool = True) -> list[str]:

@@ -75,6 +75,10 @@ class ExpertsLoRA(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
+    def native_form(self) -> None:
+        """No native form: the adapters' deltas run in PyTorch."""
+        return None
+
     def _delta(self, proj: str, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         h = self.lora_dropout(x).to(self.lora_A[proj].dtype)
         return grouped(grouped(h, self.lora_A[proj], offs), self.lora_B[proj], offs) * self.scaling[proj]

@@ -32,6 +32,10 @@ class LocalExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(count, 2 * im, dim))
         self.down_proj = nn.Parameter(torch.empty(count, dim, im))
 
+    def native_form(self) -> None:
+        """No native form: the partial sums must be all-reduced across ranks."""
+        return None
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         N, K = idx.shape
         flat = idx.flatten()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv3 import ops
 from dsv3.layers.mlp import MLP
 from dsv3.layers.mla import MLA
 from dsv3.layers.moe import MoE
@@ -88,6 +89,7 @@ def parallelize(model: DeepseekV3ForCausalLM, pc: ParallelConfig) -> DeepseekV3F
             model.lm_head = ParallelHead(cfg.hidden_size, cfg.vocab_size, pc.tp, pc.tp_rank)
     model.tie_weights()
     model.parallel = pc
+    ops.invalidate(model)
     return model
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dsv3 import ops
 from dsv3.layers.moe import Experts
 from dsv3.quant.experts import QuantExperts
 from dsv3.quant.formats import Format, make_format
@@ -66,6 +67,7 @@ def group_sizes(model: nn.Module, targets: list[tuple[str, nn.Module]], fmt: For
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+    ops.invalidate()  # plans built before hold the replaced module's tensors
 
 
 def convert(module: nn.Module, fmt: Format, clip: dict[str, torch.Tensor] | torch.Tensor | None = None) -> nn.Module:
@@ -133,6 +135,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, zero_po
                                         else clips.get(name)))
     qc = quantization_config(method, fmt, include_lm_head, groups)
     model.config.quantization_config = qc
+    ops.invalidate(model)
     return qc
 
 

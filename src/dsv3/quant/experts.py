@@ -9,7 +9,7 @@ as the checkpoints store them. Two execution paths after sorting (token, slot) p
   experts' weights in one vectorized gather and run one `grouped_linear` per projection.
 
 A decode step (a few fp32 tokens) with int8 or int4 experts takes one native call instead
-(`dsv3.kernels.moe_int8`, `moe_lin` over int4 weights kept in the native kernels' layout).
+(`dsv3.ops.experts` over their native form: int8 rows, or int4 weights kept in the native kernels' layout).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3 import kernels
+from dsv3 import ops
 from dsv3.layers.moe import Experts, grouped_linear
+from dsv3.ops.forms import NativeExperts, NativeLinear
 from dsv3.quant.formats import Format, Tensors
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -56,31 +57,37 @@ class QuantExperts(nn.Module):
         t = {k: getattr(self, f"{proj}_{k}") for k in self.keys[proj]}
         return t if e is None else {k: v[e] for k, v in t.items()}
 
-    def native_int4(self) -> tuple | None:
-        """(gate, up, down) int4 descriptors for `dsv3.kernels.moe_lin`, over weights converted on first use to
-        the native kernels' layout and kept beside the packed ones; None if a group does not allow it."""
-        from dsv3.kernels.layers import cached_plan, int4_desc
+    def native_form(self) -> NativeExperts | None:
+        """int8: the stored stacks (kind 1); int4: converted on first use to the native kernels' layout (kind 2),
+        kept until `reset_native`; None for FP8, off the CPU, or a group that does not allow it."""
+        if self.fmt.name == "int8":
+            lins = [NativeLinear(1, getattr(self, f"{p}_qweight"), getattr(self, f"{p}_scale")) for p in PROJ]
+            return None if not lins[0].weight.is_cpu else NativeExperts(*lins)
+        if self.fmt.name != "int4" or not self.gate_proj_packed.is_cpu:
+            return None
+        if "_native4" not in self.__dict__:  # tensors only: a deepcopy of the module copies them
+            self.__dict__["_native4"] = [self.fmt.native(self.proj(p), *self.shapes[p]) for p in PROJ]
+        parts = self.__dict__["_native4"]
+        return None if None in parts else NativeExperts(*(NativeLinear(2, t[0], t[1], t[2], t[3]) for t in parts))
 
-        def build():
-            if "_native4" not in self.__dict__:  # tensors only: a deepcopy of the module copies them
-                self.__dict__["_native4"] = [self.fmt.native(self.proj(p), *self.shapes[p]) for p in PROJ]
-            parts = self.__dict__["_native4"]
-            return None if None in parts else tuple(int4_desc(*t) for t in parts)
-        return cached_plan(self, (), build)
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()` and friends replace the packed buffers: what was derived from them goes too."""
+        out = super()._apply(fn, recurse)
+        self.reset_native()
+        return out
+
+    def reset_native(self) -> None:
+        self.__dict__.pop("_native4", None)
 
     def _mm(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         return self.fmt.matmul(x, self.proj(proj, e), self.shapes[proj][0])
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], idx/weights [N, K] -> Σ_k weights[:, k] · expert_{idx[:, k]}(x), accumulated in fp32."""
-        if self.fmt.name == "int8":
-            pairs = [(getattr(self, f"{p}_qweight"), getattr(self, f"{p}_scale")) for p in PROJ]
-            if kernels.usable(x, *(t for pair in pairs for t in pair)):  # decode: one fused call over the packed experts
-                return kernels.moe_int8(x, idx, weights, *pairs)
-        elif self.fmt.name == "int4" and kernels.usable(x):
-            descs = self.native_int4()
-            if descs is not None:
-                return kernels.moe_lin(x, idx, weights, *descs, self.inter)
+        if self.fmt.name in ("int8", "int4") and ops.native(x):  # decode: one fused call over the packed experts
+            y = ops.experts(x, idx, weights, self.native_form())
+            if y is not None:
+                return y
         N, K = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv3 import kernels as native
+from dsv3 import ops
+from dsv3.ops.forms import NativeLinear
 
 from dsv3.quant.schemes import ceil_to, pack_nibbles, unpack_nibbles
 
@@ -44,8 +45,9 @@ def has_cpu_kernels() -> bool:
 # ---- int8 -------------------------------------------------------------------------------------
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ (q [N, K] · scale [N])ᵀ -> [M, N] in x's dtype."""
-    if native.usable(x, q, scale):  # a decode step: fp32 activations, no bf16 round trip
-        return native.linear_int8(x, q, scale)
+    y = ops.linear(x, NativeLinear(1, q, scale)) if ops.native(x) and q.is_cpu else None
+    if y is not None:  # a decode step: fp32 activations, no bf16 round trip
+        return y
     if x.dtype == torch.float32 and x.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: exact, and faster than the bf16 kernel
         return F.linear(x, q.to(torch.float32) * scale.to(torch.float32)[:, None])
     if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and x.shape[-1] % 16 == 0:

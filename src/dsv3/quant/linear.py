@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3 import kernels
+from dsv3 import ops
+from dsv3.ops.forms import NativeLinear
 from dsv3.quant import kernels as kn
 from dsv3.quant.formats import Format, Tensors
 
@@ -93,10 +94,10 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if torch.is_grad_enabled() and x.requires_grad:
             y = _PackedMatmul.apply(x2, self)
-        elif self.fmt.name == "int4" and kernels.usable(x2) and self._int4_desc() is not None:
-            y = kernels.linear_lin(x2, self._int4_desc(), self.out_features)  # decode: int4 in the native layout
         else:
-            y = self.fmt.matmul(x2, self.tensors, self.out_features)
+            y = ops.linear(x2, self.native_form()) if self.fmt.name in ("int8", "int4") and ops.native(x2) else None
+            if y is None:  # (decode takes the native kernel: int8 rows, or int4 in the native layout)
+                y = self.fmt.matmul(x2, self.tensors, self.out_features)
         return y.view(*shape[:-1], self.out_features)
 
     def grad_weight(self) -> torch.Tensor:
@@ -111,23 +112,29 @@ class QuantLinear(nn.Module):
             self._dense = self.fmt.dequant(self.tensors, self.out_features, self.in_features).to(self.act_dtype)
         return self._dense
 
-    def native_int8(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(int8 weight [out, in], fp32 scale [out]) for the native decode kernels; None for other formats."""
-        return (self.qweight, self.scale) if self.fmt.name == "int8" else None
-
-    def native_int4(self) -> tuple | None:
-        """int4 weights in the native decode kernels' layout (`Int4Format.native`), built on first use and
-        kept beside the packed ones (the CPU int4 kernel's layout cannot be read by them); None otherwise."""
+    def native_form(self) -> NativeLinear | None:
+        """int8: the stored rows and scales (kind 1); int4: weights converted on first use to the native kernels'
+        block layout (kind 2; the CPU int4 kernel's layout cannot be read by them), kept beside the packed ones
+        until `reset_native`; None for FP8 or off the CPU."""
+        if self.fmt.name == "int8" and self.qweight.is_cpu:
+            return NativeLinear(1, self.qweight, self.scale)
         if self.fmt.name != "int4" or not self.packed.is_cpu:
             return None
         if "_native4" not in self.__dict__:
             self.__dict__["_native4"] = self.fmt.native(self.tensors, self.out_features, self.in_features)
-        return self.__dict__["_native4"]
+        t = self.__dict__["_native4"]
+        return None if t is None else NativeLinear(2, t[0], t[1], t[2], t[3])
 
-    def _int4_desc(self):
-        from dsv3.kernels.layers import cached_plan, int4_desc
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()` and friends replace the packed buffers: what was derived from them goes too."""
+        out = super()._apply(fn, recurse)
+        self.reset_native()
+        return out
 
-        return cached_plan(self, (), lambda: None if self.native_int4() is None else int4_desc(*self.native_int4()))
+    def reset_native(self) -> None:
+        """Drop what was derived from the packed weights (the native int4 layout, the dense kv_b weight)."""
+        self.__dict__.pop("_native4", None)
+        self._dense = None
 
     def export(self) -> Tensors:
         return self.fmt.export(self.tensors, self.out_features, self.in_features)

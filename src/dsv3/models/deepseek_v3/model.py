@@ -10,15 +10,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3.config import ModelConfig
-from dsv3.kernels.step import run_model
+from dsv3 import ops
 from dsv3.attention.context import AttentionContext
-from dsv3.layers.mlp import MLP
-from dsv3.layers.norm import RMSNorm
+from dsv3.config import ModelConfig
+from dsv3.layers.linear import Linear, native_form
 from dsv3.layers.mla import MLA
+from dsv3.layers.mlp import MLP
 from dsv3.layers.moe import MoE
-from dsv3.models.deepseek_v3.mtp import MTPLayer
+from dsv3.layers.norm import RMSNorm
 from dsv3.layers.rope import RotaryEmbedding, rope_inv_freq
+from dsv3.models.deepseek_v3.mtp import MTPLayer
+from dsv3.ops.forms import NativeBlock, NativeModel, f32_cpu
 
 
 class Block(nn.Module):
@@ -31,9 +33,29 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    @property
+    def layer_idx(self) -> int:
+        return self.self_attn.layer_idx
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def native_form(self) -> NativeBlock | None:
+        """The block for the native whole-step kernel, or None when a part has no native form."""
+        mla = self.self_attn.native_form()
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        if mla is None or n1.eps != n2.eps or not f32_cpu(n1.weight, n2.weight):
+            return None
+        ffn = self.mlp
+        if isinstance(ffn, MoE):
+            router, experts = ffn.gate.native_form(), ffn.experts.native_form()
+            shared = None if ffn.shared_experts is None else ffn.shared_experts.native_form()
+            if router is None or experts is None or (ffn.shared_experts is not None and shared is None):
+                return None
+            return NativeBlock(mla, n1.weight, n2.weight, n1.eps, shared, router, experts)
+        mlp = ffn.native_form()
+        return None if mlp is None else NativeBlock(mla, n1.weight, n2.weight, n1.eps, mlp)
 
 
 class DeepseekV3Model(nn.Module):
@@ -56,13 +78,30 @@ class DeepseekV3ForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DeepseekV3Model(cfg, with_mtp)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.tie_weights()
 
     def tie_weights(self) -> None:
         """Share the LM head with the embedding when the config says so (again after `to_empty`)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def native_model(self) -> NativeModel | None:
+        """What a native whole decode step reads (`dsv3.ops.decode_step`), or None when a part has no native form."""
+        m = self.model
+        if type(m.embed_tokens) is not nn.Embedding:  # e.g. a vocab-parallel shard: its rows are not the token ids
+            return None
+        blocks = [b.native_form() for b in m.layers]
+        if not blocks or None in blocks or not f32_cpu(m.embed_tokens.weight, m.norm.weight, m.rotary.inv_freq):
+            return None
+        return NativeModel(m.embed_tokens.weight, m.rotary.inv_freq, m.rotary.attn_factor, blocks,
+                           [b.layer_idx for b in m.layers], m.norm.weight, m.norm.eps, native_form(self.lm_head))
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()`, `.float()`, ...: buffers come back as new tensors, so the decode plans are rebuilt."""
+        out = super()._apply(fn, recurse)
+        ops.invalidate(self)
+        return out
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,7 +137,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         ctx = ctx if ctx is not None else AttentionContext()
         start = getattr(ctx, "length", 0)
         ctx.begin_step(input_ids.shape[1])
-        native = run_model(self, input_ids, positions, start, ctx, logits, fresh_hidden)  # a decode step: one native call
+        native = ops.decode_step(self, input_ids, positions, start, ctx.native_cache(), ctx.native_slots(), logits,
+                                 fresh_hidden)  # a decode step: one native call
         if native is not None:
             ctx.end_step()
             return native
@@ -137,6 +177,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
                 if t is not None and t.is_floating_point():
                     t.data = t.data.to(torch.float32 if keep else dtype)
+        ops.invalidate(self)
         return self
 
     @torch.no_grad()

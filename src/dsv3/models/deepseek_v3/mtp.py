@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3.config import ModelConfig
-from dsv3.kernels.step import run_blocks
+from dsv3 import ops
 from dsv3.attention.context import AttentionContext
+from dsv3.config import ModelConfig
+from dsv3.layers.linear import Linear
 from dsv3.layers.norm import RMSNorm
 
 
@@ -32,12 +33,12 @@ class MTPLayer(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size)
         self.block = block_cls(cfg, layer_idx)
         self.shared_head = SharedHead(cfg)
 
     def forward(self, hidden: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))
-        y = run_blocks(self, (self.block,), x, cos, sin, ctx)  # a decode step: one native call
+        y = ops.decode_layers(self, [self.block], x, cos, sin, ctx.native_cache(), ctx.native_slots())  # decode: one call
         return self.shared_head.norm(self.block(x, cos, sin, ctx) if y is None else y)

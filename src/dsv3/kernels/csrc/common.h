@@ -1,5 +1,8 @@
 /* Helpers shared by the decode kernels: fp32 dot products over fp32 or int8 weight rows. */
 #pragma once
+#ifdef __cplusplus
+extern "C" {
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -129,3 +132,7 @@ void moe_lin(const float *x, const int64_t *idx, const float *wt, const Lin *gat
 void route_noaux(const float *x, const float *w, const float *bias, long N, long D, long E, long n_group,
                  long topk_group, long top_k, int norm, float scale, int64_t *idx, float *wt, float *scores);
 void rms_norm_f32(const float *x, const float *w, float *y, long M, long D, float eps);
+void linear_lin(const Lin *L, const float *x, float *y, long M, long N, long K, int threads);
+#ifdef __cplusplus
+}
+#endif

@@ -6,23 +6,7 @@
  * plan of descriptors built once (dsv3/kernels/step.py), calling the same kernels the modules
  * call, in the same order, so results equal the per-module path bit for bit.
  */
-#include "common.h"
-
-/* One transformer block: pre-norm MLA, then a dense SwiGLU MLP or routed + shared experts. */
-typedef struct {
-    MLADims mla;
-    Lin q_a, q_b, kv_a, o;
-    const float *q_norm, *kv_norm, *w_kvb;
-    const float *in_norm, *post_norm;
-    float eps;
-    Lin gate, up, down;                   /* the dense MLP, or the shared experts */
-    long inter;                           /* their intermediate size (0: no shared experts) */
-    const float *router, *router_bias;    /* E > 0: a MoE layer with the noaux_tc router */
-    long E, n_group, topk_group, top_k, norm_topk;
-    float route_scale;
-    Lin egate, eup, edown;                /* routed experts, with expert strides */
-    long einter;
-} LayerPlan;
+#include "step.h"
 
 /* Floats of scratch `decode_layers` needs for M tokens attending to S keys. */
 long decode_layers_scratch(const LayerPlan *layers, long L, long M, long S) {
@@ -69,16 +53,6 @@ void decode_layers(const LayerPlan *layers, long L, float *const *caches, float 
         for (long j = 0; j < M * D; j++) x[j] += a[j];
     }
 }
-
-/* What a whole step needs besides the blocks: the embedding, the rotary frequencies, the final norm, the head. */
-typedef struct {
-    const float *embed;                /* [vocab, D] fp32 */
-    const float *inv_freq;             /* [dr/2]: cos/sin(position * inv_freq) * attn_factor, as RotaryEmbedding */
-    float attn_factor, final_eps;
-    const float *final_norm;
-    Lin head;                          /* the LM head (any kind) */
-    long vocab, half;
-} ModelPlan;
 
 /* Floats of scratch `decode_step` needs (beyond `decode_layers`'). */
 long decode_step_scratch(const ModelPlan *mp, const LayerPlan *layers, long L, long M, long S) {

@@ -1,0 +1,514 @@
+// The native CPU kernels as PyTorch operators: the CPU implementations of the `dsv3::` ops whose
+// schemas `dsv3/ops/schemas.py` declares. PyTorch compares each function's C++ signature with the
+// declared schema when this library loads, so the two cannot drift apart; every op checks devices,
+// dtypes, shapes and strides before it hands raw pointers to the C kernels (decode.c, mla.c,
+// step.c), and builds their descriptor structs (`Lin`, `LayerPlan`, `ModelPlan`) itself from the
+// tensors it is given -- nothing on the Python side mirrors a C struct.
+//
+// A linear layer crosses as three optional tensors and two ints: (weight, scale, bias), (kind,
+// group) -- kind 0: fp32 [N, K]; 1: int8 [N, K] with an fp32 scale per row; 2: int4 in 32-value
+// blocks, uint8 [N, K/2] with fp32 scale and bias per (row, group). Stacked experts add a leading
+// [E] dimension; the expert stride is read from the tensor.
+#define restrict __restrict
+#include "step.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+using at::Tensor;
+using c10::optional;
+
+namespace {
+
+constexpr int64_t kMaxExperts = 1024, kMaxGroups = 64;  // route_noaux's stack arrays
+
+void check_cpu(const Tensor &t, const char *op, const char *what) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor, got ", t.device());
+}
+
+void check_f32(const Tensor &t, const char *op, const char *what) {
+  check_cpu(t, op, what);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", what, " must be float32, got ", t.scalar_type());
+}
+
+void check_contig(const Tensor &t, const char *op, const char *what) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", what, " must be contiguous");
+}
+
+// The i-th linear of `lins` (three entries each) with kinds/groups from `meta` (two entries each).
+// `stacked`: a [E, ...] expert stack (each expert's matrix contiguous; experts `stride(0)` apart).
+Lin make_lin(const c10::List<optional<Tensor>> &lins, c10::IntArrayRef meta, size_t i, int64_t K, bool stacked,
+             const char *op) {
+  TORCH_CHECK(lins.size() >= 3 * (i + 1) && meta.size() >= 2 * (i + 1), op, ": linear ", i, " is missing");
+  const optional<Tensor> w = lins.get(3 * i), s = lins.get(3 * i + 1), b = lins.get(3 * i + 2);
+  const int64_t kind = meta[2 * i], group = meta[2 * i + 1];
+  TORCH_CHECK(w.has_value(), op, ": linear ", i, " has no weight");
+  const Tensor &W = *w;
+  check_cpu(W, op, "a weight");
+  const int64_t dims = stacked ? 3 : 2;
+  TORCH_CHECK(W.dim() == dims, op, ": linear ", i, " weight must have ", dims, " dims, got ", W.dim());
+  TORCH_CHECK(W.stride(-1) == 1 && W.stride(-2) == W.size(-1), op, ": linear ", i, " rows must be contiguous");
+  Lin L{};
+  L.w = W.data_ptr();
+  L.kind = kind;
+  L.group = group;
+  if (kind == 0 || kind == 1) {
+    TORCH_CHECK(W.size(-1) == K, op, ": linear ", i, " takes ", W.size(-1), " inputs, the op has ", K);
+    TORCH_CHECK(W.scalar_type() == (kind == 0 ? at::kFloat : at::kChar), op, ": linear ", i, " of kind ", kind,
+                " must be ", kind == 0 ? "float32" : "int8", ", got ", W.scalar_type());
+    L.ew = stacked ? W.stride(0) * W.element_size() : 0;
+    if (kind == 1) {
+      TORCH_CHECK(s.has_value(), op, ": int8 linear ", i, " needs a scale");
+      check_f32(*s, op, "an int8 scale");
+      TORCH_CHECK(s->size(-1) == W.size(-2) && s->stride(-1) == 1, op, ": int8 scale must hold one value per row");
+      L.scale = s->data_ptr<float>();
+      L.es = stacked ? s->stride(0) : 0;
+    }
+  } else if (kind == 2) {
+    TORCH_CHECK(W.scalar_type() == at::kByte && W.size(-1) * 2 == K, op, ": int4 linear ", i,
+                " must be uint8 [..., N, K/2] for K = ", K);
+    TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, op, ": int4 group ", group,
+                " must be a multiple of 32 dividing ", K);
+    TORCH_CHECK(s.has_value() && b.has_value(), op, ": int4 linear ", i, " needs scale and bias");
+    for (const Tensor *t : {&*s, &*b}) {
+      check_f32(*t, op, "an int4 scale or bias");
+      TORCH_CHECK(t->dim() == dims && t->size(-1) == K / group && t->size(-2) == W.size(-2) && t->is_contiguous(), op,
+                  ": int4 scale and bias must be contiguous [..., N, K/group]");
+    }
+    L.scale = s->data_ptr<float>();
+    L.bias = b->data_ptr<float>();
+    L.ew = stacked ? W.stride(0) : 0;
+    L.es = stacked ? s->stride(0) : 0;
+  } else {
+    TORCH_CHECK(false, op, ": unknown linear kind ", kind);
+  }
+  return L;
+}
+
+int64_t out_rows(const c10::List<optional<Tensor>> &lins, size_t i) { return lins.get(3 * i)->size(-2); }
+
+// Stacked experts' gate and up (linears i, i+1 of `lins`); returns their rows I. Given as the same tensor they are a
+// fused [E, 2I, D] stack (gate_up_proj): gate the first I rows of each expert, up the other I.
+int64_t experts_gate_up(const c10::List<optional<Tensor>> &lins, c10::IntArrayRef meta, size_t i, int64_t D,
+                        const char *op, Lin &gate, Lin &up) {
+  gate = make_lin(lins, meta, i, D, true, op);
+  up = make_lin(lins, meta, i + 1, D, true, op);
+  const optional<Tensor> g = lins.get(3 * i), u = lins.get(3 * (i + 1));
+  if (!g->is_same(*u)) {
+    TORCH_CHECK(out_rows(lins, i) == out_rows(lins, i + 1), op, ": gate and up must have the same rows");
+    return out_rows(lins, i);
+  }
+  TORCH_CHECK(gate.kind == 0 && g->size(-2) % 2 == 0, op, ": a fused gate_up stack must be fp32 with even rows");
+  const int64_t I = g->size(-2) / 2;
+  up.w = (const char *)up.w + I * g->size(-1) * g->element_size();
+  return I;
+}
+
+const float *opt_f32(const optional<Tensor> &t, const char *op, const char *what) {
+  if (!t.has_value()) return nullptr;
+  check_f32(*t, op, what);
+  check_contig(*t, op, what);
+  return t->data_ptr<float>();
+}
+
+// A reused scratch buffer per thread (the engine steps from one thread; tests may use others).
+float *scratch(int64_t floats) {
+  thread_local std::vector<float> buf;
+  if ((int64_t)buf.size() < floats) buf.resize(floats);
+  return buf.data();
+}
+
+// The keys a step attends to: slot_mapping [M], key_slots [M, S] int64, key_mask [M, S] bool or absent.
+struct Keys {
+  const int64_t *slot_mapping, *key_slots;
+  const uint8_t *key_mask;
+  int64_t S;
+};
+
+Keys check_keys(const Tensor &slot_mapping, const Tensor &key_slots, const optional<Tensor> &key_mask, int64_t M,
+                const char *op) {
+  for (const Tensor *t : {&slot_mapping, &key_slots}) {
+    check_cpu(*t, op, "slot_mapping and key_slots");
+    TORCH_CHECK(t->scalar_type() == at::kLong, op, ": slot_mapping and key_slots must be int64");
+    check_contig(*t, op, "slot_mapping and key_slots");
+  }
+  TORCH_CHECK(slot_mapping.numel() == M, op, ": slot_mapping holds ", slot_mapping.numel(), " slots for ", M, " tokens");
+  TORCH_CHECK(key_slots.dim() == 2 && key_slots.size(0) == M, op, ": key_slots must be [", M, ", S]");
+  const uint8_t *mask = nullptr;
+  if (key_mask.has_value()) {
+    check_cpu(*key_mask, op, "key_mask");
+    check_contig(*key_mask, op, "key_mask");
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->sizes() == key_slots.sizes(), op,
+                ": key_mask must be bool shaped like key_slots");
+    mask = reinterpret_cast<const uint8_t *>(key_mask->data_ptr<bool>());
+  }
+  return {slot_mapping.data_ptr<int64_t>(), key_slots.data_ptr<int64_t>(), mask, key_slots.size(1)};
+}
+
+// ---- single kernels ---------------------------------------------------------------------------
+
+Tensor op_rms_norm(const Tensor &x, const Tensor &weight, double eps) {
+  check_f32(x, "dsv3::rms_norm", "x");
+  check_f32(weight, "dsv3::rms_norm", "weight");
+  check_contig(weight, "dsv3::rms_norm", "weight");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "dsv3::rms_norm: weight must be [", x.size(-1), "]");
+  Tensor xc = x.contiguous();
+  Tensor y = at::empty(xc.sizes(), xc.options());
+  const int64_t D = xc.size(-1);
+  rms_norm_f32(xc.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), xc.numel() / D, D, (float)eps);
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> op_route_noaux(const Tensor &x, const Tensor &weight, const optional<Tensor> &bias,
+                                               int64_t n_group, int64_t topk_group, int64_t top_k, bool norm,
+                                               double scale) {
+  const char *op = "dsv3::route_noaux";
+  check_f32(x, op, "x");
+  check_f32(weight, op, "weight");
+  check_contig(weight, op, "weight");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.size(1) == x.size(1), op, ": x [N, D], weight [E, D]");
+  const int64_t N = x.size(0), D = x.size(1), E = weight.size(0);
+  TORCH_CHECK(E <= kMaxExperts && n_group <= kMaxGroups && n_group > 0 && E % n_group == 0, op,
+              ": at most ", kMaxExperts, " experts in at most ", kMaxGroups, " equal groups");
+  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group && top_k >= 1 && top_k <= topk_group * (E / n_group), op,
+              ": top_k and topk_group do not fit the groups");
+  const float *b = opt_f32(bias, op, "bias");
+  if (b) TORCH_CHECK(bias->numel() == E, op, ": bias must be [E]");
+  Tensor xc = x.contiguous();
+  Tensor idx = at::empty({N, top_k}, x.options().dtype(at::kLong));
+  Tensor wt = at::empty({N, top_k}, x.options());
+  Tensor scores = at::empty({N, E}, x.options());
+  ::route_noaux(xc.data_ptr<float>(), weight.data_ptr<float>(), b, N, D, E, n_group, topk_group, top_k, (int)norm,
+                (float)scale, idx.data_ptr<int64_t>(), wt.data_ptr<float>(), scores.data_ptr<float>());
+  return {wt, idx, scores};
+}
+
+Tensor op_linear(const Tensor &x, const Tensor &w, const optional<Tensor> &scale, const optional<Tensor> &bias,
+              int64_t kind, int64_t group) {
+  const char *op = "dsv3::linear";
+  check_f32(x, op, "x");
+  const int64_t K = x.size(-1);
+  c10::List<optional<Tensor>> lins;
+  lins.push_back(w);
+  lins.push_back(scale);
+  lins.push_back(bias);
+  const int64_t meta[2] = {kind, group};
+  Lin L = make_lin(lins, meta, 0, K, false, op);
+  const int64_t N = out_rows(lins, 0);
+  Tensor xc = x.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  Tensor y = at::empty(shape, x.options());
+  linear_lin(&L, xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel() / K, N, K, at::get_num_threads());
+  return y;
+}
+
+Tensor op_mlp(const Tensor &x, const c10::List<optional<Tensor>> &lins, c10::IntArrayRef meta) {
+  const char *op = "dsv3::mlp";
+  check_f32(x, op, "x");
+  const int64_t D = x.size(-1);
+  Lin gate = make_lin(lins, meta, 0, D, false, op), up = make_lin(lins, meta, 1, D, false, op);
+  const int64_t I = out_rows(lins, 0);
+  TORCH_CHECK(out_rows(lins, 1) == I, op, ": gate and up must have the same rows");
+  Lin down = make_lin(lins, meta, 2, I, false, op);
+  TORCH_CHECK(out_rows(lins, 2) == D, op, ": down must give ", D, " outputs");
+  Tensor xc = x.contiguous();
+  const int64_t M = xc.numel() / D;
+  Tensor y = at::empty(xc.sizes(), x.options());
+  mlp_decode(&gate, &up, &down, xc.data_ptr<float>(), scratch(M * I), y.data_ptr<float>(), M, D, I,
+             at::get_num_threads());
+  return y;
+}
+
+Tensor op_moe(const Tensor &x, const Tensor &idx, const Tensor &weights, const c10::List<optional<Tensor>> &lins,
+           c10::IntArrayRef meta) {
+  const char *op = "dsv3::moe";
+  check_f32(x, op, "x");
+  TORCH_CHECK(x.dim() == 2 && idx.dim() == 2 && idx.sizes() == weights.sizes() && idx.size(0) == x.size(0), op,
+              ": x [M, D], idx and weights [M, K]");
+  const int64_t M = x.size(0), D = x.size(1), K = idx.size(1);
+  Lin gate, up;
+  const int64_t I = experts_gate_up(lins, meta, 0, D, op, gate, up), E = lins.get(0)->size(0);
+  Lin down = make_lin(lins, meta, 2, I, true, op);
+  TORCH_CHECK(out_rows(lins, 2) == D && lins.get(3)->size(0) == E && lins.get(6)->size(0) == E, op,
+              ": gate/up [E, I, D] and down [E, D, I] stacks of the same experts");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat, op,
+              ": idx must be int64 and weights float32");
+  Tensor ic = idx.contiguous(), wc = weights.contiguous(), xc = x.contiguous();
+  const int64_t *ids = ic.data_ptr<int64_t>();
+  for (int64_t j = 0; j < M * K; j++) TORCH_CHECK(ids[j] >= 0 && ids[j] < E, op, ": expert ids must be in [0, ", E, ")");
+  Tensor y = at::empty({M, D}, x.options());
+  moe_lin(xc.data_ptr<float>(), ids, wc.data_ptr<float>(), &gate, &up, &down, scratch(M * K * I),
+          y.data_ptr<float>(), M, K, D, I, at::get_num_threads());
+  return y;
+}
+
+// dims: D, H, dn, dr, dv, C, Rq; fdims: q_eps, kv_eps, scale.
+MLADims make_dims(c10::IntArrayRef dims, c10::ArrayRef<double> fdims, const char *op) {
+  TORCH_CHECK(dims.size() == 7 && fdims.size() == 3, op, ": dims are D, H, dn, dr, dv, C, Rq and q_eps, kv_eps, scale");
+  MLADims d{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], (float)fdims[0], (float)fdims[1],
+            (float)fdims[2]};
+  TORCH_CHECK(d.dr % 2 == 0, op, ": the rotary dim must be even");
+  return d;
+}
+
+Tensor op_mla_decode(const Tensor &x, const c10::List<optional<Tensor>> &lins, c10::IntArrayRef meta,
+                  const optional<Tensor> &q_norm, const Tensor &kv_norm, const Tensor &w_kvb, const Tensor &cos,
+                  const Tensor &sin, Tensor &cache, const Tensor &slot_mapping, const Tensor &key_slots,
+                  const optional<Tensor> &key_mask, c10::IntArrayRef dims, c10::ArrayRef<double> fdims) {
+  const char *op = "dsv3::mla_decode";
+  MLADims d = make_dims(dims, fdims, op);
+  check_f32(x, op, "x");
+  TORCH_CHECK(x.size(-1) == d.D, op, ": x must have ", d.D, " features");
+  const int64_t M = x.numel() / d.D, W = d.C + d.dr;
+  Lin q_a{}, q_b{};
+  if (d.Rq) {
+    q_a = make_lin(lins, meta, 0, d.D, false, op);
+    q_b = make_lin(lins, meta, 1, d.Rq, false, op);
+  } else {
+    q_b = make_lin(lins, meta, 1, d.D, false, op);
+  }
+  Lin kv_a = make_lin(lins, meta, 2, d.D, false, op), o = make_lin(lins, meta, 3, d.H * d.dv, false, op);
+  const float *qn = opt_f32(q_norm, op, "q_norm");
+  TORCH_CHECK(!d.Rq || qn, op, ": a low-rank query needs q_norm");
+  check_f32(kv_norm, op, "kv_norm");
+  check_f32(w_kvb, op, "w_kvb");
+  check_contig(w_kvb, op, "w_kvb");
+  TORCH_CHECK(w_kvb.numel() == d.H * (d.dn + d.dv) * d.C, op, ": w_kvb must be [H, dn+dv, C]");
+  check_f32(cache, op, "cache");
+  TORCH_CHECK(cache.size(-1) == W && cache.stride(-1) == 1 && cache.is_contiguous(), op, ": cache must be a contiguous [slots, ", W, "]");
+  Keys k = check_keys(slot_mapping, key_slots, key_mask, M, op);
+  Tensor xc = x.contiguous(), c = cos.contiguous(), s = sin.contiguous();
+  TORCH_CHECK(c.numel() == M * d.dr / 2 && s.numel() == M * d.dr / 2, op, ": cos and sin must be [M, dr/2]");
+  const int64_t H = d.H, C = d.C, floats =
+      M * (d.Rq + H * (d.dn + d.dr) + C + d.dr + H * (2 * C + d.dr + k.S) + H * d.dv);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  Tensor y = at::empty(shape, x.options());
+  ::mla_decode(&d, xc.data_ptr<float>(), M, &q_a, qn, &q_b, &kv_a, kv_norm.data_ptr<float>(), w_kvb.data_ptr<float>(), &o,
+               c.data_ptr<float>(), s.data_ptr<float>(), cache.data_ptr<float>(), k.slot_mapping, k.key_slots, k.key_mask,
+               k.S, scratch(floats), y.data_ptr<float>(), at::get_num_threads());
+  return y;
+}
+
+// ---- whole steps -----------------------------------------------------------------------------
+//
+// A plan crosses as `weights` (Tensor?[]) and `meta` (int64) / `fmeta` (float64) tensors, built once
+// by dsv3/ops/plan.py in the order below; a whole-model plan puts the model's part first.
+//
+// Layer weights (37): q_a q_b kv_a o (3 each), q_norm kv_norm w_kvb in_norm post_norm,
+//                     gate up down (3 each; the dense MLP or the shared experts), router router_bias,
+//                     egate eup edown (3 each; stacked routed experts)
+// Layer ints (33):    D H dn dr dv C Rq | kind, group of q_a q_b kv_a o | inter | E n_group topk_group top_k
+//                     norm_topk | kind, group of gate up down | kind, group of egate eup edown
+// Layer floats (5):   q_eps kv_eps scale eps route_scale
+// Model weights (6):  embed inv_freq final_norm head (3)
+// Model ints (4):     head kind, head group, vocab, dr/2;   model floats (2): attn_factor final_eps
+constexpr size_t kLayerWeights = 37, kLayerInts = 33, kLayerFloats = 5;
+constexpr size_t kModelWeights = 6, kModelInts = 4, kModelFloats = 2;
+
+c10::List<optional<Tensor>> slice(const c10::List<optional<Tensor>> &ws, size_t from, size_t n) {
+  c10::List<optional<Tensor>> out;
+  out.reserve(n);
+  for (size_t j = 0; j < n; j++) out.push_back(ws.get(from + j));
+  return out;
+}
+
+std::vector<LayerPlan> make_layers(const c10::List<optional<Tensor>> &ws, size_t w0, const int64_t *mi,
+                                   const double *mf, int64_t L, const char *op) {
+  std::vector<LayerPlan> out(L);
+  for (int64_t i = 0; i < L; i++) {
+    const size_t wb = w0 + i * kLayerWeights;
+    const int64_t *m = mi + i * kLayerInts;
+    const double *f = mf + i * kLayerFloats;
+    LayerPlan &lp = out[i];
+    lp.mla = MLADims{m[0], m[1], m[2], m[3], m[4], m[5], m[6], (float)f[0], (float)f[1], (float)f[2]};
+    const MLADims &d = lp.mla;
+    TORCH_CHECK(i == 0 || d.D == out[0].mla.D, op, ": every layer must have the same hidden size");
+    const auto attn = slice(ws, wb, 12);
+    const c10::IntArrayRef am(m + 7, 8);
+    if (d.Rq) {
+      lp.q_a = make_lin(attn, am, 0, d.D, false, op);
+      lp.q_b = make_lin(attn, am, 1, d.Rq, false, op);
+    } else {
+      lp.q_b = make_lin(attn, am, 1, d.D, false, op);
+    }
+    TORCH_CHECK(out_rows(attn, 1) == d.H * (d.dn + d.dr), op, ": q_b must give H*(dn+dr) outputs");
+    lp.kv_a = make_lin(attn, am, 2, d.D, false, op);
+    TORCH_CHECK(out_rows(attn, 2) == d.C + d.dr, op, ": kv_a must give C+dr outputs");
+    lp.o = make_lin(attn, am, 3, d.H * d.dv, false, op);
+    TORCH_CHECK(out_rows(attn, 3) == d.D, op, ": o must give D outputs");
+    const optional<Tensor> q_norm = ws.get(wb + 12), kv_norm = ws.get(wb + 13), w_kvb = ws.get(wb + 14),
+                           in_norm = ws.get(wb + 15), post_norm = ws.get(wb + 16);
+    lp.q_norm = opt_f32(q_norm, op, "q_norm");
+    TORCH_CHECK(!d.Rq || (lp.q_norm && q_norm->numel() == d.Rq), op, ": a low-rank query needs q_norm [Rq]");
+    TORCH_CHECK(kv_norm && w_kvb && in_norm && post_norm, op, ": layer ", i, " lacks a norm or w_kvb");
+    lp.kv_norm = opt_f32(kv_norm, op, "kv_norm");
+    lp.w_kvb = opt_f32(w_kvb, op, "w_kvb");
+    lp.in_norm = opt_f32(in_norm, op, "in_norm");
+    lp.post_norm = opt_f32(post_norm, op, "post_norm");
+    TORCH_CHECK(kv_norm->numel() == d.C && in_norm->numel() == d.D && post_norm->numel() == d.D, op, ": norm sizes");
+    TORCH_CHECK(w_kvb->numel() == d.H * (d.dn + d.dv) * d.C, op, ": w_kvb must be [H, dn+dv, C]");
+    lp.eps = (float)f[3];
+    lp.inter = m[15];
+    lp.E = m[16];
+    if (lp.inter) {
+      const auto mlp = slice(ws, wb + 17, 9);
+      const c10::IntArrayRef mm(m + 21, 6);
+      lp.gate = make_lin(mlp, mm, 0, d.D, false, op);
+      lp.up = make_lin(mlp, mm, 1, d.D, false, op);
+      lp.down = make_lin(mlp, mm, 2, lp.inter, false, op);
+      TORCH_CHECK(out_rows(mlp, 0) == lp.inter && out_rows(mlp, 1) == lp.inter && out_rows(mlp, 2) == d.D, op,
+                  ": MLP shapes do not match inter");
+    } else {
+      TORCH_CHECK(lp.E, op, ": layer ", i, " has neither an MLP nor experts");
+    }
+    if (lp.E) {
+      lp.n_group = m[17];
+      lp.topk_group = m[18];
+      lp.top_k = m[19];
+      lp.norm_topk = m[20];
+      lp.route_scale = (float)f[4];
+      TORCH_CHECK(lp.E <= kMaxExperts && lp.n_group <= kMaxGroups && lp.n_group > 0 && lp.E % lp.n_group == 0 &&
+                      lp.topk_group >= 1 && lp.topk_group <= lp.n_group && lp.top_k >= 1 &&
+                      lp.top_k <= lp.topk_group * (lp.E / lp.n_group),
+                  op, ": router sizes");
+      const optional<Tensor> router = ws.get(wb + 26), rbias = ws.get(wb + 27);
+      TORCH_CHECK(router.has_value() && router->numel() == lp.E * d.D, op, ": router must be [E, D]");
+      lp.router = opt_f32(router, op, "router");
+      lp.router_bias = opt_f32(rbias, op, "router_bias");
+      TORCH_CHECK(!lp.router_bias || rbias->numel() == lp.E, op, ": router_bias must be [E]");
+      const auto ex = slice(ws, wb + 28, 9);
+      const c10::IntArrayRef em(m + 27, 6);
+      lp.einter = experts_gate_up(ex, em, 0, d.D, op, lp.egate, lp.eup);
+      lp.edown = make_lin(ex, em, 2, lp.einter, true, op);
+      TORCH_CHECK(ex.get(0)->size(0) == lp.E && ex.get(3)->size(0) == lp.E && ex.get(6)->size(0) == lp.E &&
+                      out_rows(ex, 2) == d.D,
+                  op, ": experts must be [E, I, D] (or a fused [E, 2I, D]) / [E, D, I]");
+    }
+  }
+  return out;
+}
+
+std::vector<float *> layer_caches(Tensor &cache, c10::IntArrayRef layers, int64_t W, const char *op) {
+  check_f32(cache, op, "cache");
+  TORCH_CHECK(cache.is_contiguous() && cache.size(-1) == W, op, ": cache must be a contiguous [layers, ..., ", W, "]");
+  std::vector<float *> out;
+  for (int64_t l : layers) {
+    TORCH_CHECK(l >= 0 && l < cache.size(0), op, ": cache layer ", l, " out of range");
+    out.push_back(cache.data_ptr<float>() + l * cache.stride(0));
+  }
+  return out;
+}
+
+void check_plan(const c10::List<optional<Tensor>> &weights, const Tensor &meta, const Tensor &fmeta, size_t w0,
+                size_t i0, size_t f0, int64_t L, const char *op) {
+  TORCH_CHECK(meta.scalar_type() == at::kLong && fmeta.scalar_type() == at::kDouble && meta.is_contiguous() &&
+                  fmeta.is_contiguous() && meta.device().is_cpu() && fmeta.device().is_cpu(),
+              op, ": meta must be int64 and fmeta float64 CPU tensors");
+  TORCH_CHECK(L >= 1 && weights.size() == w0 + L * kLayerWeights && (size_t)meta.numel() == i0 + L * kLayerInts &&
+                  (size_t)fmeta.numel() == f0 + L * kLayerFloats,
+              op, ": the plan's tensors do not describe ", L, " layers");
+}
+
+void op_decode_layers(const c10::List<optional<Tensor>> &weights, const Tensor &meta, const Tensor &fmeta, Tensor &cache,
+                   c10::IntArrayRef layers, Tensor &x, const Tensor &cos, const Tensor &sin, const Tensor &slot_mapping,
+                   const Tensor &key_slots, const optional<Tensor> &key_mask) {
+  const char *op = "dsv3::decode_layers";
+  const int64_t L = (int64_t)layers.size();
+  check_plan(weights, meta, fmeta, 0, 0, 0, L, op);
+  std::vector<LayerPlan> lp = make_layers(weights, 0, meta.data_ptr<int64_t>(), fmeta.data_ptr<double>(), L, op);
+  const MLADims &d = lp[0].mla;
+  check_f32(x, op, "x");
+  check_contig(x, op, "x");
+  TORCH_CHECK(x.size(-1) == d.D, op, ": x must have ", d.D, " features");
+  const int64_t M = x.numel() / d.D;
+  Keys k = check_keys(slot_mapping, key_slots, key_mask, M, op);
+  Tensor c = cos.contiguous(), s = sin.contiguous();
+  TORCH_CHECK(c.numel() == M * d.dr / 2 && s.numel() == M * d.dr / 2, op, ": cos and sin must be [M, dr/2]");
+  std::vector<float *> caches = layer_caches(cache, layers, d.C + d.dr, op);
+  float *buf = scratch(decode_layers_scratch(lp.data(), L, M, k.S));
+  ::decode_layers(lp.data(), L, caches.data(), x.data_ptr<float>(), M, c.data_ptr<float>(), s.data_ptr<float>(),
+                  k.slot_mapping, k.key_slots, k.key_mask, k.S, buf, at::get_num_threads());
+}
+
+int64_t op_decode_step(const c10::List<optional<Tensor>> &weights, const Tensor &meta, const Tensor &fmeta, Tensor &cache,
+                    c10::IntArrayRef layers, const Tensor &ids, const optional<Tensor> &positions, int64_t start,
+                    int64_t T, const Tensor &slot_mapping, const Tensor &key_slots, const optional<Tensor> &key_mask,
+                    Tensor &hidden, const optional<Tensor> &logits) {
+  const char *op = "dsv3::decode_step";
+  const int64_t L = (int64_t)layers.size();
+  check_plan(weights, meta, fmeta, kModelWeights, kModelInts, kModelFloats, L, op);
+  const int64_t *mi = meta.data_ptr<int64_t>();
+  const double *mf = fmeta.data_ptr<double>();
+  std::vector<LayerPlan> lp = make_layers(weights, kModelWeights, mi + kModelInts, mf + kModelFloats, L, op);
+  const MLADims &d = lp[0].mla;
+  ModelPlan mp{};
+  const optional<Tensor> embed = weights.get(0), inv_freq = weights.get(1), final_norm = weights.get(2);
+  TORCH_CHECK(embed && inv_freq && final_norm, op, ": the plan lacks the embedding, rotary or final norm");
+  mp.embed = opt_f32(embed, op, "embed");
+  mp.inv_freq = opt_f32(inv_freq, op, "inv_freq");
+  mp.final_norm = opt_f32(final_norm, op, "final_norm");
+  mp.vocab = mi[2];
+  mp.half = mi[3];
+  mp.attn_factor = (float)mf[0];
+  mp.final_eps = (float)mf[1];
+  TORCH_CHECK(embed->dim() == 2 && embed->size(0) == mp.vocab && embed->size(1) == d.D, op, ": embed must be [vocab, D]");
+  TORCH_CHECK(inv_freq->numel() == mp.half && 2 * mp.half == d.dr, op, ": inv_freq must be [dr/2]");
+  const bool want_logits = logits.has_value();
+  if (want_logits) {
+    const auto head = slice(weights, 3, 3);
+    const int64_t hm[2] = {mi[0], mi[1]};
+    mp.head = make_lin(head, hm, 0, d.D, false, op);
+    TORCH_CHECK(out_rows(head, 0) == mp.vocab, op, ": the head must give vocab logits");
+  }
+  check_cpu(ids, op, "ids");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous(), op, ": ids must be contiguous int64");
+  const int64_t M = ids.numel();
+  TORCH_CHECK(T >= 1 && M % T == 0, op, ": ids must hold whole rows of T tokens");
+  const int64_t *pos = nullptr;
+  if (positions.has_value()) {
+    TORCH_CHECK(positions->scalar_type() == at::kLong && positions->is_contiguous() && positions->numel() == M, op,
+                ": positions must be contiguous int64 like ids");
+    pos = positions->data_ptr<int64_t>();
+  }
+  Keys k = check_keys(slot_mapping, key_slots, key_mask, M, op);
+  check_f32(hidden, op, "hidden");
+  check_contig(hidden, op, "hidden");
+  TORCH_CHECK(hidden.numel() == M * d.D, op, ": hidden must hold [M, D]");
+  float *out = nullptr;
+  if (want_logits) {
+    check_f32(*logits, op, "logits");
+    check_contig(*logits, op, "logits");
+    TORCH_CHECK(logits->numel() == M * mp.vocab, op, ": logits must hold [M, vocab]");
+    out = logits->data_ptr<float>();
+  }
+  std::vector<float *> caches = layer_caches(cache, layers, d.C + d.dr, op);
+  float *buf = scratch(decode_step_scratch(&mp, lp.data(), L, M, k.S));
+  return ::decode_step(&mp, lp.data(), L, caches.data(), ids.data_ptr<int64_t>(), pos, start, T, M, k.slot_mapping,
+                       k.key_slots, k.key_mask, k.S, hidden.data_ptr<float>(), out, buf, at::get_num_threads());
+}
+
+std::vector<int64_t> plan_layout() {
+  return {(int64_t)kLayerWeights, (int64_t)kLayerInts, (int64_t)kLayerFloats,
+          (int64_t)kModelWeights, (int64_t)kModelInts,  (int64_t)kModelFloats};
+}
+
+}  // namespace
+
+// `plan_layout` takes no tensor, so the dispatcher cannot pick a backend kernel for it: CatchAll.
+TORCH_LIBRARY_FRAGMENT(dsv3_native, m) { m.def("plan_layout() -> int[]", &plan_layout); }
+
+TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
+  m.impl("rms_norm", &op_rms_norm);
+  m.impl("route_noaux", &op_route_noaux);
+  m.impl("linear", &op_linear);
+  m.impl("mlp", &op_mlp);
+  m.impl("moe", &op_moe);
+  m.impl("mla_decode", &op_mla_decode);
+  m.impl("decode_layers", &op_decode_layers);
+  m.impl("decode_step", &op_decode_step);
+}

@@ -1,0 +1,46 @@
+/* The plan a whole decode step reads: one LayerPlan per transformer block, one ModelPlan around them.
+ * Built per call from tensors by ops.cpp (the registered `dsv3::decode_step` / `dsv3::decode_layers`). */
+#pragma once
+#include "common.h"
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* One transformer block: pre-norm MLA, then a dense SwiGLU MLP or routed + shared experts. */
+typedef struct {
+    MLADims mla;
+    Lin q_a, q_b, kv_a, o;
+    const float *q_norm, *kv_norm, *w_kvb;
+    const float *in_norm, *post_norm;
+    float eps;
+    Lin gate, up, down;                   /* the dense MLP, or the shared experts */
+    long inter;                           /* their intermediate size (0: no shared experts) */
+    const float *router, *router_bias;    /* E > 0: a MoE layer with the noaux_tc router */
+    long E, n_group, topk_group, top_k, norm_topk;
+    float route_scale;
+    Lin egate, eup, edown;                /* routed experts, with expert strides */
+    long einter;
+} LayerPlan;
+
+/* What a whole step needs besides the blocks: the embedding, the rotary frequencies, the final norm, the head. */
+typedef struct {
+    const float *embed;                /* [vocab, D] fp32 */
+    const float *inv_freq;             /* [dr/2]: cos/sin(position * inv_freq) * attn_factor, as RotaryEmbedding */
+    float attn_factor, final_eps;
+    const float *final_norm;
+    Lin head;                          /* the LM head (any kind) */
+    long vocab, half;
+} ModelPlan;
+
+long decode_layers_scratch(const LayerPlan *layers, long L, long M, long S);
+void decode_layers(const LayerPlan *layers, long L, float *const *caches, float *x, long M, const float *cos,
+                   const float *sin, const int64_t *slot_mapping, const int64_t *key_slots, const uint8_t *key_mask,
+                   long S, float *scratch, int threads);
+long decode_step_scratch(const ModelPlan *mp, const LayerPlan *layers, long L, long M, long S);
+long decode_step(const ModelPlan *mp, const LayerPlan *layers, long L, float *const *caches, const int64_t *ids,
+                 const int64_t *positions, long start, long T, long M, const int64_t *slot_mapping,
+                 const int64_t *key_slots, const uint8_t *key_mask, long S, float *hidden, float *logits,
+                 float *scratch, int threads);
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,149 @@
+"""The ops layer: what layers call to run a kernel, and the one rule for when a native kernel runs.
+
+Layers describe their weights in native form (`dsv3.ops.forms`: `NativeLinear`, `NativeExperts`,
+`NativeMLA`, `NativeBlock`) and call the functions here, which run the registered `dsv3::` op
+when the call qualifies and return None when it does not (the layer then runs its PyTorch code).
+A call qualifies (`native`) when the native CPU library loaded (`dsv3.kernels.load`, once per
+process: the backend is chosen then), the activations are fp32 on the CPU with at most
+`MAX_ROWS` rows, autograd is off and torch.compile is not tracing. That rule lives here only.
+
+Whole decode steps run through a plan (`dsv3.ops.plan`), built once from the model and dropped by
+`invalidate(model)`, which every operation that changes a model's weights or modules calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3 import kernels
+from dsv3.ops import schemas  # noqa: F401  (declares the ops)
+from dsv3.ops.forms import NativeBlock, NativeExperts, NativeLinear, NativeMLA, NativeRouter, lins_meta
+
+MAX_ROWS = 8  # tokens per call up to which the native kernels run (decode, MTP verification); more go to PyTorch
+MAX_EXPERTS, MAX_GROUPS = 1024, 64  # the native router's stack arrays (V3: 256 experts in 8 groups)
+WHOLE_STEPS = True  # False: each layer runs its own kernel (the path under LoRA or a hook); tests compare the two
+
+__all__ = ["MAX_ROWS", "NativeBlock", "NativeExperts", "NativeLinear", "NativeMLA", "NativeRouter", "backend", "experts", "invalidate",
+           "linear", "mla_decode", "mlp", "native", "rms_norm", "route_noaux"]
+
+
+def backend(device: torch.device | str = "cpu") -> str:
+    """The backend the ops run on for `device`: "native-cpu" (the compiled kernels) or "torch" (reference)."""
+    return "native-cpu" if torch.device(device).type == "cpu" and kernels.load() else "torch"
+
+
+def native(x: torch.Tensor) -> bool:
+    """Whether a call on activations `x` runs a native kernel now (the one eligibility rule)."""
+    if not (x.is_cpu and x.dtype == torch.float32 and x.numel() <= MAX_ROWS * x.shape[-1]):
+        return False
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and kernels.load()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    if not native(x) or weight.dtype != torch.float32 or not weight.is_cpu:
+        return None
+    return torch.ops.dsv3.rms_norm(x, weight, eps)
+
+
+def route_noaux(x: torch.Tensor, form: NativeRouter | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """DeepSeek-V3's router (sigmoid, noaux_tc) for a few tokens: (weights, ids, scores), or None."""
+    if form is None or not native(x) or form.weight.shape[0] > MAX_EXPERTS or form.n_group > MAX_GROUPS:
+        return None
+    return torch.ops.dsv3.route_noaux(x, form.weight, form.bias, form.n_group, form.topk_group, form.top_k, form.norm,
+                                      form.scale)
+
+
+def linear(x: torch.Tensor, form: NativeLinear | None) -> torch.Tensor | None:
+    if form is None or not native(x):
+        return None
+    return torch.ops.dsv3.linear(x, form.weight, form.scale, form.bias, form.kind, form.group)
+
+
+def mlp(x: torch.Tensor, gate: NativeLinear | None, up: NativeLinear | None, down: NativeLinear | None) -> torch.Tensor | None:
+    """down(silu(gate x) ⊙ up x) in one call, or None."""
+    if None in (gate, up, down) or not native(x):
+        return None
+    return torch.ops.dsv3.mlp(x, *lins_meta([gate, up, down]))
+
+
+def experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, form: NativeExperts | None) -> torch.Tensor | None:
+    """Σ_k weights[:, k] · expert_{idx[:, k]}(x) over stacked experts in one call, or None."""
+    if form is None or not native(x):
+        return None
+    return torch.ops.dsv3.moe(x, idx.to(torch.int64), weights.to(torch.float32), *lins_meta([form.gate, form.up, form.down]))
+
+
+def mla_decode(x: torch.Tensor, form: NativeMLA | None, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+               slot_mapping: torch.Tensor, key_slots: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A whole MLA layer for a few tokens: latents written to `cache` [slots, C + dr], attention over key_slots."""
+    if form is None or not native(x):
+        return None
+    lins, meta = lins_meta([form.q_a, form.q_b, form.kv_a, form.o])
+    return torch.ops.dsv3.mla_decode(x, lins, meta, form.q_norm, form.kv_norm, form.w_kvb, cos, sin, cache, slot_mapping,
+                                     key_slots, key_mask, list(form.dims), list(form.fdims))
+
+
+def invalidate(model: torch.nn.Module | None = None) -> None:
+    """Make every decode plan built so far stale, and (given `model`) drop what its layers derived for the kernels
+    (int4 layouts, dequantized kv_b). dsv3's own operations that replace modules or parameters call this; call it
+    after replacing a model's modules or parameters yourself."""
+    from dsv3.ops import plan
+
+    plan.changed()
+    for m in model.modules() if model is not None else ():
+        reset = getattr(m, "reset_native", None)
+        if callable(reset):
+            reset()
+
+
+def _steps_ok(ids_or_x: torch.Tensor, rows: int) -> bool:
+    return (WHOLE_STEPS and rows <= MAX_ROWS and ids_or_x.is_cpu and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and kernels.load())
+
+
+def decode_step(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor | None, start: int,
+                cache: torch.Tensor | None, keys: tuple | None, logits: bool,
+                fresh_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A decode step of the whole model in one call: (post-norm hidden [B, T, D], logits [B, T, V] when asked and
+    the head is native, else None), or None when the step has no native form (the model runs its modules).
+
+    `cache`: every layer's latent cache ([layers, ..., C + dr]); `keys`: this step's (slot_mapping, key_slots,
+    key_mask). With logits, the hidden states land in a buffer the next step reuses unless `fresh_hidden`."""
+    from dsv3.ops import plan
+
+    B, T = input_ids.shape
+    M = B * T
+    if cache is None or keys is None or not _steps_ok(input_ids, M):
+        return None
+    p = plan.model_plan(model)
+    if p is None or p.observed():
+        return None
+    slot_mapping, key_slots, key_mask = keys
+    ids = input_ids if input_ids.dtype == torch.int64 and input_ids.is_contiguous() else input_ids.to(torch.int64).contiguous()
+    pos = None if positions is None else positions.to(torch.int64).contiguous()
+    out = torch.empty(B, T, p.vocab, dtype=torch.float32) if logits and p.head else None
+    hidden = torch.empty(B, T, p.hidden_size) if out is None or fresh_hidden else p.hidden(M)
+    bad = torch.ops.dsv3.decode_step(p.weights, p.meta, p.fmeta, cache, p.layers, ids, pos, start, T, slot_mapping,
+                                     key_slots, key_mask, hidden, out)
+    if bad:
+        raise IndexError(f"token id {int(ids.reshape(-1)[bad - 1])} is out of range for the vocabulary of {p.vocab}")
+    return hidden.view(B, T, p.hidden_size), out
+
+
+def decode_layers(owner: torch.nn.Module, blocks: list[torch.nn.Module], x: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, cache: torch.Tensor | None, keys: tuple | None) -> torch.Tensor | None:
+    """x [B, T, D] through `blocks` (the residual stream, no final norm) in one call, or None. The MTP module's
+    block runs here; its plan is cached on `owner`."""
+    from dsv3.ops import plan
+
+    B, T, D = x.shape
+    if cache is None or keys is None or not blocks or x.dtype != torch.float32 or not _steps_ok(x, B * T):
+        return None
+    p = plan.blocks_plan(owner, blocks)
+    if p is None or p.observed():
+        return None
+    y = x.reshape(B * T, D).clone()
+    slot_mapping, key_slots, key_mask = keys
+    torch.ops.dsv3.decode_layers(p.weights, p.meta, p.fmeta, cache, p.layers, y, cos.reshape(B * T, -1),
+                                 sin.reshape(B * T, -1), slot_mapping, key_slots, key_mask)
+    return y.view(B, T, D)

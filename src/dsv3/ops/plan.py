@@ -1,0 +1,154 @@
+"""Decode plans: a model's (or some blocks') native forms packed once into the arguments of
+`dsv3::decode_step` / `dsv3::decode_layers` (see `dsv3.ops.layout`).
+
+A plan holds tensors, not addresses: the op reads each tensor where it lives at the call, so a
+weight whose storage is swapped (`.data = ...`, `cast`) is read at its new place. What a plan cannot
+see is a module or parameter *replaced* by another object; the operations that do that
+(quantizing, LoRA, merging adapters, parallelizing, `Module._apply` / `.to()`) call `changed()`
+(through `dsv3.ops.invalidate`), which makes every plan built before it stale, and the next step
+builds a new one.
+A plan also steps aside, for that step, when an observer needs the modules to run: a forward hook on
+one of them, or a MoE recording its expert loads.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.modules import module as nn_module
+
+from dsv3.ops.forms import NativeBlock, NativeLinear, NativeModel
+from dsv3.ops.layout import LAYER_FLOATS, LAYER_INTS, LAYER_WEIGHTS
+
+_EMPTY = [None, None, None]
+
+
+def _lin(lin: NativeLinear | None) -> tuple[list, list[int]]:
+    return (_EMPTY, [0, 0]) if lin is None else ([lin.weight, lin.scale, lin.bias], [lin.kind, lin.group])
+
+
+def pack_block(b: NativeBlock) -> tuple[list, list[int], list[float]]:
+    """One block's LAYER_WEIGHTS tensors, LAYER_INTS ints and LAYER_FLOATS floats."""
+    a = b.mla
+    weights: list = []
+    ints: list[int] = list(a.dims)
+    for lin in (a.q_a, a.q_b, a.kv_a, a.o):
+        w, m = _lin(lin)
+        weights += w
+        ints += m
+    weights += [a.q_norm, a.kv_norm, a.w_kvb, b.in_norm, b.post_norm]
+    mlp = b.mlp or (None, None, None)
+    inter = mlp[0].out_features if b.mlp else 0
+    r = b.router
+    ints += [inter, r.weight.shape[0] if r else 0, r.n_group if r else 0, r.topk_group if r else 0, r.top_k if r else 0,
+             int(r.norm) if r else 0]
+    for lin in mlp:
+        w, m = _lin(lin)
+        weights += w
+        ints += m
+    weights += [r.weight if r else None, r.bias if r else None]
+    ex = b.experts
+    for lin in (ex.gate, ex.up, ex.down) if ex else (None, None, None):
+        w, m = _lin(lin)
+        weights += w
+        ints += m
+    floats = [*a.fdims, b.eps, r.scale if r else 0.0]
+    assert (len(weights), len(ints), len(floats)) == (LAYER_WEIGHTS, LAYER_INTS, LAYER_FLOATS)
+    return weights, ints, floats
+
+
+@dataclass
+class Plan:
+    """Packed op arguments, and the modules whose observers make a step take the per-module path."""
+
+    weights: list
+    meta: torch.Tensor
+    fmeta: torch.Tensor
+    layers: list[int]
+    modules: list[nn.Module]
+    moes: list[nn.Module]
+    vocab: int = 0
+    head: bool = False
+    hidden_size: int = 0
+    _hidden: dict = field(default_factory=dict)
+
+    def observed(self) -> bool:
+        """A forward hook, or a MoE recording expert loads, wants the modules to run this step."""
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules) or \
+            any(getattr(m, "track_load", False) for m in self.moes)
+
+    def hidden(self, M: int) -> torch.Tensor:
+        """A reused [M, D] buffer (per thread) for hidden states nobody keeps (the step returns logits)."""
+        key = (threading.get_ident(), M)
+        if key not in self._hidden:
+            self._hidden[key] = torch.empty(M, self.hidden_size)
+        return self._hidden[key]
+
+
+def _pack(blocks: list[NativeBlock], head: list | None = None, head_ints: list[int] | None = None,
+          head_floats: list[float] | None = None) -> tuple[list, torch.Tensor, torch.Tensor]:
+    weights, ints, floats = list(head or []), list(head_ints or []), list(head_floats or [])
+    for b in blocks:
+        w, i, f = pack_block(b)
+        weights += w
+        ints += i
+        floats += f
+    return weights, torch.tensor(ints, dtype=torch.int64), torch.tensor(floats, dtype=torch.float64)
+
+
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, Plan | None]]" = weakref.WeakKeyDictionary()
+_epoch = [0]
+
+
+def changed() -> None:
+    """Some model's modules or parameters were replaced: plans built before now are stale (cheap: a counter)."""
+    _epoch[0] += 1
+
+
+def _fresh(owner: nn.Module) -> bool:
+    entry = _PLANS.get(owner)
+    return entry is not None and entry[0] == _epoch[0]
+
+
+def model_plan(model: nn.Module) -> Plan | None:
+    """The whole-model plan of `model` (built on first use from `model.native_model()`), or None when a part of it
+    has no native form."""
+    if not _fresh(model):
+        form: NativeModel | None = model.native_model()
+        if form is None:
+            _PLANS[model] = (_epoch[0], None)
+        else:
+            head = form.head
+            hw, hm = _lin(head)
+            weights, meta, fmeta = _pack(form.blocks, [form.embed, form.inv_freq, form.final_norm, *hw],
+                                         [*hm, form.embed.shape[0], form.inv_freq.numel()],
+                                         [form.attn_factor, form.final_eps])
+            _PLANS[model] = (_epoch[0], Plan(weights, meta, fmeta, list(form.layer_ids), list(model.modules()), _moes(model),
+                                             vocab=form.embed.shape[0], head=head is not None, hidden_size=form.embed.shape[1]))
+    return _PLANS[model][1]
+
+
+def blocks_plan(owner: nn.Module, blocks: list[nn.Module]) -> Plan | None:
+    """The plan of some blocks (the MTP module's), cached on `owner`; None when one has no native form."""
+    if not _fresh(owner):
+        forms = [b.native_form() for b in blocks]
+        if any(f is None for f in forms):
+            _PLANS[owner] = (_epoch[0], None)
+        else:
+            weights, meta, fmeta = _pack(forms)
+            mods = [m for b in blocks for m in b.modules()]
+            _PLANS[owner] = (_epoch[0], Plan(weights, meta, fmeta, [b.layer_idx for b in blocks], mods, _moes(*blocks),
+                                             hidden_size=forms[0].in_norm.numel()))
+    return _PLANS[owner][1]
+
+
+def _moes(*roots: nn.Module) -> list[nn.Module]:
+    return [m for r in roots for m in r.modules() if hasattr(m, "track_load")]
+
+

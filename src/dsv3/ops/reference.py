@@ -1,0 +1,195 @@
+"""PyTorch reference implementations of the `dsv3::` ops: the spec the native kernels are tested against.
+
+They take exactly the arguments the schemas declare (linear layers as (weight, scale, bias) plus
+(kind, group): kind 0 fp32, 1 int8 with a scale per row, 2 int4 in blocks of 32 values with a
+scale and a bias per (row, group)), run on any device, and are registered as the ops'
+`CompositeExplicitAutograd` kernels: where no native kernel is registered (no compiler, another
+device) `torch.ops.dsv3.*` still computes, just not fast. Written for clarity, not speed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv3.ops.layout import LAYER_FLOATS, LAYER_INTS, LAYER_WEIGHTS, MODEL_FLOATS, MODEL_INTS, MODEL_WEIGHTS
+
+
+def unpack_int4(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """[..., N, K/2] bytes in blocks of 32 values (byte j of a block: value j low nibble, value j+16 high) -> [..., N, K]."""
+    blocks = packed.reshape(*packed.shape[:-1], K // 32, 16)
+    lo, hi = blocks & 15, blocks >> 4
+    return torch.cat([lo, hi], dim=-1).reshape(*packed.shape[:-1], K)
+
+
+def dequant(weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, kind: int, group: int,
+            K: int) -> torch.Tensor:
+    """The fp32 weight [..., N, K] a linear of `kind` stands for."""
+    if kind == 0:
+        return weight.float()
+    if kind == 1:
+        return weight.float() * scale.float()[..., None]
+    if kind == 2:
+        u = unpack_int4(weight, K).float().unflatten(-1, (K // group, group))
+        return (u * scale[..., None] + bias[..., None]).flatten(-2)
+    raise ValueError(f"unknown linear kind {kind}")
+
+
+def _lin(lins: list, meta: list[int], i: int, K: int) -> torch.Tensor:
+    w, s, b = lins[3 * i:3 * i + 3]
+    return dequant(w, s, b, meta[2 * i], meta[2 * i + 1], K)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (weight.float() * xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def route_noaux(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_group: int, topk_group: int,
+                top_k: int, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's router: sigmoid scores; selection on scores + bias among the `topk_group` groups with the
+    largest sum of their two best biased scores; unbiased weights of the chosen, normalised if `norm`, scaled."""
+    scores = (x.float() @ weight.float().T).sigmoid()
+    choice = scores + (bias.float() if bias is not None else 0.0)
+    E = weight.shape[0]
+    if n_group > 1:
+        grouped = choice.view(-1, n_group, E // n_group)
+        group_score = grouped.topk(min(2, E // n_group), dim=-1)[0].sum(-1)
+        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, group_score.topk(topk_group, dim=-1)[1], True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+    idx = choice.topk(top_k, dim=-1)[1]
+    wt = scores.gather(1, idx)
+    if norm and top_k > 1:
+        wt = wt / (wt.sum(-1, keepdim=True) + 1e-20)
+    return wt * scale, idx, scores
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, kind: int,
+           group: int) -> torch.Tensor:
+    return (x.float() @ dequant(weight, scale, bias, kind, group, x.shape[-1]).T).to(x.dtype)
+
+
+def mlp(x: torch.Tensor, lins: list, meta: list[int]) -> torch.Tensor:
+    D = x.shape[-1]
+    gate, up = _lin(lins, meta, 0, D), _lin(lins, meta, 1, D)
+    down = _lin(lins, meta, 2, gate.shape[0])
+    xf = x.float()
+    return ((F.silu(xf @ gate.T) * (xf @ up.T)) @ down.T).to(x.dtype)
+
+
+def moe(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, lins: list, meta: list[int]) -> torch.Tensor:
+    """Σ_k weights[:, k] · expert_{idx[:, k]}(x) with stacked experts gate/up [E, I, D], down [E, D, I]."""
+    D = x.shape[-1]
+    gate, up = _lin(lins, meta, 0, D), _lin(lins, meta, 1, D)
+    if lins[0] is lins[3]:  # one fused gate_up stack [E, 2I, D]: gate its first half of the rows, up the rest
+        gate, up = gate.chunk(2, dim=1)
+    down = _lin(lins, meta, 2, gate.shape[1])
+    xf = x.float()
+    g = torch.einsum("md,mkid->mki", xf, gate[idx])
+    u = torch.einsum("md,mkid->mki", xf, up[idx])
+    y = torch.einsum("mki,mkdi->mkd", F.silu(g) * u, down[idx])
+    return (y * weights.float()[..., None]).sum(1).to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved pairs (x[2i], x[2i+1]) rotated; cos/sin [..., dr/2] broadcast over heads."""
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+
+
+def mla_decode(x: torch.Tensor, lins: list, meta: list[int], q_norm: torch.Tensor | None, kv_norm: torch.Tensor,
+               w_kvb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+               key_slots: torch.Tensor, key_mask: torch.Tensor | None, dims: list[int], fdims: list[float]) -> torch.Tensor:
+    """One MLA layer for M tokens x [..., D]: write each token's latent to its cache slot, attend in the absorbed
+    form over key_slots (where key_mask), project out. cache [slots, C + dr] is updated in place."""
+    D, H, dn, dr, dv, C, Rq = dims
+    q_eps, kv_eps, scale = fdims
+    shape = x.shape
+    xf = x.reshape(-1, D).float()
+    M = xf.shape[0]
+    if Rq:
+        q = rms_norm(xf @ _lin(lins, meta, 0, D).T, q_norm, q_eps) @ _lin(lins, meta, 1, Rq).T
+    else:
+        q = xf @ _lin(lins, meta, 1, D).T
+    q = q.view(M, H, dn + dr)
+    kva = xf @ _lin(lins, meta, 2, D).T
+    c = cos.reshape(M, 1, -1).float()
+    s = sin.reshape(M, 1, -1).float()
+    latent = torch.cat([rms_norm(kva[:, :C], kv_norm, kv_eps), _rope(kva[:, None, C:], c, s)[:, 0]], dim=-1)
+    cache[slot_mapping] = latent.to(cache.dtype)
+    w = w_kvb.float().view(H, dn + dv, C)
+    q_lat = torch.einsum("mhd,hdc->mhc", q[..., :dn], w[:, :dn])
+    q_pe = _rope(q[..., dn:], c, s)
+    kv = cache[key_slots].float()  # [M, S, C + dr]
+    scores = (torch.einsum("mhc,msc->mhs", q_lat, kv[..., :C]) + torch.einsum("mhr,msr->mhs", q_pe, kv[..., C:])) * scale
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
+    o_lat = torch.einsum("mhs,msc->mhc", scores.softmax(-1), kv[..., :C])
+    out = torch.einsum("mhc,hdc->mhd", o_lat, w[:, dn:]).reshape(M, H * dv)
+    return (out @ _lin(lins, meta, 3, H * dv).T).to(x.dtype).view(shape)
+
+
+def _layers(weights: list, w0: int, meta: list[int], fmeta: list[float], L: int):
+    """Per layer: (its 37 weights, 33 ints, 5 floats) of a plan (see dsv3.ops.layout)."""
+    for i in range(L):
+        yield (weights[w0 + i * LAYER_WEIGHTS:w0 + (i + 1) * LAYER_WEIGHTS], meta[i * LAYER_INTS:(i + 1) * LAYER_INTS],
+               fmeta[i * LAYER_FLOATS:(i + 1) * LAYER_FLOATS])
+
+
+def _block(x: torch.Tensor, w: list, m: list[int], f: list[float], cache_layer: torch.Tensor, cos, sin, slot_mapping,
+           key_slots, key_mask) -> torch.Tensor:
+    """One pre-norm block of a plan: x + MLA(norm(x)), then + FFN(norm(x))."""
+    eps = f[3]
+    h = rms_norm(x, w[15], eps)
+    x = x + mla_decode(h, w[0:12], m[7:15], w[12], w[13], w[14], cos, sin, cache_layer, slot_mapping, key_slots,
+                       key_mask, m[0:7], f[0:3])
+    h = rms_norm(x, w[16], eps)
+    y = torch.zeros_like(x)
+    if m[16]:  # routed experts
+        wt, idx, _ = route_noaux(h, w[26], w[27], m[17], m[18], m[19], bool(m[20]), f[4])
+        y = y + moe(h, idx, wt, w[28:37], m[27:33])
+    if m[15]:  # the dense MLP or the shared experts
+        y = y + mlp(h, w[17:26], m[21:27])
+    return x + y
+
+
+def decode_layers(weights: list, meta: torch.Tensor, fmeta: torch.Tensor, cache: torch.Tensor, layers: list[int],
+                  x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
+                  key_slots: torch.Tensor, key_mask: torch.Tensor | None) -> None:
+    """x [M, D] through the plan's blocks, in place (the residual stream, no final norm)."""
+    mi, mf = meta.tolist(), fmeta.tolist()
+    W = cache.shape[-1]
+    y = x.reshape(-1, x.shape[-1])
+    for (w, m, f), layer in zip(_layers(weights, 0, mi, mf, len(layers)), layers):
+        y = _block(y, w, m, f, cache[layer].view(-1, W), cos, sin, slot_mapping, key_slots, key_mask)
+    x.copy_(y.view_as(x))
+
+
+def decode_step(weights: list, meta: torch.Tensor, fmeta: torch.Tensor, cache: torch.Tensor, layers: list[int],
+                ids: torch.Tensor, positions: torch.Tensor | None, start: int, T: int, slot_mapping: torch.Tensor,
+                key_slots: torch.Tensor, key_mask: torch.Tensor | None, hidden: torch.Tensor,
+                logits: torch.Tensor | None) -> int:
+    """Token ids -> post-norm hidden states (and logits) of a whole-model plan; 1 + the row of an id outside the
+    vocabulary (nothing computed) or 0."""
+    mi, mf = meta.tolist(), fmeta.tolist()
+    head_kind, head_group, vocab, half = mi[:MODEL_INTS]
+    attn_factor, final_eps = mf[:MODEL_FLOATS]
+    flat = ids.reshape(-1)
+    bad = ((flat < 0) | (flat >= vocab)).nonzero()
+    if bad.numel():
+        return int(bad[0]) + 1
+    M = flat.numel()
+    pos = positions.reshape(-1).float() if positions is not None else (start + torch.arange(M) % T).float()
+    angle = pos[:, None] * weights[1].float()[None]
+    cos, sin = angle.cos() * attn_factor, angle.sin() * attn_factor
+    x = weights[0][flat].float()
+    W = cache.shape[-1]
+    L = len(layers)
+    for (w, m, f), layer in zip(_layers(weights, MODEL_WEIGHTS, mi[MODEL_INTS:], mf[MODEL_FLOATS:], L), layers):
+        x = _block(x, w, m, f, cache[layer].view(-1, W), cos, sin, slot_mapping, key_slots, key_mask)
+    h = rms_norm(x, weights[2], final_eps)
+    hidden.copy_(h.view_as(hidden))
+    if logits is not None:
+        logits.copy_((h @ dequant(weights[3], weights[4], weights[5], head_kind, head_group, h.shape[-1]).T).view_as(logits))
+    return 0
+

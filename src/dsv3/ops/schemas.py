@@ -1,0 +1,89 @@
+"""The `dsv3::` operators: their schemas, shape (fake) functions, and PyTorch reference kernels.
+
+The schemas are declared here, once. The native library registers CPU kernels for them in C++
+(`dsv3/kernels/csrc/ops.cpp`); PyTorch infers each C++ function's schema and refuses to load a
+library whose functions disagree with these declarations, so the Python and C sides are checked
+against each other every time the library loads. The reference kernels (`dsv3.ops.reference`) are
+registered as `CompositeExplicitAutograd`: any device and any build without the native library
+still runs the ops. Fake functions give shapes and dtypes without computing (torch.compile,
+meta tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3.ops import reference
+
+SCHEMAS = {
+    "rms_norm": "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor",
+    "route_noaux": "route_noaux(Tensor x, Tensor weight, Tensor? bias, int n_group, int topk_group, int top_k, "
+                   "bool norm, float scale) -> (Tensor, Tensor, Tensor)",
+    "linear": "linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int kind, int group) -> Tensor",
+    "mlp": "mlp(Tensor x, Tensor?[] lins, int[] meta) -> Tensor",
+    "moe": "moe(Tensor x, Tensor idx, Tensor weights, Tensor?[] lins, int[] meta) -> Tensor",
+    "mla_decode": "mla_decode(Tensor x, Tensor?[] lins, int[] meta, Tensor? q_norm, Tensor kv_norm, Tensor w_kvb, "
+                  "Tensor cos, Tensor sin, Tensor(a!) cache, Tensor slot_mapping, Tensor key_slots, Tensor? key_mask, "
+                  "int[] dims, float[] fdims) -> Tensor",
+    "decode_layers": "decode_layers(Tensor?[] weights, Tensor meta, Tensor fmeta, Tensor(a!) cache, int[] layers, "
+                     "Tensor(b!) x, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor key_slots, Tensor? key_mask) -> ()",
+    "decode_step": "decode_step(Tensor?[] weights, Tensor meta, Tensor fmeta, Tensor(a!) cache, int[] layers, Tensor ids, "
+                   "Tensor? positions, int start, int T, Tensor slot_mapping, Tensor key_slots, Tensor? key_mask, "
+                   "Tensor(b!) hidden, Tensor(c!)? logits) -> int",
+}
+
+_lib = torch.library.Library("dsv3", "FRAGMENT")
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+
+
+def _out_rows(lins: list, i: int) -> int:
+    return lins[3 * i].shape[-2]
+
+
+@torch.library.register_fake("dsv3::rms_norm")
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("dsv3::route_noaux")
+def _(x, weight, bias, n_group, topk_group, top_k, norm, scale):
+    N, E = x.shape[0], weight.shape[0]
+    return (x.new_empty(N, top_k, dtype=torch.float32), x.new_empty(N, top_k, dtype=torch.int64),
+            x.new_empty(N, E, dtype=torch.float32))
+
+
+@torch.library.register_fake("dsv3::linear")
+def _(x, weight, scale, bias, kind, group):
+    return x.new_empty(*x.shape[:-1], weight.shape[-2])
+
+
+@torch.library.register_fake("dsv3::mlp")
+def _(x, lins, meta):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("dsv3::moe")
+def _(x, idx, weights, lins, meta):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("dsv3::mla_decode")
+def _(x, lins, meta, q_norm, kv_norm, w_kvb, cos, sin, cache, slot_mapping, key_slots, key_mask, dims, fdims):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("dsv3::decode_layers")
+def _(weights, meta, fmeta, cache, layers, x, cos, sin, slot_mapping, key_slots, key_mask):
+    return None
+
+
+@torch.library.register_fake("dsv3::decode_step")
+def _(weights, meta, fmeta, cache, layers, ids, positions, start, T, slot_mapping, key_slots, key_mask, hidden, logits):
+    return 0
+
+
+def registered_cpu_kernels() -> list[str]:
+    """The ops that have a native CPU kernel registered now (empty until the library loads)."""
+    return [n for n in SCHEMAS if torch._C._dispatch_has_kernel_for_dispatch_key(f"dsv3::{n}", "CPU")]

@@ -1,0 +1,326 @@
+"""The ops layer: `dsv3::` op schemas against the C++ side, native kernels against the PyTorch reference,
+decode plans under every kind of weight change, and the build's cache key and fallbacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3 import kernels, ops
+from dsv3.config import ModelConfig
+from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.ops import layout, reference, schemas
+from dsv3.ops.forms import NativeExperts, NativeLinear, lins_meta
+from dsv3.quant import kernels as quant_kernels
+from dsv3.quant.apply import quantize_model
+from tiny_model import TINY
+
+ROOT = Path(__file__).parents[1]
+native_only = pytest.mark.skipif(kernels.compilers() is None, reason="no C/C++ compiler")
+
+
+# ---- schemas: declared in Python, checked against the C++ functions when the library loads ------------------
+
+@native_only
+def test_every_op_has_a_native_kernel_with_the_declared_schema():
+    assert kernels.load(), kernels.status()
+    assert sorted(schemas.registered_cpu_kernels()) == sorted(schemas.SCHEMAS)
+    for name, schema in schemas.SCHEMAS.items():
+        assert str(getattr(torch.ops.dsv3, name).default._schema) == f"dsv3::{schema}"
+    assert tuple(torch.ops.dsv3_native.plan_layout()) == layout.LAYOUT  # the plan layout the C++ side reads
+
+
+@native_only
+def test_a_library_that_disagrees_with_a_schema_is_refused_not_loaded(tmp_path):
+    """PyTorch aborts a process whose library registers a kernel with another signature than the schema:
+    `validate` tries it in a child process, so the server falls back instead of dying."""
+    src = tmp_path / "bad.cpp"
+    src.write_text('#include <torch/library.h>\n#include <ATen/core/Tensor.h>\n'
+                   'at::Tensor bad(const at::Tensor& x, const at::Tensor& w) { return x; }\n'
+                   'TORCH_LIBRARY_IMPL(dsv3, CPU, m) { m.impl("rms_norm", &bad); }\n')
+    _, cxx = kernels.compilers()
+    _, includes, links, defines = kernels._torch_build()
+    so = tmp_path / "bad.so"
+    subprocess.run([cxx, "-shared", "-fPIC", "-std=c++17", "-w", *defines, *includes, str(src), "-o", str(so), *links],
+                   check=True, capture_output=True)
+    why = kernels.validate(so)
+    assert why is not None and "doesn't match the expected function schema" in why
+
+
+# ---- native kernels against the PyTorch reference --------------------------------------------------------------
+
+def _int4(N: int, K: int, group: int, g: torch.Generator, E: int | None = None) -> NativeLinear:
+    lead = (E,) if E else ()
+    packed = torch.randint(0, 256, (*lead, N, K // 2), dtype=torch.uint8, generator=g)
+    scale = torch.rand(*lead, N, K // group, generator=g) * 0.02
+    bias = -8 * scale
+    return NativeLinear(2, packed, scale, bias, group)
+
+
+def _lin(kind: int, N: int, K: int, g: torch.Generator, E: int | None = None) -> NativeLinear:
+    lead = (E,) if E else ()
+    if kind == 0:
+        return NativeLinear(0, torch.randn(*lead, N, K, generator=g) * 0.1)
+    if kind == 1:
+        return NativeLinear(1, torch.randint(-127, 128, (*lead, N, K), dtype=torch.int8, generator=g),
+                            torch.rand(*lead, N, generator=g) * 0.01)
+    return _int4(N, K, 32, g, E)
+
+
+@native_only
+@pytest.mark.parametrize("kind", [0, 1, 2])
+@torch.no_grad()
+def test_linear_mlp_and_experts_match_the_reference(kind):
+    g = torch.Generator().manual_seed(kind)
+    x = torch.randn(3, 64, generator=g)
+    lin = _lin(kind, 48, 64, g)
+    torch.testing.assert_close(torch.ops.dsv3.linear(x, lin.weight, lin.scale, lin.bias, lin.kind, lin.group),
+                               reference.linear(x, lin.weight, lin.scale, lin.bias, lin.kind, lin.group), atol=1e-4, rtol=1e-4)
+    mlp = lins_meta([_lin(kind, 96, 64, g), _lin(kind, 96, 64, g), _lin(kind, 64, 96, g)])
+    torch.testing.assert_close(torch.ops.dsv3.mlp(x, *mlp), reference.mlp(x, *mlp), atol=1e-4, rtol=1e-4)
+    E, K = 8, 3
+    ex = lins_meta([_lin(kind, 32, 64, g, E), _lin(kind, 32, 64, g, E), _lin(kind, 64, 32, g, E)])
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(3)])
+    wt = torch.rand(3, K, generator=g)
+    torch.testing.assert_close(torch.ops.dsv3.moe(x, idx, wt, *ex), reference.moe(x, idx, wt, *ex), atol=1e-4, rtol=1e-4)
+
+
+@native_only
+@torch.no_grad()
+def test_router_and_rms_norm_match_the_reference():
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(5, 48, generator=g), torch.randn(32, 48, generator=g) * 0.3, torch.randn(32, generator=g) * 0.2
+    got, want = torch.ops.dsv3.route_noaux(x, w, b, 4, 2, 6, True, 2.5), reference.route_noaux(x, w, b, 4, 2, 6, True, 2.5)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0]) and torch.testing.assert_close(got[2], want[2])
+    wn = torch.rand(48, generator=g) + 0.5
+    torch.testing.assert_close(torch.ops.dsv3.rms_norm(x, wn, 1e-6), reference.rms_norm(x, wn, 1e-6), atol=1e-6, rtol=1e-5)
+
+
+@native_only
+@pytest.mark.parametrize("q_lora", [24, 0])
+@torch.no_grad()
+def test_mla_decode_matches_the_reference_and_writes_the_same_cache(q_lora):
+    g = torch.Generator().manual_seed(q_lora)
+    D, H, dn, dr, dv, C = 64, 4, 16, 8, 16, 32
+    M, slots, S = 3, 40, 12
+    lins = [_lin(0, q_lora, D, g) if q_lora else None, _lin(0, H * (dn + dr), q_lora or D, g), _lin(0, C + dr, D, g),
+            _lin(0, D, H * dv, g)]
+    tensors, meta = lins_meta(lins)
+    q_norm = torch.rand(q_lora, generator=g) + 0.5 if q_lora else None
+    kv_norm, w_kvb = torch.rand(C, generator=g) + 0.5, torch.randn(H, dn + dv, C, generator=g) * 0.1
+    x = torch.randn(M, D, generator=g)
+    ang = torch.rand(M, dr // 2, generator=g) * 6
+    cache = torch.randn(slots, C + dr, generator=g)
+    slot_mapping = torch.tensor([30, 31, 32])
+    key_slots = torch.randint(0, slots, (M, S), generator=g)
+    key_slots[:, -1] = slot_mapping
+    key_mask = torch.rand(M, S, generator=g) > 0.3
+    key_mask[:, -1] = True
+    args = (q_norm, kv_norm, w_kvb, ang.cos(), ang.sin())
+    keys = (slot_mapping, key_slots, key_mask, [D, H, dn, dr, dv, C, q_lora], [1e-6, 1e-6, 0.2])
+    c1, c2 = cache.clone(), cache.clone()
+    got = torch.ops.dsv3.mla_decode(x, tensors, meta, *args, c1, *keys)
+    want = reference.mla_decode(x, tensors, meta, *args, c2, *keys)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(c1, c2, atol=1e-5, rtol=1e-5)
+
+
+@native_only
+@torch.no_grad()
+def test_whole_step_matches_the_reference_op():
+    """`dsv3::decode_step` against its reference kernel on a real model's plan (the same tensors, the same cache)."""
+    from dsv3.attention import DenseLatentCache
+    from dsv3.ops import plan
+
+    model = _model()
+    cfg = model.config
+    p = plan.model_plan(model)
+    assert p is not None and p.head
+    cache = DenseLatentCache(cfg.num_hidden_layers, 1, 16, cfg.latent_dim, torch.float32)
+    model(torch.arange(3, 10)[None], ctx=cache)  # a prefill fills the cache
+    cache.begin_step(1)
+    ids = torch.tensor([[11]])
+    slot_mapping, key_slots, key_mask = cache.native_slots()
+    outs = []
+    for fn in (torch.ops.dsv3.decode_step, reference.decode_step):
+        kv = cache.kv.clone()
+        hidden, logits = torch.empty(1, cfg.hidden_size), torch.empty(1, cfg.vocab_size)
+        assert fn(p.weights, p.meta, p.fmeta, kv, p.layers, ids, None, cache.length, 1, slot_mapping, key_slots,
+                  key_mask, hidden, logits) == 0
+        outs.append((hidden, logits, kv))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_ops_run_their_reference_where_no_native_kernel_is_registered():
+    """The reference kernels are the ops' CompositeExplicitAutograd kernels: meta tensors get shapes (fake)."""
+    x = torch.empty(3, 64, device="meta")
+    w = torch.empty(48, 64, device="meta")
+    assert torch.ops.dsv3.linear(x, w, None, None, 0, 0).shape == (3, 48)
+    assert torch.ops.dsv3.rms_norm(x, torch.empty(64, device="meta"), 1e-6).shape == (3, 64)
+
+
+# ---- decode plans follow every change to the weights ---------------------------------------------------------
+
+def _model(seed: int = 3, **over) -> DeepseekV3ForCausalLM:
+    cfg = ModelConfig.from_dict({**TINY, "vocab_size": 97, "q_lora_rank": 32, **over})
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(cfg)
+    model.init_weights(std=0.2)
+    return model
+
+
+def _decode(model, steps: int = 4) -> torch.Tensor:
+    from dsv3.attention import DenseLatentCache
+
+    c = model.config
+    cache = DenseLatentCache(c.num_hidden_layers, 1, 24, c.latent_dim, model.dtype)
+    with torch.inference_mode():
+        out = [model(torch.arange(3, 12)[None], ctx=cache)[:, -1]]
+        for _ in range(steps):
+            out.append(model(out[-1].argmax(-1, keepdim=True), ctx=cache)[:, -1])
+    return torch.cat(out).float()
+
+
+def _modules_path(monkeypatch, model) -> torch.Tensor:
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "load", lambda: False)
+        return _decode(model)
+
+
+def _plan_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer a whole-step plan reads, by name (the int4 layouts are derived, not listed)."""
+    named = dict(model.named_parameters()) | dict(model.named_buffers())
+    return [(n, t) for n, t in named.items() if "mtp" not in n and "expert_load" not in n]
+
+
+@native_only
+@pytest.mark.parametrize("method", ["none", "int8", "int4"])
+def test_plan_never_reads_stale_weights(monkeypatch, method):
+    """Swap the storage of every tensor a plan reads (`.data = ...`) and replace tensors and modules the ways dsv3's
+    operations do (`.to()`, quantizing, LoRA, merging): each whole step equals the module path right after."""
+    monkeypatch.setattr(quant_kernels, "KERNEL_ACT_DTYPE", None)  # PyTorch's int8 kernel in fp32, as the native one
+    model = _model(**({"n_routed_experts": 16, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 4}
+                      if method == "int4" else {}))
+    if method != "none":
+        quantize_model(model, method, group_size=32, include_lm_head=True, progress=False)
+    calls = {"n": 0}
+    real = torch.ops.dsv3.decode_step
+    monkeypatch.setattr(torch.ops.dsv3, "decode_step", lambda *a, **k: calls.update(n=calls["n"] + 1) or real(*a, **k))
+
+    def check(what: str):
+        calls["n"] = 0
+        fast = _decode(model)
+        assert calls["n"] == 4, what  # every decode step was one native call
+        torch.testing.assert_close(fast, _modules_path(monkeypatch, model), atol=2e-4, rtol=2e-4, msg=what)
+        return fast
+
+    before = check("fresh")
+    g = torch.Generator().manual_seed(0)
+    for name, t in _plan_tensors(model):
+        with torch.no_grad():
+            if t.is_floating_point():
+                new = t.detach() * (1.0 + 0.5 * torch.rand(t.shape, generator=g)) if "norm" in name or "inv_freq" in name \
+                    else torch.randn(t.shape, generator=g) * t.detach().float().std().clamp(min=1e-3) + t.detach().mean()
+            else:
+                new = torch.randint(0, 256 if t.dtype == torch.uint8 else 127, t.shape, generator=g).to(t.dtype)
+            t.data = new.to(t.dtype).contiguous()  # new storage, same tensor object
+        if name.endswith((".packed", "_packed", ".scale_zeros", "_scale_zeros")):
+            ops.invalidate(model)  # int4: the plan reads layouts derived from these; a documented rebuild
+        check(f"after swapping {name}")
+    after = _decode(model)
+    assert not torch.equal(before, after)
+
+    model.to(torch.float32)  # `.to()` hands back new buffers: the model invalidates its plans itself
+    check(".to()")
+    if method == "none":
+        quantize_model(model, "int8", include_lm_head=True, progress=False)  # replaces modules
+        check("quantized in place")
+
+
+@native_only
+def test_lora_wrapping_and_merging_replan(monkeypatch):
+    from dsv3.lora import LoRASpec, inject_lora, unload
+
+    model = _model()
+    base = _decode(model)
+    inject_lora(model, LoRASpec(r=4, lora_alpha=8, target_modules=["q_b_proj", "o_proj", "gate_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    adapted = _decode(model)  # LoRA layers have no native form: per-module path
+    torch.testing.assert_close(adapted, _modules_path(monkeypatch, model), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(adapted, base)
+    unload(model, merge=True)  # back to plain linears, adapters folded in: a native plan again, of the merged weights
+    calls = {"n": 0}
+    real = torch.ops.dsv3.decode_step
+    monkeypatch.setattr(torch.ops.dsv3, "decode_step", lambda *a, **k: calls.update(n=calls["n"] + 1) or real(*a, **k))
+    merged = _decode(model)
+    assert calls["n"] == 4
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
+
+
+# ---- the build: key, targets and fallbacks -------------------------------------------------------------------
+
+@native_only
+def test_cache_key_follows_cpu_features_and_a_foreign_key_is_never_loaded(monkeypatch, tmp_path):
+    """A cache shared with a machine of other CPU features holds its library under another key: this machine
+    builds its own instead of loading that one (an AVX-512 build on an AVX2 host is SIGILL)."""
+    cc, cxx = kernels.compilers()
+    here = kernels.cpu_features()
+    avx2_only = frozenset(f for f in here if not f.startswith("avx512")) | {"avx2", "fma"}
+    flags = ("-O3",)
+    assert kernels.build_key(cc, cxx, flags, here) != kernels.build_key(cc, cxx, flags, avx2_only)
+    assert kernels.target(avx2_only).flags == ("-march=native",)
+    monkeypatch.setenv("DSV3_CACHE", str(tmp_path))
+    built = []
+
+    def fake_compile(cc, cxx, flags, so):
+        built.append(so)
+        so.parent.mkdir(parents=True, exist_ok=True)
+        so.write_bytes(b"")
+        return None
+    monkeypatch.setattr(kernels, "compile_library", fake_compile)
+    foreign = kernels.locate()  # as the AVX-512 machine would: built and cached under its key
+    monkeypatch.setattr(kernels, "cpu_features", lambda: avx2_only)
+    mine = kernels.locate()  # this "AVX2 host" does not find it: it builds its own
+    assert len(built) == 2 and foreign != mine and mine == built[1]
+
+
+@pytest.mark.parametrize("case", ["no compiler", "failed build", "unsupported os", "switched off"])
+def test_without_native_kernels_the_ops_fall_back_with_one_log_line(tmp_path, case):
+    """No compiler, a build that fails, an unsupported OS or DSV3_KERNELS=0: one warning line, then the same
+    decode as PyTorch computes it."""
+    code = (
+        "import sys, logging, io; sys.path.insert(0, 'tests')\n"
+        "buf = io.StringIO(); logging.basicConfig(stream=buf, level=logging.WARNING)\n"
+        "import torch, test_ops as t\nfrom dsv3 import kernels, ops\n"
+        + ("sys.platform = 'win32'  # as Windows reports itself, once torch is in\n" if case == "unsupported os" else "")
+        + ""
+        "out = t._decode(t._model())\n"
+        "assert not kernels.load() and ops.backend('cpu') == 'torch'\n"
+        "lines = [l for l in buf.getvalue().splitlines() if 'native CPU kernels unavailable' in l]\n"
+        "assert len(lines) == 1, buf.getvalue()\n"
+        "print(lines[0]); print(float(out.abs().sum()))\n")
+    env = {**os.environ, "DSV3_CACHE": str(tmp_path)}
+    env.pop("DSV3_KERNELS_PREBUILT", None)
+    if case == "no compiler":
+        env.update(CC="/nonexistent/cc", CXX="/nonexistent/c++", PATH="/nonexistent")
+    elif case == "failed build":
+        env["DSV3_KERNELS_CFLAGS"] = "-fno-such-flag-exists"
+    elif case == "switched off":
+        env["DSV3_KERNELS"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line, total = out.stdout.strip().splitlines()
+    expect = {"no compiler": "no C and C++ compiler", "failed build": "failed", "unsupported os": "not supported",
+              "switched off": "DSV3_KERNELS=0"}[case]
+    assert expect in line
+    assert abs(float(total) - float(_decode(_model()).abs().sum())) < 1e-2  # the same numbers as here

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dsv3.config import ModelConfig
 from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
-from dsv3.layers.moe import _grouped_mm
+from dsv3.layers.grouped import _grouped_mm
 from tiny_model import TINY
 
 

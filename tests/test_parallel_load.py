@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from dsv3.io.checkpoint import dequantize_fp8, load_model
 from dsv3.parallel import ParallelConfig
-from dsv3.parallel.experts import LocalExperts
+from dsv3.layers.moe import Experts
 from dsv3.parallel.layers import Shard
 from dsv3.parallel.load import load_sharded, narrow_fp8
 from dsv3.parallel.shard import owners
@@ -69,7 +69,7 @@ def reassemble(full_model, ranks: list) -> int:
     checked = 0
     for name, owner in owners(ranks[0]).items():
         parts = [dict(m.named_parameters())[name] for m in ranks]
-        if isinstance(owner, LocalExperts):
+        if isinstance(owner, Experts):
             if owner.inter_shard is None:
                 whole = torch.cat(parts, 0)
             elif name.endswith("down_proj"):

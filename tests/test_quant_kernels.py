@@ -125,7 +125,7 @@ def _experts(E=6, D=64, Im=48):
                                      num_hidden_layers=1, num_attention_heads=2, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
                                      qk_rope_head_dim=8, v_head_dim=8, moe_intermediate_size=Im, n_routed_experts=E,
                                      num_experts_per_tok=2))
-    ex = Experts(cfg)
+    ex = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
     torch.manual_seed(2)
     ex.gate_up_proj.data.normal_(0, 0.2)
     ex.down_proj.data.normal_(0, 0.2)

@@ -1,12 +1,23 @@
 """DeepSeekMoE: a router choosing K of E fine-grained experts per token, plus always-on shared experts.
 
 The router supports DeepSeek-V3's bias-corrected, group-limited sigmoid routing (`noaux_tc`) and
-DeepSeek-V2's softmax routing (`greedy`, `group_limited_greedy`). Routed experts are stored
-stacked ([E, out, in], as transformers v5 does in memory) and run in bulk: (token, slot) pairs
-are sorted by expert and fed to one grouped matmul — no Python loop over tokens or experts.
+DeepSeek-V2's softmax routing (`greedy`, `group_limited_greedy`).
+
+The MoE layer is route -> dispatch -> experts -> combine, written once (`run_experts`): the
+(token, slot) pairs routed to the experts this module holds are sorted by expert, the experts'
+weights run SwiGLU on those groups of rows (`ExpertWeights.gate_up` / `down`), and the outputs are
+added back per token, weighted, in fp32. What differs between weight formats -- dense fp32/bf16
+stacks (`Experts`), packed int8/int4/FP8 (`dsv3.quant.experts.QuantExperts`), adapters
+(`dsv3.lora.experts.ExpertsLoRA`) -- is only how a group of rows is multiplied. Tensor and expert
+parallelism are the same layer holding a range of the experts ([first, first + count)) and/or a
+slice of each expert's intermediate dimension, whose partial sums are then all-reduced.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +25,11 @@ from torch import nn
 
 from dsv3 import ops
 from dsv3.config import ModelConfig
+from dsv3.layers.grouped import grouped_linear, grouped_matmul
 from dsv3.layers.mlp import MLP
 from dsv3.ops.forms import NativeExperts, NativeLinear, NativeRouter, f32_cpu
+
+__all__ = ["ExpertGroups", "ExpertWeights", "Experts", "Gate", "MoE", "grouped_linear", "run_experts"]
 
 
 class Gate(nn.Module):
@@ -68,93 +82,120 @@ class Gate(nn.Module):
         return weights * self.scaling, idx, scores
 
 
-@torch.library.custom_op("dsv3::grouped_mm", mutates_args=())
-def _grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """F.grouped_mm as an opaque op, so torch.compile can trace the MoE on CPU in fp32
-    (the op's own fake-tensor rule accepts only the bf16 CUDA case)."""
-    return F.grouped_mm(x, w_t, offs=offs)
+@dataclass
+class ExpertGroups:
+    """Rows sorted by local expert: `counts[e]` rows of expert `first + e`, in that order."""
+
+    counts: torch.Tensor  # [count] int64
+
+    @cached_property
+    def offs(self) -> torch.Tensor:
+        """Cumulative row ends [count] int32 (grouped_mm's `offs`)."""
+        return self.counts.cumsum(0).to(torch.int32)
+
+    @cached_property
+    def sizes(self) -> list[int]:
+        return self.counts.tolist()
+
+    @cached_property
+    def active(self) -> torch.Tensor:
+        """Local ids of the experts that got rows."""
+        return self.counts.nonzero().flatten()
 
 
-@_grouped_mm.register_fake
-def _(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w_t.shape[-1])
+@runtime_checkable
+class ExpertWeights(Protocol):
+    """Routed experts' weights in some format: what `run_experts` needs from them.
+
+    They hold experts [first, first + count) of `n_experts` (all of them unless expert-parallel), each
+    possibly a slice of the intermediate dimension (tensor-parallel); `all_reduce` then sums the ranks'
+    partial outputs. `gate_up` maps rows grouped by expert to [rows, 2·I] (gate, then up), `down`
+    [rows, I] to [rows, D]; both must be differentiable in their input when autograd records.
+    """
+
+    n_experts: int
+    first: int
+    count: int
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None
+
+    def gate_up(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor: ...
+
+    def down(self, h: torch.Tensor, groups: ExpertGroups) -> torch.Tensor: ...
+
+    def native_form(self) -> NativeExperts | None: ...
 
 
-@torch.library.custom_op("dsv3::grouped_mm_wgrad", mutates_args=())
-def _grouped_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, groups: int) -> torch.Tensor:
-    """Per-group x_gᵀ · grad_g -> [G, in, out]: the weight gradient of `_grouped_mm`."""
-    return F.grouped_mm(x.t(), grad, offs=offs)
-
-
-@_grouped_mm_wgrad.register_fake
-def _(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, groups: int) -> torch.Tensor:
-    return x.new_empty(groups, x.shape[1], grad.shape[1])
-
-
-def _grouped_mm_backward(ctx, grad: torch.Tensor):
-    x, w_t, offs = ctx.saved_tensors
-    dx = _grouped_mm(grad, w_t.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
-    dw = _grouped_mm_wgrad(x, grad, offs, w_t.shape[0]) if ctx.needs_input_grad[1] else None
-    return dx, dw, None
-
-
-def _grouped_mm_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
-
-
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows of x sorted by group, group g = rows [offs[g-1], offs[g]); w [G, out, in] -> [rows, out]."""
-    aligned = (x.shape[-1] * x.element_size()) % 16 == 0 and (w.shape[1] * w.element_size()) % 16 == 0
-    if aligned and x.dtype == w.dtype:
-        if torch.compiler.is_compiling():
-            return _grouped_mm(x, w.transpose(1, 2), offs)
-        return F.grouped_mm(x, w.transpose(1, 2), offs=offs)
-    # Fallback for odd widths/dtypes the grouped kernel rejects: one matmul per non-empty expert.
-    out = x.new_empty(x.shape[0], w.shape[1])
-    start = 0
-    for g, end in enumerate(offs.tolist()):
-        if end > start:
-            out[start:end] = x[start:end] @ w[g].to(x.dtype).T
-        start = end
-    return out
+def run_experts(experts: ExpertWeights, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k weights[:, k] · expert_{idx[:, k]}(x) over the experts `experts` holds, accumulated in fp32:
+    x [N, D], idx / weights [N, K] -> [N, D] (summed over ranks when the experts are sharded)."""
+    sharded = experts.all_reduce is not None
+    if not sharded and ops.native(x):  # a decode step: one fused native call
+        y = ops.experts(x, idx, weights, experts.native_form())
+        if y is not None:
+            return y
+    N, K = idx.shape
+    flat = idx.flatten()
+    if sharded or experts.count != experts.n_experts:  # keep the pairs routed to the experts held here
+        local = flat - experts.first
+        pairs = ((local >= 0) & (local < experts.count)).nonzero().flatten()
+        local = local[pairs]
+        order = local.argsort(stable=True)
+        pairs, local = pairs[order], local[order]
+    else:
+        pairs = flat.argsort(stable=True)
+        local = flat[pairs]
+    out = torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device)
+    if pairs.numel():
+        token = pairs // K
+        groups = ExpertGroups(torch.bincount(local, minlength=experts.count))
+        gate, up = experts.gate_up(x[token], groups).chunk(2, dim=-1)
+        y = experts.down(F.silu(gate) * up, groups)
+        out = out.index_add(0, token, y.float() * weights.flatten()[pairs, None].float())
+    if sharded:
+        out = experts.all_reduce(out)
+    return out.to(x.dtype)
 
 
 class Experts(nn.Module):
-    """E routed SwiGLU experts as stacked weights: gate_up_proj [E, 2·Im, D], down_proj [E, D, Im]."""
+    """Routed SwiGLU experts as stacked weights: gate_up_proj [E, 2·Im, D], down_proj [E, D, Im].
 
-    def __init__(self, cfg: ModelConfig):
+    A tensor/expert-parallel rank holds experts [first, first + count) and, with `inter`, the slice
+    [inter.start, inter.end) of each one's intermediate dimension (set by `dsv3.parallel`).
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter: int, first: int = 0, count: int | None = None,
+                 inter_shard=None):
         super().__init__()
-        E, D, Im = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Im, D))
-        self.down_proj = nn.Parameter(torch.empty(E, D, Im))
+        self.n_experts, self.first = n_experts, first
+        self.count = n_experts if count is None else count
+        self.inter_shard = inter_shard
+        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        im = inter_shard.size if inter_shard is not None else inter
+        self.gate_up_proj = nn.Parameter(torch.empty(self.count, 2 * im, dim))
+        self.down_proj = nn.Parameter(torch.empty(self.count, dim, im))
+
+    def gate_up(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        return grouped_matmul(x, self.gate_up_proj, groups.offs)
+
+    def down(self, h: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        return grouped_matmul(h, self.down_proj, groups.offs)
 
     def native_form(self) -> NativeExperts | None:
         """fp32 stacked experts: gate and up both given as the fused gate_up_proj (the kernels take its first rows as
-        gate, the rest as up), down as stored."""
+        gate, the rest as up), down as stored. None for a shard (its outputs must be all-reduced)."""
         gu, down = self.gate_up_proj, self.down_proj
-        if not f32_cpu(gu, down):
+        if self.all_reduce is not None or self.count != self.n_experts or not f32_cpu(gu, down):
             return None
         return NativeExperts(NativeLinear(0, gu), NativeLinear(0, gu), NativeLinear(0, down))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], idx/weights [N, K] -> Σ_k weights[:, k] · expert_{idx[:, k]}(x), accumulated in fp32."""
-        if ops.native(x):
-            y = ops.experts(x, idx, weights, self.native_form())  # decode: one fused call
-            if y is not None:
-                return y
-        N, K = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        token = order // K
-        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.int32, device=x.device)
-        offs = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
-        gate, up = grouped_linear(x[token], self.gate_up_proj, offs).chunk(2, dim=-1)
-        y = grouped_linear(F.silu(gate) * up, self.down_proj, offs)
-        y = y.float() * weights.flatten()[order, None]
-        return torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, token, y).to(x.dtype)
+        return run_experts(self, x, idx, weights)
+
+    def extra_repr(self) -> str:
+        held = "" if self.count == self.n_experts else f", experts=[{self.first}, {self.first + self.count})"
+        inter = "" if self.inter_shard is None else f", inter=[{self.inter_shard.start}, {self.inter_shard.end})"
+        return f"n_experts={self.n_experts}{held}{inter}"
 
 
 class MoE(nn.Module):
@@ -165,7 +206,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = Gate(cfg)
-        self.experts = Experts(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size) if cfg.n_shared_experts else None
         self.track_load = False
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)

@@ -1,47 +1,17 @@
-"""Routed experts with LoRA: per-expert (A, B) pairs through the grouped matmul, and its CPU backward.
+"""Routed experts with LoRA: per-expert (A, B) pairs through the grouped matmul.
 
 DeepSeekMoE's routed experts are stacked ([E, out, in]); `ExpertsLoRA` keeps them stacked and adds one
-adapter per expert, so the whole MoE layer stays one grouped matmul per projection.
+adapter per expert, so the whole MoE layer stays one grouped matmul per projection. It is an
+`ExpertWeights` like any other format: the MoE layer's one dispatch calls its `gate_up` / `down`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dsv3.layers.moe import Experts, grouped_linear
-
-
-class _GroupedFrozen(torch.autograd.Function):
-    """Grouped matmul with a frozen weight: backward is one more grouped matmul (dx = dy · W_g), no dW."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(w, offs)
-        return grouped_linear(x, w, offs)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        w, offs = ctx.saved_tensors
-        return grouped_linear(grad.contiguous(), w.transpose(1, 2), offs), None, None
-
-
-def grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """`grouped_linear`, but differentiable on every backend when autograd is recording.
-
-    torch's CPU `grouped_mm` has no working backward, and the CUDA kernel takes bf16 only: frozen expert
-    weights get a hand-written backward; trainable (LoRA) ones run one matmul per non-empty expert.
-    """
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    kernel_ok = x.dtype == w.dtype and (x.dtype == torch.bfloat16 or not x.is_cuda)
-    if kernel_ok and (not needs_grad or x.is_cuda):
-        return grouped_linear(x, w, offs)
-    if kernel_ok and not w.requires_grad:  # frozen experts: keep the grouped kernel, supply its backward
-        return _GroupedFrozen.apply(x, w, offs)
-    sizes = torch.diff(offs.long(), prepend=offs.new_zeros(1).long()).tolist()
-    parts = [chunk @ w[g].to(x.dtype).T for g, chunk in enumerate(torch.split(x, sizes)) if chunk.shape[0]]
-    return torch.cat(parts) if parts else x.new_zeros(0, w.shape[1])
+from dsv3.layers.grouped import grouped_matmul
+from dsv3.layers.moe import ExpertGroups, Experts, run_experts
 
 
 # Where each adaptable projection sits in the stacked expert weights: (parameter, row slice kind).
@@ -61,6 +31,8 @@ class ExpertsLoRA(nn.Module):
     def __init__(self, base: Experts, specs: dict[str, tuple[int, float]], dropout: float = 0.0):
         super().__init__()
         self.base_layer = base
+        self.n_experts, self.first, self.count = base.n_experts, base.first, base.count
+        self.all_reduce = base.all_reduce
         E, two_im, D = base.gate_up_proj.shape
         self.im = two_im // 2
         dims = {"gate_proj": (D, self.im), "up_proj": (D, self.im), "gate_up_proj": (D, two_im), "down_proj": (self.im, D)}
@@ -81,31 +53,32 @@ class ExpertsLoRA(nn.Module):
 
     def _delta(self, proj: str, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         h = self.lora_dropout(x).to(self.lora_A[proj].dtype)
-        return grouped(grouped(h, self.lora_A[proj], offs), self.lora_B[proj], offs) * self.scaling[proj]
+        return grouped_matmul(grouped_matmul(h, self.lora_A[proj], offs), self.lora_B[proj], offs) * self.scaling[proj]
+
+    def gate_up(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        offs = groups.offs
+        gu = grouped_matmul(x, self.base_layer.gate_up_proj, offs)
+        live = {} if self.merged else self.lora_A
+        if "gate_up_proj" in live:
+            gu = gu + self._delta("gate_up_proj", x, offs).to(gu.dtype)
+        if "gate_proj" in live or "up_proj" in live:
+            gate, up = gu.chunk(2, dim=-1)
+            if "gate_proj" in live:
+                gate = gate + self._delta("gate_proj", x, offs).to(gate.dtype)
+            if "up_proj" in live:
+                up = up + self._delta("up_proj", x, offs).to(up.dtype)
+            gu = torch.cat([gate, up], dim=-1)
+        return gu
+
+    def down(self, h: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        y = grouped_matmul(h, self.base_layer.down_proj, groups.offs)
+        if "down_proj" in self.lora_A and not self.merged:
+            y = y + self._delta("down_proj", h, groups.offs).to(y.dtype)
+        return y
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], idx/weights [N, K] -> [N, D], as `Experts.forward`, plus the adapters' deltas."""
-        base, N, K = self.base_layer, idx.shape[0], idx.shape[1]
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        token = order // K
-        offs = torch.bincount(flat, minlength=base.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
-        xs = x[token]
-        gu = grouped(xs, base.gate_up_proj, offs)
-        live = {} if self.merged else self.lora_A
-        if "gate_up_proj" in live:
-            gu = gu + self._delta("gate_up_proj", xs, offs).to(gu.dtype)
-        gate, up = gu.chunk(2, dim=-1)
-        if "gate_proj" in live:
-            gate = gate + self._delta("gate_proj", xs, offs).to(gate.dtype)
-        if "up_proj" in live:
-            up = up + self._delta("up_proj", xs, offs).to(up.dtype)
-        h = F.silu(gate) * up
-        y = grouped(h, base.down_proj, offs)
-        if "down_proj" in live:
-            y = y + self._delta("down_proj", h, offs).to(y.dtype)
-        y = y.float() * weights.flatten()[order, None]
-        return torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device).index_add(0, token, y).to(x.dtype)
+        return run_experts(self, x, idx, weights)
 
     def delta_weight(self, proj: str) -> torch.Tensor:
         """[E, out, in] fp32 update of one projection."""

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.errors import DSV3Error
-from dsv3.lora.experts import EXPERT_PROJ, ExpertsLoRA, grouped
+from dsv3.layers.grouped import grouped_matmul as grouped
+from dsv3.layers.linear import LinearMethod
+from dsv3.lora.experts import EXPERT_PROJ, ExpertsLoRA
 from dsv3.lora.slots import SlotBatch, as_slot_batch
 
 __all__ = ["EXPERT_PROJ", "AdapterError", "ExpertsLoRA", "LoRALinear", "grouped", "init_lora_", "is_adaptable_linear",
@@ -41,9 +43,9 @@ def init_lora_(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def is_adaptable_linear(module: nn.Module) -> bool:
-    """A plain linear or a weight-only quantized one (QLoRA); duck-typed so `lora` need not import `quant`."""
-    return isinstance(module, nn.Linear) or (hasattr(module, "fmt") and hasattr(module, "dense_weight")
-                                              and hasattr(module, "in_features"))
+    """A linear layer of any weight format (`LinearMethod`: dense, or weight-only quantized for QLoRA), or a plain
+    `nn.Linear`, that is not already adapted."""
+    return (isinstance(module, nn.Linear) or isinstance(module, LinearMethod)) and not isinstance(module, LoRALinear)
 
 
 class LoRALinear(nn.Module):
@@ -118,6 +120,10 @@ class LoRALinear(nn.Module):
         if slot < 0:
             return w
         return (w.float() + self.delta_weight(slot)).to(w.dtype)
+
+    def native_form(self) -> None:
+        """No native form: the adapters' deltas run in PyTorch."""
+        return None
 
     def lora_terms(self, slot_ids: SlotBatch | torch.Tensor, rows: int) -> list[tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(batch rows, A [r, in], B [out, r], s) per adapter present among `rows` batch rows (base rows omitted)."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3.layers.linear import Linear
 from dsv3.parallel.dist import ParallelError, all_gather_last, all_reduce
 
 
@@ -39,22 +40,30 @@ def split(n: int, parts: int, rank: int, what: str) -> tuple[int, int]:
     return rank * k, (rank + 1) * k
 
 
-class ColumnParallelLinear(nn.Linear):
+class ColumnParallelLinear(Linear):
     """y_local = x W[start:end]ᵀ: this rank's output features; the next layer consumes them locally."""
 
     def __init__(self, in_features: int, out_features: int, parts: int, rank: int, what: str):
         start, end = split(out_features, parts, rank, what)
-        super().__init__(in_features, end - start, bias=False)
+        super().__init__(in_features, end - start)
         self.shard = Shard(0, start, end)
 
+    def native_form(self) -> None:
+        """No native form: the single-process kernels do not take a shard (and its layer's peers communicate)."""
+        return None
 
-class RowParallelLinear(nn.Linear):
+
+class RowParallelLinear(Linear):
     """y = Σ_ranks x_local W[:, start:end]ᵀ: partial products summed with one all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, parts: int, rank: int, what: str):
         start, end = split(in_features, parts, rank, what)
-        super().__init__(end - start, out_features, bias=False)
+        super().__init__(end - start, out_features)
         self.shard = Shard(1, start, end)
+
+    def native_form(self) -> None:
+        """No native form: the partial products must be all-reduced."""
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(F.linear(x, self.weight))
@@ -76,14 +85,18 @@ class VocabParallelEmbedding(nn.Module):
         return all_reduce(y)
 
 
-class ParallelHead(nn.Linear):
+class ParallelHead(Linear):
     """Logits for vocabulary rows [start, end), all-gathered so every rank sees the full [.., V] logits."""
 
     def __init__(self, dim: int, vocab_size: int, parts: int, rank: int):
         start, end = split(vocab_size, parts, rank, "vocab_size")
-        super().__init__(dim, end - start, bias=False)
+        super().__init__(dim, end - start)
         self.shard = Shard(0, start, end)
         self.on_call = None  # set by the multi-process engine on rank 0 (see dsv3.parallel.worker)
+
+    def native_form(self) -> None:
+        """No native form: the logits must be all-gathered."""
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.on_call is not None:

@@ -15,10 +15,9 @@ from torch import nn
 from dsv3 import ops
 from dsv3.layers.mlp import MLP
 from dsv3.layers.mla import MLA
-from dsv3.layers.moe import MoE
+from dsv3.layers.moe import Experts, MoE
 from dsv3.models.deepseek_v3.model import DeepseekV3ForCausalLM
-from dsv3.parallel.dist import ParallelConfig
-from dsv3.parallel.experts import LocalExperts
+from dsv3.parallel.dist import ParallelConfig, all_reduce
 from dsv3.parallel.layers import (ColumnParallelLinear, ParallelHead, RowParallelLinear, Shard,
                                   VocabParallelEmbedding, split)
 
@@ -55,12 +54,13 @@ def _mlp(mlp: MLP, pc: ParallelConfig, what: str) -> None:
 def _experts(moe: MoE, pc: ParallelConfig) -> None:
     E, two_im, D = moe.experts.gate_up_proj.shape
     Im = two_im // 2
-    if pc.ep > 1:
+    if pc.ep > 1:  # the same MoE layer holding a range of the experts
         first, end = split(E, pc.ep, pc.ep_rank, "n_routed_experts")
-        moe.experts = LocalExperts(E, first, end - first, D, Im)
-    else:
+        moe.experts = Experts(E, D, Im, first, end - first)
+    else:  # ... or a slice of every expert's intermediate dimension
         i0, i1 = split(Im, pc.tp, pc.tp_rank, "moe_intermediate_size")
-        moe.experts = LocalExperts(E, 0, E, D, Im, Shard(0, i0, i1))
+        moe.experts = Experts(E, D, Im, inter_shard=Shard(0, i0, i1))
+    moe.experts.all_reduce = all_reduce  # the ranks' partial sums meet in one fp32 all-reduce
 
 
 def _block(block: nn.Module, pc: ParallelConfig) -> None:
@@ -97,7 +97,7 @@ def owners(model: nn.Module) -> dict[str, nn.Module]:
     """Parameter name -> the parallel module owning it (only sharded parameters are listed)."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, LocalExperts):
+        if isinstance(m, Experts) and m.all_reduce is not None:
             out[f"{name}.gate_up_proj"] = out[f"{name}.down_proj"] = m
         elif isinstance(getattr(m, "shard", None), Shard):
             out[f"{name}.weight"] = m
@@ -108,7 +108,7 @@ def localize(pname: str, index: tuple, owner: nn.Module | None) -> Placement | N
     """Where checkpoint piece (pname, index) lands on this rank, or None if this rank does not hold it."""
     if owner is None:
         return index, None
-    if not isinstance(owner, LocalExperts):
+    if not isinstance(owner, Experts):
         s = owner.shard
         return index, (s.dim, s.start, s.end)
     j = index[0]
@@ -126,7 +126,7 @@ def localize(pname: str, index: tuple, owner: nn.Module | None) -> Placement | N
 
 def pieces(owner: nn.Module | None, pname: str, cfg) -> int:
     """How many checkpoint tensors fill one local parameter."""
-    if isinstance(owner, LocalExperts):
+    if isinstance(owner, Experts):
         return owner.count * (2 if pname.endswith("gate_up_proj") else 1)
     if pname.endswith("experts.gate_up_proj"):
         return 2 * cfg.n_routed_experts

@@ -1,7 +1,8 @@
-"""`QuantExperts`: routed experts with packed stacked weights, same call signature as `Experts`.
+"""`QuantExperts`: routed experts with packed stacked weights (`dsv3.layers.moe.ExpertWeights`).
 
 Gate, up and down projections are stacked per expert ([E, ...] buffers) and quantized separately,
-as the checkpoints store them. Two execution paths after sorting (token, slot) pairs by expert:
+as the checkpoints store them. The MoE layer's one dispatch (`run_experts`) sorts (token, slot)
+pairs by expert; a group of rows is then multiplied one of two ways:
 
 * kernel path (int8, int4): PyTorch's packed CPU kernels are 2-D, so it loops over the *active*
   experts only (at most N·K of them — K per decoded token), three packed matmuls each;
@@ -15,18 +16,16 @@ A decode step (a few fp32 tokens) with int8 or int4 experts takes one native cal
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dsv3 import ops
-from dsv3.layers.moe import Experts, grouped_linear
+from dsv3.layers.moe import ExpertGroups, Experts, grouped_linear, run_experts
 from dsv3.ops.forms import NativeExperts, NativeLinear
-from dsv3.quant.formats import Format, Tensors
+from dsv3.quant.formats import Format, PackedModule, Tensors
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
-class QuantExperts(nn.Module):
+class QuantExperts(PackedModule):
     """E SwiGLU experts; buffers `<proj>.<tensor>` hold the stacked packed weights."""
 
     grouped_min_rows = 32  # int8: rows per active expert from which dequant + grouped_mm beats the loop
@@ -35,6 +34,7 @@ class QuantExperts(nn.Module):
                  act_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.fmt, self.n_experts, self.dim, self.inter, self.act_dtype = fmt, n_experts, dim, inter, act_dtype
+        self.first, self.count, self.all_reduce = 0, n_experts, None  # every expert, unsharded
         self.shapes = {"gate_proj": (inter, dim), "up_proj": (inter, dim), "down_proj": (dim, inter)}
         self.keys: dict[str, list[str]] = {}
         for proj, t in tensors.items():
@@ -70,53 +70,40 @@ class QuantExperts(nn.Module):
         parts = self.__dict__["_native4"]
         return None if None in parts else NativeExperts(*(NativeLinear(2, t[0], t[1], t[2], t[3]) for t in parts))
 
-    def _apply(self, fn, recurse: bool = True):
-        """`.to()` and friends replace the packed buffers: what was derived from them goes too."""
-        out = super()._apply(fn, recurse)
-        self.reset_native()
-        return out
-
-    def reset_native(self) -> None:
-        self.__dict__.pop("_native4", None)
-
     def _mm(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         return self.fmt.matmul(x, self.proj(proj, e), self.shapes[proj][0])
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], idx/weights [N, K] -> Σ_k weights[:, k] · expert_{idx[:, k]}(x), accumulated in fp32."""
-        if self.fmt.name in ("int8", "int4") and ops.native(x):  # decode: one fused call over the packed experts
-            y = ops.experts(x, idx, weights, self.native_form())
-            if y is not None:
-                return y
-        N, K = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        token = order // K
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        xs = x[token]
-        active = counts.nonzero().flatten()
-        if self.fmt.name == "fp8" or (self.fmt.name == "int8" and N * K >= self.grouped_min_rows * active.numel()):
-            y = self._grouped(xs, active, counts[active].cumsum(0).to(torch.int32))
-        else:
-            y = self._looped(xs, active, counts)
-        y = y.float() * weights.flatten()[order, None]
-        return torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, token, y).to(x.dtype)
+        return run_experts(self, x, idx, weights)
 
-    def _looped(self, xs: torch.Tensor, active: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        y = xs.new_empty(xs.shape[0], self.dim)
-        ends = counts.cumsum(0).tolist()
+    def gate_up(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        return self._project(x, ("gate_proj", "up_proj"), groups)
+
+    def down(self, h: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        return self._project(h, ("down_proj",), groups)
+
+    def _project(self, x: torch.Tensor, projs: tuple[str, ...], groups: ExpertGroups) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # QLoRA: gradients pass through the frozen packed weights
+            return _FrozenPacked.apply(x, self, projs, groups)
+        return self._matmul(x, projs, groups)
+
+    def _matmul(self, x: torch.Tensor, projs: tuple[str, ...], groups: ExpertGroups) -> torch.Tensor:
+        active = groups.active
+        if self.fmt.name == "fp8" or (self.fmt.name == "int8" and x.shape[0] >= self.grouped_min_rows * active.numel()):
+            offs = groups.counts[active].cumsum(0).to(torch.int32)
+            return torch.cat([grouped_linear(x, self.dequant(p, active).to(x.dtype), offs) for p in projs], dim=-1)
+        out = x.new_empty(x.shape[0], sum(self.shapes[p][0] for p in projs))
+        ends = groups.counts.cumsum(0).tolist()
         for e in active.tolist():
-            start = ends[e] - int(counts[e])
-            xe = xs[start:ends[e]]
-            h = F.silu(self._mm(xe, "gate_proj", e)) * self._mm(xe, "up_proj", e)
-            y[start:ends[e]] = self._mm(h, "down_proj", e)
-        return y
+            start = ends[e] - groups.sizes[e]
+            xe = x[start:ends[e]]
+            out[start:ends[e]] = torch.cat([self._mm(xe, p, e) for p in projs], dim=-1)
+        return out
 
-    def _grouped(self, xs: torch.Tensor, active: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        w = {p: self.fmt.dequant(self.proj(p, active), *self.shapes[p]).to(xs.dtype) for p in PROJ}
-        gate = grouped_linear(xs, w["gate_proj"], offs)
-        up = grouped_linear(xs, w["up_proj"], offs)
-        return grouped_linear(F.silu(gate) * up, w["down_proj"], offs)
+    def dequant(self, proj: str, experts: torch.Tensor) -> torch.Tensor:
+        """fp32 weights [len(experts), out, in] of one projection for some experts."""
+        return self.fmt.dequant(self.proj(proj, experts), *self.shapes[proj])
 
     def export(self, e: int) -> dict[str, Tensors]:
         """Checkpoint tensors of expert e, per projection."""
@@ -124,3 +111,26 @@ class QuantExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.n_experts}, dim={self.dim}, inter={self.inter}, format={self.fmt.name}"
+
+
+class _FrozenPacked(torch.autograd.Function):
+    """Packed experts' forward; backward dX = Σ_proj dY_proj · W_proj with only the active experts dequantized
+    (and dropped again), so gradients reach the hidden states below a frozen quantized MoE."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, experts: QuantExperts, projs: tuple[str, ...], groups: ExpertGroups) -> torch.Tensor:
+        ctx.experts, ctx.projs, ctx.groups = experts, projs, groups
+        return experts._matmul(x, projs, groups)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        e, groups = ctx.experts, ctx.groups
+        active = groups.active
+        offs = groups.counts[active].cumsum(0).to(torch.int32)
+        widths = [e.shapes[p][0] for p in ctx.projs]
+        dx = None
+        for p, g in zip(ctx.projs, grad.split(widths, dim=-1)):
+            w = e.dequant(p, active).to(grad.dtype)  # [A, out, in]
+            part = grouped_linear(g.contiguous(), w.transpose(1, 2).contiguous(), offs)
+            dx = part if dx is None else dx + part
+        return dx, None, None, None

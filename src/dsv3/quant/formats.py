@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 import torch
+from torch import nn
 import torch.nn.functional as F
 
 from dsv3.quant import kernels as kn
@@ -222,3 +223,20 @@ def make_format(fmt: str, group_size: int = 128, zero_point: bool = True, device
     if fmt == "fp8":
         return FP8Format(device)
     raise QuantError(f"unknown quantized format {fmt!r} (use int8, int4 or fp8)")
+
+
+class PackedModule(nn.Module):
+    """A module holding packed weights and, derived from them on first use, forms the kernels read (int4 in the
+    native layout, a dense kv_b): those are dropped (`reset_native`) when the packed buffers are replaced."""
+
+    _derived: tuple[str, ...] = ("_native4",)
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()` and friends replace the packed buffers: what was derived from them goes too."""
+        out = super()._apply(fn, recurse)
+        self.reset_native()
+        return out
+
+    def reset_native(self) -> None:
+        for name in self._derived:
+            self.__dict__.pop(name, None)

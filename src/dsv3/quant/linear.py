@@ -18,7 +18,7 @@ from torch import nn
 from dsv3 import ops
 from dsv3.ops.forms import NativeLinear
 from dsv3.quant import kernels as kn
-from dsv3.quant.formats import Format, Tensors
+from dsv3.quant.formats import Format, PackedModule, Tensors
 
 _INT4_ORDER: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -65,8 +65,9 @@ class _PackedMatmul(torch.autograd.Function):
         return grad @ ctx.layer.grad_weight().to(grad.dtype), None
 
 
-class QuantLinear(nn.Module):
-    """y = x Wᵀ with W held as `fmt` tensors; activations keep their dtype (weight-only quantization)."""
+class QuantLinear(PackedModule):
+    """y = x Wᵀ with W held as `fmt` tensors; activations keep their dtype (weight-only quantization).
+    Implements `dsv3.layers.linear.LinearMethod` (`dense_weight`, `native_form`)."""
 
     def __init__(self, fmt: Format, in_features: int, out_features: int, tensors: Tensors,
                  act_dtype: torch.dtype = torch.float32):
@@ -125,15 +126,9 @@ class QuantLinear(nn.Module):
         t = self.__dict__["_native4"]
         return None if t is None else NativeLinear(2, t[0], t[1], t[2], t[3])
 
-    def _apply(self, fn, recurse: bool = True):
-        """`.to()` and friends replace the packed buffers: what was derived from them goes too."""
-        out = super()._apply(fn, recurse)
-        self.reset_native()
-        return out
-
     def reset_native(self) -> None:
         """Drop what was derived from the packed weights (the native int4 layout, the dense kv_b weight)."""
-        self.__dict__.pop("_native4", None)
+        super().reset_native()
         self._dense = None
 
     def export(self) -> Tensors:

@@ -16,7 +16,6 @@ A decode step (a few fp32 tokens) with int8 or int4 experts takes one native cal
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from dsv3.layers.moe import ExpertGroups, Experts, grouped_linear, run_experts
 from dsv3.ops.forms import NativeExperts, NativeLinear

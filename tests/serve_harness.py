@@ -90,7 +90,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def oracle(model_dir: Path, max_model_len: int = 256):
     """The single-request `Generator` (dense cache, no batching): an independent path to compare against."""
-    from dsv3.engine.generator import Generator
+    from reference_decoder import Generator
 
     tok = Tokenizer.from_dir(model_dir)
     return Generator(load_model(model_dir, dtype="fp32"), tok, max_model_len), tok

@@ -10,7 +10,7 @@ import torch
 
 from dsv3.engine import EngineConfig, LLMEngine
 from dsv3.engine.async_engine import AsyncLLMEngine
-from dsv3.engine.generator import Generator
+from reference_decoder import Generator
 from dsv3.layers.moe import Gate
 from dsv3.engine.sampling import SamplingParams
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dsv3.io.checkpoint import load_model
-from dsv3.engine.generator import Generator
+from reference_decoder import Generator
 from dsv3.lora import load_adapter
 from dsv3.lora.train_config import load_config
 from dsv3.lora.trainer import finetune

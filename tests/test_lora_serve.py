@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dsv3.io.checkpoint import load_model
+from dsv3.attention.backend import backend_for
 from dsv3.engine import EngineConfig, LLMEngine
 from dsv3.engine.runner import ModelRunner, StepItem
 from dsv3.lora import LoRASpec, inject_lora, save_adapter, set_slot_ids
@@ -126,18 +127,19 @@ def test_absorbed_attention_with_mixed_slots_equals_merged_kv_b(world):
     q_nope, q_pe = torch.randn(B, 1, H, mla.nope_dim, generator=g), torch.randn(B, 1, H, mla.rope_dim, generator=g)
     kv = torch.randn(B, S, mla.kv_lora_rank + mla.rope_dim, generator=g)
     slots = SlotBatch([1, -1, 0])
-    got = mla.attend_absorbed(q_nope, q_pe, kv, None, slots)
-    plain = mla.attend_absorbed(q_nope, q_pe, kv, None, SlotBatch([-1, -1, -1]))
+    attn = backend_for("cpu")
+    got = attn.absorbed(mla, q_nope, q_pe, kv, None, slots)
+    plain = attn.absorbed(mla, q_nope, q_pe, kv, None, SlotBatch([-1, -1, -1]))
     for b, slot in enumerate([1, -1, 0]):
         oracle = copy.deepcopy(mla)
         w = mla.kv_b_proj.base_layer.weight + (mla.kv_b_proj.delta_weight(slot) if slot >= 0 else 0)
         oracle.kv_b_proj = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
         oracle.kv_b_proj.weight.copy_(w)
-        want = oracle.attend_expanded(q_nope[b:b + 1], q_pe[b:b + 1], kv[b:b + 1], None)
+        want = attn.expanded(oracle, q_nope[b:b + 1], q_pe[b:b + 1], kv[b:b + 1], None)
         assert (got[b:b + 1] - want).abs().max() <= 1e-5, b
         if slot >= 0:
             assert (plain[b] - want[0]).abs().max() > 1e-3  # the adapter's kv_b delta matters here
-    expanded = mla.attend_expanded(q_nope, q_pe, kv, None, slots)  # the LoRALinear's own per-slot path
+    expanded = attn.expanded(mla, q_nope, q_pe, kv, None, slots)  # the LoRALinear's own per-slot path
     assert (expanded - got).abs().max() <= 1e-5
 
 
@@ -253,7 +255,7 @@ def test_adapters_over_a_quantized_base(world):
     """`--quantization int8` with `--lora`: the stacked adapters run over the packed base linears (LoRALinear
     wraps QuantLinear) and equal one adapter loaded on the same quantized model, decoded by the generator."""
     from dsv3.io.checkpoint import load_for_inference
-    from dsv3.engine.generator import Generator
+    from reference_decoder import Generator
     from dsv3.lora import load_adapter
     from dsv3.quant.linear import QuantLinear
 

@@ -9,7 +9,7 @@ import torch
 
 import dsv3.cli
 from dsv3.io.checkpoint import load_model
-from dsv3.engine.generator import Generator
+from reference_decoder import Generator
 from dsv3.lora import load_adapter
 from dsv3.engine.sampling import SamplingParams
 from dsv3.io.tokenizer import Tokenizer

@@ -17,7 +17,7 @@ from dsv3.io.checkpoint import load_model, save_model
 from dsv3.config import ModelConfig
 from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dsv3.io.paths import default_model_dir
-from dsv3.engine.generator import Generator
+from reference_decoder import Generator
 from dsv3.quant import QuantError, load_quantized, quantize_model, save_quantized
 from dsv3.quant.apply import linear_weight_bytes
 from dsv3.quant.awq import _Search, awq_calibrate

@@ -12,7 +12,6 @@ import torch
 from dsv3.io.checkpoint import load_for_inference
 from dsv3.engine import EngineConfig, LLMEngine, RequestFailedError
 from dsv3.errors import DSV3Error
-from dsv3.engine.generator import Generator
 from dsv3.engine.outputs import RequestOutput, StreamEvent
 from dsv3.io.paths import default_model_dir
 from dsv3.engine.sampling import SamplingParams
@@ -47,19 +46,18 @@ class LLM:
         self.model = load_for_inference(self.model_dir, dtype=dtype, quantization=quantization, device=device, progress=progress)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(max_model_len=max_model_len, seed=seed, **engine_args))
-        self.generator = Generator(self.model, self.tokenizer, self.engine.max_model_len)  # the simple one-request path
         self._ids = itertools.count()
 
     @classmethod
     def from_engine(cls, engine: LLMEngine, model_dir: str | Path) -> "LLM":
         """Wrap an existing engine, e.g. rank 0 of a tensor-parallel run.
 
-        Its model may be sharded across processes, so only the engine is used: `generator` and
-        `score` need the whole model in this process and are unavailable.
+        Its model may be sharded across processes, so only the engine is used: `score` needs the whole
+        model in this process and is unavailable.
         """
         self = cls.__new__(cls)
         self.model_dir, self._ids = Path(model_dir), itertools.count()
-        self.engine, self.model, self.tokenizer, self.generator = engine, None, engine.tokenizer, None
+        self.engine, self.model, self.tokenizer = engine, None, engine.tokenizer
         return self
 
     def get_tokenizer(self) -> Tokenizer:

@@ -1,31 +1,44 @@
 """Attention contexts: where a layer's keys come from and which queries may see which keys.
 
-MLA computes queries and the per-token latent; a context decides what happens next. Keeping
-this out of the model lets one MLA implementation serve training (no cache, document masks),
-the single-request generator (a contiguous latent cache) and the batching engine (a paged
-latent cache, in `dsv3.engine`), without copies of the model code.
+An attention layer computes its queries and this step's cache entries (MLA: the latent) and hands
+them to the context it was given; the context writes the entries where they belong and runs the
+attention math of its backend (`dsv3.attention.backend`) over the keys it gathers. The model never
+learns which one it got, so one MLA implementation serves
+
+* `AttentionContext`: training and scoring -- whole sequences, no cache, causal or a given mask;
+* `DenseLatentCache`: a contiguous cache for a batch of sequences advancing in lockstep (left
+  padding aligns them): the simple decoders and the tests;
+* `PagedContext`: one continuous-batching engine step over the paged cache, from metadata the
+  engine builds once per step (`dsv3.attention.metadata.StepMetadata`).
+
+Both caches are a `KVCache` laid out by the layers' `CacheSpec`s. For the native kernels, a context
+also says where this step's entries go and which slots each token reads (`native_keys`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
-if TYPE_CHECKING:
-    from dsv3.layers.mla import MLA
+from dsv3.attention.backend import TorchBackend, backend_for
+from dsv3.attention.kv_cache import KVCache
+from dsv3.attention.metadata import StepMetadata
+from dsv3.attention.spec import CacheSpec
 
 
 class NativeKeys(NamedTuple):
-    """Where a step's latents go and which ones each token attends to, as the native MLA kernel reads them."""
-    cache: torch.Tensor         # [slots, kv_lora_rank + rope_dim] fp32, contiguous (one layer)
-    slot_mapping: torch.Tensor  # [M] int64: the slot each new token's latent is written to
+    """Where a step's entries go and which ones each token attends to, as the native MLA kernel reads them."""
+    cache: torch.Tensor         # [slots, width] fp32, contiguous (one layer)
+    slot_mapping: torch.Tensor  # [M] int64: the slot each new token's entry is written to
     key_slots: torch.Tensor     # [M, S] int64: the slots each token attends to
     key_mask: torch.Tensor | None  # [M, S] bool (False: skip), or None
 
 
 class AttentionContext:
-    """Base: full sequences, causal attention, no cache. Subclasses override `attend`."""
+    """No cache: full sequences, causal attention (or `mask`). Subclasses keep a cache."""
+
+    backend: TorchBackend = backend_for("cpu")
 
     def __init__(self, mask: torch.Tensor | None = None):
         self.mask = mask  # bool [B, 1, T, S], True = may attend; None = plain causal
@@ -51,34 +64,38 @@ class AttentionContext:
     def end_step(self) -> None:
         """Called by the model after all layers ran."""
 
-    def attend(self, layer_idx: int, mla: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        return mla.attend_expanded(q_nope, q_pe, latent, self.mask)
+    def attend(self, layer: Any, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """MLA attention for queries q_* [B, T, H, *] and this step's latents [B, T, W] -> [B, T, H, dv]."""
+        return self.backend.expanded(layer, q_nope, q_pe, latent, self.mask)
 
     def native_keys(self, layer_idx: int) -> NativeKeys | None:
         """The cache layout for the native MLA decode kernel this step, or None (no cache, or not a decode step)."""
         return None
 
     def native_cache(self) -> torch.Tensor | None:
-        """Every layer's latent cache as one contiguous tensor [layers, ..., C + dr], for a whole-step call."""
+        """Every layer's cache as one contiguous tensor [layers, slots, width], for a whole-step call."""
         return None
 
     def native_slots(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """This step's (slot_mapping, key_slots, key_mask), the same for every layer, or None."""
-        k = self.native_keys(0)
-        return None if k is None else (k.slot_mapping, k.key_slots, k.key_mask)
+        return None
 
 
 class DenseLatentCache(AttentionContext):
-    """A contiguous per-sequence cache of MLA latents ([B, max_len, kv_lora_rank + rope_dim] per layer).
+    """A contiguous cache for `batch` sequences of up to `max_len` positions, advancing together.
 
-    All sequences advance together (left padding aligns them), which is what a simple generator
-    needs. `impl` picks the attention form: "absorb" attends over the latent directly (decode),
-    "naive" re-expands keys and values (prefill), "auto" absorbs for single-token steps.
+    Sequence b owns slots [b·max_len, (b+1)·max_len) of a `KVCache`; `kv` views it as
+    [layers, batch, max_len, width]. Left padding (`set_padding`) marks keys no query may see.
+    `impl` picks the attention form: "absorb" attends over the latent directly (decode), "naive"
+    re-expands keys and values (prefill), "auto" absorbs for single-token steps.
     """
 
     def __init__(self, num_layers: int, batch: int, max_len: int, latent_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", impl: Literal["auto", "absorb", "naive"] = "auto"):
-        self.kv = torch.zeros(num_layers, batch, max_len, latent_dim, dtype=dtype, device=device)
+                 device: torch.device | str = "cpu", impl: Literal["auto", "absorb", "naive"] = "auto",
+                 spec: CacheSpec | None = None):
+        spec = spec or CacheSpec("latent", (latent_dim,))
+        self.cache = KVCache([spec] * num_layers, batch * max_len, dtype, device)
+        self.kv = self.cache.data.view(num_layers, batch, max_len, spec.width)
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.impl = impl
@@ -125,44 +142,74 @@ class DenseLatentCache(AttentionContext):
         self.length += self._step
         self._step = 0
 
+    def attend(self, layer: Any, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        L, T = self.length, latent.shape[1]
+        i = layer.layer_idx
+        self.kv[i, :, L:L + T] = latent
+        kv = self.kv[i, :, : L + T]
+        if self.impl == "absorb" or (self.impl == "auto" and T == 1):
+            return self.backend.absorbed(layer, q_nope, q_pe, kv, self.mask)
+        return self.backend.expanded(layer, q_nope, q_pe, kv, self.mask)
+
     def _native_layout(self) -> tuple | None:
         L, T = self.length, self._step
-        if not self._native_ok():
+        if not ((T == 1 or self.impl == "absorb") and self.cache.native() is not None):
             return None
         B, S = self.kv.shape[1], L + T
-        if self._plain_decode():  # views of one arange: no tensor built per step
+        if T == 1 and B == 1 and not self._padded:  # the token sees every slot up to its own: views of one arange
             return self._slots[L:L + 1], self._slots[:S].view(1, S), None
         rows = torch.arange(B, device=self.kv.device)[:, None] * self.max_len
         q_slot, k_slot = self._slots[L:L + T], self._slots[:S]
         return (rows + q_slot).reshape(-1), (rows + k_slot).repeat_interleave(T, dim=0), self.mask.reshape(B * T, S)
-
-    def native_keys(self, layer_idx: int) -> NativeKeys | None:
-        if self._native is False:
-            self._native = self._native_layout()
-        if self._native is None:
-            return None
-        return NativeKeys(self.kv[layer_idx].view(-1, self.kv.shape[-1]), *self._native)
-
-    def native_cache(self) -> torch.Tensor | None:
-        return self.kv if self.kv.is_contiguous() else None
 
     def native_slots(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         if self._native is False:
             self._native = self._native_layout()
         return self._native
 
-    def _native_ok(self) -> bool:
-        return (self._step == 1 or self.impl == "absorb") and self.kv.dtype == torch.float32 and self.kv.device.type == "cpu"
+    def native_keys(self, layer_idx: int) -> NativeKeys | None:
+        slots = self.native_slots()
+        return None if slots is None else NativeKeys(self.cache.data[layer_idx], *slots)
 
-    def _plain_decode(self) -> bool:
-        """Batch 1, one token, no padding: the token sees every slot up to its own."""
-        return self._step == 1 and self.kv.shape[1] == 1 and not self._padded
+    def native_cache(self) -> torch.Tensor | None:
+        return self.cache.native()
 
-    def attend(self, layer_idx: int, mla: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        L, T = self.length, latent.shape[1]
-        self.kv[layer_idx, :, L:L + T] = latent
-        kv = self.kv[layer_idx, :, : L + T]
-        absorb = self.impl == "absorb" or (self.impl == "auto" and T == 1)
-        if absorb:
-            return mla.attend_absorbed(q_nope, q_pe, kv, self.mask)
-        return mla.attend_expanded(q_nope, q_pe, kv, self.mask)
+
+class PagedContext(AttentionContext):
+    """One engine step over the paged cache (tokens flattened as batch 1): decode tokens attend in the absorbed
+    form over their gathered slots, each prefill chunk in the expanded form over its cached prefix plus itself."""
+
+    def __init__(self, cache: KVCache, meta: StepMetadata):
+        super().__init__(None)
+        self.cache, self.meta = cache, meta
+        self._native = meta.native_layout() if cache.native() is not None else None
+
+    def attend(self, layer: Any, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        m, i = self.meta, layer.layer_idx
+        self.cache.write(i, m.slot_mapping, latent[0])
+        out = q_nope.new_empty(q_nope.shape[1], layer.n_heads, layer.v_dim)
+        if m.decode_tokens.numel():
+            d = m.decode_tokens
+            kv = self.cache.read(i, m.decode_slots)  # [Bd, S, W]
+            out[d] = self.backend.absorbed(layer, q_nope[0, d, None], q_pe[0, d, None], kv, m.decode_mask,
+                                           m.decode_adapters)[:, 0]
+        for p in m.prefills:
+            kv = self.cache.read(i, p.context_slots)[None]
+            n = p.token_slice.stop - p.token_slice.start
+            mask = None
+            if p.start:
+                mask = torch.ones(n, p.start + n, dtype=torch.bool, device=kv.device).tril(p.start)[None, None]
+            out[p.token_slice] = self.backend.expanded(layer, q_nope[:, p.token_slice], q_pe[:, p.token_slice], kv, mask,
+                                                       p.adapter)[0]
+        return out[None]
+
+    def native_keys(self, layer_idx: int) -> NativeKeys | None:
+        if self._native is None:
+            return None
+        return NativeKeys(self.cache.data[layer_idx], self.meta.slot_mapping, *self._native)
+
+    def native_cache(self) -> torch.Tensor | None:
+        return self.cache.native()
+
+    def native_slots(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        return None if self._native is None else (self.meta.slot_mapping, *self._native)

@@ -92,8 +92,7 @@ class LLMEngine:
             load_stacked(model, [str(c.lora_adapters[n]) for n in self.adapter_names])  # before the runner looks
         if c.kv_cache_dtype not in ("auto", "int8"):
             raise RequestError(f"kv_cache_dtype must be auto or int8, got {c.kv_cache_dtype!r}")
-        per_token = (cfg.num_hidden_layers + len(model.model.mtp)) * (
-            cfg.latent_dim * (1 if c.kv_cache_dtype == "int8" else model.dtype.itemsize) + (8 if c.kv_cache_dtype == "int8" else 0))
+        per_token = sum(s.bytes_per_token(model.dtype, c.kv_cache_dtype == "int8") for s in model.cache_specs())
         enough = c.max_num_seqs * (-(-self.max_model_len // c.block_size)) + 1  # never more than can be used
         num_blocks = c.num_blocks or max(1, min(enough, c.kv_cache_memory // (per_token * c.block_size)))
         self.block_manager = BlockManager(num_blocks, c.block_size, c.enable_prefix_caching)

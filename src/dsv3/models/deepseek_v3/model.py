@@ -12,6 +12,7 @@ from torch import nn
 
 from dsv3 import ops
 from dsv3.attention.context import AttentionContext
+from dsv3.attention.spec import CacheSpec, mla_latent
 from dsv3.config import ModelConfig
 from dsv3.layers.linear import Linear, native_form
 from dsv3.layers.mla import MLA
@@ -85,6 +86,11 @@ class DeepseekV3ForCausalLM(nn.Module):
         """Share the LM head with the embedding when the config says so (again after `to_empty`)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def cache_specs(self) -> list[CacheSpec]:
+        """What each attention layer caches per token, the MTP layers' after the main ones: MLA's latent."""
+        cfg = self.config
+        return [mla_latent(cfg.kv_lora_rank, cfg.qk_rope_head_dim)] * (cfg.num_hidden_layers + len(self.model.mtp))
 
     def native_model(self) -> NativeModel | None:
         """What a native whole decode step reads (`dsv3.ops.decode_step`), or None when a part has no native form."""

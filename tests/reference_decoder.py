@@ -1,7 +1,8 @@
-"""The single-request generator: prefill, then one token at a time over a contiguous latent cache.
+"""The tests' reference decoder: one request, prefill then one token at a time over a contiguous cache.
 
-This is the simple path (one request at a time, absorbed-MLA decode); `dsv3.engine` adds
-continuous batching over a paged cache on top of the same model code.
+No scheduler, no paging, no batching, no speculation: the same model code driven the simplest way,
+so the continuous-batching engine (`dsv3.engine`) can be checked against it token for token. It
+honours every `SamplingParams` field but `n`, with the engine's sampler and output tracker.
 """
 
 from __future__ import annotations

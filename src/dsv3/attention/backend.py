@@ -1,0 +1,99 @@
+"""Attention backends: where the attention math of a layer runs, given the keys its context gathered.
+
+MLA has two mathematically equal forms (see `dsv3.layers.mla`): `expanded` re-projects cached
+latents to per-head keys and values and runs scaled-dot-product attention (prefill, training);
+`absorbed` folds W_UK into the query and W_UV into the output and attends over the latents
+themselves (decode). `TorchBackend` computes both with PyTorch ops on any device; a GPU backend
+(Triton, FlashMLA) is another class with the same two methods, picked by `backend_for`. The native
+CPU kernels run a whole decode layer (projections included) and are reached through `dsv3.ops`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class MLA(Protocol):
+    """What the MLA math reads from its layer (`dsv3.layers.mla.MLA`): shapes, the softmax scale, kv_b."""
+
+    layer_idx: int
+    n_heads: int
+    nope_dim: int
+    rope_dim: int
+    v_dim: int
+    kv_lora_rank: int
+    scale: float
+    kv_b_proj: Any
+
+    def kv_b_weight(self, with_lora: bool = True) -> torch.Tensor: ...
+
+    def _kv_b_lora(self, slots: Any, rows: int) -> list | None: ...
+
+
+class TorchBackend:
+    """MLA attention with PyTorch ops (SDPA for the expanded form, batched matmuls for the absorbed one)."""
+
+    name = "torch"
+
+    def expanded(self, layer: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
+                 mask: torch.Tensor | None, slots=None) -> torch.Tensor:
+        """Standard attention after expanding the latent. q_* [B,T,H,*], kv [B,S,Rkv+dr] -> [B,T,H,dv].
+
+        `slots` (adapter slot per kv row [B], a multi-LoRA engine's) picks kv_b_proj's adapter for the keys.
+        """
+        B, S, _ = kv.shape
+        c, k_pe = kv.split([layer.kv_lora_rank, layer.rope_dim], dim=-1)
+        kv_b = layer.kv_b_proj(c) if slots is None or not hasattr(layer.kv_b_proj, "lora_terms") else layer.kv_b_proj(c, slots)
+        k_nope, v = kv_b.view(B, S, layer.n_heads, -1).split([layer.nope_dim, layer.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, layer.n_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        causal = mask is None and q.shape[1] > 1
+        pad = q.shape[-1] - layer.v_dim  # fused (flash) SDPA kernels want one head size: zero-pad V, slice after
+        v = F.pad(v, (0, pad)) if pad > 0 else v
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, is_causal=causal, scale=layer.scale)
+        return o.transpose(1, 2)[..., : layer.v_dim]
+
+    def absorbed(self, layer: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
+                 mask: torch.Tensor | None, slots=None) -> torch.Tensor:
+        """Attention over the latent: scores = (q_nope W_UK)·c + q_pe·k_pe, output = W_UV (p·c).
+
+        With `slots` (adapter slot per batch row), kv_b_proj's LoRA deltas s·B·A are applied in the
+        absorbed form per adapter, q_lat += s·(q_nope·B_UK)·A and out += s·(o_lat·Aᵀ)·B_UVᵀ, so a batch
+        mixing adapters never needs a kv_b weight per sequence.
+        """
+        terms = layer._kv_b_lora(slots, q_nope.shape[0])
+        w = layer.kv_b_weight(with_lora=terms is None)
+        w_uk, w_uv = w[:, : layer.nope_dim], w[:, layer.nope_dim:]  # [H, dn, C], [H, dv, C]
+        B, T, H, _ = q_nope.shape
+        S, C = kv.shape[1], layer.kv_lora_rank
+        # Batched matmuls with heads as the batch (einsum's planning costs more than the math at decode).
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, -1), w_uk).view(H, B, T, C).transpose(0, 1)
+        for rows, a, b, s in terms or ():
+            b_uk = b.to(q_nope.dtype).view(layer.n_heads, -1, b.shape[-1])[:, : layer.nope_dim]
+            q_lat[rows] += s * torch.einsum("bhtr,rc->bhtc", torch.einsum("bthd,hdr->bhtr", q_nope[rows], b_uk), a.to(q_nope.dtype))
+        # One product for both score terms: [q_lat | q_pe] · [c | k_pe], the latent as stored.
+        q_full = torch.cat([q_lat, q_pe.transpose(1, 2).to(q_lat.dtype)], dim=-1).reshape(B, H * T, -1)
+        scores = torch.bmm(q_full, kv.transpose(1, 2)).view(B, H, T, S).float() * layer.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        elif T > 1:
+            scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=kv.device).tril(S - T).logical_not(), float("-inf"))
+        p = scores.softmax(dim=-1).to(kv.dtype)
+        o_lat = torch.bmm(p.view(B, H * T, S), kv[..., :C]).view(B, H, T, C)
+        out = torch.bmm(o_lat.transpose(0, 1).reshape(H, B * T, C), w_uv.transpose(1, 2)).view(H, B, T, -1).permute(1, 2, 0, 3)
+        for rows, a, b, s in terms or ():
+            b_uv = b.to(o_lat.dtype).view(layer.n_heads, -1, b.shape[-1])[:, layer.nope_dim:]
+            out[rows] += s * torch.einsum("bhtr,hdr->bthd", torch.einsum("bhtc,rc->bhtr", o_lat[rows], a.to(o_lat.dtype)), b_uv)
+        return out
+
+
+_BACKENDS = {"torch": TorchBackend()}
+
+
+def backend_for(device: torch.device | str) -> TorchBackend:
+    """The attention backend for a device (PyTorch everywhere today; a GPU backend registers here)."""
+    return _BACKENDS["torch"]

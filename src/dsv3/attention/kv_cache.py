@@ -1,0 +1,59 @@
+"""The KV cache: one slot space shared by every layer, each layer's entries laid out by its `CacheSpec`.
+
+Slot s of layer i holds one token's entry for that layer. The engine hands out slots in blocks
+(`BlockManager`), a contiguous cache gives sequence b positions [b·max_len, (b+1)·max_len):
+either way a step only says which slots it writes (`slot_mapping`) and which it reads. Layers
+with the same spec share one tensor [layers, slots, width] (all of DeepSeek-V3's MLA layers do), so
+a native whole-step call can address every layer through one tensor. With `quantized`, entries
+are int8 with one fp32 scale per part of the spec (MLA: the latent and the rotary key).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3.attention.spec import CacheSpec
+
+
+class KVCache:
+    def __init__(self, specs: list[CacheSpec], num_slots: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 quantized: bool = False):
+        if len(set(specs)) != 1:
+            raise NotImplementedError("layers with different cache specs need one tensor per spec group")
+        self.specs, self.num_slots, self.dtype, self.quantized = list(specs), num_slots, dtype, quantized
+        self.spec = specs[0]
+        self.parts = self.spec.parts
+        self.data = torch.zeros(len(specs), num_slots, self.spec.width, dtype=torch.int8 if quantized else dtype,
+                                device=device)
+        self.scales = torch.ones(len(specs), num_slots, len(self.parts), dtype=torch.float32, device=device) \
+            if quantized else None
+
+    def bytes_per_token(self) -> int:
+        return sum(s.bytes_per_token(self.dtype, self.quantized) for s in self.specs)
+
+    def write(self, layer: int, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """values [N, width] into `slots` [N] of `layer`."""
+        if not self.quantized:
+            self.data[layer, slots] = values.to(self.dtype)
+            return
+        parts = values.float().split(list(self.parts), dim=-1)
+        scales = torch.stack([p.abs().amax(-1).clamp(min=1e-8) / 127.0 for p in parts], dim=-1)
+        q = torch.cat([(p / scales[:, i:i + 1]).round().clamp(-127, 127) for i, p in enumerate(parts)], dim=-1)
+        self.data[layer, slots] = q.to(torch.int8)
+        self.scales[layer, slots] = scales
+
+    def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """The entries of `slots` (any shape) of `layer`: [..., width] in the cache's compute dtype."""
+        if not self.quantized:
+            return self.data[layer, slots]
+        q, s = self.data[layer, slots].float(), self.scales[layer, slots]
+        out, start = [], 0
+        for i, n in enumerate(self.parts):
+            out.append(q[..., start:start + n] * s[..., i:i + 1])
+            start += n
+        return torch.cat(out, dim=-1).to(self.dtype)
+
+    def native(self) -> torch.Tensor | None:
+        """Every layer's entries as one fp32 CPU tensor [layers, slots, width] for the native kernels, or None."""
+        d = self.data
+        return d if not self.quantized and d.dtype == torch.float32 and d.is_cpu and d.is_contiguous() else None

@@ -23,7 +23,7 @@ from anchors import HFRunner, LlamaCppRunner  # noqa: E402
 from models import make_bench_model  # noqa: E402
 from roofline import decode_weight_bytes, stream_bandwidth  # noqa: E402
 
-from dsv3.io.checkpoint import load_model  # noqa: E402
+from dsv3.io.load import load_model# noqa: E402
 from dsv3.engine import EngineConfig, LLMEngine  # noqa: E402
 from dsv3.engine.sampling import SamplingParams  # noqa: E402
 from dsv3.io.tokenizer import Tokenizer  # noqa: E402

@@ -3,7 +3,7 @@
     python bench/load_memory.py [--params-mb 1024] [--dtype fp32] [--keep DIR]
 
 Writes a random DeepSeek-V3-shaped checkpoint (MLA, 1 dense + MoE layers) of about the requested
-size, then loads it with `dsv3.io.checkpoint.load_model` in a fresh process and prints the peak RSS
+size, then loads it with `dsv3.io.load.load_model` in a fresh process and prints the peak RSS
 increase during loading divided by the model's in-memory size (the target is <= 1.3), next to the
 same figure for HF transformers' `from_pretrained` on the same files.
 """
@@ -26,7 +26,7 @@ def rss(field):
     raise RuntimeError(field)
 which, path = sys.argv[1], sys.argv[2]
 if which == 'dsv3':
-    from dsv3.io.checkpoint import load_model
+    from dsv3.io.load import load_model
     import dsv3.models.deepseek_v3
 else:
     import transformers

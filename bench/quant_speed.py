@@ -16,7 +16,7 @@ from pathlib import Path
 WORKER = r"""
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[3]))
-from dsv3.io.checkpoint import load_model
+from dsv3.io.load import load_model
 from dsv3.attention.context import DenseLatentCache
 path, dtype = sys.argv[1], sys.argv[2]
 if json.load(open(path + '/config.json')).get('quantization_config'):  # packed (FP8 stays FP8), not dequantized

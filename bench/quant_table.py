@@ -87,7 +87,7 @@ def token_windows(args, model_dir: Path) -> tuple[torch.Tensor, torch.Tensor, st
 
 def dsv3_rows(args, model_dir: Path, calib: torch.Tensor, work: Path) -> tuple[list[dict], dict]:
     """Rows (sizes, checkpoint to time) and scoring functions of dsv3's float and quantized models."""
-    from dsv3.io.checkpoint import load_model
+    from dsv3.io.load import load_model
     from dsv3.quant import quantize_model, save_quantized
     from dsv3.quant.apply import linear_weight_bytes
 

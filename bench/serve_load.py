@@ -136,7 +136,7 @@ def _with_local_server(args: argparse.Namespace) -> dict:
 
     import uvicorn
 
-    from dsv3.io.checkpoint import load_model
+    from dsv3.io.load import load_model
     from dsv3.engine import EngineConfig, LLMEngine
     from dsv3.serve import ServeConfig, create_app
     from dsv3.io.tokenizer import Tokenizer

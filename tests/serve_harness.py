@@ -12,7 +12,7 @@ import httpx
 import pytest
 import uvicorn
 
-from dsv3.io.checkpoint import load_model
+from dsv3.io.load import load_model
 from dsv3.engine import EngineConfig, LLMEngine
 from dsv3.serve import ServeConfig, create_app
 from dsv3.io.tokenizer import Tokenizer

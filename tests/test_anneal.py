@@ -92,7 +92,7 @@ def test_config_rejects_bad_mix_and_fim_level(raw, culprit):
 
 
 def test_init_from_continues_a_run_and_mixes_data(shards, tmp_path):
-    from dsv3.io.checkpoint import load_model
+    from dsv3.io.load import load_model
     from dsv3.errors import CheckpointError
     from dsv3.train.pretrain import pretrain
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv3.io.checkpoint import load_model, save_model
+from dsv3.io.load import load_model
+from dsv3.io.checkpoint import save_model
 from dsv3.errors import CheckpointError
 from hf_oracle import build_hf_model
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """A workspace: a tiny model, an adapter for it, token shards, a file, a full directory, data files."""
-    from dsv3.io.checkpoint import load_model
+    from dsv3.io.load import load_model
     from dsv3.data.builder import build
     from dsv3.lora import LoRASpec, inject_lora, save_adapter
     from tiny_model import make_tiny_model_dir

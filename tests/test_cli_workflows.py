@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapter(model_dir, tmp_path_factory):
-    from dsv3.io.checkpoint import load_model
+    from dsv3.io.load import load_model
     from dsv3.lora import LoRASpec, inject_lora, save_adapter
 
     m = load_model(model_dir, dtype=torch.float32, progress=False)

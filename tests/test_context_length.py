@@ -113,7 +113,7 @@ def _raw():
 
 def test_rope_scaling_overlay_equals_an_edited_config(plain_dir, tmp_path, capsys):
     """--rope-scaling gives exactly the model of a checkpoint whose config.json was edited by hand."""
-    from dsv3.io.checkpoint import load_model
+    from dsv3.io.load import load_model
 
     edited = tmp_path / "edited"
     shutil.copytree(plain_dir, edited)

@@ -276,7 +276,7 @@ def test_sizing_is_what_dsv3_plan_emits(overlay, capsys, monkeypatch):
 def test_cache_flag_gives_the_engine_exactly_the_blocks_it_can_use():
     """The plan's --kv-cache-memory for the CPU overlay, given to a real engine on the embedded model, yields the
     engine's own 'enough' block count (max_num_seqs full-length sequences, plus one): no fewer, no more."""
-    from dsv3.io.checkpoint import load_model
+    from dsv3.io.load import load_model
     from dsv3.engine import EngineConfig, LLMEngine
     from dsv3.io.paths import default_model_dir
     from dsv3.io.tokenizer import Tokenizer

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dsv3.io.checkpoint import load_model
+from dsv3.io.load import load_model
 from dsv3.lora.batching import IGNORE, collate, pack_bfd
 from dsv3.lora.data import DataError, Example, load_examples, tokenize_record
 from dsv3.lora.trainer import token_loss

@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from dsv3.io.checkpoint import load_model
+from dsv3.io.load import load_model
 from reference_decoder import Generator
 from dsv3.lora import load_adapter
 from dsv3.lora.train_config import load_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3.io.checkpoint import load_model
+from dsv3.io.load import load_model
 from dsv3.lora import LoRASpec, inject_lora, load_adapter, save_adapter, set_merged
 from dsv3.lora.layers import LoRALinear
 from dsv3.lora.merge import merge_adapter

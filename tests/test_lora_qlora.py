@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import dsv3.cli
 import dsv3.quant.kernels as kn
-from dsv3.io.checkpoint import load_model, save_model
+from dsv3.io.load import load_model
+from dsv3.io.checkpoint import save_model
 from dsv3.lora import load_adapter
 from dsv3.lora.layers import LoRALinear
 from dsv3.lora.qlora import quantize_base

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from dsv3.io.checkpoint import load_model
+from dsv3.io.load import load_model
 from dsv3.attention.backend import backend_for
 from dsv3.engine import EngineConfig, LLMEngine
 from dsv3.engine.runner import ModelRunner, StepItem
@@ -254,7 +254,7 @@ def test_serve_lora_flags(world, tmp_path):
 def test_adapters_over_a_quantized_base(world):
     """`--quantization int8` with `--lora`: the stacked adapters run over the packed base linears (LoRALinear
     wraps QuantLinear) and equal one adapter loaded on the same quantized model, decoded by the generator."""
-    from dsv3.io.checkpoint import load_for_inference
+    from dsv3.io.load import load_for_inference
     from reference_decoder import Generator
     from dsv3.lora import load_adapter
     from dsv3.quant.linear import QuantLinear

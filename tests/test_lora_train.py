@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dsv3.cli
-from dsv3.io.checkpoint import load_model
+from dsv3.io.load import load_model
 from reference_decoder import Generator
 from dsv3.lora import load_adapter
 from dsv3.engine.sampling import SamplingParams

@@ -15,7 +15,7 @@ from dsv3 import kernels, ops
 from dsv3.config import ModelConfig
 from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dsv3.ops import layout, reference, schemas
-from dsv3.ops.forms import NativeExperts, NativeLinear, lins_meta
+from dsv3.ops.forms import NativeLinear, lins_meta
 from dsv3.quant import kernels as quant_kernels
 from dsv3.quant.apply import quantize_model
 from tiny_model import TINY

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3.io.checkpoint import load_model
+from dsv3.io.load import load_model
 from dsv3.engine import EngineConfig, LLMEngine
 from dsv3.parallel.worker import start_engine
 from dsv3.engine.sampling import SamplingParams

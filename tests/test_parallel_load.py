@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv3.io.checkpoint import dequantize_fp8, load_model
+from dsv3.io.checkpoint import dequantize_fp8
+from dsv3.io.load import load_model
 from dsv3.parallel import ParallelConfig
 from dsv3.layers.moe import Experts
 from dsv3.parallel.layers import Shard

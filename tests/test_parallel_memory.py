@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = r"""
 import json, sys, torch
 import torch.multiprocessing as mp
-from dsv3.io.checkpoint import load_model
+from dsv3.io.load import load_model
 from dsv3.config import ModelConfig
 from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dsv3.parallel import ParallelConfig, dist as pdist

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dsv3.io.checkpoint import load_model
+from dsv3.io.load import load_model
 from dsv3.attention import DenseLatentCache
 from dsv3.parallel import ParallelConfig, ParallelError
 

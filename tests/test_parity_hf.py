@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3.io.checkpoint import load_model
+from dsv3.io.load import load_model
 from dsv3.attention import AttentionContext, DenseLatentCache
 from hf_oracle import CONFIGS, build_hf_model
 

@@ -102,7 +102,8 @@ def test_llama_cpp_conversions_score_like_dsv3(tmp_path):
     """A model without num_key_value_heads in config.json converts (the wrapper adds it); llama.cpp's F32 matches
     dsv3 fp32, F16 and Q8_0 GGUFs load (llama.cpp's AMX buffers off) and stay close, Q4_K_M (llama.cpp's quantizer)
     further; mean KL(dsv3 ‖ llama.cpp) bounds grow with the format's coarseness."""
-    from dsv3.io.checkpoint import load_model, save_model
+    from dsv3.io.load import load_model
+    from dsv3.io.checkpoint import save_model
     from quant_llama import LlamaScorer, linear_ratio, make_gguf
     from tiny_model import make_tiny_model_dir
 

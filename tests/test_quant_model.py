@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv3.io.checkpoint import load_model, save_model
+from dsv3.io.load import load_model
+from dsv3.io.checkpoint import save_model
 from dsv3.config import ModelConfig
 from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dsv3.io.paths import default_model_dir

@@ -512,7 +512,7 @@ def test_disk_cache_of_other_weights_is_ignored(model_dir, tmp_path, caplog):
 def test_weights_fingerprint_follows_weights_adapters_and_quantization(model_dir):
     import torch
 
-    from dsv3.io.checkpoint import load_model
+    from dsv3.io.load import load_model
     from dsv3.quant.apply import quantize_model
 
     m = load_model(model_dir, dtype="fp32", progress=False)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from dsv3.errors import ConfigError
+from dsv3.models.registry import family
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 
@@ -151,7 +151,7 @@ class ModelConfig:
         else:
             out["rope_scaling"] = None
         out.pop("rope_parameters", None)
-        out["architectures"] = ["DeepseekV2ForCausalLM" if self.model_type == "deepseek_v2" else "DeepseekV3ForCausalLM"]
+        out["architectures"] = [family(self.model_type).architecture]
         if out["quantization_config"] is None:
             del out["quantization_config"]
         return out
@@ -167,11 +167,6 @@ REQUIRED = (
     "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
 )
 # Router defaults per family, used only where config.json is silent (HF writes them all).
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
-    "kimi_k2": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
-    "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False},
-}
 
 
 def _int(raw: dict[str, Any], key: str, default: int | None = None, minimum: int = 0) -> int:
@@ -242,14 +237,12 @@ def parse_config(cls, raw: dict[str, Any]):
     if not isinstance(raw, dict):
         raise ConfigError("config.json must contain a JSON object")
     mt = raw.get("model_type")
-    if mt not in FAMILY_DEFAULTS:
-        raise ConfigError(f"config.json: unknown 'model_type' {mt!r} (supported: deepseek_v3, deepseek_v2, kimi_k2)")
+    fam = family(mt).defaults  # the family's fields where config.json is silent (HF writes them all)
     for key in REQUIRED:
         if key not in raw or raw[key] is None:
             raise ConfigError(f"config.json: required field '{key}' is missing")
     if "q_lora_rank" not in raw:
         raise ConfigError("config.json: required field 'q_lora_rank' is missing (use null for no query compression)")
-    fam = FAMILY_DEFAULTS[mt]
     L = _int(raw, "num_hidden_layers", None, 1)
     E = _int(raw, "n_routed_experts", 0)
     kw: dict[str, Any] = dict(

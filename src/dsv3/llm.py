@@ -9,7 +9,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from dsv3.io.checkpoint import load_for_inference
+from dsv3.io.load import load_for_inference
 from dsv3.engine import EngineConfig, LLMEngine, RequestFailedError
 from dsv3.errors import DSV3Error
 from dsv3.engine.outputs import RequestOutput, StreamEvent

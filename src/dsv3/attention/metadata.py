@@ -11,7 +11,6 @@ block_size + p % block_size. Every layer reads the same slots of its own cache.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -23,7 +22,7 @@ class PrefillChunk:
     token_slice: slice  # this chunk's tokens within the flat step batch
     context_slots: torch.Tensor  # slots of positions [0, start + n)
     start: int
-    adapter: Any = None  # the sequence's LoRA slot (a SlotBatch) when the model serves several adapters
+    adapter: list[int] | None = None  # [the sequence's LoRA slot] when the model serves several adapters
 
 
 @dataclass
@@ -33,15 +32,14 @@ class StepMetadata:
     decode_slots: torch.Tensor  # [Nd, S] slots each decode token reads (padded)
     decode_mask: torch.Tensor  # [Nd, 1, 1, S] bool: which of them are real
     prefills: list[PrefillChunk] = field(default_factory=list)
-    decode_adapters: Any = None  # LoRA slot per decode row (a SlotBatch), or None
+    decode_adapters: list[int] | None = None  # LoRA slot per decode row, or None
 
     @classmethod
     def build(cls, sequences: list[tuple[int, int, list[int], int]], block_size: int, device: torch.device,
               adapters: list[int] | None = None) -> "StepMetadata":
         """From (start, num_tokens, block_table, offset in the flat batch) per sequence of the step; `adapters`:
-        each sequence's LoRA slot (-1: the base model) when the model serves several adapters."""
-        if adapters is not None:
-            from dsv3.lora.slots import SlotBatch
+        each sequence's LoRA slot (-1: the base model) when the model serves several adapters (the layers take a
+        list of slots per row, `dsv3.lora.slots.as_slot_batch`)."""
         bs = block_size
         slot_mapping, prefills = [], []
         decode_rows, decode_tables, decode_lens, decode_adapters = [], [], [], []
@@ -57,7 +55,7 @@ class StepMetadata:
                 t = torch.tensor(table, dtype=torch.long)
                 context = (t[pos // bs] * bs + pos % bs).to(device)
                 prefills.append(PrefillChunk(slice(offset, offset + n), context, s,
-                                             SlotBatch([adapters[k]]) if adapters is not None else None))
+                                             [adapters[k]] if adapters is not None else None))
         # Decode contexts: one padded block-table tensor turned into slots and a validity mask in two ops.
         width = max((len(t) for t in decode_tables), default=0)
         tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long).view(len(decode_tables), width)
@@ -65,7 +63,7 @@ class StepMetadata:
         decode_mask = (torch.arange(width * bs)[None] < torch.tensor(decode_lens, dtype=torch.long)[:, None]).to(device)
         return cls(torch.tensor(slot_mapping, dtype=torch.long, device=device),
                    torch.tensor(decode_rows, dtype=torch.long, device=device), decode_slots, decode_mask[:, None, None],
-                   prefills, SlotBatch(decode_adapters) if adapters is not None and decode_adapters else None)
+                   prefills, decode_adapters if adapters is not None and decode_adapters else None)
 
     def native_layout(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(key_slots [N, S], key_mask [N, S]) per token for the native MLA kernel, or None.

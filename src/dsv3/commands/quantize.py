@@ -39,7 +39,7 @@ def existing_quantization(cfg) -> str | None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from dsv3.io.checkpoint import load_model
+    from dsv3.io.load import load_model
     from dsv3.config import ModelConfig
     from dsv3.commands.outputs import prepare_output_dir
     from dsv3.quant import quantize_model, save_quantized

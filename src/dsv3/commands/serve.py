@@ -137,7 +137,7 @@ def loader(args: argparse.Namespace, lora: dict[str, str] | None = None, path: P
                     raise
 
     def load_once():
-        from dsv3.io.checkpoint import load_for_inference
+        from dsv3.io.load import load_for_inference
         from dsv3.engine import LLMEngine
         from dsv3.io.tokenizer import Tokenizer
 

@@ -29,7 +29,7 @@ from dsv3.engine.sequence import Sequence, SequenceStatus
 from dsv3.engine.speculative import MTPDrafter, verify
 from dsv3.errors import DSV3Error
 from dsv3.engine.outputs import CompletionOutput, RequestError, RequestOutput, check_prompt_ids
-from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.models.interface import CausalLM
 from dsv3.engine.output import OutputTracker
 from dsv3.engine.sampling import SamplingParams, apply_penalties, sample
 from dsv3.io.tokenizer import Tokenizer
@@ -79,7 +79,7 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, model: DeepseekV3ForCausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None):
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.config = c = config or EngineConfig()
         cfg = model.config
@@ -103,7 +103,7 @@ class LLMEngine:
         self.eos_ids = set(tokenizer.stop_token_ids) | set(cfg.eos_token_ids)
         self.drafter = None
         if c.num_speculative_tokens:
-            if not len(model.model.mtp):
+            if not model.num_mtp_layers:
                 raise RequestError("speculative decoding needs a model loaded with its MTP module (num_nextn_predict_layers > 0)")
             self.drafter = MTPDrafter(self.runner, self.block_manager, c.num_speculative_tokens, self.max_model_len)
             self.stats.update(spec_draft_tokens=0, spec_accepted_tokens=0)

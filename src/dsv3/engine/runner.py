@@ -11,7 +11,7 @@ from dsv3.attention.kv_cache import KVCache
 from dsv3.attention.metadata import StepMetadata
 from dsv3.lora.apply import lora_modules, set_slot_ids
 from dsv3.lora.slots import SlotBatch
-from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.models.interface import CausalLM
 
 
 @dataclass
@@ -27,8 +27,7 @@ class StepItem:
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV3ForCausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"):
-        cfg = model.config
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"):
         self.model, self.block_size = model, block_size
         self.device = model.device
         self.cache = KVCache(model.cache_specs(), num_blocks * block_size, model.dtype, self.device,

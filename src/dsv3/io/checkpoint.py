@@ -15,49 +15,25 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
-from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.models.registry import family
 from dsv3.io.save import TOKENIZER_FILES, copy_tokenizer_files, export_tensors, save_model
 from dsv3.io.safetensors import SafetensorsFile
 
 __all__ = ["TOKENIZER_FILES", "checkpoint_files", "copy_tokenizer_files", "dequantize_fp8", "export_tensors", "iter_checkpoint",
-           "load_for_inference", "load_model", "map_name", "read_tensor", "resolve_dtype", "save_model"]
+           "load_plain", "map_name", "read_tensor", "resolve_dtype", "save_model"]
 
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
-_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
-_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.weight_scale_inv)$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
-Target = tuple[str, tuple]  # internal parameter name, index into it (() = whole tensor)
 
-
-def map_name(name: str, cfg: ModelConfig, with_mtp: bool) -> Target | None:
-    """Checkpoint tensor name -> (model parameter name, index), or None to skip it."""
-    L = cfg.num_hidden_layers
-    m = _LAYER.match(name)
-    if m and int(m.group(1)) >= L:
-        k, rest = int(m.group(1)) - L, m.group(2)
-        if not with_mtp or k >= cfg.num_nextn_predict_layers or rest in _MTP_SHARED:
-            return None
-        prefix = f"model.mtp.{k}." if rest.startswith(_MTP_OWN) else f"model.mtp.{k}.block."
-        mapped = map_name(f"model.layers.0.{rest}", cfg, with_mtp)
-        if mapped is None:
-            return None
-        return prefix + mapped[0].removeprefix("model.layers.0."), mapped[1]
-    e = _EXPERT.match(name)
-    if e:
-        base, j, proj = e.group(1), int(e.group(2)), e.group(3)
-        Im = cfg.moe_intermediate_size
-        if proj == "down_proj":
-            return f"{base}.down_proj", (j,)
-        rows = slice(0, Im) if proj == "gate_proj" else slice(Im, 2 * Im)
-        return f"{base}.gate_up_proj", (j, rows)
-    return name, ()
+def map_name(name: str, cfg: ModelConfig, with_mtp: bool):
+    """Checkpoint tensor name -> (model parameter name, index) by the config's model family, or None to skip it."""
+    return family(cfg.model_type).weights().map_name(name, cfg, with_mtp)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -94,29 +70,12 @@ def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
 
 def has_mtp_weights(files: list[Path], cfg: ModelConfig) -> bool:
     """Whether the checkpoint stores the MTP modules (HF's save_pretrained drops them, for one)."""
-    key = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"
+    key = family(cfg.model_type).weights().mtp_probe(cfg)
     for path in files:
         with SafetensorsFile(path) as sf:
             if key in sf.entries:
                 return True
     return False
-
-
-def load_for_inference(model_dir: str | Path, dtype: torch.dtype | str | None = None, quantization: str | None = None,
-                       device: str | torch.device = "cpu", progress: bool = False) -> DeepseekV3ForCausalLM:
-    """`load_model`, then `--quantization int8|int4|fp8` applied on the fly (an FP8 checkpoint asked for
-    fp8 is kept in FP8 rather than dequantized and re-quantized)."""
-    if quantization is None:
-        return load_model(model_dir, dtype=dtype, device=device, progress=progress)
-    from dsv3.quant.apply import quantize_model
-    from dsv3.quant.io import load_quantized
-
-    qc = ModelConfig.from_dir(model_dir).quantization_config or {}
-    if quantization == "fp8" and qc.get("quant_method") == "fp8":
-        return load_quantized(model_dir, dtype=dtype, device=device, progress=progress)
-    model = load_model(model_dir, dtype=dtype, device=device, progress=progress)
-    quantize_model(model, quantization, progress=progress)
-    return model
 
 
 def iter_checkpoint(files: list[Path], cfg: ModelConfig, with_mtp: bool, targets: dict, desc: str = "loading",
@@ -159,18 +118,14 @@ def read_tensor(sf: SafetensorsFile, name: str, cfg: ModelConfig) -> torch.Tenso
     return src
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-               with_mtp: bool | None = None, progress: bool = True) -> DeepseekV3ForCausalLM:
-    """Load a checkpoint directory into a `DeepseekV3ForCausalLM` (eval mode).
+def load_plain(model_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+               with_mtp: bool | None = None, progress: bool = True) -> nn.Module:
+    """Load a full-precision (or FP8, dequantized) checkpoint directory into its family's causal LM, in eval mode.
 
     with_mtp: True loads the MTP modules (an error if absent), False skips them, None loads them if present.
     """
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
-    if (cfg.quantization_config or {}).get("quant_method") == "dsv3":  # packed int8/int4/AWQ/FP8 from `dsv3 quantize`
-        from dsv3.quant.io import load_quantized
-
-        return load_quantized(model_dir, dtype=dtype, device=device, with_mtp=with_mtp, progress=progress)
     dtype = resolve_dtype(dtype, cfg, device)
     files = checkpoint_files(model_dir)
     if cfg.num_nextn_predict_layers == 0:
@@ -178,7 +133,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str | None = None, de
     elif with_mtp is None:
         with_mtp = has_mtp_weights(files, cfg)
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(cfg, with_mtp=with_mtp)
+        model = family(cfg.model_type).model_class()(cfg, with_mtp=with_mtp)
     model.to_empty(device=device)
     model.tie_weights()
     model.cast(dtype)
@@ -198,20 +153,11 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str | None = None, de
         del src
         sf.release(name)
         filled[pname] = filled.get(pname, 0) + 1
-    expected_counts = {n: _pieces(n, cfg) for n in needed}
+    expected_counts = {n: family(cfg.model_type).weights().pieces(n, cfg) for n in needed}
     for n in sorted(needed):
         if filled.get(n, 0) < expected_counts[n]:
             raise CheckpointError(f"tensor for {n!r} is missing from the checkpoint in {model_dir}")
     return model.eval()
-
-
-def _pieces(name: str, cfg: ModelConfig) -> int:
-    """How many checkpoint tensors fill one model tensor (per-expert files fill stacked experts)."""
-    if name.endswith("experts.gate_up_proj"):
-        return 2 * cfg.n_routed_experts
-    if name.endswith("experts.down_proj"):
-        return cfg.n_routed_experts
-    return 1
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, cfg: ModelConfig, device: str | torch.device | None = None) -> torch.dtype:

@@ -1,47 +1,28 @@
-"""Saving a model in the Hugging Face checkpoint layout (the inverse of `dsv3.io.checkpoint.load_model`).
+"""Saving a model in the Hugging Face checkpoint layout (the inverse of `dsv3.io.load.load_model`).
 
-Stacked experts are written back per expert and MTP module k as layer `num_hidden_layers + k`
-(with copies of the shared embedding and head, as DeepSeek's files have), sharded with an index
-once the weights pass `max_shard_bytes`.
+The family names the tensors (`weights().export`: DeepSeek-V3 writes stacked experts back per expert
+and MTP module k as layer `num_hidden_layers + k`); here they are sharded with an index once the
+weights pass `max_shard_bytes`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+import torch
+
+from dsv3.models.interface import CausalLM
+from dsv3.models.registry import family_of
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
-def export_tensors(model: DeepseekV3ForCausalLM) -> Iterator[tuple[str, callable, int]]:
-    """(checkpoint name, producer of the tensor, byte size) in HF layout: experts split, MTP as layer L+k."""
-    cfg, L = model.config, model.config.num_hidden_layers
-    Im = cfg.moe_intermediate_size
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        out = name
-        m = re.match(r"^model\.mtp\.(\d+)\.(block\.)?(.*)$", name)
-        if m:
-            out = f"model.layers.{L + int(m.group(1))}.{m.group(3)}"
-        if out.endswith("experts.gate_up_proj") or out.endswith("experts.down_proj"):
-            base, proj = out.rsplit(".", 1)
-            for j in range(t.shape[0]):
-                if proj == "down_proj":
-                    yield f"{base}.{j}.down_proj.weight", (lambda t=t, j=j: t[j].contiguous()), t[j].nbytes
-                else:
-                    yield f"{base}.{j}.gate_proj.weight", (lambda t=t, j=j: t[j, :Im].contiguous()), t[j].nbytes // 2
-                    yield f"{base}.{j}.up_proj.weight", (lambda t=t, j=j: t[j, Im:].contiguous()), t[j].nbytes // 2
-        else:
-            yield out, (lambda t=t: t.contiguous()), t.nbytes
-    for k in range(len(model.model.mtp)):  # copies of the shared embedding and head, as the official files have
-        yield f"model.layers.{L + k}.embed_tokens.weight", (lambda: model.model.embed_tokens.weight.clone()), model.model.embed_tokens.weight.nbytes
-        yield f"model.layers.{L + k}.shared_head.head.weight", (lambda: model.lm_head.weight.clone()), model.lm_head.weight.nbytes
+def export_tensors(model: CausalLM) -> Iterator[tuple[str, Callable[[], torch.Tensor], int]]:
+    """(checkpoint name, producer of the tensor, byte size) in the HF layout of the model's family."""
+    return family_of(model).weights().export(model)
 
 
 def remove_stale_weights(out: Path) -> None:
@@ -52,7 +33,7 @@ def remove_stale_weights(out: Path) -> None:
             f.unlink()
 
 
-def save_model(model: DeepseekV3ForCausalLM, out_dir: str | Path, max_shard_bytes: int = 4 * 2**30,
+def save_model(model: CausalLM, out_dir: str | Path, max_shard_bytes: int = 4 * 2**30,
                tokenizer_from: str | Path | None = None) -> Path:
     """Write config.json and safetensors weights (sharded with an index past `max_shard_bytes`)."""
     from safetensors.torch import save_file

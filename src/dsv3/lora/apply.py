@@ -19,9 +19,9 @@ from dsv3 import ops
 from dsv3.lora.layers import AdapterError, ExpertsLoRA, LoRALinear, init_lora_, is_adaptable_linear, lora_scaling
 from dsv3.lora.slots import SlotBatch
 from dsv3.layers.moe import Experts
+from dsv3.models.deepseek_v3.family import MLA_TARGETS, MLP_TARGETS
 
-MLA_TARGETS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
-MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+# The DeepSeek family's adaptable modules (every registered family shares them today)
 DEFAULT_TARGETS = MLA_TARGETS + MLP_TARGETS
 REFUSED = ("gate", "lm_head", "embed_tokens", "e_score_correction_bias", "eh_proj")
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from dsv3.io.checkpoint import load_model, resolve_dtype, save_model
+from dsv3.io.load import load_model
+from dsv3.io.checkpoint import resolve_dtype, save_model
 from dsv3.config import ModelConfig
 from dsv3.errors import DSV3Error
 from dsv3.lora.apply import unload

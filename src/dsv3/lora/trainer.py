@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dsv3.io.checkpoint import load_model
+from dsv3.io.load import load_model
 from dsv3.lora.apply import inject_lora, mark_trainable, wrap_frozen_experts
 from dsv3.lora.batching import IGNORE, collate, pack_bfd
 from dsv3.lora.data import DataError, load_examples

@@ -17,7 +17,8 @@ import torch
 from dsv3.io.checkpoint import checkpoint_files, dequantize_fp8, has_mtp_weights, iter_checkpoint, resolve_dtype
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
-from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.models.interface import CausalLM
+from dsv3.models.registry import family
 from dsv3.parallel.dist import ParallelConfig, ParallelError
 from dsv3.parallel.shard import localize, owners, parallelize, pieces
 
@@ -37,10 +38,10 @@ def narrow_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], cut
 
 
 def build_local_model(cfg: ModelConfig, pc: ParallelConfig, dtype: torch.dtype, device: torch.device | str,
-                      with_mtp: bool) -> DeepseekV3ForCausalLM:
-    """This rank's model, allocated (uninitialised) with local shapes."""
+                      with_mtp: bool) -> torch.nn.Module:
+    """This rank's model, allocated (uninitialised) with local shapes (its family's parallel layout)."""
     with torch.device("meta"):
-        model = parallelize(DeepseekV3ForCausalLM(cfg, with_mtp=with_mtp), pc)
+        model = parallelize(family(cfg.model_type).model_class()(cfg, with_mtp=with_mtp), pc)
     model.to_empty(device=device)
     model.tie_weights()
     model.cast(dtype)
@@ -50,8 +51,8 @@ def build_local_model(cfg: ModelConfig, pc: ParallelConfig, dtype: torch.dtype, 
 
 def load_sharded(model_dir: str | Path, pc: ParallelConfig, dtype: torch.dtype | str | None = None,
                  device: str | torch.device = "cpu", with_mtp: bool | None = None,
-                 progress: bool = True) -> DeepseekV3ForCausalLM:
-    """Load rank `pc.rank`'s part of a checkpoint (eval mode); same arguments as `dsv3.io.checkpoint.load_model`."""
+                 progress: bool = True) -> CausalLM:
+    """Load rank `pc.rank`'s part of a checkpoint (eval mode); same arguments as `dsv3.io.load.load_model`."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     qc = cfg.quantization_config or {}
@@ -115,7 +116,7 @@ def rss(field: str = "VmRSS") -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def memory_report(model: DeepseekV3ForCausalLM, rank: int, baseline: int = 0) -> str:
+def memory_report(model: CausalLM, rank: int, baseline: int = 0) -> str:
     """One line: this rank's weight bytes and peak memory (CUDA allocator on GPU, peak RSS above `baseline` on CPU)."""
     weights = sum(t.nbytes for t in model.state_dict().values())
     dev = model.device

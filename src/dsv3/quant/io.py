@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from dsv3.io.checkpoint import checkpoint_files, copy_tokenizer_files, export_tensors, map_name, resolve_dtype
 from dsv3.io.save import remove_stale_weights
 from dsv3.config import ModelConfig
-from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.models.interface import CausalLM
+from dsv3.models.registry import family
 from dsv3.layers.moe import Experts
 from dsv3.quant.apply import HEAD_FORMATS, ckpt_name, quant_targets, set_module
 from dsv3.quant.experts import PROJ, QuantExperts
@@ -34,7 +35,7 @@ QUANT_METHODS = ("dsv3", "fp8")
 _ROUTER = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
 
 
-def quantized_tensors(model: DeepseekV3ForCausalLM):
+def quantized_tensors(model: CausalLM):
     """(checkpoint name, tensor) for every converted module."""
     L = model.config.num_hidden_layers
     for name, m in model.named_modules():
@@ -48,7 +49,7 @@ def quantized_tensors(model: DeepseekV3ForCausalLM):
                         yield f"{ckpt_name(name, L)}.{e}.{proj}.{k}", t
 
 
-def save_quantized(model: DeepseekV3ForCausalLM, out_dir: str | Path, tokenizer_from: str | Path | None = None,
+def save_quantized(model: CausalLM, out_dir: str | Path, tokenizer_from: str | Path | None = None,
                    dtype: torch.dtype | str | None = None) -> Path:
     """Write config.json (with quantization_config) and model.safetensors.
 
@@ -119,7 +120,7 @@ def _target_formats(cfg: ModelConfig, model: nn.Module, entries: dict[str, torch
 
 
 def load_quantized(model_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-                   with_mtp: bool | None = None, progress: bool = True) -> DeepseekV3ForCausalLM:
+                   with_mtp: bool | None = None, progress: bool = True) -> CausalLM:
     """Load a checkpoint written by `save_quantized` (or an official FP8 one) with packed modules."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
@@ -135,7 +136,7 @@ def load_quantized(model_dir: str | Path, dtype: torch.dtype | str | None = None
     elif with_mtp is None:
         with_mtp = any(n.startswith(f"model.layers.{L}.") for n in entries)
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(cfg, with_mtp=with_mtp)
+        model = family(cfg.model_type).model_class()(cfg, with_mtp=with_mtp)
     formats = _target_formats(cfg, model, entries, device)
     shapes = {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) if isinstance(model.get_submodule(n), nn.Linear)
               else tuple(model.get_submodule(n).down_proj.shape) for n in formats}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.data.packing import IGNORE_INDEX, PackedBatch
-from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.models.interface import CausalLM
 from dsv3.attention.context import AttentionContext
 from dsv3.layers.moe import MoE
 from dsv3.train.balance import sequence_balance_loss
@@ -41,7 +41,7 @@ def mtp_targets(input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Te
     return next_ids, targets
 
 
-def head_loss(model: DeepseekV3ForCausalLM, hidden: torch.Tensor, targets: torch.Tensor,
+def head_loss(model: CausalLM, hidden: torch.Tensor, targets: torch.Tensor,
               head_dtype: torch.dtype | None = None) -> torch.Tensor:
     """CE of the LM head on `hidden`: fused and chunked (`linear_cross_entropy`) for a plain
     bias-free head, through the module (LoRA, quantized heads) otherwise."""
@@ -51,7 +51,7 @@ def head_loss(model: DeepseekV3ForCausalLM, hidden: torch.Tensor, targets: torch
     return F.cross_entropy(head(hidden).float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def pretrain_losses(model: DeepseekV3ForCausalLM, batch: PackedBatch, mtp_lambda: float = 0.0,
+def pretrain_losses(model: CausalLM, batch: PackedBatch, mtp_lambda: float = 0.0,
                     seq_aux_alpha: float = 0.0, moes: list[MoE] | None = None,
                     head_dtype: torch.dtype | None = None) -> Losses:
     """Forward one packed micro-batch (already on the model's device) and return its losses.
@@ -64,7 +64,7 @@ def pretrain_losses(model: DeepseekV3ForCausalLM, batch: PackedBatch, mtp_lambda
     hidden = model.hidden_states(ids, pos, AttentionContext.causal(doc_ids=docs))
     main = head_loss(model, hidden, labels, head_dtype)
     total, mtp = main, None
-    n_mtp = len(model.model.mtp)
+    n_mtp = model.num_mtp_layers
     if n_mtp:
         terms, h = [], hidden
         for k in range(n_mtp):
@@ -82,7 +82,7 @@ def pretrain_losses(model: DeepseekV3ForCausalLM, batch: PackedBatch, mtp_lambda
 
 
 @torch.no_grad()
-def heldout_loss(model: DeepseekV3ForCausalLM, batches, device: torch.device, autocast) -> tuple[float, int]:
+def heldout_loss(model: CausalLM, batches, device: torch.device, autocast) -> tuple[float, int]:
     """Mean next-token CE (nats/token) over `batches` and the number of scored tokens."""
     total, count = 0.0, 0
     for batch in batches:

@@ -25,7 +25,8 @@ from dsv3.config import ModelConfig
 from dsv3.models.context_length import TRAINED_KEY
 from dsv3.data import DataError, DataMix, FIMTokens, PackedDataset, TokenShards, load_manifest
 from dsv3.data.builder import load_tokenizer
-from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3.models.interface import CausalLM
+from dsv3.models.registry import family
 from dsv3.train.balance import load_stats, moe_layers, track_load, update_bias
 from dsv3.train.config import PretrainConfig, PretrainConfigError
 from dsv3.train.distributed import DataParallel
@@ -109,7 +110,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     mc = model_config(cfg, manifest, tokenizer_dir)
     torch.manual_seed(cfg.seed)
-    model = DeepseekV3ForCausalLM(mc)
+    model = family(mc.model_type).model_class()(mc)
     model.init_weights(cfg.init_std)
     if cfg.init_from:
         init_weights_from(model, cfg.init_from)
@@ -221,12 +222,12 @@ def mix_shards(path: str, manifest: dict) -> TokenShards:
     return TokenShards(path, "train")
 
 
-def init_weights_from(model: DeepseekV3ForCausalLM, model_dir: str) -> None:
+def init_weights_from(model: CausalLM, model_dir: str) -> None:
     """Start from the weights (router biases and MTP modules included) of an HF-layout model directory."""
-    from dsv3.io.checkpoint import load_model
+    from dsv3.io.load import load_model
     from dsv3.errors import CheckpointError
 
-    src = load_model(model_dir, dtype=torch.float32, with_mtp=bool(model.model.mtp), progress=False)
+    src = load_model(model_dir, dtype=torch.float32, with_mtp=bool(model.num_mtp_layers), progress=False)
     theirs, ours = src.state_dict(), model.state_dict()
     wrong = [n for n, t in theirs.items() if n in ours and t.shape != ours[n].shape]
     if wrong:
@@ -238,11 +239,11 @@ def init_weights_from(model: DeepseekV3ForCausalLM, model_dir: str) -> None:
                               f"missing {', '.join(missing[:3]) or 'nothing'}; unexpected {', '.join(unexpected[:3]) or 'nothing'}.")
 
 
-def mtp_count(model: DeepseekV3ForCausalLM) -> int:
-    return len(model.model.mtp)
+def mtp_count(model: CausalLM) -> int:
+    return model.num_mtp_layers
 
 
-def save_final(model: DeepseekV3ForCausalLM, cfg: PretrainConfig, out: Path, tokenizer_dir: str) -> Path:
+def save_final(model: CausalLM, cfg: PretrainConfig, out: Path, tokenizer_dir: str) -> Path:
     """`OUT/final`: an HF-layout model directory (with tokenizer and the training config) for `dsv3 generate`."""
     model = model.to("cpu")
     if cfg.save_dtype == "bfloat16":

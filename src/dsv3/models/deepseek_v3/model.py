@@ -90,7 +90,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     def cache_specs(self) -> list[CacheSpec]:
         """What each attention layer caches per token, the MTP layers' after the main ones: MLA's latent."""
         cfg = self.config
-        return [mla_latent(cfg.kv_lora_rank, cfg.qk_rope_head_dim)] * (cfg.num_hidden_layers + len(self.model.mtp))
+        return [mla_latent(cfg.kv_lora_rank, cfg.qk_rope_head_dim)] * (cfg.num_hidden_layers + self.num_mtp_layers)
 
     def native_model(self) -> NativeModel | None:
         """What a native whole decode step reads (`dsv3.ops.decode_step`), or None when a part has no native form."""
@@ -108,6 +108,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         out = super()._apply(fn, recurse)
         ops.invalidate(self)
         return out
+
+    @property
+    def num_mtp_layers(self) -> int:
+        return len(self.model.mtp)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,37 @@
+"""`ModelFamily`: what a model family brings to dsv3 (see `dsv3.models.registry`)."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+
+def _resolve(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One model family. `model` and `parallelize` are "module:attr" references, `weights_module` a module's name."""
+
+    model_type: str
+    architecture: str  # what config.json's `architectures` says when dsv3 writes it
+    model: str  # the causal LM class: cls(config, with_mtp=True)
+    weights_module: str  # map_name(name, cfg, with_mtp), pieces(param, cfg), mtp_probe(cfg)
+    parallelize: str  # (model, ParallelConfig) -> model with this rank's shards swapped in
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # config.json fields filled in where silent
+    lora_targets: tuple[str, ...] = ()  # modules LoRA adapts by default
+    routed_lora_targets: tuple[str, ...] = ()  # the routed experts' projections LoRA may adapt
+
+    def model_class(self) -> Callable[..., Any]:
+        return _resolve(self.model)
+
+    def weights(self) -> Any:
+        """The checkpoint-names module: map_name(name, cfg, with_mtp) -> (parameter, index) | None, pieces(param,
+        cfg) -> how many checkpoint tensors fill a parameter, mtp_probe(cfg) -> a tensor only MTP checkpoints hold."""
+        return importlib.import_module(self.weights_module)
+
+    def shard(self) -> Callable[..., Any]:
+        return _resolve(self.parallelize)

@@ -132,3 +132,40 @@ def test_a_new_family_is_one_registration(toy_family, tmp_path):
     engine = LLMEngine(loaded, Tokenizer.from_dir(tmp_path / "toy"), EngineConfig(max_model_len=64))
     out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 5 and TINY["model_type"] == "deepseek_v3"
+
+
+def test_a_served_request_is_checked_once(tmp_path, monkeypatch):
+    """The server admits (checks) a request once; the async front and the engine queue the `EngineRequest` it
+    got as it is. An `EngineRequest` made by another engine is checked again (its vocabulary may differ)."""
+    import dsv3.engine.llm_engine as engine_mod
+    from dsv3.engine.outputs import EngineRequest
+    from dsv3.engine.sampling import SamplingParams
+    from serve_harness import client, serve, tiny_loader
+    from tiny_model import make_tiny_model_dir
+
+    calls = []
+    real = engine_mod.LLMEngine.validate
+
+    def counting(self, prompt, params):
+        calls.append(prompt)
+        return real(self, prompt, params)
+
+    monkeypatch.setattr(engine_mod.LLMEngine, "validate", counting)
+    model_dir = make_tiny_model_dir(tmp_path / "m")
+    with serve(model_dir) as s, client(s) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert r.status_code == 200 and len(calls) == 1
+        r = c.post("/v1/completions", json={"prompt": ["def f", "class A"], "max_tokens": 3, "stream": True})
+        assert r.status_code == 200 and "[DONE]" in r.text and len(calls) == 3  # one per prompt
+        served = s.engine.validate([5, 6, 7], SamplingParams(max_tokens=3))
+    assert isinstance(served, EngineRequest) and served.prompt_ids == (5, 6, 7) and served.max_new_tokens == 3
+    other, _ = tiny_loader(model_dir)()
+    calls.clear()
+    other.add_request("same", other.validate([5, 6, 7], SamplingParams(max_tokens=3)))
+    assert len(calls) == 1  # queued as checked
+    other.add_request("from-the-server", served)
+    assert len(calls) == 2  # another engine's request: checked again
+    foreign = EngineRequest(None, (5, 6, 10 ** 9), SamplingParams(max_tokens=3), 3, checked_by=s.engine)
+    with pytest.raises(ValueError, match="must be in"):
+        other.add_request("foreign", foreign)
+    assert "foreign" not in other.requests and other.generate([[8, 9]], SamplingParams(max_tokens=2))[0].finished

@@ -21,7 +21,7 @@ import threading
 from typing import Any, AsyncIterator
 
 from dsv3.engine.llm_engine import EngineDeadError, LLMEngine, RequestFailedError
-from dsv3.engine.outputs import RequestOutput
+from dsv3.engine.outputs import EngineRequest, PromptType, RequestOutput
 from dsv3.engine.sampling import SamplingParams
 
 log = logging.getLogger("dsv3.engine")
@@ -60,9 +60,9 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if op == "add":
-                request_id, prompt, params, kwargs = arg
+                request_id, request, kwargs = arg
                 try:
-                    self.engine.add_request(request_id, prompt, params, **kwargs)
+                    self.engine.add_request(request_id, request, **kwargs)
                 except Exception as e:  # validated already; a late failure still reaches its stream
                     q = self._queues.get(request_id)
                     if q is not None:
@@ -98,18 +98,22 @@ class AsyncLLMEngine:
                 if q is not None:
                     self._loop.call_soon_threadsafe(q.put_nowait, out)
 
-    async def generate(self, prompt: str | list[int] | dict[str, Any], params: SamplingParams, request_id: str,
+    async def generate(self, prompt: PromptType | EngineRequest, params: SamplingParams | None, request_id: str,
                        **kwargs: Any) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative outputs for one request until it finishes; validation errors raise before any yield."""
+        """Yield cumulative outputs for one request until it finishes; validation errors raise before any yield.
+
+        `prompt` may be an `EngineRequest` from `engine.validate` (then `params` is None): it is queued
+        without being checked again.
+        """
         self.start()
         if self.errored is not None:
             raise RuntimeError("the engine has stopped after an error")
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.engine.validate(prompt, params)  # raises before anything is queued
+        request = self.engine.checked(prompt, params)  # raises before anything is queued
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
-        self._inbox.put(("add", (request_id, prompt, params, kwargs)))
+        self._inbox.put(("add", (request_id, request, kwargs)))
         self._wake.set()
         finished = False
         try:

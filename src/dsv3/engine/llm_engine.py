@@ -16,7 +16,6 @@ import logging
 import zlib
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -28,7 +27,8 @@ from dsv3.engine.scheduler import Scheduler
 from dsv3.engine.sequence import Sequence, SequenceStatus
 from dsv3.engine.speculative import MTPDrafter, verify
 from dsv3.errors import DSV3Error
-from dsv3.engine.outputs import CompletionOutput, RequestError, RequestOutput, check_prompt_ids
+from dsv3.engine.outputs import (CompletionOutput, EngineRequest, PromptType, RequestError, RequestOutput,
+                                 check_prompt_ids)
 from dsv3.models.interface import CausalLM
 from dsv3.engine.output import OutputTracker
 from dsv3.engine.sampling import SamplingParams, apply_penalties, sample
@@ -111,8 +111,8 @@ class LLMEngine:
         self._seq_ids = itertools.count()
 
     # ---- requests -----------------------------------------------------------------------
-    def validate(self, prompt: str | list[int] | dict[str, Any], params: SamplingParams) -> tuple[str | None, list[int], int]:
-        """Check a request without queueing it: (prompt text, prompt ids, max new tokens) or `RequestError`."""
+    def validate(self, prompt: PromptType, params: SamplingParams) -> EngineRequest:
+        """Check a request without queueing it: tokenized, in the vocabulary, within the context; else `RequestError`."""
         if not isinstance(params, SamplingParams):
             raise RequestError("params must be a SamplingParams")
         text, ids = self._encode(prompt)
@@ -125,20 +125,29 @@ class LLMEngine:
         if params.n > self.config.max_num_seqs:
             raise RequestError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         budget = self.max_model_len - len(ids)
-        return text, ids, min(params.max_tokens or budget, budget)
+        return EngineRequest(text, tuple(ids), params, min(params.max_tokens or budget, budget), checked_by=self)
 
-    def add_request(self, request_id: str, prompt: str | list[int] | dict[str, Any], params: SamplingParams | None = None,
+    def checked(self, prompt: PromptType | EngineRequest, params: SamplingParams | None = None) -> EngineRequest:
+        """`prompt` as a checked request: an `EngineRequest` this engine made is taken as it is."""
+        if isinstance(prompt, EngineRequest):
+            if params is not None and params is not prompt.params:
+                raise RequestError("pass the SamplingParams inside the EngineRequest, not beside it")
+            return prompt if prompt.checked_by is self else self.validate(list(prompt.prompt_ids), prompt.params)
+        return self.validate(prompt, params or SamplingParams())
+
+    def add_request(self, request_id: str, prompt: PromptType | EngineRequest, params: SamplingParams | None = None,
                     adapter_id: int = 0, cache_salt: str | None = None, arrival_time: float | None = None) -> None:
-        """Validate and queue a request; raises `RequestError` (a ValueError) before scheduling anything.
+        """Queue a request (checked here unless it is an `EngineRequest` from `validate`); raises `RequestError`
+        (a ValueError) before scheduling anything.
 
         adapter_id: 0 = the base model, k = the k-th of `lora_adapters` (see `adapter_id()`).
         """
-        params = params or SamplingParams()
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         if not isinstance(adapter_id, int) or not 0 <= adapter_id <= len(self.adapter_names):
             raise RequestError(f"adapter id {adapter_id!r} is not loaded (this engine has {len(self.adapter_names)} adapters)")
-        text, ids, max_new = self.validate(prompt, params)
+        req = self.checked(prompt, params)
+        params, ids = req.params, list(req.prompt_ids)
         now = arrival_time if arrival_time is not None else time.monotonic()
         seqs = []
         for i in range(params.n):
@@ -148,10 +157,11 @@ class LLMEngine:
                 gen.manual_seed((params.seed + i) % (1 << 64) if params.seed is not None and params.seed + i >= 1 << 64
                                 else params.seed + i if params.seed is not None else zlib.crc32(f"{self.config.seed}:{request_id}:{i}".encode()))
             seq = Sequence(next(self._seq_ids), request_id, i, list(ids), len(ids), params,
-                           OutputTracker(self.tokenizer, ids, params, self.eos_ids, max_new), gen, adapter_id, cache_salt, now)
+                           OutputTracker(self.tokenizer, ids, params, self.eos_ids, req.max_new_tokens), gen, adapter_id,
+                           cache_salt, now)
             seqs.append(seq)
             self.scheduler.add(seq)
-        self.requests[request_id] = _Request(request_id, text, list(ids), seqs, now)
+        self.requests[request_id] = _Request(request_id, req.prompt, ids, seqs, now)
         self.stats["prompt_tokens"] += len(ids)
 
     def adapter_id(self, name: str | None) -> int:
@@ -162,7 +172,7 @@ class LLMEngine:
             raise RequestError(f"LoRA adapter {name!r} is not loaded (loaded: {', '.join(self.adapter_names) or 'none'})")
         return self.adapter_names.index(name) + 1
 
-    def _encode(self, prompt: str | list[int] | dict[str, Any]) -> tuple[str | None, list[int]]:
+    def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and isinstance(prompt.get("prompt_token_ids"), list):
@@ -376,7 +386,7 @@ class LLMEngine:
                              req.error, req.error_is_input)
 
     # ---- offline convenience ------------------------------------------------------------
-    def generate(self, prompts: list[Any], params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts: list[PromptType], params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False, adapter: str | list[str | None] | None = None) -> list[RequestOutput]:
         """Run prompts to completion; `adapter` names a LoRA adapter for all prompts or one per prompt."""
         from tqdm.auto import tqdm
@@ -385,11 +395,10 @@ class LLMEngine:
         adapters = [self.adapter_id(a) for a in (adapter if isinstance(adapter, list) else [adapter] * len(prompts))]
         if len(adapters) != len(prompts):
             raise RequestError(f"{len(adapters)} adapter names were given for {len(prompts)} prompts")
-        for p, sp in zip(prompts, plist):
-            self.validate(p, sp)  # all or nothing: reject before any request is queued
+        reqs = [self.validate(p, sp) for p, sp in zip(prompts, plist)]  # all or nothing: reject before queueing
         ids = [f"gen-{next(self._seq_ids)}" for _ in prompts]
-        for rid, p, sp, a in zip(ids, prompts, plist, adapters):
-            self.add_request(rid, p, sp, adapter_id=a)
+        for rid, req, a in zip(ids, reqs, adapters):
+            self.add_request(rid, req, adapter_id=a)
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(prompts), desc="generating", disable=not use_tqdm)
         while self.has_unfinished_requests():

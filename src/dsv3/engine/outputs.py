@@ -6,8 +6,12 @@ vLLM's shapes, so code written against vLLM's offline API reads these the same w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Union
 
+from dsv3.engine.sampling import SamplingParams
 from dsv3.errors import DSV3Error
+
+PromptType = Union[str, list[int], dict[str, Any]]  # text, token ids, or {"prompt_token_ids": [...]}
 
 
 class RequestError(DSV3Error, ValueError):
@@ -22,6 +26,23 @@ def check_prompt_ids(prompt_ids: list[int], vocab_size: int, max_model_len: int)
         raise RequestError(f"the prompt has {len(prompt_ids)} tokens; max_model_len is {max_model_len}")
     if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
         raise RequestError(f"prompt token ids must be in [0, {vocab_size})")
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request one engine has checked (`LLMEngine.validate`): queued as it is, never checked again.
+
+    The server validates when it admits a request (so a bad one gets its 400 before anything is
+    reserved) and hands this object on; the async front and `add_request` take it without a second
+    tokenization or check. An `EngineRequest` from another engine (other vocabulary, other context
+    length) is checked again.
+    """
+
+    prompt: str | None  # the text, when the prompt was given as text
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    max_new_tokens: int  # max_tokens, or what the context leaves
+    checked_by: object = field(default=None, repr=False, compare=False)
 
 
 @dataclass

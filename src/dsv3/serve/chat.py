@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
+from dsv3.engine.outputs import EngineRequest
 from dsv3.serve.errors import APIError
 from dsv3.serve.generation import (admit, cache_lookup, chat_logprobs, check_grammar_params, encode, finish_reason,
                                    generate, new_id, sampling_params, truncate, usage)
@@ -92,21 +93,20 @@ def register(app: FastAPI, st: ServerState) -> None:
             return Response(hit, media_type="application/json", headers={"x-dsv3-cache": "hit"})
         text = st.tokenizer.apply_chat_template(_messages(req, with_tools), add_generation_prompt=True)
         ids = await encode(st, text, add_special_tokens=False, param="messages", fit=not req.truncate_prompt_tokens)
-        prompt = {"prompt_token_ids": truncate(st, req, ids)}
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = req.top_logprobs or 0
         params = sampling_params(req, max_tokens, top if req.logprobs else None)
-        ids = admit(st, prompt, params, max_tokens)
+        request = admit(st, truncate(st, req, ids), params, max_tokens)
         st.reserve(info, 1)
         params.logits_processors = await _processors(st, req, grammar_spec)  # compiling a grammar comes last: it costs most
-        info["prompt_tokens"] = len(ids)
+        n_prompt = info["prompt_tokens"] = len(request.prompt_ids)
         rid, created = new_id("chatcmpl"), int(time.time())
         head = {"id": rid, "created": created, "model": model, "system_fingerprint": None}
         if req.stream:
-            return StreamingResponse(_stream(st, req, info, prompt, params, head, with_tools, len(ids)),
+            return StreamingResponse(_stream(st, req, info, request, head, with_tools),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})
         final = None
-        async for out in generate(st, prompt, params, rid, model, info):
+        async for out in generate(st, request, rid, model, info):
             final = out
         choices = []
         for o in final.outputs:
@@ -115,15 +115,15 @@ def register(app: FastAPI, st: ServerState) -> None:
                             "logprobs": chat_logprobs(st.tokenizer, o, top) if req.logprobs else None, "finish_reason": fr})
         n_out = sum(len(o.token_ids) for o in final.outputs)
         info["completion_tokens"] = n_out
-        body = await json_body({**head, "object": "chat.completion", "choices": choices, "usage": usage(len(ids), n_out)},
+        body = await json_body({**head, "object": "chat.completion", "choices": choices, "usage": usage(n_prompt, n_out)},
                                n_out * (1 + top) if req.logprobs else 0)
         if key is not None:
             st.cache.put(key, body)
         return Response(body, media_type="application/json", headers={"x-dsv3-cache": "miss"} if key else None)
 
 
-async def _stream(st: ServerState, req: ChatCompletionRequest, info: dict, prompt: Any, params: Any, head: dict,
-                  with_tools: bool, n_prompt: int):
+async def _stream(st: ServerState, req: ChatCompletionRequest, info: dict, request: EngineRequest, head: dict,
+                  with_tools: bool):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     top = req.top_logprobs or 0
 
@@ -134,13 +134,13 @@ async def _stream(st: ServerState, req: ChatCompletionRequest, info: dict, promp
         return sse(body)
 
     marker = st.tokenizer.token_to_id(CALLS_BEGIN)
-    n = params.n
+    n, n_prompt = request.params.n, len(request.prompt_ids)
     sent_chars, sent_toks, done = [0] * n, [0] * n, [False] * n
     last = None
     try:
         for i in range(n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-        async for out in with_keepalive(generate(st, prompt, params, head["id"], head["model"], info), st.config.keepalive_s):
+        async for out in with_keepalive(generate(st, request, head["id"], head["model"], info), st.config.keepalive_s):
             if out is None:
                 yield KEEPALIVE
                 continue

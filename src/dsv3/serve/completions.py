@@ -78,8 +78,7 @@ def register(app: FastAPI, st: ServerState) -> None:
             raise APIError(400, f"'prompt' holds {len(prompts)} prompts; the server queues at most "
                                 f"{st.config.max_queue} at once (--max-queue): split the batch", param="prompt")
         params_list = [sampling_params(req, req.max_tokens, req.logprobs) for _ in prompts]
-        for ids, params in zip(prompts, params_list):
-            admit(st, {"prompt_token_ids": ids}, params, req.max_tokens)
+        requests = [admit(st, ids, params, req.max_tokens) for ids, params in zip(prompts, params_list)]
         st.reserve(info, len(prompts), param="prompt")
         backend = compiled = None
         if spec is not None:  # compiling comes last: it costs most
@@ -91,8 +90,7 @@ def register(app: FastAPI, st: ServerState) -> None:
         rid, created = new_id("cmpl"), int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None}
         echo = [st.tokenizer.decode(p) if req.echo else "" for p in prompts]
-        runs = [generate(st, {"prompt_token_ids": ids}, params, f"{rid}-{k}", model, info)
-                for k, (ids, params) in enumerate(zip(prompts, params_list))]
+        runs = [generate(st, request, f"{rid}-{k}", model, info) for k, request in enumerate(requests)]
         if req.stream:
             return StreamingResponse(_stream(st, req, info, runs, prompts, echo, head), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 
 from dsv3.engine.llm_engine import RequestFailedError
 from dsv3.errors import DSV3Error
-from dsv3.engine.outputs import RequestOutput
+from dsv3.engine.outputs import EngineRequest, RequestOutput
 from dsv3.engine.sampling import SamplingParams
 from dsv3.serve.errors import APIError
 from dsv3.serve.state import ServerState
@@ -74,28 +74,29 @@ def check_grammar_params(req: Any) -> None:
                             "the output ends when the grammar is complete", param="min_tokens")
 
 
-def admit(st: ServerState, prompt: Any, params: SamplingParams, requested_max: int | None) -> list[int]:
-    """Validate against the engine (prompt length, ids, n, stop ids); returns the prompt's token ids."""
+def admit(st: ServerState, prompt: list[int], params: SamplingParams, requested_max: int | None) -> EngineRequest:
+    """Check a prompt's token ids and parameters against the engine (length, ids, n, stop ids), once: the
+    `EngineRequest` returned is what `generate` queues."""
     try:
-        _, ids, _ = st.engine.validate(prompt, params)
+        request = st.engine.validate(prompt, params)
     except DSV3Error as e:
         msg = str(e)
         param = "prompt" if "prompt" in msg else "stop_token_ids" if "stop_token_ids" in msg else "n" if "n=" in msg else None
         raise APIError(400, msg, param=param) from None
-    limit = st.engine.max_model_len
-    if requested_max is not None and len(ids) + requested_max > limit:
-        raise APIError(400, f"max_tokens={requested_max} plus the prompt's {len(ids)} tokens exceeds the "
+    limit, n_prompt = st.engine.max_model_len, len(request.prompt_ids)
+    if requested_max is not None and n_prompt + requested_max > limit:
+        raise APIError(400, f"max_tokens={requested_max} plus the prompt's {n_prompt} tokens exceeds the "
                             f"model's context length of {limit} tokens", param="max_tokens")
-    return ids
+    return request
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-async def generate(st: ServerState, prompt: Any, params: SamplingParams, rid: str, model: str | None = None,
+async def generate(st: ServerState, request: EngineRequest, rid: str, model: str | None = None,
                    info: dict | None = None) -> AsyncIterator[RequestOutput]:
-    """Run one admitted prompt on the engine with latency metrics; `model` picks a LoRA adapter.
+    """Run one admitted request on the engine with latency metrics; `model` picks a LoRA adapter.
 
     `info["completion_tokens"]` follows every token generated (summed over a request's prompts), so what
     a client was sent is charged to its rate limit even if it disconnects before the end.
@@ -105,7 +106,7 @@ async def generate(st: ServerState, prompt: Any, params: SamplingParams, rid: st
     counts = info.setdefault("generated", {}) if info is not None else {}
     try:
         adapter = st.adapter_id(model)
-        async for out in st.front.generate(prompt, params, rid, **({"adapter_id": adapter} if adapter else {})):
+        async for out in st.front.generate(request, None, rid, **({"adapter_id": adapter} if adapter else {})):
             now = time.monotonic()
             n_tok = sum(len(o.token_ids) for o in out.outputs)
             if n_tok > produced:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from dsv3.serve.audit import AuditLog
 from dsv3.serve.auth import APIKeys
@@ -17,6 +17,13 @@ from dsv3.serve.cache import ResponseCache
 from dsv3.serve.errors import APIError
 from dsv3.serve.ratelimit import RateLimiter
 from dsv3.serve.structured import GrammarLimits
+
+if TYPE_CHECKING:  # the engine and tokenizer arrive when the model has loaded; the server starts without them
+    from dsv3.engine.async_engine import AsyncLLMEngine
+    from dsv3.engine.llm_engine import LLMEngine
+    from dsv3.io.tokenizer import Tokenizer
+    from dsv3.serve.metrics import Metrics
+    from dsv3.serve.structured import GrammarBackend
 
 
 @dataclass
@@ -42,14 +49,14 @@ class ServeConfig:
 class ServerState:
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.engine: Any = None
-        self.front: Any = None
-        self.tokenizer: Any = None
+        self.engine: LLMEngine | None = None
+        self.front: AsyncLLMEngine | None = None
+        self.tokenizer: Tokenizer | None = None
         self.load_error: BaseException | None = None
         self.inflight = 0
-        self._grammar: Any = None
+        self._grammar: GrammarBackend | None = None
         self._grammar_lock: asyncio.Lock | None = None
-        self.metrics: Any = None
+        self.metrics: Metrics | None = None
 
     @property
     def cache(self) -> ResponseCache | None:
@@ -79,7 +86,7 @@ class ServerState:
         names = self.config.lora_names
         return names.index(model) + 1 if model in names else 0
 
-    async def grammar(self) -> Any:
+    async def grammar(self) -> GrammarBackend:
         """The grammar backend, built on first use in a worker thread (a large vocabulary takes a while)."""
         if self._grammar is None:
             from dsv3.serve.structured import GrammarBackend

@@ -43,7 +43,7 @@ class Generator:
             gen.manual_seed(seed if seed is not None else (params.seed if params.seed is not None else torch.seed()))
         eos = set(self.tokenizer.stop_token_ids) | set(cfg.eos_token_ids)
         out = OutputTracker(self.tokenizer, prompt_ids, params, eos, max_new)
-        cache = DenseLatentCache(cfg.num_hidden_layers, 1, len(prompt_ids) + max_new, cfg.latent_dim, self.model.dtype, dev)
+        cache = DenseLatentCache.for_model(self.model, 1, len(prompt_ids) + max_new)
         logits = self.model(torch.tensor([prompt_ids], device=dev), None, cache)[:, -1].float()
         penalties = params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty
         seen = torch.zeros(1, cfg.vocab_size, dtype=torch.bool, device=dev)

@@ -25,7 +25,7 @@ def forward_both(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Full-sequence logits (expanded MLA) and a prefill + absorbed single-token decode."""
     with torch.inference_mode():
         full = model(ids).float()
-        cache = DenseLatentCache(len(model.model.layers), ids.shape[0], ids.shape[1], model.config.latent_dim, torch.float32, impl="absorb")
+        cache = DenseLatentCache.for_model(model, ids.shape[0], ids.shape[1], impl="absorb")
         model(ids[:, :-1], ctx=cache)
         cache.impl = "absorb"
         last = model(ids[:, -1:], ctx=cache).float()
@@ -87,18 +87,40 @@ def v3_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def v32_dir(tmp_path_factory) -> Path:
+    """DeepSeek-V3.2 (DSA): the indexer is replicated on every rank, so every rank keeps the same tokens."""
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+
+    from test_deepseek_v32 import HF_V32
+
+    torch.manual_seed(0)
+    hf = DeepseekV32ForCausalLM(DeepseekV32Config(**{**HF_V32, "vocab_size": 320, "index_topk": 4}))
+    with torch.no_grad():
+        for _, p in hf.named_parameters():
+            p.normal_(0, 0.1 if p.dim() > 1 else 0.5)
+    d = tmp_path_factory.mktemp("hf") / "v32_dsa"
+    hf.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
 def reference(v3_dir):
     return single(v3_dir)
 
 
 @pytest.fixture(scope="module")
-def parallel_results(v3_dir, tmp_path_factory):
-    return spawn([v3_dir], tmp_path_factory.mktemp("out"))
+def parallel_results(v3_dir, v32_dir, tmp_path_factory):
+    return spawn([v3_dir, v32_dir], tmp_path_factory.mktemp("out"))
 
 
 @pytest.mark.parametrize("tp,ep", LAYOUTS)
 def test_logits_match_one_process(v3_dir, reference, parallel_results, tp, ep):
     check_logits(v3_dir, reference[0], parallel_results, tp, ep)
+
+
+@pytest.mark.parametrize("tp,ep", LAYOUTS)
+def test_sparse_attention_logits_match_one_process(v32_dir, parallel_results, tp, ep):
+    check_logits(v32_dir, single(v32_dir)[0], parallel_results, tp, ep)
 
 
 @pytest.mark.parametrize("tp,ep", LAYOUTS)

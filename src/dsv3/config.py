@@ -85,6 +85,11 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 1
     pad_token_id: int | None = None
     initializer_range: float = 0.02
+    # DeepSeek Sparse Attention (V3.2): 0 = dense MLA
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
+    index_fp8: bool = False  # round indexer q/k to FP8 as the reference inference code does (default: fp32)
     torch_dtype: str | None = None
     quantization_config: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -151,6 +156,11 @@ class ModelConfig:
         else:
             out["rope_scaling"] = None
         out.pop("rope_parameters", None)
+        if not self.index_topk:  # dense MLA: no DSA fields (other families' configs do not have them)
+            for k in ("index_n_heads", "index_head_dim", "index_topk", "index_fp8"):
+                out.pop(k)
+        elif not self.index_fp8:
+            out.pop("index_fp8")
         out["architectures"] = [family(self.model_type).architecture]
         if out["quantization_config"] is None:
             del out["quantization_config"]
@@ -237,7 +247,8 @@ def parse_config(cls, raw: dict[str, Any]):
     if not isinstance(raw, dict):
         raise ConfigError("config.json must contain a JSON object")
     mt = raw.get("model_type")
-    fam = family(mt).defaults  # the family's fields where config.json is silent (HF writes them all)
+    fam_spec = family(mt)
+    fam = fam_spec.defaults  # the family's fields where config.json is silent (HF writes them all)
     for key in REQUIRED:
         if key not in raw or raw[key] is None:
             raise ConfigError(f"config.json: required field '{key}' is missing")
@@ -306,6 +317,7 @@ def parse_config(cls, raw: dict[str, Any]):
     for k in ("bos_token_id", "pad_token_id"):
         if kw[k] is not None and (isinstance(kw[k], bool) or not isinstance(kw[k], int)):
             raise ConfigError(f"config.json: field '{k}' must be an integer or null")
+    fam_spec.parse_extra(raw, kw)
     known = {f.name for f in dataclasses.fields(cls)} | {"rope_parameters", "dtype", "num_mtp_layers", "architectures", "transformers_version"}
     kw["extra"] = {k: v for k, v in raw.items() if k not in known}
     return cls(**kw)

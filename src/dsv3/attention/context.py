@@ -27,6 +27,15 @@ from dsv3.attention.metadata import StepMetadata
 from dsv3.attention.spec import CacheSpec
 
 
+class IndexQuery(NamedTuple):
+    """A DSA layer's indexer output for this step (`dsv3.layers.indexer`): queries q [B, T, Hi, Di], head weights
+    w [B, T, Hi] (scales folded in), this step's keys [B, T, Di], and how many past tokens each query keeps."""
+    q: torch.Tensor
+    weights: torch.Tensor
+    keys: torch.Tensor
+    topk: int
+
+
 class NativeKeys(NamedTuple):
     """Where a step's entries go and which ones each token attends to, as the native MLA kernel reads them."""
     cache: torch.Tensor         # [slots, width] fp32, contiguous (one layer)
@@ -64,9 +73,17 @@ class AttentionContext:
     def end_step(self) -> None:
         """Called by the model after all layers ran."""
 
-    def attend(self, layer: Any, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """MLA attention for queries q_* [B, T, H, *] and this step's latents [B, T, W] -> [B, T, H, dv]."""
-        return self.backend.expanded(layer, q_nope, q_pe, latent, self.mask)
+    def attend(self, layer: Any, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+               index: IndexQuery | None = None) -> torch.Tensor:
+        """MLA attention for queries q_* [B, T, H, *] and this step's latents [B, T, W] -> [B, T, H, dv]; with
+        `index` (DSA), each query attends only to the top-k of the keys it may see."""
+        if index is None:
+            return self.backend.expanded(layer, q_nope, q_pe, latent, self.mask)
+        T = latent.shape[1]
+        valid = self.mask[:, 0] if self.mask is not None else \
+            torch.ones(T, T, dtype=torch.bool, device=latent.device).tril()[None]
+        sel = self.backend.sparse_mask(index.q, index.weights, index.keys, valid, index.topk)
+        return self.backend.expanded(layer, q_nope, q_pe, latent, sel[:, None])
 
     def native_keys(self, layer_idx: int) -> NativeKeys | None:
         """The cache layout for the native MLA decode kernel this step, or None (no cache, or not a decode step)."""
@@ -96,6 +113,7 @@ class DenseLatentCache(AttentionContext):
         spec = spec or CacheSpec("latent", (latent_dim,))
         self.cache = KVCache([spec] * num_layers, batch * max_len, dtype, device)
         self.kv = self.cache.data.view(num_layers, batch, max_len, spec.width)
+        self.index_keys = None if self.cache.index is None else self.cache.index.view(num_layers, batch, max_len, -1)
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.impl = impl
@@ -142,14 +160,26 @@ class DenseLatentCache(AttentionContext):
         self.length += self._step
         self._step = 0
 
-    def attend(self, layer: Any, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def for_model(cls, model: Any, batch: int, max_len: int, **kw: Any) -> "DenseLatentCache":
+        """A contiguous cache laid out by the model's cache specs (main layers and MTP modules)."""
+        specs = model.cache_specs()
+        return cls(len(specs), batch, max_len, specs[0].width, model.dtype, model.device, spec=specs[0], **kw)
+
+    def attend(self, layer: Any, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+               index: IndexQuery | None = None) -> torch.Tensor:
         L, T = self.length, latent.shape[1]
         i = layer.layer_idx
         self.kv[i, :, L:L + T] = latent
         kv = self.kv[i, :, : L + T]
+        mask = self.mask
+        if index is not None:
+            self.index_keys[i, :, L:L + T] = index.keys
+            sel = self.backend.sparse_mask(index.q, index.weights, self.index_keys[i, :, : L + T], mask[:, 0], index.topk)
+            mask = sel[:, None]
         if self.impl == "absorb" or (self.impl == "auto" and T == 1):
-            return self.backend.absorbed(layer, q_nope, q_pe, kv, self.mask)
-        return self.backend.expanded(layer, q_nope, q_pe, kv, self.mask)
+            return self.backend.absorbed(layer, q_nope, q_pe, kv, mask)
+        return self.backend.expanded(layer, q_nope, q_pe, kv, mask)
 
     def _native_layout(self) -> tuple | None:
         L, T = self.length, self._step
@@ -184,23 +214,35 @@ class PagedContext(AttentionContext):
         self.cache, self.meta = cache, meta
         self._native = meta.native_layout() if cache.native() is not None else None
 
-    def attend(self, layer: Any, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        m, i = self.meta, layer.layer_idx
+    def attend(self, layer: Any, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+               index: IndexQuery | None = None) -> torch.Tensor:
+        m, i, be = self.meta, layer.layer_idx, self.backend
         self.cache.write(i, m.slot_mapping, latent[0])
+        if index is not None:
+            self.cache.write_index(i, m.slot_mapping, index.keys[0])
         out = q_nope.new_empty(q_nope.shape[1], layer.n_heads, layer.v_dim)
         if m.decode_tokens.numel():
             d = m.decode_tokens
-            kv = self.cache.read(i, m.decode_slots)  # [Bd, S, W]
-            out[d] = self.backend.absorbed(layer, q_nope[0, d, None], q_pe[0, d, None], kv, m.decode_mask,
-                                           m.decode_adapters)[:, 0]
+            slots, mask = m.decode_slots, m.decode_mask  # [Bd, S], [Bd, 1, 1, S]
+            if index is not None and slots.shape[1] > index.topk:
+                # DSA decode: score every past token by its index key, then read only the chosen tokens' entries
+                scores = be.index_scores(index.q[0, d, None], index.weights[0, d, None], self.cache.read_index(i, slots))
+                idx, ok = be.topk_select(scores, mask[:, 0], index.topk)  # [Bd, 1, k]
+                slots, mask = slots.gather(1, idx[:, 0]), ok[:, None]
+            kv = self.cache.read(i, slots)  # [Bd, S or k, W]
+            out[d] = be.absorbed(layer, q_nope[0, d, None], q_pe[0, d, None], kv, mask, m.decode_adapters)[:, 0]
         for p in m.prefills:
             kv = self.cache.read(i, p.context_slots)[None]
             n = p.token_slice.stop - p.token_slice.start
             mask = None
-            if p.start:
+            if p.start or index is not None:
                 mask = torch.ones(n, p.start + n, dtype=torch.bool, device=kv.device).tril(p.start)[None, None]
-            out[p.token_slice] = self.backend.expanded(layer, q_nope[:, p.token_slice], q_pe[:, p.token_slice], kv, mask,
-                                                       p.adapter)[0]
+            if index is not None:
+                ts = p.token_slice
+                mask = be.sparse_mask(index.q[:, ts], index.weights[:, ts], self.cache.read_index(i, p.context_slots)[None],
+                                      mask[:, 0], index.topk)[:, None]
+            out[p.token_slice] = be.expanded(layer, q_nope[:, p.token_slice], q_pe[:, p.token_slice], kv, mask,
+                                             p.adapter)[0]
         return out[None]
 
     def native_keys(self, layer_idx: int) -> NativeKeys | None:

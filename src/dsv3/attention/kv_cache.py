@@ -27,6 +27,11 @@ class KVCache:
                                 device=device)
         self.scales = torch.ones(len(specs), num_slots, len(self.parts), dtype=torch.float32, device=device) \
             if quantized else None
+        di = self.spec.index_dim  # DSA indexer keys: their own tensor (read for every past token, unlike entries)
+        self.index = torch.zeros(len(specs), num_slots, di, dtype=torch.int8 if quantized else dtype, device=device) \
+            if di else None
+        self.index_scales = torch.ones(len(specs), num_slots, 1, dtype=torch.float32, device=device) \
+            if di and quantized else None
 
     def bytes_per_token(self) -> int:
         return sum(s.bytes_per_token(self.dtype, self.quantized) for s in self.specs)
@@ -41,6 +46,21 @@ class KVCache:
         q = torch.cat([(p / scales[:, i:i + 1]).round().clamp(-127, 127) for i, p in enumerate(parts)], dim=-1)
         self.data[layer, slots] = q.to(torch.int8)
         self.scales[layer, slots] = scales
+
+    def write_index(self, layer: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """Indexer keys [N, index_dim] into `slots` [N] of `layer`."""
+        if not self.quantized:
+            self.index[layer, slots] = keys.to(self.dtype)
+            return
+        scale = keys.float().abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127.0
+        self.index[layer, slots] = (keys.float() / scale).round().clamp(-127, 127).to(torch.int8)
+        self.index_scales[layer, slots] = scale
+
+    def read_index(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """The indexer keys of `slots` (any shape) of `layer`: [..., index_dim]."""
+        if not self.quantized:
+            return self.index[layer, slots]
+        return (self.index[layer, slots].float() * self.index_scales[layer, slots]).to(self.dtype)
 
     def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """The entries of `slots` (any shape) of `layer`: [..., width] in the cache's compute dtype."""

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from dsv3 import ops
-from dsv3.attention.context import AttentionContext
+from dsv3.attention.context import AttentionContext, IndexQuery
 from dsv3.config import ModelConfig
+from dsv3.layers.indexer import Indexer
 from dsv3.layers.linear import Linear, dense_weight, native_form
 from dsv3.layers.norm import RMSNorm
 from dsv3.layers.rope import apply_rotary
@@ -44,9 +45,13 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
         self.kv_b_proj = Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim))
         self.o_proj = Linear(H * self.v_dim, D)
+        # DeepSeek Sparse Attention (V3.2): an indexer picks the past tokens each query attends to
+        self.indexer = Indexer(cfg) if cfg.index_topk else None
 
     def native_form(self) -> NativeMLA | None:
         """The whole layer for the native kernel: every projection native, fp32 norms and kv_b (dequantized if packed)."""
+        if self.indexer is not None:  # the native kernel attends densely
+            return None
         lowrank = self.q_lora_rank is not None
         q_a = native_form(self.q_a_proj) if lowrank else None
         q_b = native_form(self.q_b_proj if lowrank else self.q_proj)
@@ -73,14 +78,19 @@ class MLA(nn.Module):
                                    keys.key_mask)
                 if y is not None:
                     return y
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_resid = None if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_proj(x) if q_resid is None else self.q_b_proj(q_resid)
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         # the shared rotary key rides along as an extra head: one rotation for queries and key
         pe = apply_rotary(torch.cat([q_pe, k_pe[:, :, None]], dim=2), cos[:, :, None], sin[:, :, None])
         q_pe = pe[:, :, : self.n_heads]
         latent = torch.cat([self.kv_a_layernorm(c), pe[:, :, self.n_heads]], dim=-1)
-        out = ctx.attend(self, q_nope, q_pe, latent)
+        if self.indexer is not None:
+            iq, w, keys = self.indexer(x, q_resid, cos, sin)
+            out = ctx.attend(self, q_nope, q_pe, latent, IndexQuery(iq, w, keys, self.indexer.topk))
+        else:
+            out = ctx.attend(self, q_nope, q_pe, latent)
         return self.o_proj(out.flatten(2))
 
     def kv_b_weight(self, with_lora: bool = True) -> torch.Tensor:

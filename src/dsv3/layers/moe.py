@@ -150,10 +150,12 @@ def run_experts(experts: ExpertWeights, x: torch.Tensor, idx: torch.Tensor, weig
         groups = ExpertGroups(torch.bincount(local, minlength=experts.count))
         gate, up = experts.gate_up(x[token], groups).chunk(2, dim=-1)
         y = experts.down(F.silu(gate) * up, groups)
-        out = out.index_add(0, token, y.float() * weights.flatten()[pairs, None].float())
+        w = weights.flatten()[pairs, None]
+        y = y * w if y.dtype == torch.float32 and w.dtype == torch.float32 else y.float() * w.float()
+        out = out.index_add(0, token, y) if torch.is_grad_enabled() else out.index_add_(0, token, y)
     if sharded:
         out = experts.all_reduce(out)
-    return out.to(x.dtype)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 class Experts(nn.Module):

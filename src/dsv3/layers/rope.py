@@ -76,3 +76,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         x0, x1 = xf[..., 0], xf[..., 1]
         out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def apply_rotary_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., dr] in the half-split layout (pairs (x[i], x[i + dr/2])), as DeepSeek-V3.2's indexer does
+    while its MLA rotates interleaved pairs; cos/sin broadcast as [..., dr/2]."""
+    xf = x.float()
+    x0, x1 = xf.chunk(2, dim=-1)
+    out = torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return out if out.dtype == x.dtype else out.to(x.dtype)

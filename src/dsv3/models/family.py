@@ -24,6 +24,7 @@ class ModelFamily:
     defaults: Mapping[str, Any] = field(default_factory=dict)  # config.json fields filled in where silent
     lora_targets: tuple[str, ...] = ()  # modules LoRA adapts by default
     routed_lora_targets: tuple[str, ...] = ()  # the routed experts' projections LoRA may adapt
+    config_parser: str | None = None  # "module:fn", fn(raw config.json, fields so far): reads the family's own fields
 
     def model_class(self) -> Callable[..., Any]:
         return _resolve(self.model)
@@ -35,3 +36,9 @@ class ModelFamily:
 
     def shard(self) -> Callable[..., Any]:
         return _resolve(self.parallelize)
+
+    def parse_extra(self, raw: dict[str, Any], fields: dict[str, Any]) -> None:
+        """Let the family read and check the config.json fields only it has into `fields` (ModelConfig's keywords);
+        errors are one-line `ConfigError`s naming the field."""
+        if self.config_parser is not None:
+            _resolve(self.config_parser)(raw, fields)

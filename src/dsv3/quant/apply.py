@@ -3,7 +3,8 @@
 What is converted: every `nn.Linear` of the decoder layers and MTP modules (MLA projections, dense
 MLPs, shared experts, `eh_proj`) and every routed-expert stack; the LM head only on request.
 What is never converted: embeddings, norms and the fp32 router (`mlp.gate`, with its correction
-bias), because they are small and routing decisions are sensitive to them.
+bias) and DSA's indexer head weights (`indexer.weights_proj`, fp32 in the reference), because they are
+small and routing and top-k decisions are sensitive to them.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def quant_targets(model: nn.Module, include_lm_head: bool = False) -> list[tuple
     for name, m in model.named_modules():
         if not (name.startswith("model.layers.") or name.startswith("model.mtp.")):
             continue
-        if isinstance(m, (nn.Linear, Experts)):
-            out.append((name, m))
+        if isinstance(m, (nn.Linear, Experts)) and not name.endswith("indexer.weights_proj"):
+            out.append((name, m))  # (DSA's per-head weights stay in full precision, as the reference keeps them)
     if include_lm_head and not model.config.tie_word_embeddings:
         out.append(("lm_head", model.lm_head))
     return out
@@ -83,7 +84,7 @@ def quantization_config(method: str, fmt: Format, include_lm_head: bool | str, g
         return {"quant_method": "fp8", **fmt.config()}
     return {"quant_method": "dsv3", "format": fmt.name, **fmt.config(), **({"group_sizes": groups} if groups else {}),
             "calibration": "awq" if method == "awq" else "rtn", "lm_head": include_lm_head,
-            "modules_not_converted": ["model.embed_tokens", "*norm*", "*.mlp.gate"] + ([] if include_lm_head else ["lm_head"]),
+            "modules_not_converted": ["model.embed_tokens", "*norm*", "*.mlp.gate", "*.indexer.weights_proj"] + ([] if include_lm_head else ["lm_head"]),
             "version": 2 if groups else 1}
 
 

@@ -9,8 +9,8 @@ weights replaced by Q(W·diag(s))·diag(s)⁻¹. Then fold: the producer of the 
 the rows of the previous linear) is divided by s and the consumers' input columns multiplied by s,
 so the float model computes the same function.
 
-Groups in a V3 block: input_layernorm → [q_a_proj | q_proj, kv_a_proj_with_mqa]; q_a_layernorm →
-q_b_proj; kv_a_layernorm → kv_b_proj; value rows of kv_b_proj → o_proj (per head); post_attention_
+Groups in a V3 block: input_layernorm → [q_a_proj | q_proj, kv_a_proj_with_mqa (+ a V3.2 indexer's wk and
+weights_proj)]; q_a_layernorm → q_b_proj (+ the indexer's wq_b); kv_a_layernorm → kv_b_proj; value rows of kv_b_proj → o_proj (per head); post_attention_
 layernorm → dense gate/up, or → shared + all routed gate/up with the router's columns multiplied
 by s (it reads the same normed input, so its logits — hence routing — are unchanged); up rows →
 down per expert. A routed expert that no calibration token reaches is calibrated on *all* tokens
@@ -129,15 +129,17 @@ def _scale_attention(attn: nn.Module, norm: nn.Module, x: torch.Tensor, cos, sin
     def run() -> torch.Tensor:
         return attn(h, cos, sin, AttentionContext())
 
+    ix = getattr(attn, "indexer", None)  # DSA: the indexer reads the same normed input and compressed query
     first = [attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj, attn.kv_a_proj_with_mqa]
-    params = [m.weight for m in first]
+    params = [m.weight for m in first] + ([ix.wk.weight] if ix is not None else [])
     s = S.scale(h, params, run)
-    _fold(norm.weight, s, params)
+    _fold(norm.weight, s, params + ([ix.weights_proj.weight] if ix is not None else []))  # (kept fp32, still rescaled)
     h = norm(x)
     if attn.q_lora_rank is not None:
         qa = attn.q_a_layernorm(attn.q_a_proj(h))
-        s = S.scale(qa, [attn.q_b_proj.weight], run)
-        _fold(attn.q_a_layernorm.weight, s, [attn.q_b_proj.weight])
+        q_b = [attn.q_b_proj.weight] + ([ix.wq_b.weight] if ix is not None else [])
+        s = S.scale(qa, q_b, run)
+        _fold(attn.q_a_layernorm.weight, s, q_b)
     lat = attn.kv_a_layernorm(attn.kv_a_proj_with_mqa(h)[..., : attn.kv_lora_rank])
     s = S.scale(lat, [attn.kv_b_proj.weight], run)
     _fold(attn.kv_a_layernorm.weight, s, [attn.kv_b_proj.weight])

@@ -12,11 +12,11 @@ MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 V3_ROUTER = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True}
 
 
-def v3_family(model_type: str, architecture: str, defaults: dict[str, Any]) -> ModelFamily:
+def v3_family(model_type: str, architecture: str, defaults: dict[str, Any], config_parser: str | None = None) -> ModelFamily:
     """A family served by this package's code: the V3 network, its checkpoint names and parallel layout."""
     return ModelFamily(model_type, architecture, "dsv3.models.deepseek_v3.model:DeepseekV3ForCausalLM",
                        "dsv3.models.deepseek_v3.weights", "dsv3.models.deepseek_v3.shard:parallelize",
-                       defaults, MLA_TARGETS + MLP_TARGETS, MLP_TARGETS)
+                       defaults, MLA_TARGETS + MLP_TARGETS, MLP_TARGETS, config_parser)
 
 
 FAMILIES = [v3_family("deepseek_v3", "DeepseekV3ForCausalLM", V3_ROUTER),

@@ -12,7 +12,7 @@ from torch import nn
 
 from dsv3 import ops
 from dsv3.attention.context import AttentionContext
-from dsv3.attention.spec import CacheSpec, mla_latent
+from dsv3.attention.spec import CacheSpec, mla_indexed, mla_latent
 from dsv3.config import ModelConfig
 from dsv3.layers.linear import Linear, native_form
 from dsv3.layers.mla import MLA
@@ -88,9 +88,12 @@ class DeepseekV3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def cache_specs(self) -> list[CacheSpec]:
-        """What each attention layer caches per token, the MTP layers' after the main ones: MLA's latent."""
+        """What each attention layer caches per token, the MTP layers' after the main ones: MLA's latent (and, with
+        DeepSeek Sparse Attention, the indexer's key)."""
         cfg = self.config
-        return [mla_latent(cfg.kv_lora_rank, cfg.qk_rope_head_dim)] * (cfg.num_hidden_layers + self.num_mtp_layers)
+        spec = mla_indexed(cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim) if cfg.index_topk else \
+            mla_latent(cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+        return [spec] * (cfg.num_hidden_layers + self.num_mtp_layers)
 
     def native_model(self) -> NativeModel | None:
         """What a native whole decode step reads (`dsv3.ops.decode_step`), or None when a part has no native form."""

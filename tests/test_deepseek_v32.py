@@ -384,3 +384,15 @@ def test_fp8_block_checkpoint_loads(hf_pair, tmp_path):
         want = load_model(tmp_path / "deq", dtype="fp32", progress=False)(ids)
         orig = load_model(path, dtype="fp32", progress=False)(ids)
     assert (got - want).abs().max() <= 1e-4 and (got - orig).abs().max() > 1e-4  # FP8 values really were read
+
+
+def test_dsv3_generate_runs_a_v32_checkpoint(tmp_path):
+    """`dsv3 generate` on a V3.2 directory, as users run it: exit 0 and exactly the Python API's completion."""
+    from dsv3 import LLM
+    from test_generate import dsv3
+
+    d = make_tiny_model_dir(tmp_path / "m", **V32)
+    r = dsv3("generate", "--model", str(d), "--dtype", "fp32", "--max-tokens", "12", "def f(x):")
+    assert r.returncode == 0, r.stderr
+    want = LLM(str(d), dtype="fp32").generate("def f(x):", SamplingParams(max_tokens=12, temperature=0))[0].outputs[0].text
+    assert r.stdout == want + "\n"

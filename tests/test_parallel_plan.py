@@ -19,6 +19,7 @@ TINY = dict(model_type="deepseek_v3", vocab_size=512, hidden_size=256, intermedi
             num_hidden_layers=3, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32,
             qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
             n_group=2, topk_group=1, first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=256)
+DSA = dict(model_type="deepseek_v32", index_n_heads=4, index_head_dim=32, index_topk=64)  # V3.2's indexer
 
 
 def nbytes(model) -> int:
@@ -26,9 +27,10 @@ def nbytes(model) -> int:
         model.lm_head.weight.numel() * model.lm_head.weight.element_size() if model.config.tie_word_embeddings else 0)
 
 
-@pytest.mark.parametrize("devices,tied,q_lora", [(1, False, 128), (2, False, 128), (4, True, None)])
-def test_weights_equal_parallel_model_bytes(devices, tied, q_lora):
-    cfg = ModelConfig.from_dict({**TINY, "tie_word_embeddings": tied, "q_lora_rank": q_lora})
+@pytest.mark.parametrize("devices,tied,q_lora,dsa", [(1, False, 128, False), (2, False, 128, False), (4, True, None, False),
+                                                     (1, False, 128, True), (2, False, 128, True)])
+def test_weights_equal_parallel_model_bytes(devices, tied, q_lora, dsa):
+    cfg = ModelConfig.from_dict({**TINY, "tie_word_embeddings": tied, "q_lora_rank": q_lora, **(DSA if dsa else {})})
     for rank in range(devices):
         with torch.device("meta"):
             model = parallelize(DeepseekV3ForCausalLM(cfg), ParallelConfig(devices, devices, rank))
@@ -36,11 +38,11 @@ def test_weights_equal_parallel_model_bytes(devices, tied, q_lora):
         assert plan(cfg, devices, dtype="bf16").weights == nbytes(model)
 
 
-@pytest.mark.parametrize("method", ["int8", "fp8"])
-def test_quantized_weights_equal_quantized_model_bytes(method):
+@pytest.mark.parametrize("method,dsa", [("int8", False), ("fp8", False), ("int8", True)])
+def test_quantized_weights_equal_quantized_model_bytes(method, dsa):
     from dsv3.quant.apply import quantize_model
 
-    cfg = ModelConfig.from_dict(TINY)
+    cfg = ModelConfig.from_dict({**TINY, **(DSA if dsa else {})})
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(cfg)
     model.init_weights()
@@ -49,10 +51,11 @@ def test_quantized_weights_equal_quantized_model_bytes(method):
     assert plan(cfg, 1, quantization=method, dtype="bf16").weights == nbytes(model)
 
 
-def test_cache_per_token_equals_engine_cache():
+@pytest.mark.parametrize("dsa", [False, True])
+def test_cache_per_token_equals_engine_cache(dsa):
     from dsv3.engine.runner import ModelRunner
 
-    cfg = ModelConfig.from_dict(TINY)
+    cfg = ModelConfig.from_dict({**TINY, **(DSA if dsa else {})})
     model = build_local_model(cfg, ParallelConfig(), torch.bfloat16, "cpu", with_mtp=True)
     for kv in ("auto", "int8"):
         runner = ModelRunner(model, num_blocks=2, block_size=16, kv_cache_dtype=kv)

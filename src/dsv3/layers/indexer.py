@@ -61,7 +61,7 @@ class Indexer(nn.Module):
         self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim)
         self.wk = Linear(cfg.hidden_size, self.head_dim)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-        self.weights_proj = Linear(cfg.hidden_size, self.n_heads)  # kept in fp32, as the reference does
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads)  # never quantized: its weights pick the top-k
         self.scale = self.head_dim ** -0.5
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,9 @@ def plan(cfg: ModelConfig, devices: int = 1, quantization: str = "none", dtype: 
 
     def attention() -> int:
         b = q(r + cfg.qk_rope_head_dim, D) + q(Hl * (cfg.qk_nope_head_dim + dv), r) + q(D, Hl * dv) + r * a
+        if cfg.index_topk:  # DSA's indexer, replicated on every rank: wq_b, wk, LayerNorm, fp32 head weights
+            Hi, Di = cfg.index_n_heads, cfg.index_head_dim
+            b += q(Hi * Di, cfg.q_lora_rank) + q(Di, D) + 2 * Di * a + Hi * D * a
         if cfg.q_lora_rank is None:
             return b + q(Hl * dqk, D)
         return b + q(cfg.q_lora_rank, D) + q(Hl * dqk, cfg.q_lora_rank) + cfg.q_lora_rank * a
@@ -99,6 +102,8 @@ def plan(cfg: ModelConfig, devices: int = 1, quantization: str = "none", dtype: 
     weights = sum(block(i) for i in range(L)) + D * a + (V // W) * D * a * (1 if cfg.tie_word_embeddings else 2)
     weights += n_mtp * (block(L) + q(D, 2 * D) + 3 * D * a)
     lat = cfg.latent_dim * (1 if kv_cache_dtype == "int8" else a) + (8 if kv_cache_dtype == "int8" else 0)
+    if cfg.index_topk:  # DSA: the indexer's key per token beside the latent
+        lat += cfg.index_head_dim * (1 if kv_cache_dtype == "int8" else a) + (4 if kv_cache_dtype == "int8" else 0)
     cache = (L + n_mtp) * lat
     T = min(max_num_batched_tokens, S)
     resid = 4 * T * D * a

@@ -3,8 +3,8 @@
 What is converted: every `nn.Linear` of the decoder layers and MTP modules (MLA projections, dense
 MLPs, shared experts, `eh_proj`) and every routed-expert stack; the LM head only on request.
 What is never converted: embeddings, norms and the fp32 router (`mlp.gate`, with its correction
-bias) and DSA's indexer head weights (`indexer.weights_proj`, fp32 in the reference), because they are
-small and routing and top-k decisions are sensitive to them.
+bias) and DSA's indexer head weights (`indexer.weights_proj`), because they are small and routing
+and top-k decisions are sensitive to them.
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def _scale_attention(attn: nn.Module, norm: nn.Module, x: torch.Tensor, cos, sin
     first = [attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj, attn.kv_a_proj_with_mqa]
     params = [m.weight for m in first] + ([ix.wk.weight] if ix is not None else [])
     s = S.scale(h, params, run)
-    _fold(norm.weight, s, params + ([ix.weights_proj.weight] if ix is not None else []))  # (kept fp32, still rescaled)
+    _fold(norm.weight, s, params + ([ix.weights_proj.weight] if ix is not None else []))  # (never quantized, still rescaled)
     h = norm(x)
     if attn.q_lora_rank is not None:
         qa = attn.q_a_layernorm(attn.q_a_proj(h))

@@ -148,3 +148,30 @@ def test_shipped_recipe_configs_are_valid(name):
     assert cfg.max_steps > 0 and (cfg.model or cfg.init_from)
     if cfg.init_from:  # the annealing stage starts from the first stage's output and mixes functions in
         assert cfg.init_from.endswith("final") and cfg.mix_rows() == [("build/functions", 6)] and cfg.fim_level == "context"
+
+
+def test_context_extension_continues_at_a_longer_length_with_yarn(shards, tmp_path):
+    """The DeepSeek recipe (4K → 32K → 128K) at toy scale: continue from a run at 32 tokens to 128 tokens with
+    YaRN (factor 4 over the original 32 positions); the extended model records its YaRN and trained length."""
+    from dsv3.config import ModelConfig
+    from dsv3.io.load import load_model
+    from dsv3.train.pretrain import pretrain
+
+    from test_pretrain import MODEL
+
+    base = pretrain(run_config(shards, tmp_path / "base", max_steps=2,
+                               model={**MODEL, "max_position_embeddings": 32, "rope_scaling": None}))
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 1.0}
+    with pytest.raises(PretrainConfigError, match="max_position_embeddings"):  # a longer window needs the longer length
+        pretrain(run_config(shards, tmp_path / "x", model={}, init_from=base["final"], seq_len=128, max_steps=1))
+    ext = pretrain(run_config(shards, tmp_path / "ext", model={"rope_scaling": yarn, "max_position_embeddings": 128},
+                              init_from=base["final"], seq_len=128, batch_size=1, max_steps=2))
+    cfg = ModelConfig.from_dir(ext["final"])
+    assert cfg.rope_scaling.factor == 4.0 and cfg.rope_scaling.original_max_position_embeddings == 32
+    assert cfg.max_position_embeddings == 128 and cfg.extra["training_seq_len"] == 128
+    rows = [json.loads(line) for line in (tmp_path / "ext/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["tokens"] == 2 * 128 * 2  # steps × seq_len × (batch 1 × grad_accum 2)
+    model = load_model(ext["final"], progress=False)
+    ids = torch.randint(3, cfg.vocab_size, (1, 128))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids)).all()

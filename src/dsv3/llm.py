@@ -113,13 +113,25 @@ class LLM:
         finally:
             self.engine.abort(rid)
 
+    SCORE_CHUNK = 2048  # tokens per forward when scoring: long sequences go through a cache, chunk by chunk
+
     @torch.inference_mode()
     def score(self, sequences: Sequence[Sequence[int]]) -> list[ScoreOutput]:
-        """log p(t_i | t_<i) for every token after the first, one full forward pass per sequence."""
+        """log p(t_i | t_<i) for every token after the first. A sequence up to `SCORE_CHUNK` tokens is one
+        forward pass; a longer one runs in chunks over a contiguous cache, so memory grows with the cache,
+        not with [length, vocabulary] logits (a 32K-token text would need 4 GB of them at once)."""
         out = []
         for seq in sequences:
             ids = torch.tensor([list(seq)], device=self.model.device)
-            logp = self.model(ids).float().log_softmax(-1)[0, :-1]
-            target = ids[0, 1:]
-            out.append(ScoreOutput(logp.gather(1, target[:, None])[:, 0].tolist(), (logp.argmax(-1) == target).tolist()))
+            n, step = ids.shape[1], self.SCORE_CHUNK
+            cache = self.model.dense_cache(1, n) if n > step else None
+            lps, greedy = [], []
+            for s in range(0, n - 1, step):
+                chunk = ids[:, s:min(n, s + step)]
+                logp = self.model(chunk, None, cache).float().log_softmax(-1)[0]
+                target = ids[0, s + 1:s + 1 + chunk.shape[1]]
+                logp = logp[: target.numel()]
+                lps += logp.gather(1, target[:, None])[:, 0].tolist()
+                greedy += (logp.argmax(-1) == target).tolist()
+            out.append(ScoreOutput(lps, greedy))
         return out

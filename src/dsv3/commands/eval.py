@@ -1,4 +1,5 @@
-"""`dsv3 eval TASK`: measure a model on HumanEval, MMLU, GSM8K, perplexity or extraction; `dsv3 eval compare`.
+"""`dsv3 eval TASK`: measure a model on HumanEval, MMLU, GSM8K, perplexity, extraction, needle-in-a-haystack or
+bits/byte by context length; `dsv3 eval compare`.
 
 The model is either loaded in-process (`--model DIR`) or reached over HTTP at any
 OpenAI-compatible server (`--base-url URL [--api-key KEY] [--model NAME]`); the scoring is
@@ -16,7 +17,7 @@ from pathlib import Path
 from dsv3.commands.run import rope_scaling
 from dsv3.errors import DSV3Error
 
-TASKS = ("humaneval", "mmlu", "gsm8k", "perplexity", "extraction")
+TASKS = ("humaneval", "mmlu", "gsm8k", "perplexity", "extraction", "needle", "long-ppl")
 
 
 def _common(p: argparse.ArgumentParser, fewshot: int | None) -> None:
@@ -43,7 +44,8 @@ def _common(p: argparse.ArgumentParser, fewshot: int | None) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="measure a model: humaneval, mmlu, gsm8k, perplexity, extraction, compare",
+    p = subparsers.add_parser("eval", help="measure a model: humaneval, mmlu, gsm8k, perplexity, extraction, needle, "
+                                           "long-ppl, compare",
                               description=__doc__.split("\n\n")[0])
     tasks = p.add_subparsers(dest="task", metavar="TASK")
     tasks.required = True
@@ -89,6 +91,29 @@ def register(subparsers) -> None:
     ex.add_argument("--max-tokens", type=int, default=256, help="generation budget per document (default 256)")
     ex.set_defaults(func=_run)
 
+    nd = tasks.add_parser("needle", help="needle-in-a-haystack / passkey retrieval over context lengths and depths")
+    _common(nd, None)
+    nd.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096], metavar="N,N,...",
+                    help="context lengths in tokens (default 1024,2048,4096; e.g. 1024,8192,32768,131072)")
+    nd.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="F,F,...",
+                    help="needle positions as fractions of the context (default 0,0.25,0.5,0.75,1)")
+    nd.add_argument("--trials", type=int, default=3, help="random keys per cell (default 3)")
+    nd.add_argument("--haystack", nargs="+", metavar="FILE", help="filler text files (default: Python stdlib sources)")
+    nd.add_argument("--format", choices=("code", "text"), default="code",
+                    help="needle and question as code (an assignment and an assert; default) or prose")
+    nd.add_argument("--tokenizer", metavar="DIR", help="with --base-url: the tokenizer lengths are counted in "
+                                                        "(default: the served model's, if it is the embedded one)")
+    nd.add_argument("--plot", metavar="PNG", help="heatmap (default: next to --output, as .png)")
+    nd.set_defaults(func=_run)
+
+    lp = tasks.add_parser("long-ppl", help="bits per byte of long documents as the context window grows")
+    _common(lp, None)
+    lp.add_argument("--data", metavar="FILE", nargs="+", required=True, help="UTF-8 long documents")
+    lp.add_argument("--contexts", type=_int_list, default=[512, 1024, 2048, 4096], metavar="N,N,...",
+                    help="sliding-window sizes in tokens (default 512,1024,2048,4096; e.g. up to 32768)")
+    lp.add_argument("--plot", metavar="PNG", help="the curve (default: next to --output, as .png)")
+    lp.set_defaults(func=_run)
+
     cmp_ = tasks.add_parser("compare", help="draw several results.json side by side as a PNG bar chart")
     cmp_.add_argument("results", nargs="+", metavar="results.json")
     cmp_.add_argument("--output", "-o", required=True, metavar="chart.png")
@@ -96,6 +121,35 @@ def register(subparsers) -> None:
     cmp_.add_argument("--title", help="chart title")
     cmp_.add_argument("--metrics", nargs="+", metavar="NAME", help="metrics to draw (default: all but perplexities)")
     cmp_.set_defaults(func=_compare)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return out
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return out
+
+
+def _context_needed(args: argparse.Namespace) -> int | None:
+    """The engine length a long-context task needs (the model's default may be shorter)."""
+    if args.task == "needle":
+        return max(args.lengths) + 16
+    if args.task == "long-ppl":
+        return max(args.contexts) + 1
+    return None
 
 
 def make_backend(args: argparse.Namespace):
@@ -124,18 +178,21 @@ def make_backend(args: argparse.Namespace):
         from dsv3.models.context_length import with_rope_scaling
 
         model = with_rope_scaling(model, args.rope_scaling)
-    return InProcessBackend(model, dtype=args.dtype, batch_size=args.batch_size)
+    need = _context_needed(args)
+    return InProcessBackend(model, dtype=args.dtype, batch_size=args.batch_size, max_length=need, max_model_len=need)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dsv3.eval import extraction, gsm8k, humaneval, mmlu, perplexity
+    from dsv3.eval import extraction, gsm8k, humaneval, long_ppl, mmlu, needle, perplexity
     from dsv3.eval.report import format_table
     from dsv3.eval.sandbox import SandboxLimits
 
-    for name in ("limit", "num_fewshot", "n", "max_tokens", "window", "stride", "concurrency", "batch_size"):
+    for name in ("limit", "num_fewshot", "n", "max_tokens", "window", "stride", "concurrency", "batch_size", "trials"):
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "num_fewshot" else 1):
             raise DSV3Error(f"--{name.replace('_', '-')} must be positive, got {value}.")
+    if args.task == "needle" and not all(0.0 <= d <= 1.0 for d in args.depths):
+        raise DSV3Error(f"--depths are fractions of the context in [0, 1], got {args.depths}.")
     if args.task == "humaneval":
         ks = args.k or ([1, 10] if args.n >= 10 else [1])
         if min(ks) < 1 or max(ks) > args.n:
@@ -155,19 +212,49 @@ def _run(args: argparse.Namespace) -> int:
                                 args.max_tokens)
     elif args.task == "extraction":
         result = extraction.evaluate(backend, args.data, args.schema, args.limit, args.max_tokens)
+    elif args.task == "needle":
+        result = needle.evaluate(backend, _needle_tokenizer(args, backend), args.lengths, args.depths, args.trials,
+                                 args.haystack, args.format, args.seed, plot=_plot_path(args, "needle"))
+    elif args.task == "long-ppl":
+        result = long_ppl.evaluate(backend, args.data, args.contexts, args.limit, plot=_plot_path(args, "long-ppl"))
     else:
         result = perplexity.evaluate(backend, args.data, args.window, args.stride, args.limit)
     result.seconds = time.perf_counter() - start
     result.config["backend_url" if args.base_url else "model_dir"] = args.base_url or args.model
     print(format_table([result]))
     for group, metrics in result.groups.items():
-        if group.startswith(("category/", "file/", "field/")):
+        if group.startswith(("category/", "file/", "field/", "length/", "depth/", "context/")):
             m = metrics.get("acc") or metrics.get("bits_per_byte") or metrics.get("f1")
+            if m is None:
+                continue
             print(f"  {group:<32} {m.value:.4f}  (n={m.n})")
     if args.output:
         result.save(args.output)
         print(f"results written to {args.output}")
+    if getattr(args, "plot_written", None):
+        print(f"plot written to {args.plot_written}")
     return 0
+
+
+def _plot_path(args: argparse.Namespace, task: str) -> Path:
+    """--plot, else the results file's name with .png, else <task>.png here."""
+    path = Path(args.plot) if args.plot else Path(args.output).with_suffix(".png") if args.output else Path(f"{task}.png")
+    args.plot_written = path
+    return path
+
+
+def _needle_tokenizer(args: argparse.Namespace, backend):
+    """The tokenizer context lengths are counted in: the in-process model's, --tokenizer, or the embedded one."""
+    from dsv3.io.tokenizer import Tokenizer
+
+    if getattr(backend, "tok", None) is not None:
+        return backend.tok
+    if args.tokenizer:
+        return Tokenizer.from_dir(args.tokenizer)
+    from dsv3.io.paths import default_model_dir
+
+    print("note: lengths are counted with the embedded model's tokenizer (pass --tokenizer DIR for the served model's)")
+    return Tokenizer.from_dir(default_model_dir())
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -181,9 +268,14 @@ def _check_paths(args: argparse.Namespace) -> None:
         require_file(args.data, "GSM8K test")
         if args.train:
             require_file(args.train, "GSM8K train")
-    elif args.task == "perplexity":
+    elif args.task in ("perplexity", "long-ppl"):
         for path in args.data:
             require_file(path, "text")
+    elif args.task == "needle":
+        for path in args.haystack or []:
+            require_file(path, "haystack")
+        if args.tokenizer:
+            require_dir(args.tokenizer, "tokenizer")
     elif args.task == "extraction":
         if args.data:
             require_file(args.data, "extraction data")
@@ -193,6 +285,8 @@ def _check_paths(args: argparse.Namespace) -> None:
         require_file(args.data, "HumanEval")
     if args.output:
         prepare_output_file(args.output)  # a bad path fails now, not after the whole run
+    if getattr(args, "plot", None):
+        prepare_output_file(args.plot)
 
 
 def _compare(args: argparse.Namespace) -> int:

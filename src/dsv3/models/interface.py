@@ -32,6 +32,9 @@ class CausalLM(Protocol):
     def cache_specs(self) -> list[CacheSpec]:
         """One spec per attention layer (MTP layers after the main ones): what it caches per token."""
 
+    def dense_cache(self, batch: int, max_len: int) -> Any:
+        """A contiguous cache (an attention context) for `batch` sequences of up to `max_len` positions."""
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx: Any = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]."""
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dsv3 import ops
-from dsv3.attention.context import AttentionContext
+from dsv3.attention.context import AttentionContext, DenseLatentCache
 from dsv3.attention.spec import CacheSpec, mla_indexed, mla_latent
 from dsv3.config import ModelConfig
 from dsv3.layers.linear import Linear, native_form
@@ -86,6 +86,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         """Share the LM head with the embedding when the config says so (again after `to_empty`)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def dense_cache(self, batch: int, max_len: int) -> DenseLatentCache:
+        """A contiguous cache for `batch` sequences of up to `max_len` positions (scoring, simple decoders)."""
+        return DenseLatentCache.for_model(self, batch, max_len)
 
     def cache_specs(self) -> list[CacheSpec]:
         """What each attention layer caches per token, the MTP layers' after the main ones: MLA's latent (and, with

@@ -268,17 +268,22 @@ def chat_logprobs(tok: Any, o: Any, top: int, start: int = 0, as_id: bool = Fals
 class TextOffsets:
     """Character offsets of tokens in the text a client is sent (`text_offset`): where each token's text begins,
     counted with the same decoding that produced the text (special tokens skipped, a character split over tokens
-    placed at its first token), continuing across stream chunks."""
+    placed at its first token, replacement characters of broken bytes credited to the tokens that held them),
+    continuing across stream chunks."""
 
     def __init__(self, tok: Any, context: list[int] | None = None, start: int = 0, skip_special_tokens: bool = True):
+        self.tok, self.skip = tok, skip_special_tokens
         self.detok = IncrementalDetokenizer(tok, context, skip_special_tokens=skip_special_tokens)
         self.pos = start
 
     def take(self, ids: list[int]) -> list[int]:
         out = []
         for t in ids:
-            out.append(self.pos)
-            self.pos += len(self.detok.push(t))
+            piece = self.detok.push(t)
+            own = self.tok.decode([t], skip_special_tokens=self.skip) if piece else ""
+            lead = len(piece) - len(own) if own and "\ufffd" not in own and piece.endswith(own) else 0
+            out.append(self.pos + lead)
+            self.pos += len(piece)
         return out
 
 

@@ -302,8 +302,10 @@ def completion_logprobs(tok: Any, ids: list[int], lps: list[dict | None], top: i
             out["top_logprobs"].append(None)
             continue
         out["token_logprobs"].append(float(d.get(tid, float("-inf"))))
-        out["top_logprobs"].append({token_text(tok, i, as_id): float(v)
-                                    for i, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]})
+        best: dict[str, float] = {}
+        for i, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]:
+            best.setdefault(token_text(tok, i, as_id), float(v))  # tokens of the same text: the likelier one
+        out["top_logprobs"].append(best)
     return out
 
 

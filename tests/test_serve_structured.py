@@ -13,7 +13,7 @@ from dsv3.io.chat_template import DEEPSEEK_V3_CHAT_TEMPLATE, render_chat_templat
 from dsv3.serve.errors import APIError
 from dsv3.serve.protocol import Tool
 from dsv3.serve.structured import GrammarBackend
-from dsv3.serve.tools import forced_call_grammar, marker_ids, parse_tool_calls
+from dsv3.serve.tools import ToolCallGuide, forced_call_grammar, marker_ids, parse_tool_call_ids, parse_tool_calls
 from dsv3.io.tokenizer import Tokenizer
 from serve_harness import serve, tiny_model_dir
 
@@ -92,11 +92,11 @@ def test_tool_calls_round_trip_through_deepseek_template():
 def test_forced_tool_grammar_yields_one_valid_call(backend):
     b, tok = backend
     tools = [Tool.model_validate(WEATHER)]
-    proc = b.processor(forced_call_grammar(b, tools, "required"), allow_newline=True, prefer=marker_ids(tok))
+    proc = b.processor(forced_call_grammar(b, tools, "required", parallel=False), ToolCallGuide(tok, b.control))
     for seed in range(4):
         ids = random_decode(proc, tok.eos_token_id, seed)
         assert set(marker_ids(tok)) <= set(ids)  # markers come out as their special tokens
-        _, calls = parse_tool_calls(tok.decode(ids, skip_special_tokens=False))
+        _, calls = parse_tool_call_ids(tok, ids)
         assert len(calls) == 1 and calls[0]["function"]["name"] == "get_weather"
         jsonschema_rs.validate(WEATHER["function"]["parameters"], json.loads(calls[0]["function"]["arguments"]))
 
@@ -121,7 +121,8 @@ def test_server_json_schema_response_validates(sdk):
 
 def test_server_tool_calls(sdk):
     msgs = [{"role": "user", "content": "weather in Paris?"}]
-    r = sdk.chat.completions.create(model="tiny", messages=msgs, tools=[WEATHER], tool_choice="required", max_tokens=80)
+    r = sdk.chat.completions.create(model="tiny", messages=msgs, tools=[WEATHER], tool_choice="required", max_tokens=80,
+                                    parallel_tool_calls=False)
     ch = r.choices[0]
     assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1
     call = ch.message.tool_calls[0]

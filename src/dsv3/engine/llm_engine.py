@@ -31,6 +31,7 @@ from dsv3.engine.outputs import (CompletionOutput, EngineRequest, PromptType, Re
                                  check_prompt_ids)
 from dsv3.models.interface import CausalLM
 from dsv3.engine.output import OutputTracker
+from dsv3.engine import pooling
 from dsv3.engine.sampling import SamplingParams, apply_penalties, sample
 from dsv3.io.tokenizer import Tokenizer
 
@@ -112,7 +113,10 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------
     def validate(self, prompt: PromptType, params: SamplingParams) -> EngineRequest:
-        """Check a request without queueing it: tokenized, in the vocabulary, within the context; else `RequestError`."""
+        """Check a request without queueing it: tokenized, in the vocabulary, within the context; else `RequestError`.
+        `params` may be `PoolingParams` (an embedding: see dsv3.engine.pooling)."""
+        if isinstance(params, pooling.PoolingParams):
+            return pooling.validate(self, prompt, params)
         if not isinstance(params, SamplingParams):
             raise RequestError("params must be a SamplingParams")
         text, ids = self._encode(prompt)
@@ -148,6 +152,9 @@ class LLMEngine:
             raise RequestError(f"adapter id {adapter_id!r} is not loaded (this engine has {len(self.adapter_names)} adapters)")
         req = self.checked(prompt, params)
         params, ids = req.params, list(req.prompt_ids)
+        pooler = None
+        if isinstance(params, pooling.PoolingParams):  # one sequence that pools its prompt and samples nothing
+            pooler, params = pooling.Pooler(params, len(ids)), pooling.POOLING_SAMPLING
         now = arrival_time if arrival_time is not None else time.monotonic()
         seqs = []
         for i in range(params.n):
@@ -158,7 +165,7 @@ class LLMEngine:
                                 else params.seed + i if params.seed is not None else zlib.crc32(f"{self.config.seed}:{request_id}:{i}".encode()))
             seq = Sequence(next(self._seq_ids), request_id, i, list(ids), len(ids), params,
                            OutputTracker(self.tokenizer, ids, params, self.eos_ids, req.max_new_tokens), gen, adapter_id,
-                           cache_salt, now)
+                           cache_salt, now, pooler=pooler)
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, req.prompt, ids, seqs, now)
@@ -203,7 +210,8 @@ class LLMEngine:
         touched: dict[str, None] = {}
         drafts = self._draft(chunks, touched)
         items = [StepItem(c.seq.token_ids[c.start:c.start + c.num_tokens] + (drafts[c.seq].tokens if c.seq in drafts else []),
-                          c.start, c.seq.block_table, sample=c.completes, all_logits=c.seq in drafts, adapter=c.seq.adapter_id)
+                          c.start, c.seq.block_table, sample=c.completes and c.seq.pooler is None, all_logits=c.seq in drafts,
+                          adapter=c.seq.adapter_id)
                  for c in chunks if not c.seq.is_finished]
         chunks = [c for c in chunks if not c.seq.is_finished]
         chunks, items, hidden, logits = self._execute(chunks, items, touched)
@@ -219,6 +227,8 @@ class LLMEngine:
             row += n_rows
             try:
                 collect_prompt_logprobs(self.model, [c], [it], h)
+                if seq.pooler is not None:
+                    seq.pooler.add(c.start, h[:c.num_tokens])
                 computed = c.num_tokens
                 if it.all_logits:
                     draft = drafts[seq]
@@ -235,6 +245,10 @@ class LLMEngine:
                 if self.drafter:
                     self.drafter.keep_hidden(seq, c.start, h[:computed])
                 self.block_manager.commit(seq)
+                if seq.pooler is not None and c.completes:  # pooled: done once the last prompt token is computed
+                    self.scheduler.remove(seq)
+                    seq.status, seq.output.finish_reason = SequenceStatus.FINISHED, "stop"
+                    touched[seq.request_id] = None
             except Exception as e:
                 self._fail(seq, e, touched)
         if to_sample:
@@ -376,6 +390,12 @@ class LLMEngine:
         return out
 
     def _request_output(self, req: _Request) -> RequestOutput:
+        if req.seqs[0].pooler is not None:
+            finished = req.seqs[0].is_finished
+            if finished:
+                self.requests.pop(req.request_id, None)
+            return req.seqs[0].pooler.output(req.request_id, req.prompt, req.prompt_ids, finished, req.error,
+                                              req.error_is_input)
         outs = [CompletionOutput(s.index, s.output.text[: s.output.emitted], s.output.token_ids[:], s.output.finish_reason,
                                  s.cumulative_logprob if s.logprobs is not None else None,
                                  s.logprobs[:] if s.logprobs is not None else None) for s in req.seqs]

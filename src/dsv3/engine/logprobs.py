@@ -5,12 +5,21 @@ from __future__ import annotations
 import torch
 
 
+class TokenLogprobs(dict):
+    """{token id: log-prob} at one position (the chosen or prompt token, then the top-k), plus `rank`: that
+    token's 1-based rank in the whole distribution (vLLM's `Logprob.rank`)."""
+
+    __slots__ = ("rank",)
+
+
 def top_logprobs(logprobs: torch.Tensor, targets: list[int], k: int) -> list[dict[int, float]]:
     """Per row: the target token's log-prob and the top-k alternatives (OpenAI's `top_logprobs`)."""
     out = []
     top = logprobs.topk(k, dim=-1) if k else None
+    ranks = (logprobs > logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])).sum(-1) + 1
     for i, t in enumerate(targets):
-        entry = {int(t): float(logprobs[i, t])}
+        entry = TokenLogprobs({int(t): float(logprobs[i, t])})
+        entry.rank = int(ranks[i])
         if top is not None:
             entry.update({int(j): float(v) for j, v in zip(top.indices[i], top.values[i])})
         out.append(entry)

@@ -42,6 +42,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool = False  # keep the matched stop string at the end of the text (vLLM)
+    skip_special_tokens: bool = True  # leave special tokens out of the text (vLLM)
     logits_processors: list[Callable] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:

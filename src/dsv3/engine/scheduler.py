@@ -79,7 +79,7 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table and seq.params.prompt_logprobs is None:  # cached tokens have no logits
+            if not seq.block_table and seq.uses_prefix_cache:  # cached tokens have no logits (or hidden states)
                 self.bm.match_prefix(seq)
                 seq.num_cached_prompt_tokens = max(seq.num_cached_prompt_tokens, min(seq.num_computed_tokens, seq.num_prompt_tokens))
             remaining = seq.num_tokens - seq.num_computed_tokens

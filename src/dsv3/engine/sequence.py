@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -43,6 +44,7 @@ class Sequence:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     mtp_done: int = 0  # MTP pairs (h_i, x_{i+1}) already in the MTP layer's cache
     mtp_pending: torch.Tensor | None = None  # main hidden states h_mtp_done .. not yet fed to MTP
+    pooler: Any = None  # a pooling request's dsv3.engine.pooling.Pooler (nothing is sampled)
 
     @property
     def num_tokens(self) -> int:
@@ -53,6 +55,12 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def uses_prefix_cache(self) -> bool:
+        """Whether cached prefix blocks may stand in for computing the prompt (not when every position's
+        logits or hidden states are wanted)."""
+        return self.params.prompt_logprobs is None and (self.pooler is None or self.pooler.uses_prefix_cache)
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
@@ -61,4 +69,6 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table = []
         self.mtp_done, self.mtp_pending = 0, None
+        if self.pooler is not None:
+            self.pooler.reset()
         self.status = SequenceStatus.WAITING

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from dsv3.errors import DSV3Error
-from dsv3.serve import chat, completions
+from dsv3.serve import chat, completions, embeddings, responses
 from dsv3.serve.errors import error_response, install_error_handlers
 from dsv3.serve.gate import Gate
 from dsv3.serve.generation import encode
@@ -27,6 +27,7 @@ from dsv3.serve.metrics import Metrics
 from dsv3.serve.protocol import DetokenizeRequest, TokenizeRequest
 from dsv3.serve.state import ServeConfig, ServerState
 from dsv3.serve.streaming import json_body
+from dsv3.io.chat_template import DEEPSEEK_V3_CHAT_TEMPLATE, select_template
 from dsv3.io.tokenizer import LONG_TEXT
 
 log = logging.getLogger("dsv3.serve")
@@ -95,17 +96,43 @@ def create_app(config: ServeConfig, load: Loader) -> FastAPI:
     install_error_handlers(app)
     chat.register(app, st)
     completions.register(app, st)
+    embeddings.register(app, st)
+    responses.register(app, st)
 
-    @app.get("/v1/models", tags=["openai"])
-    async def models():
-        """The served model (and LoRA adapters), in OpenAI's list shape."""
+    def model_cards() -> list[dict]:
         now = int(time.time())
         limit = st.engine.max_model_len if st.ready else None
         data = [{"id": config.served_model_name, "object": "model", "created": now, "owned_by": "dsv3",
                  "root": config.served_model_name, "parent": None, "max_model_len": limit}]
         data += [{"id": n, "object": "model", "created": now, "owned_by": "dsv3", "root": n,
                   "parent": config.served_model_name, "max_model_len": limit} for n in config.lora_names]
-        return {"object": "list", "data": data}
+        return data
+
+    @app.get("/v1/models", tags=["openai"])
+    async def models():
+        """The served model (and LoRA adapters), in OpenAI's list shape."""
+        return {"object": "list", "data": model_cards()}
+
+    @app.get("/v1/models/{model_id:path}", tags=["openai"])
+    async def model(model_id: str):
+        """One served model (or LoRA adapter) by id; 404 for any other id."""
+        card = next((c for c in model_cards() if c["id"] == model_id), None)
+        if card is None:
+            return error_response(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+        return card
+
+    @app.get("/tokenizer_info", tags=["tokenizer"])
+    async def tokenizer_info():
+        """The served tokenizer's settings (vLLM's route): what a client needs to tokenize as the server does
+        (lm-eval's `local-completions` finds it and then tokenizes through /tokenize, downloading nothing)."""
+        st.require_ready()
+        tok = st.tokenizer
+        names = tok.special_tokens
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names.get("bos_token"),
+                "eos_token": names.get("eos_token"), "pad_token": names.get("pad_token"), "unk_token": names.get("unk_token"),
+                "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "add_bos_token": tok.add_bos_token,
+                "add_eos_token": tok.add_eos_token,
+                "chat_template": select_template(tok.chat_template) or DEEPSEEK_V3_CHAT_TEMPLATE, "model_max_length": st.engine.max_model_len, "vocab_size": st.engine.model.config.vocab_size}
 
     @app.get("/health", tags=["ops"])
     async def health():

@@ -11,12 +11,13 @@ from fastapi.responses import Response, StreamingResponse
 from dsv3.engine.outputs import EngineRequest
 from dsv3.serve.errors import APIError
 from dsv3.serve.generation import (admit, cache_lookup, chat_logprobs, check_grammar_params, encode, finish_reason,
-                                   generate, new_id, sampling_params, truncate, usage)
+                                   generate, grammar_choice, keep_best, new_id, prompt_logprobs_body, sampling_params,
+                                   stream_usage, truncate, usage)
 from dsv3.serve.protocol import ChatCompletionRequest, NamedToolChoice
 from dsv3.serve.state import ServerState
 from dsv3.serve.streaming import DONE, KEEPALIVE, error_event, json_body, sse, with_keepalive
-from dsv3.serve.structured import check_spec, logit_bias_processor, response_format_spec
-from dsv3.serve.tools import CALLS_BEGIN, forced_call_spec, marker_ids, parse_tool_calls, tools_system_prompt
+from dsv3.serve.structured import allowed_tokens_processor, check_spec, logit_bias_processor
+from dsv3.serve.tools import (CALLS_BEGIN, ToolCallGuide, forced_call_spec, parse_tool_call_ids, tools_system_prompt)
 
 
 def _messages(req: ChatCompletionRequest, with_tools: bool) -> list[dict[str, Any]]:
@@ -35,38 +36,45 @@ def _messages(req: ChatCompletionRequest, with_tools: bool) -> list[dict[str, An
     return out
 
 
-def _grammar_spec(st: ServerState, req: ChatCompletionRequest, with_tools: bool) -> tuple[str, object, str] | None:
+def grammar_spec(st: ServerState, req: Any, with_tools: bool) -> tuple[str, object, str] | None:
     """(kind, spec, param) of the grammar this request needs, checked against the limits (cheap: runs first)."""
+    forced = None
     if with_tools and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)):
-        kind, spec, param = "tool_call", forced_call_spec(req.tools, req.tool_choice), "tools"
-    elif (rf := response_format_spec(req.response_format)) is not None:
-        kind, spec, param = *rf, "response_format"
-    else:
+        forced = ("tool_call", forced_call_spec(req.tools, req.tool_choice, req.parallel_tool_calls), "tools")
+    choice = grammar_choice(req, forced)
+    if choice is None:
         return None
     check_grammar_params(req)
-    check_spec(kind, spec, st.config.grammar_limits, param)
-    return kind, spec, param
+    check_spec(choice[0], choice[1], st.config.grammar_limits, choice[2])
+    return choice
 
 
-async def _processors(st: ServerState, req: ChatCompletionRequest, grammar_spec: tuple | None) -> list:
+async def processors(st: ServerState, req: Any, grammar: tuple | None) -> list:
+    """The logits processors of a request: logit_bias, allowed_token_ids, then its compiled grammar."""
     procs = []
+    vocab = st.engine.model.config.vocab_size
     if req.logit_bias:
-        procs.append(logit_bias_processor(req.logit_bias, st.engine.model.config.vocab_size))
-    if grammar_spec is not None:
-        kind, spec, param = grammar_spec
-        grammar = await st.grammar()
-        compiled = await grammar.compile_async(kind, spec, param=param)
-        tools = kind == "tool_call"
-        procs.append(grammar.processor(compiled, allow_newline=tools, prefer=marker_ids(st.tokenizer) if tools else None))
+        procs.append(logit_bias_processor(req.logit_bias, vocab))
+    if req.allowed_token_ids is not None:
+        procs.append(allowed_tokens_processor(req.allowed_token_ids, vocab))
+    if grammar is not None:
+        kind, spec, param = grammar
+        backend = await st.grammar()
+        compiled = await backend.compile_async(kind, spec, param=param)
+        guide = ToolCallGuide(st.tokenizer, backend.control) if kind == "tool_call" else None
+        procs.append(backend.processor(compiled, guide))
     return procs
 
 
-def _tool_message(st: ServerState, o: Any) -> tuple[dict, str | None]:
-    """The assistant message for one output of a tool-enabled request, and its finish reason."""
+def tool_message(st: ServerState, o: Any, parallel: bool | None = None) -> tuple[dict, str | None]:
+    """The assistant message for one output of a tool-enabled request, and its finish reason
+    (`parallel_tool_calls: false` keeps the first call)."""
     ids = [t for t in o.token_ids if t not in st.engine.eos_ids]
-    content, calls = parse_tool_calls(st.tokenizer.decode(ids, skip_special_tokens=False))
+    content, calls = parse_tool_call_ids(st.tokenizer, ids)
     if not calls:
         return {"role": "assistant", "content": o.text}, finish_reason(o)
+    if parallel is False:
+        calls = calls[:1]
     return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
 
@@ -80,67 +88,86 @@ def _before_calls(st: ServerState, o: Any, marker: int | None) -> str:
 def register(app: FastAPI, st: ServerState) -> None:
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        """Create a chat completion (OpenAI semantics; `top_k`, `min_p`, `repetition_penalty` as extensions)."""
+        """Create a chat completion (OpenAI semantics; vLLM's extensions: see docs/serve.md for every field)."""
         st.require_ready()
         info = request.scope["dsv3"]
         model = info["model"] = st.check_model(req.model)
+        req.check_supported()
         with_tools = bool(req.tools) and req.tool_choice != "none"
         if req.tool_choice not in (None, "none") and not req.tools:
             raise APIError(400, "'tool_choice' needs 'tools'", param="tool_choice")
-        grammar_spec = _grammar_spec(st, req, with_tools)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        grammar = grammar_spec(st, req, with_tools)
         key, hit = cache_lookup(st, request.headers, info, "chat", model, req.model_dump(exclude_none=True, by_alias=True))
         if hit is not None:
             return Response(hit, media_type="application/json", headers={"x-dsv3-cache": "hit"})
-        text = st.tokenizer.apply_chat_template(_messages(req, with_tools), add_generation_prompt=True)
-        ids = await encode(st, text, add_special_tokens=False, param="messages", fit=not req.truncate_prompt_tokens)
+        text = st.tokenizer.apply_chat_template(_messages(req, with_tools), add_generation_prompt=req.add_generation_prompt)
+        ids = await encode(st, text, add_special_tokens=req.add_special_tokens, param="messages",
+                           fit=not req.truncate_prompt_tokens)
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = req.top_logprobs or 0
         params = sampling_params(req, max_tokens, top if req.logprobs else None)
         request = admit(st, truncate(st, req, ids), params, max_tokens)
         st.reserve(info, 1)
-        params.logits_processors = await _processors(st, req, grammar_spec)  # compiling a grammar comes last: it costs most
+        params.logits_processors = await processors(st, req, grammar)  # compiling a grammar comes last: it costs most
         n_prompt = info["prompt_tokens"] = len(request.prompt_ids)
         rid, created = new_id("chatcmpl"), int(time.time())
-        head = {"id": rid, "created": created, "model": model, "system_fingerprint": None}
+        head = {"id": req.request_id or rid, "created": created, "model": model, "system_fingerprint": None}
         if req.stream:
-            return StreamingResponse(_stream(st, req, info, request, head, with_tools),
+            return StreamingResponse(_stream(st, req, info, request, head, rid, with_tools),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})
         final = None
-        async for out in generate(st, request, rid, model, info):
+        async for out in generate(st, request, rid, model, info, req.cache_salt):
             final = out
+        as_id = req.return_tokens_as_token_ids
         choices = []
-        for o in final.outputs:
-            msg, fr = _tool_message(st, o) if with_tools else ({"role": "assistant", "content": o.text}, finish_reason(o))
-            choices.append({"index": o.index, "message": msg,
-                            "logprobs": chat_logprobs(st.tokenizer, o, top) if req.logprobs else None, "finish_reason": fr})
+        for o in keep_best(final.outputs, req.n, req.best_of):
+            msg, fr = tool_message(st, o, req.parallel_tool_calls) if with_tools else \
+                ({"role": "assistant", "content": o.text}, finish_reason(o))
+            choice = {"index": o.index, "message": msg,
+                      "logprobs": chat_logprobs(st.tokenizer, o, top, as_id=as_id) if req.logprobs else None,
+                      "finish_reason": fr}
+            if req.return_token_ids:
+                choice["token_ids"] = list(o.token_ids)
+            choices.append(choice)
         n_out = sum(len(o.token_ids) for o in final.outputs)
         info["completion_tokens"] = n_out
-        body = await json_body({**head, "object": "chat.completion", "choices": choices, "usage": usage(n_prompt, n_out)},
-                               n_out * (1 + top) if req.logprobs else 0)
+        body = {**head, "object": "chat.completion", "choices": choices, "usage": usage(n_prompt, n_out)}
+        if req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = prompt_logprobs_body(st.tokenizer, list(request.prompt_ids), final.prompt_logprobs, as_id)
+        if req.return_token_ids:
+            body["prompt_token_ids"] = list(request.prompt_ids)
+        size = n_out * (1 + top) if req.logprobs else 0
+        size += n_prompt * (1 + req.prompt_logprobs) if req.prompt_logprobs is not None else 0
+        body = await json_body(body, size)
         if key is not None:
             st.cache.put(key, body)
         return Response(body, media_type="application/json", headers={"x-dsv3-cache": "miss"} if key else None)
 
 
-async def _stream(st: ServerState, req: ChatCompletionRequest, info: dict, request: EngineRequest, head: dict,
+async def _stream(st: ServerState, req: ChatCompletionRequest, info: dict, request: EngineRequest, head: dict, rid: str,
                   with_tools: bool):
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = stream_usage(req)
     top = req.top_logprobs or 0
+    as_id = req.return_tokens_as_token_ids
+    n, n_prompt = request.params.n, len(request.prompt_ids)
 
-    def chunk(choices: list, use: dict | None = None) -> bytes:
-        body = {**head, "object": "chat.completion.chunk", "choices": choices}
+    def chunk(choices: list, use: dict | None = None, extra: dict | None = None) -> bytes:
+        body = {**head, "object": "chat.completion.chunk", "choices": choices, **(extra or {})}
         if include_usage:
             body["usage"] = use
         return sse(body)
 
     marker = st.tokenizer.token_to_id(CALLS_BEGIN)
-    n, n_prompt = request.params.n, len(request.prompt_ids)
     sent_chars, sent_toks, done = [0] * n, [0] * n, [False] * n
-    last = None
+    last, prompt_sent = None, req.prompt_logprobs is None
     try:
+        first = {"prompt_token_ids": list(request.prompt_ids)} if req.return_token_ids else None
         for i in range(n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-        async for out in with_keepalive(generate(st, request, head["id"], head["model"], info), st.config.keepalive_s):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
+                        usage(n_prompt, 0) if continuous else None, first if i == 0 else None)
+        async for out in with_keepalive(generate(st, request, rid, head["model"], info, req.cache_salt), st.config.keepalive_s):
             if out is None:
                 yield KEEPALIVE
                 continue
@@ -151,21 +178,30 @@ async def _stream(st: ServerState, req: ChatCompletionRequest, info: dict, reque
                 text = _before_calls(st, o, marker) if with_tools else o.text
                 fr = finish_reason(o) if o.finish_reason and not done[i] and not with_tools else None
                 delta, new_toks = text[sent_chars[i]:], len(o.token_ids) - sent_toks[i]
-                if not delta and fr is None and not (req.logprobs and new_toks):
+                if not delta and fr is None and not ((req.logprobs or req.return_token_ids) and new_toks):
                     continue
-                lp = chat_logprobs(st.tokenizer, o, top, sent_toks[i]) if req.logprobs else None
-                choices.append({"index": i, "delta": {"content": delta} if delta else {}, "logprobs": lp, "finish_reason": fr})
+                lp = chat_logprobs(st.tokenizer, o, top, sent_toks[i], as_id) if req.logprobs else None
+                c = {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": lp, "finish_reason": fr}
+                if req.return_token_ids:
+                    c["token_ids"] = list(o.token_ids[sent_toks[i]:])
+                choices.append(c)
                 sent_chars[i], sent_toks[i], done[i] = len(text), len(o.token_ids), done[i] or fr is not None
-            if choices:
-                yield chunk(choices)
+            extra = None
+            if not prompt_sent and out.prompt_logprobs is not None:
+                extra = {"prompt_logprobs": prompt_logprobs_body(st.tokenizer, list(request.prompt_ids), out.prompt_logprobs, as_id)}
+                prompt_sent = True
+            if choices or extra:
+                yield chunk(choices, usage(n_prompt, sum(len(o.token_ids) for o in out.outputs)) if continuous else None, extra)
         if with_tools and last is not None:  # calls are parsed once complete, then sent as one delta each
             for o in last.outputs:
-                msg, fr = _tool_message(st, o)
+                msg, fr = tool_message(st, o, req.parallel_tool_calls)
                 rest = (msg.get("content") or "")[sent_chars[o.index]:]
                 delta = {"content": rest} if rest else {}
                 if "tool_calls" in msg:
                     delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(msg["tool_calls"])]
-                yield chunk([{"index": o.index, "delta": delta, "logprobs": None, "finish_reason": fr}])
+                n_now = sum(len(x.token_ids) for x in last.outputs)
+                yield chunk([{"index": o.index, "delta": delta, "logprobs": None, "finish_reason": fr}],
+                            usage(n_prompt, n_now) if continuous else None)
         n_out = sum(len(o.token_ids) for o in last.outputs) if last else 0
         info["completion_tokens"] = n_out
         if include_usage:

@@ -192,4 +192,5 @@ class Gate:
         log.info(json.dumps({k: v for k, v in rec.items() if k != "body"}))
 
 
-_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize"}
+_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize",
+           "/v1/embeddings", "/v1/responses", "/tokenizer_info"}

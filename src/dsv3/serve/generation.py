@@ -10,8 +10,10 @@ engine and every other request carry on), and a stopped engine 503.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any, AsyncIterator
 
@@ -21,22 +23,102 @@ from dsv3.engine.outputs import EngineRequest, RequestOutput
 from dsv3.engine.sampling import SamplingParams
 from dsv3.serve.errors import APIError
 from dsv3.serve.state import ServerState
-from dsv3.io.tokenizer import LONG_TEXT
+from dsv3.io.tokenizer import LONG_TEXT, IncrementalDetokenizer
 
 def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """The engine's parameters for an OpenAI body (logits processors are attached once the grammar is compiled)."""
+    """The engine's parameters for an OpenAI body (logits processors are attached once the grammar is compiled).
+
+    `best_of` runs that many sequences (ranked afterwards by cumulative log-probability, which needs the sampled
+    tokens' log-probs); `max_tokens` 0 (prompt scoring) runs one token that is never reported."""
+    best_of = getattr(req, "best_of", None)
+    n = req.n
+    if best_of is not None:
+        if best_of < n:
+            raise APIError(400, f"'best_of' ({best_of}) must be at least 'n' ({n})", param="best_of")
+        if req.stream and best_of > n:
+            raise APIError(400, "'best_of' greater than 'n' cannot be streamed (the best are known only at the end)",
+                           param="best_of")
+        if best_of > n and logprobs is None:
+            logprobs = 0
+        n = best_of
     kw: dict[str, Any] = dict(
-        n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
+        n=n, max_tokens=max_tokens or (1 if max_tokens == 0 else None), min_tokens=req.min_tokens,
         temperature=1.0 if req.temperature is None else req.temperature, top_p=1.0 if req.top_p is None else req.top_p,
         top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop,
-        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs)
-    if getattr(req, "echo", False) and logprobs is not None:
-        kw["prompt_logprobs"] = logprobs
+        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
+        include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens)
+    wanted = [k for k in (req.prompt_logprobs, logprobs if getattr(req, "echo", False) else None) if k is not None]
+    if wanted:
+        kw["prompt_logprobs"] = max(wanted)
     try:
         return SamplingParams(**kw)
     except DSV3Error as e:
         raise APIError(400, str(e)) from None
+
+
+def keep_best(outputs: list[Any], n: int, best_of: int | None) -> list[Any]:
+    """The `n` outputs of highest cumulative log-probability out of `best_of` (OpenAI's `best_of`), re-indexed."""
+    if best_of is None or best_of <= n:
+        return list(outputs)
+    ranked = sorted(outputs, key=lambda o: -(o.cumulative_logprob if o.cumulative_logprob is not None else float("-inf")))
+    return [replace(o, index=i) for i, o in enumerate(ranked[:n])]
+
+
+def grammar_choice(req: Any, forced_tools: tuple[str, Any, str] | None = None) -> tuple[str, Any, str] | None:
+    """(kind, spec, param) of the one grammar a request asks for: a forced tool call, `response_format`, vLLM's
+    `guided_*` or `structured_outputs`; two at once are a 400 (a forced call wins over `response_format`, as in
+    OpenAI: the reply is the call)."""
+    from dsv3.serve.structured import response_format_spec
+
+    asked: list[tuple[str, Any, str]] = []
+    rf = response_format_spec(getattr(req, "response_format", None))
+    if rf is not None and forced_tools is None:
+        asked.append((*rf, "response_format"))
+    if req.guided_json is not None:
+        asked.append(("json_schema", _schema(req.guided_json, "guided_json"), "guided_json"))
+    if req.guided_regex is not None:
+        asked.append(("regex", req.guided_regex, "guided_regex"))
+    if req.guided_choice is not None:
+        asked.append(("choice", req.guided_choice, "guided_choice"))
+    if req.guided_grammar is not None:
+        asked.append(("ebnf", req.guided_grammar, "guided_grammar"))
+    so = req.structured_outputs
+    if so is not None:
+        if so.structural_tag is not None:
+            raise APIError(400, "'structured_outputs.structural_tag' is not supported by this server",
+                           param="structured_outputs.structural_tag", code="unsupported_parameter")
+        if so.whitespace_pattern is not None:
+            raise APIError(400, "'structured_outputs.whitespace_pattern' is not supported: JSON is always generated "
+                                "compact", param="structured_outputs.whitespace_pattern", code="unsupported_parameter")
+        if so.json_ is not None:
+            asked.append(("json_schema", _schema(so.json_, "structured_outputs.json"), "structured_outputs.json"))
+        if so.regex is not None:
+            asked.append(("regex", so.regex, "structured_outputs.regex"))
+        if so.choice is not None:
+            asked.append(("choice", so.choice, "structured_outputs.choice"))
+        if so.grammar is not None:
+            asked.append(("ebnf", so.grammar, "structured_outputs.grammar"))
+        if so.json_object:
+            asked.append(("json_object", "", "structured_outputs.json_object"))
+    if forced_tools is not None:
+        asked.insert(0, forced_tools)
+    if len(asked) > 1:
+        names = ", ".join(f"'{a[2]}'" for a in asked)
+        raise APIError(400, f"{names} each ask for a grammar; give only one", param=asked[1][2])
+    return asked[0] if asked else None
+
+
+def _schema(value: Any, param: str) -> Any:
+    """A JSON schema given as an object or as JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise APIError(400, f"'{param}' is not valid JSON", param=param) from None
+    if not isinstance(value, (dict, bool)):
+        raise APIError(400, f"'{param}' must be a JSON schema (an object)", param=param)
+    return value
 
 
 async def encode(st: ServerState, text: str, add_special_tokens: bool = True, param: str | None = "prompt",
@@ -90,12 +172,12 @@ def admit(st: ServerState, prompt: list[int], params: SamplingParams, requested_
     return request
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, sep: str = "-") -> str:
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
 
 
 async def generate(st: ServerState, request: EngineRequest, rid: str, model: str | None = None,
-                   info: dict | None = None) -> AsyncIterator[RequestOutput]:
+                   info: dict | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
     """Run one admitted request on the engine with latency metrics; `model` picks a LoRA adapter.
 
     `info["completion_tokens"]` follows every token generated (summed over a request's prompts), so what
@@ -106,7 +188,10 @@ async def generate(st: ServerState, request: EngineRequest, rid: str, model: str
     counts = info.setdefault("generated", {}) if info is not None else {}
     try:
         adapter = st.adapter_id(model)
-        async for out in st.front.generate(request, None, rid, **({"adapter_id": adapter} if adapter else {})):
+        kw: dict[str, Any] = {"adapter_id": adapter} if adapter else {}
+        if cache_salt is not None:
+            kw["cache_salt"] = cache_salt
+        async for out in st.front.generate(request, None, rid, **kw):
             now = time.monotonic()
             n_tok = sum(len(o.token_ids) for o in out.outputs)
             if n_tok > produced:
@@ -136,8 +221,9 @@ def finish_reason(o: Any) -> str | None:
     return None if o.finish_reason in (None, "abort") else o.finish_reason
 
 
-def token_text(tok: Any, token_id: int) -> str:
-    return tok.decode([token_id], skip_special_tokens=False)
+def token_text(tok: Any, token_id: int, as_id: bool = False) -> str:
+    """A token as logprobs show it: its text, or vLLM's `token_id:N` (`return_tokens_as_token_ids`)."""
+    return f"token_id:{token_id}" if as_id else tok.decode([token_id], skip_special_tokens=False)
 
 
 @lru_cache(maxsize=1)
@@ -164,42 +250,94 @@ def token_bytes(tok: Any, token_id: int) -> list[int]:
     return list(token_text(tok, token_id).encode())
 
 
-def chat_logprobs(tok: Any, o: Any, top: int, start: int = 0) -> dict | None:
+def chat_logprobs(tok: Any, o: Any, top: int, start: int = 0, as_id: bool = False) -> dict | None:
     """OpenAI chat `logprobs.content` for tokens start.. of one output (None if the engine gave none)."""
     lps = getattr(o, "logprobs", None)
     if lps is None:
         return None
     content = []
     for tid, d in zip(o.token_ids[start:], lps[start:]):
-        s = token_text(tok, tid)
         others = sorted(d.items(), key=lambda kv: -kv[1])[:top]
-        content.append({"token": s, "logprob": float(d.get(tid, float("-inf"))), "bytes": token_bytes(tok, tid),
-                        "top_logprobs": [{"token": token_text(tok, i), "logprob": float(v),
+        content.append({"token": token_text(tok, tid, as_id), "logprob": float(d.get(tid, float("-inf"))),
+                        "bytes": token_bytes(tok, tid),
+                        "top_logprobs": [{"token": token_text(tok, i, as_id), "logprob": float(v),
                                           "bytes": token_bytes(tok, i)} for i, v in others]})
     return {"content": content}
 
 
-def completion_logprobs(tok: Any, ids: list[int], lps: list[dict | None], top: int, offset0: int = 0) -> dict:
-    """Legacy completions `logprobs` (tokens, token_logprobs, top_logprobs, text_offset)."""
+class TextOffsets:
+    """Character offsets of tokens in the text a client is sent (`text_offset`): where each token's text begins,
+    counted with the same decoding that produced the text (special tokens skipped, a character split over tokens
+    placed at its first token, replacement characters of broken bytes credited to the tokens that held them),
+    continuing across stream chunks."""
+
+    def __init__(self, tok: Any, context: list[int] | None = None, start: int = 0, skip_special_tokens: bool = True):
+        self.tok, self.skip = tok, skip_special_tokens
+        self.detok = IncrementalDetokenizer(tok, context, skip_special_tokens=skip_special_tokens)
+        self.pos = start
+
+    def take(self, ids: list[int]) -> list[int]:
+        out = []
+        for t in ids:
+            piece = self.detok.push(t)
+            own = self.tok.decode([t], skip_special_tokens=self.skip) if piece else ""
+            lead = len(piece) - len(own) if own and "\ufffd" not in own and piece.endswith(own) else 0
+            out.append(self.pos + lead)
+            self.pos += len(piece)
+        return out
+
+
+def completion_logprobs(tok: Any, ids: list[int], lps: list[dict | None], top: int, offsets: list[int] | None = None,
+                        as_id: bool = False, limit: int | None = None) -> dict:
+    """Legacy completions `logprobs` (tokens, token_logprobs, top_logprobs, text_offset); `offsets` from
+    `TextOffsets`, clamped to `limit` (the text's length, which a stop string may have cut)."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    pos = offset0
-    for tid, d in zip(ids, lps):
-        s = token_text(tok, tid)
-        out["tokens"].append(s)
-        out["text_offset"].append(pos)
-        pos += len(s)
+    if offsets is None:
+        offsets = TextOffsets(tok).take(list(ids))
+    for tid, d, pos in zip(ids, lps, offsets):
+        out["tokens"].append(token_text(tok, tid, as_id))
+        out["text_offset"].append(pos if limit is None else min(pos, limit))
         if d is None:
             out["token_logprobs"].append(None)
             out["top_logprobs"].append(None)
             continue
         out["token_logprobs"].append(float(d.get(tid, float("-inf"))))
-        out["top_logprobs"].append({token_text(tok, i): float(v) for i, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]})
+        best: dict[str, float] = {}
+        for i, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]:
+            best.setdefault(token_text(tok, i, as_id), float(v))  # tokens of the same text: the likelier one
+        out["top_logprobs"].append(best)
+    return out
+
+
+def prompt_logprobs_body(tok: Any, prompt_ids: list[int], plp: list | None, as_id: bool = False) -> list | None:
+    """vLLM's `prompt_logprobs`: None for the first token, then {token id: {logprob, rank, decoded_token}} holding
+    the prompt token and the top-k at each position."""
+    if plp is None:
+        return None
+    out: list[dict | None] = [None]
+    for tid, d in zip(prompt_ids[1:], list(plp)[1:]):
+        if d is None:
+            out.append(None)
+            continue
+        ranked = sorted(d.items(), key=lambda kv: -kv[1])
+        entry = {}
+        for r, (i, v) in enumerate(ranked, 1):
+            entry[str(i)] = {"logprob": float(v), "rank": getattr(d, "rank", r) if i == tid else r,
+                             "decoded_token": token_text(tok, i, as_id)}
+        out.append(entry)
     return out
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+def stream_usage(req: Any) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats) of a streamed request (vLLM: the latter only with the former)."""
+    so = req.stream_options
+    include = bool(so and so.include_usage)
+    return include, include and bool(so.continuous_usage_stats)
 
 
 def cache_lookup(st: ServerState, headers: Any, info: dict, route: str, model: str, body: dict) -> tuple[str | None, bytes | None]:

@@ -9,8 +9,9 @@ pair; it gets the tokenizer info as xgrammar's JSON and sends back the compiled 
 way (a few KB; deserializing it takes under a millisecond).
 
 Specs are plain data (`kind`, `text`), so the child builds every grammar itself:
-`json_object`, `json_schema` (text: the schema), `regex`, `ebnf`, and `tool_call` (text: JSON
-`{"calls": [[prefix, schema, suffix], ...]}`: one literal-schema-literal sequence per allowed call).
+`json_object`, `json_schema` (text: the schema), `regex`, `ebnf`, `choice` (text: a JSON list of
+strings) and `tool_call` (text: JSON `{"begin", "calls": [[prefix, schema, suffix], ...], "end",
+"max_calls"}`: `begin`, one to `max_calls` literal-schema-literal calls, `end`).
 """
 
 from __future__ import annotations
@@ -32,14 +33,19 @@ def build(xgr: Any, compiler: Any, kind: str, text: str) -> Any:
         return compiler.compile_regex(text)
     if kind == "ebnf":
         return compiler.compile_grammar(xgr.Grammar.from_ebnf(text))
-    if kind == "tool_call":
-        alts = []
-        for prefix, schema, suffix in json.loads(text)["calls"]:
-            head = xgr.Grammar.from_ebnf("root ::= " + json.dumps(prefix, ensure_ascii=False))
-            args = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True)
-            tail = xgr.Grammar.from_ebnf("root ::= " + json.dumps(suffix, ensure_ascii=False))
-            alts.append(xgr.Grammar.concat(head, args, tail))
-        return compiler.compile_grammar(alts[0] if len(alts) == 1 else xgr.Grammar.union(*alts))
+    if kind == "tool_call":  # begin, then 1..max_calls of the calls (each literal-schema-literal), then end
+        spec = json.loads(text)
+        lit = lambda s: xgr.Grammar.from_ebnf("root ::= " + json.dumps(s, ensure_ascii=False))  # noqa: E731
+        alts = [xgr.Grammar.concat(lit(prefix), xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True),
+                                   lit(suffix)) for prefix, schema, suffix in spec["calls"]]
+        call = alts[0] if len(alts) == 1 else xgr.Grammar.union(*alts)
+        rest = lit(spec["end"])
+        for _ in range(int(spec.get("max_calls", 1)) - 1):  # end | call rest: unrolled, xgrammar has no repetition here
+            rest = xgr.Grammar.union(lit(spec["end"]), xgr.Grammar.concat(call, rest))
+        return compiler.compile_grammar(xgr.Grammar.concat(lit(spec["begin"]), call, rest))
+    if kind == "choice":  # text: a JSON list of strings, one of which is the whole output
+        options = [xgr.Grammar.from_ebnf("root ::= " + json.dumps(c, ensure_ascii=False)) for c in json.loads(text)]
+        return compiler.compile_grammar(options[0] if len(options) == 1 else xgr.Grammar.union(*options))
     raise ValueError(f"unknown grammar kind {kind!r}")
 
 

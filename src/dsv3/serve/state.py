@@ -44,6 +44,9 @@ class ServeConfig:
     grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
     refusal_log_per_minute: float = 20.0  # audit/access lines per client address for refused (401/413/429) requests
+    embedding_pooling: str = "mean"  # /v1/embeddings: mean or last (token) pooling of the final hidden states
+    responses_max_entries: int = 1000  # /v1/responses stored for previous_response_id (least recently used out first)
+    responses_max_bytes: int = 64 << 20  # ... and their size as JSON, all together
 
 
 class ServerState:
@@ -57,6 +60,7 @@ class ServerState:
         self._grammar: GrammarBackend | None = None
         self._grammar_lock: asyncio.Lock | None = None
         self.metrics: Metrics | None = None
+        self.responses = None  # dsv3.serve.responses.ResponseStore, set when the route registers
 
     @property
     def cache(self) -> ResponseCache | None:

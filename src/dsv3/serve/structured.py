@@ -1,7 +1,8 @@
 """Structured output: a grammar (xgrammar) masks the logits at every step, so the output must parse.
 
-`response_format` json_object / json_schema and forced tool calls compile to an xgrammar grammar
-over the model's own vocabulary. A `GrammarProcessor` is a per-request logits processor
+`response_format` json_object / json_schema, vLLM's `guided_json` / `guided_regex` /
+`guided_choice` / `guided_grammar` (EBNF) and `structured_outputs`, and forced tool calls compile to
+an xgrammar grammar over the model's own vocabulary. A `GrammarProcessor` is a per-request logits processor
 (`(output_token_ids, logits_row) -> logits_row`, the engine's hook); it keeps one matcher per
 distinct output prefix, because the `n` sequences of a request share the processor but diverge.
 
@@ -141,6 +142,17 @@ def check_spec(kind: str, spec: Any, limits: GrammarLimits, param: str = "respon
         text = json.dumps(spec, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         check_text(text, limits, param, "tool schemas")
         return text
+    if kind == "choice":
+        if not isinstance(spec, list) or not spec or not all(isinstance(c, str) for c in spec):
+            raise APIError(400, f"'{param}' must be a non-empty list of strings", param=param)
+        if len(spec) > limits.max_enum:
+            raise APIError(400, f"'{param}' lists {len(spec)} choices, over the server's limit of {limits.max_enum} "
+                                "(--grammar-max-enum)", param=param, code="grammar_too_complex")
+        text = json.dumps(spec, ensure_ascii=False)
+        check_text(text, limits, param, "choices")
+        return text
+    if not isinstance(spec, str) or not spec:
+        raise APIError(400, f"'{param}' must be a non-empty string", param=param)
     check_text(spec, limits, param, "regex" if kind == "regex" else "grammar")
     check_regex(spec, limits, param)  # counted repetition means the same in EBNF
     return spec
@@ -312,8 +324,10 @@ class GrammarBackend:
         text = self.check(kind, spec, param)
         return await asyncio.to_thread(self._compile_text, kind, text, param)
 
-    def processor(self, compiled: Any, allow_newline: bool = False, prefer: list[int] | None = None) -> GrammarProcessor:
-        return GrammarProcessor(self, compiled, self.control_but_newline if allow_newline else self.control, prefer)
+    def processor(self, compiled: Any, guide: Any = None) -> GrammarProcessor:
+        """A per-request processor; `guide(output_ids, matcher, masked_row) -> row` refines the mask where the
+        grammar alone is not enough (forced tool calls: `tools.ToolCallGuide`, which then places bare newlines)."""
+        return GrammarProcessor(self, compiled, self.control_but_newline if guide is not None else self.control, guide)
 
     def close(self) -> None:
         self.pool.close()
@@ -322,11 +336,8 @@ class GrammarBackend:
 class GrammarProcessor:
     """Masks every token the grammar forbids after the tokens generated so far."""
 
-    def __init__(self, backend: GrammarBackend, compiled: Any, banned: torch.Tensor, prefer: list[int] | None = None):
-        """`prefer`: token ids (e.g. special markers) that, whenever the grammar allows one, are the only choice,
-        so a marker is written as its single special token and not spelled out character by character."""
-        self.backend, self.compiled, self.banned = backend, compiled, banned
-        self.prefer = torch.tensor(sorted(prefer or []), dtype=torch.long)
+    def __init__(self, backend: GrammarBackend, compiled: Any, banned: torch.Tensor, guide: Any = None):
+        self.backend, self.compiled, self.banned, self.guide = backend, compiled, banned, guide
         self._matchers: list[tuple[list[int], Any]] = []
         self._lock = threading.Lock()
         self._mask = backend.xgr.allocate_token_bitmask(1, backend.vocab_size)
@@ -367,12 +378,10 @@ class GrammarProcessor:
             if not bool(torch.isfinite(head).any()):
                 raise GrammarDeadEnd(f"the grammar allows no token after {len(output_token_ids)} generated tokens: "
                                      "the schema cannot be completed from here")
-            if len(self.prefer):
-                ok = self.prefer[torch.isfinite(head[0, self.prefer])]
-                if len(ok):
-                    only = torch.full_like(head, float("-inf"))
-                    only[0, ok] = head[0, ok]
-                    head = only
+            if self.guide is not None:
+                head = self.guide(list(output_token_ids), m, head)
+                if not bool(torch.isfinite(head).any()):
+                    raise GrammarDeadEnd(f"no token fits the tool-call layout after {len(output_token_ids)} generated tokens")
             row[:, :width] = head
             row[:, width:] = float("-inf")
             return row.reshape(logits.shape).to(logits.dtype)
@@ -413,6 +422,24 @@ def logit_bias_processor(bias: dict[str, float], vocab_size: int):
     def apply(output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         out = logits.clone()
         out[ids] += vals.to(out.dtype)
+        return out
+
+    return apply
+
+
+def allowed_tokens_processor(ids: list[int], vocab_size: int):
+    """vLLM's `allowed_token_ids`: every other token is masked."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"'allowed_token_ids' holds {bad}, outside the vocabulary [0, {vocab_size})",
+                       param="allowed_token_ids")
+    if not ids:
+        raise APIError(400, "'allowed_token_ids' is empty: no token could be generated", param="allowed_token_ids")
+    keep = torch.tensor(sorted(set(ids)), dtype=torch.long)
+
+    def apply(output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        out = torch.full_like(logits, float("-inf"))
+        out[keep] = logits[keep]
         return out
 
     return apply

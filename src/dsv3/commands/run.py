@@ -75,8 +75,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto", help="latent cache storage (int8: per-token scales)")
     p.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0 = off)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
-    p.add_argument("--quantization", choices=("int8", "int4", "fp8"), default=None,
-                   help="quantize the weights on load (a `dsv3 quantize` checkpoint needs no flag)")
+    p.add_argument("--quantization", choices=("int8", "int4", "fp8", "awq", "gptq", "compressed-tensors"), default=None,  # dsv3.io.load.QUANTIZATION_CHOICES
+                   help="int8/int4/fp8: quantize the weights on load; awq/gptq/compressed-tensors: the checkpoint holds that "
+                        "packing (checked; such files, and `dsv3 quantize` output, also load without the flag)")
     p.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="processes splitting attention heads and MLPs")
     p.add_argument("--expert-parallel-size", type=positive_int, default=1, help="processes splitting the routed experts")
     p.add_argument("--master-port", type=port_number, default=None, metavar="PORT",

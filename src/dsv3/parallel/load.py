@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dsv3.io.checkpoint import checkpoint_files, dequantize_fp8, has_mtp_weights, iter_checkpoint, resolve_dtype
+from dsv3.io.checkpoint import TensorIndex, checkpoint_files, dequantize_fp8, fp8_scale, has_mtp_weights, iter_checkpoint, resolve_dtype
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
 from dsv3.models.interface import CausalLM

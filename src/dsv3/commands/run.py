@@ -129,7 +129,7 @@ def start_parallel(args: argparse.Namespace, model, config):
             raise DSV3Error("--master-port is for the ranks dsv3 spawns itself; under torchrun give torchrun --master-port")
         check_bind("127.0.0.1", args.master_port, "--master-port")
     handle = start_engine(model, args.tensor_parallel_size, args.expert_parallel_size, dtype=args.dtype, config=config,
-                          progress=False, port=args.master_port)
+                          progress=False, port=args.master_port, quantization=getattr(args, "quantization", None))
     if handle is not None:
         atexit.register(handle.shutdown)
     return handle
@@ -171,8 +171,6 @@ def load(args: argparse.Namespace, chat: bool = False):
     config = engine_config(args, lora_adapters={ADAPTER: str(lora)} if lora else None)
     model = resolve_model(args, chat=chat)
     if parallel_requested(args):
-        if args.quantization is not None:
-            raise DSV3Error("--quantization cannot be combined with tensor or expert parallelism yet")
         if lora:
             raise DSV3Error("--lora cannot be combined with tensor or expert parallelism yet")
         handle = start_parallel(args, model, config)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -138,17 +138,21 @@ def has_mtp_weights(files: list[Path], cfg: ModelConfig) -> bool:
 
 
 def iter_checkpoint(files: list[Path], cfg: ModelConfig, with_mtp: bool, targets: dict, desc: str = "loading",
-                    progress: bool = True, index: TensorIndex | None = None) -> Iterator[tuple[SafetensorsFile, str, str, tuple]]:
+                    progress: bool = True, index: TensorIndex | None = None,
+                    claim: Callable[[SafetensorsFile, str], bool] | None = None) -> Iterator[tuple[SafetensorsFile, str, str, tuple]]:
     """(open file, checkpoint name, model parameter name, index) for every tensor the model takes from `files`.
 
     Skips FP8 scales (read with their weight), MTP copies of shared tensors, a tied head and HF's
     cached rotary tables; an unknown tensor is an error (the config does not match the checkpoint).
+    `claim(sf, name)` -> True takes a tensor out of the walk first (the packed tensors of quantized modules).
     """
     bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc=desc, disable=not progress)
     for path in files:
         with SafetensorsFile(path) as sf:
             for name in sf.keys():
                 bar.update(sf.entries[name][3] - sf.entries[name][2])
+                if claim is not None and claim(sf, name):
+                    continue
                 if name.endswith("weight_scale_inv"):
                     if name.removesuffix("_scale_inv") not in sf.entries and (index is None or name.removesuffix("_scale_inv") not in index):
                         raise CheckpointError(f"{path.name}: {name!r} has no matching weight in the checkpoint")

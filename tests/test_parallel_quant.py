@@ -126,3 +126,54 @@ def test_fp8_cut_inside_a_block_runs_dense_and_on_the_fly_quantization_is_refuse
     assert results[0][("fp8", 1, 2)]["types"]["model.layers.1.mlp.experts"] == "QuantExperts"  # EP cuts no matrix
     with pytest.raises(ParallelError, match="dsv3 quantize --method int8"):
         load_sharded(ckpts["int8"].parent / "base", ParallelConfig(2, 1, 0), "fp32", progress=False, quantization="int8")
+
+
+@pytest.mark.slow
+def test_the_requests_deployment_command_as_written(tmp_path):
+    """docs/serve.md's deployment section, run as written: `dsv3 quantize --method awq` on the embedded model, then
+    `dsv3 serve --tensor-parallel-size 4 --quantization awq --max-model-len 131072` (4 ranks over gloo on this CPU),
+    answering the OpenAI client with what one process generates from the same files."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+    import openai
+
+    from dsv3 import LLM, SamplingParams
+    from dsv3.io.paths import default_model_dir
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    calib = tmp_path / "calib.txt"
+    calib.write_text("".join(p.read_text() for p in sorted((Path(__file__).resolve().parents[1] / "src" / "dsv3" / "engine").glob("*.py"))))
+    out = tmp_path / "default-awq"
+    r = subprocess.run([sys.executable, "-m", "dsv3", "quantize", "--method", "awq", "--model", str(default_model_dir()),
+                        "-o", str(out), "--calib", str(calib), "--group-size", "32", "--calib-samples", "2",
+                        "--calib-seq-len", "64"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", "--model", str(out), "--tensor-parallel-size", "4",
+                             "--quantization", "awq", "--max-model-len", "131072", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(1)
+        else:
+            pytest.fail("server did not become healthy")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        got = client.completions.create(model=out.name, prompt="def fibonacci(n):", max_tokens=16, temperature=0)
+        expected = LLM(out, quantization="awq").generate("def fibonacci(n):", SamplingParams(max_tokens=16, temperature=0))
+        assert got.choices[0].text == expected[0].outputs[0].text and got.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

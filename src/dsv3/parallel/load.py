@@ -171,9 +171,9 @@ def load_sharded(model_dir: str | Path, pc: ParallelConfig, dtype: torch.dtype |
             (packed if _aligned(fmt, local, shape, ckpt_name(name, L)) else dense_q)[name] = fmt
         for name in packed:
             set_module(model, name, _Pending())
-        if dense_q:
-            log.warning("%d packed module(s) cut inside an int4 group or FP8 block on rank %d run dense (dequantized): %s",
-                        len(dense_q), pc.rank, ", ".join(sorted(dense_q)[:3]) + (" ..." if len(dense_q) > 3 else ""))
+        if dense_q and pc.rank == 0:  # every rank has the same layout: one line
+            log.warning("%d packed module(s) cut inside an int4 group or FP8 block run dense (dequantized) on each rank: %s",
+                        len(dense_q), ", ".join(sorted(dense_q)[:3]) + (" ..." if len(dense_q) > 3 else ""))
     model.to_empty(device=device)
     model.tie_weights()
     model.cast(dtype)

@@ -186,3 +186,16 @@ def test_a_kimi_k2_model_chats_through_it(kimi_dir, tmp_path):
     out = llm.chat([{"role": "user", "content": "你好"}], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 6
     assert out[0].prompt_token_ids[-1] == base + 17  # <|im_middle|> closes the generation prompt
+
+
+def test_structured_output_grammar_builds_over_the_tiktoken_vocabulary(kimi_dir):
+    """The server's xgrammar backend reads the raw byte tokens (specials as empty, never text) and constrains to JSON."""
+    from dsv3.serve.structured import GrammarBackend
+
+    d, ranks = kimi_dir
+    tok = Tokenizer.from_dir(d)
+    g = GrammarBackend(tok, tok.vocab_size, tok.stop_token_ids)  # (its compiler pool is started by the server only)
+    assert g.info.vocab_size == tok.vocab_size
+    decoded = g.info.decoded_vocab
+    assert decoded[ranks[b"Hello"]] == b"Hello" and decoded[len(ranks)] == b""
+    assert bool(g.control[ranks[b"\n"]]) and not bool(g.control[ranks[b"Hello"]])

@@ -20,7 +20,7 @@ from dsv3.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dsv3.io.paths import default_model_dir
 from reference_decoder import Generator
 from dsv3.quant import QuantError, load_quantized, quantize_model, save_quantized
-from dsv3.quant.apply import linear_weight_bytes
+from dsv3.quant.apply import default_policy, linear_weight_bytes
 from dsv3.quant.awq import _Search, awq_calibrate
 from dsv3.quant.experts import QuantExperts
 from dsv3.quant.linear import QuantLinear
@@ -83,12 +83,25 @@ def test_logits_close_to_fp32_and_packed_modules_used(model_dir, data, method):
 @pytest.mark.parametrize("method", ["int8", "int4", "awq", "fp8"])
 @torch.no_grad()
 def test_quantize_save_load_generate_roundtrip(model_dir, data, tmp_path, method):
+    """`dsv3 quantize`'s defaults (LM head and embedding quantized, the rest of the dense tensors in bf16 or fp32
+    norms): what was measured in memory is what loads back, bit for bit."""
     calib, held = data
     model = load_model(model_dir, progress=False)
-    quantize_model(model, method, group_size=G, calib=calib if method == "awq" else None, progress=False)
+    head, embedding = default_policy(method)
+    if method == "fp8":
+        with torch.no_grad():  # DeepSeek's FP8 layout keeps the embedding in bf16: round it as the file will
+            model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight.bfloat16().float())
+    quantize_model(model, method, group_size=G, calib=calib if method == "awq" else None, progress=False,
+                   include_lm_head=head, embedding=embedding or False)
     out = save_quantized(model, tmp_path / method, tokenizer_from=model_dir)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == ("fp8" if method == "fp8" else "dsv3")
+    with SafetensorsFile(out / "model.safetensors") as sf:
+        dense = {n: sf.dtype(n) for n in sf.keys() if sf.dtype(n).is_floating_point and len(sf.shape(n)) >= 2
+                 and not n.endswith(("weight_scale", "weight_scale_inv")) and sf.dtype(n) != torch.float8_e4m3fn}
+    router = {n for n in dense if ".mlp.gate." in n}
+    assert all(dense[n] == torch.float32 for n in router) and router
+    assert {dense[n] for n in set(dense) - router} <= {torch.bfloat16}  # fp8's embedding; nothing else is dense
     loaded = load_quantized(out, progress=False)
     assert torch.equal(loaded(held), model(held))  # the packed tensors come back bit-exact
     tok = Tokenizer.from_dir(out)
@@ -215,15 +228,19 @@ def test_awq_without_calibration_is_a_user_error(model_dir):
 
 @torch.no_grad()
 def test_quantized_lm_head_roundtrip_with_mtp(model_dir, data, tmp_path):
-    """--lm-head: the head is packed too; MTP's shared_head.head copy is written dense and ignored on load."""
+    """--lm-head: the head is packed too; MTP's copies of the embedding and head (never read on load) are not
+    written; a kept embedding is stored in bf16."""
     _, held = data
     model = load_model(model_dir, progress=False)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight.bfloat16().float())
     quantize_model(model, "int8", include_lm_head=True, progress=False)
     assert isinstance(model.lm_head, QuantLinear)
     out = save_quantized(model, tmp_path / "head")
     with SafetensorsFile(out / "model.safetensors") as sf:
         assert sf.dtype("lm_head.weight") == torch.int8
-        assert sf.dtype("model.layers.2.shared_head.head.weight") == torch.float32
+        assert sf.dtype("model.embed_tokens.weight") == torch.bfloat16
+        assert "model.layers.2.shared_head.head.weight" not in sf.entries and "model.layers.2.embed_tokens.weight" not in sf.entries
     loaded = load_quantized(out, progress=False)
     assert isinstance(loaded.lm_head, QuantLinear) and len(loaded.model.mtp) == 1
     assert torch.equal(loaded(held), model(held))
@@ -235,12 +252,12 @@ def test_int4_layers_with_an_int8_head_roundtrip(model_dir, data, tmp_path):
     config.json, restored on load; an unknown head format is refused by name."""
     _, held = data
     model = load_model(model_dir, progress=False)
-    qc = quantize_model(model, "int4", group_size=32, include_lm_head="int8", progress=False)
-    assert qc["lm_head"] == "int8" and model.lm_head.fmt.name == "int8"
+    qc = quantize_model(model, "int4", group_size=32, include_lm_head="int8", embedding=True, progress=False)
+    assert qc["lm_head"] == "int8" and model.lm_head.fmt.name == "int8" and qc["embed_tokens"] == "int4"
     assert model.model.layers[0].self_attn.o_proj.fmt.name == "int4"
     out = save_quantized(model, tmp_path / "mixed")
     with SafetensorsFile(out / "model.safetensors") as sf:
-        assert sf.dtype("lm_head.weight") == torch.int8
+        assert sf.dtype("lm_head.weight") == torch.int8 and sf.dtype("model.embed_tokens.weight_packed") == torch.uint8
     loaded = load_quantized(out, progress=False)
     assert loaded.lm_head.fmt.name == "int8" and loaded.model.layers[0].self_attn.o_proj.fmt.name == "int4"
     assert torch.equal(loaded(held), model(held))
@@ -287,3 +304,45 @@ def test_awq_scale_search_never_scores_worse_than_round_to_nearest():
         err_awq = (F.linear(x, pseudo_quantize_int4(w * s, 32) / s) - ref).pow(2).mean()
         err_rtn = (F.linear(x, pseudo_quantize_int4(w, 32)) - ref).pow(2).mean()
         assert err_awq <= err_rtn
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@torch.no_grad()
+def test_quantized_embedding_is_the_dequantized_table_and_a_tied_head_is_stored_once(tmp_path, method):
+    """A tied model (the embedded default model's shape): quantizing embedding and head keeps the embedding a dense
+    table holding exactly dequant(quant(E)) (checked against the scheme's own round trip), stores one matrix when
+    head and embedding share their format (int8) and two otherwise (int4 body: int8 head, int4 embedding), and the
+    directory loads back to the same logits."""
+    from dsv3.quant.schemes import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+
+    cfg = ModelConfig.from_dir(default_model_dir())
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(cfg)
+    model.init_weights()
+    E = model.model.embed_tokens.weight.detach().clone()
+    head, embedding = default_policy(method)
+    qc = quantize_model(model, method, group_size=128, include_lm_head=head, embedding=embedding, progress=False)
+    got = model.model.embed_tokens.weight
+    if method == "int8":
+        assert qc["embed_tokens"] == "lm_head"
+        torch.testing.assert_close(got, dequantize_int8(*quantize_int8(E)), rtol=0, atol=1e-6)
+    else:
+        assert qc["embed_tokens"] == "int4" and qc["lm_head"] == "int8"
+        u, s, z = quantize_int4(E, 128)
+        torch.testing.assert_close(got, dequantize_int4(u, s, z, E.shape[1]), rtol=0, atol=1e-6)
+    out = save_quantized(model, tmp_path / method)
+    with SafetensorsFile(out / "model.safetensors") as sf:
+        names = set(sf.keys())
+    embed = {n for n in names if n.startswith("model.embed_tokens.")}
+    assert embed == (set() if method == "int8" else {f"model.embed_tokens.{k}" for k in ("weight_packed", "weight_scale", "weight_zero_point")})
+    assert "lm_head.weight" in names
+    loaded = load_quantized(out, progress=False)
+    ids = torch.randint(3, 1000, (1, 16))
+    assert torch.equal(loaded(ids), model(ids))
+    assert torch.equal(loaded.model.embed_tokens.weight, got)
+
+
+def test_an_fp8_embedding_is_refused_by_name(model_dir):
+    model = load_model(model_dir, progress=False)
+    with pytest.raises(QuantError, match="fp8 checkpoints keep DeepSeek's layout"):
+        quantize_model(model, "fp8", embedding=True, progress=False)

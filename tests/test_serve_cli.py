@@ -64,5 +64,6 @@ def test_quantization_flag_quantizes_at_load(tmp_path):
     assert engine.model.config.quantization_config["format"] == "int8"
     out = engine.generate(["def f"], SamplingParams(max_tokens=3, temperature=0))[0].outputs[0]
     assert len(out.token_ids) >= 1
+    assert parse("serve", "--quantization", "awq").quantization == "awq"  # vLLM's spelling: checked against the files
     with pytest.raises(SystemExit):
-        parse("serve", "--quantization", "awq")
+        parse("serve", "--quantization", "int3")

@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dsv3.commands.finetune",
     "dsv3.commands.merge",
     "dsv3.commands.quantize",
+    "dsv3.commands.export",
     "dsv3.commands.eval",
     "dsv3.commands.plan",
 )

@@ -43,11 +43,16 @@ def run_quantize(args: argparse.Namespace) -> int:
     from dsv3.config import ModelConfig
     from dsv3.commands.outputs import prepare_output_dir
     from dsv3.quant import quantize_model, save_quantized
-    from dsv3.quant.apply import linear_weight_bytes
+    from dsv3.quant.apply import default_policy, linear_weight_bytes
     from dsv3.quant.schemes import QuantError, check_group_size
     from dsv3.io.tokenizer import Tokenizer
 
     check_group_size(args.group_size)
+    head, embedding = default_policy(args.method)
+    if args.lm_head is not None and args.keep_lm_head:
+        raise QuantError("--lm-head and --keep-lm-head contradict each other; give one")
+    head = False if args.keep_lm_head else head if args.lm_head is None else args.lm_head
+    embedding = False if args.keep_embedding or embedding is None else embedding
     if args.method == "awq" and args.calib is None:
         raise QuantError("--method awq needs calibration text: pass --calib FILE")
     if args.calib is not None and not Path(args.calib).is_file():
@@ -65,16 +70,23 @@ def run_quantize(args: argparse.Namespace) -> int:
         calib = calibration_ids(Path(args.calib), Tokenizer.from_dir(args.model), args.calib_samples, args.calib_seq_len)
     before = linear_weight_bytes(model)
     quantize_model(model, args.method, group_size=args.group_size, zero_point=not args.symmetric, calib=calib,
-                   include_lm_head=args.lm_head, progress=True)
+                   include_lm_head=head, embedding=embedding, progress=True)
     after = linear_weight_bytes(model)
     out = save_quantized(model, args.output, tokenizer_from=args.model)
+    size_in, size_out = weight_bytes(Path(args.model)), weight_bytes(out)
     forced = getattr(model, "awq_forced_experts", {})
     if forced:
         print(f"note: {sum(map(len, forced.values()))} expert(s) got no calibration tokens; calibrated with forced routing",
               file=sys.stderr)
-    print(f"{args.method}: linear weights {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({after / before:.3f}x); wrote {out}",
+    print(f"{args.method}: linear weights {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({after / before:.3f}x); "
+          f"weight files {size_in / 2**20:.2f} MiB -> {size_out / 2**20:.2f} MiB ({size_out / size_in:.3f}x); wrote {out}",
           file=sys.stderr)
     return 0
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of a checkpoint directory's safetensors files."""
+    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -86,9 +98,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", default=None, help="calibration text file (required for awq)")
     p.add_argument("--group-size", type=positive_int, default=128, help="int4/awq input channels per scale (32, 64, 128, 256)")
     p.add_argument("--symmetric", action="store_true", help="int4/awq without zero points")
-    p.add_argument("--lm-head", nargs="?", const=True, default=False, choices=(True, "int8"), metavar="FORMAT",  # dsv3.quant.apply.HEAD_FORMATS
-                   help="also quantize the LM head: in the method's format, or in FORMAT (int8: beside int4 layers, "
-                        "as llama.cpp's Q4_K_M keeps its output matrix at 6 bits)")
+    p.add_argument("--lm-head", nargs="?", const=True, default=None, choices=(True, "int8"), metavar="FORMAT",  # dsv3.quant.apply.HEAD_FORMATS
+                   help="the LM head's format: the method's (no FORMAT) or int8 (default: int8 beside int4/awq layers, "
+                        "as llama.cpp's Q4_K_M keeps its output matrix at 6 bits; the method's format otherwise)")
+    p.add_argument("--keep-lm-head", action="store_true", help="store the LM head unquantized (bf16)")
+    p.add_argument("--keep-embedding", action="store_true",
+                   help="store the token embedding unquantized (bf16); by default it is quantized like the layers "
+                        "(int8, or int4 for int4/awq; fp8 files keep DeepSeek's bf16 embedding)")
     p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration sequences (awq)")
     p.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per calibration sequence (awq)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="activation dtype of the result")

@@ -75,8 +75,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto", help="latent cache storage (int8: per-token scales)")
     p.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0 = off)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
-    p.add_argument("--quantization", choices=("int8", "int4", "fp8"), default=None,
-                   help="quantize the weights on load (a `dsv3 quantize` checkpoint needs no flag)")
+    p.add_argument("--quantization", choices=("int8", "int4", "fp8", "awq", "gptq", "compressed-tensors"), default=None,  # dsv3.io.load.QUANTIZATION_CHOICES
+                   help="int8/int4/fp8: quantize the weights on load; awq/gptq/compressed-tensors: the checkpoint holds that "
+                        "packing (checked; such files, and `dsv3 quantize` output, also load without the flag)")
     p.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="processes splitting attention heads and MLPs")
     p.add_argument("--expert-parallel-size", type=positive_int, default=1, help="processes splitting the routed experts")
     p.add_argument("--master-port", type=port_number, default=None, metavar="PORT",
@@ -128,7 +129,7 @@ def start_parallel(args: argparse.Namespace, model, config):
             raise DSV3Error("--master-port is for the ranks dsv3 spawns itself; under torchrun give torchrun --master-port")
         check_bind("127.0.0.1", args.master_port, "--master-port")
     handle = start_engine(model, args.tensor_parallel_size, args.expert_parallel_size, dtype=args.dtype, config=config,
-                          progress=False, port=args.master_port)
+                          progress=False, port=args.master_port, quantization=getattr(args, "quantization", None))
     if handle is not None:
         atexit.register(handle.shutdown)
     return handle
@@ -170,8 +171,6 @@ def load(args: argparse.Namespace, chat: bool = False):
     config = engine_config(args, lora_adapters={ADAPTER: str(lora)} if lora else None)
     model = resolve_model(args, chat=chat)
     if parallel_requested(args):
-        if args.quantization is not None:
-            raise DSV3Error("--quantization cannot be combined with tensor or expert parallelism yet")
         if lora:
             raise DSV3Error("--lora cannot be combined with tensor or expert parallelism yet")
         handle = start_parallel(args, model, config)

@@ -94,8 +94,9 @@ def build_config(args: argparse.Namespace):
     for flag, path in (("--audit-log", args.audit_log), ("--response-cache", args.response_cache)):
         if path is not None and path != "memory":
             prepare_output_file(path, flag).parent.mkdir(parents=True, exist_ok=True)  # opened right below
-    if args.quantization is not None and args.tensor_parallel_size * args.expert_parallel_size > 1:
-        raise ServeError("--quantization cannot be combined with tensor or expert parallelism yet")
+    if args.quantization in ("int8", "int4") and parallel_requested(args):
+        raise ServeError(f"--quantization {args.quantization} quantizes while loading, which parallel runs do not do: write a "
+                         f"quantized checkpoint with `dsv3 quantize --method {args.quantization}` and serve that")
     lora = parse_lora(args.lora, served_name(args))
     if lora and parallel_requested(args):
         raise ServeError("--lora cannot be combined with tensor or expert parallelism yet")
@@ -172,6 +173,10 @@ def run_serve(args: argparse.Namespace) -> int:
     path = resolve_model(args)
     if args.retry_load is None:
         check_model(path)  # the common mistakes (no such model, no weights) fail here, before the server starts
+        from dsv3.io.load import DECLARED, check_declared
+
+        if args.quantization in DECLARED:  # `--quantization awq` on files that are not AWQ: one line, before starting
+            check_declared(path, args.quantization)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)

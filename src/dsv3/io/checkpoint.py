@@ -2,7 +2,9 @@
 
 Loading builds the model on the meta device, allocates it once in the target dtype and copies
 each tensor straight from the memory-mapped file, so peak memory stays near the model's own size.
-FP8 e4m3 weights with 128×128 `weight_scale_inv` blocks are dequantized on the way in. Per-expert
+FP8 e4m3 weights with 128×128 `weight_scale_inv` blocks are dequantized on the way in; a scale is
+found through the index's weight map (`TensorIndex`), since the released files split some weight/scale
+pairs across shards (deepseek-ai/DeepSeek-V3 PR #2). Per-expert
 checkpoint tensors are written into the stacked expert weights, and layer `num_hidden_layers + k`
 into MTP module k. Pickle formats are refused: loading them can run arbitrary code.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -24,7 +26,7 @@ from dsv3.models.registry import family
 from dsv3.io.save import TOKENIZER_FILES, copy_tokenizer_files, export_tensors, save_model
 from dsv3.io.safetensors import SafetensorsFile
 
-__all__ = ["TOKENIZER_FILES", "checkpoint_files", "copy_tokenizer_files", "dequantize_fp8", "export_tensors", "iter_checkpoint",
+__all__ = ["TOKENIZER_FILES", "TensorIndex", "checkpoint_files", "copy_tokenizer_files", "dequantize_fp8", "export_tensors", "iter_checkpoint",
            "load_plain", "map_name", "read_tensor", "resolve_dtype", "save_model"]
 
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.weight_scale_inv)$")
@@ -58,6 +60,63 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"no *.safetensors weights in {model_dir}")
 
 
+class TensorIndex:
+    """Which file of a checkpoint holds each tensor: the index's `weight_map` (every file's header without an
+    index), so a tensor is read from wherever the shards put it. Files other than the one being walked are
+    opened on first use and kept open until `close`."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self.where: dict[str, Path] = {}
+        index = files[0].parent / "model.safetensors.index.json" if files else None
+        if index is not None and index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.where = {name: files[0].parent / f for name, f in weight_map.items()}
+        else:
+            for path in files:
+                with SafetensorsFile(path) as sf:
+                    self.where.update(dict.fromkeys(sf.entries, path))
+        self._open: dict[Path, SafetensorsFile] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str, current: SafetensorsFile | None = None) -> tuple[SafetensorsFile, torch.Tensor]:
+        """(the open file holding `name`, a view of the tensor): `current` when it has it, else the file the index names."""
+        if current is not None and name in current.entries:
+            return current, current.get(name)
+        path = self.where.get(name)
+        if path is None:
+            raise CheckpointError(f"tensor {name!r} is in none of the checkpoint's files")
+        if path not in self._open:
+            self._open[path] = SafetensorsFile(path)
+        sf = self._open[path]
+        if name not in sf.entries:
+            raise CheckpointError(f"{path.name}: the index lists {name!r} in this file, which does not hold it")
+        return sf, sf.get(name)
+
+    def close(self) -> None:
+        for sf in self._open.values():
+            sf.close()
+        self._open.clear()
+
+    def __enter__(self) -> "TensorIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fp8_scale(sf: SafetensorsFile, name: str, index: "TensorIndex | None") -> tuple[SafetensorsFile, torch.Tensor]:
+    """(file, view) of the `weight_scale_inv` of FP8 weight `name`: in its own file, or wherever the index puts it."""
+    scale = name.removesuffix("weight") + "weight_scale_inv"
+    if scale in sf.entries or index is None or scale not in index:
+        if scale not in sf.entries:
+            raise CheckpointError(f"{sf.path.name}: FP8 tensor {name!r} has no {scale!r}")
+        return sf, sf.get(scale)
+    return index.get(scale)
+
+
 def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str) -> torch.Tensor:
     """W[n, k] = fp32(Wq[n, k]) · S[n // bn, k // bk]; edge blocks smaller than the block use their block's scale."""
     (N, K), (bn, bk) = w.shape, block
@@ -79,20 +138,24 @@ def has_mtp_weights(files: list[Path], cfg: ModelConfig) -> bool:
 
 
 def iter_checkpoint(files: list[Path], cfg: ModelConfig, with_mtp: bool, targets: dict, desc: str = "loading",
-                    progress: bool = True) -> Iterator[tuple[SafetensorsFile, str, str, tuple]]:
+                    progress: bool = True, index: TensorIndex | None = None,
+                    claim: Callable[[SafetensorsFile, str], bool] | None = None) -> Iterator[tuple[SafetensorsFile, str, str, tuple]]:
     """(open file, checkpoint name, model parameter name, index) for every tensor the model takes from `files`.
 
     Skips FP8 scales (read with their weight), MTP copies of shared tensors, a tied head and HF's
     cached rotary tables; an unknown tensor is an error (the config does not match the checkpoint).
+    `claim(sf, name)` -> True takes a tensor out of the walk first (the packed tensors of quantized modules).
     """
     bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc=desc, disable=not progress)
     for path in files:
         with SafetensorsFile(path) as sf:
             for name in sf.keys():
                 bar.update(sf.entries[name][3] - sf.entries[name][2])
+                if claim is not None and claim(sf, name):
+                    continue
                 if name.endswith("weight_scale_inv"):
-                    if name.removesuffix("_scale_inv") not in sf.entries:
-                        raise CheckpointError(f"{path.name}: {name!r} has no matching weight in the same file")
+                    if name.removesuffix("_scale_inv") not in sf.entries and (index is None or name.removesuffix("_scale_inv") not in index):
+                        raise CheckpointError(f"{path.name}: {name!r} has no matching weight in the checkpoint")
                     continue
                 if _IGNORED.search(name):
                     continue
@@ -105,16 +168,15 @@ def iter_checkpoint(files: list[Path], cfg: ModelConfig, with_mtp: bool, targets
     bar.close()
 
 
-def read_tensor(sf: SafetensorsFile, name: str, cfg: ModelConfig) -> torch.Tensor:
-    """A tensor as stored, or dequantized to fp32 when it is an FP8 block-scaled weight."""
+def read_tensor(sf: SafetensorsFile, name: str, cfg: ModelConfig, index: TensorIndex | None = None) -> torch.Tensor:
+    """A tensor as stored, or dequantized to fp32 when it is an FP8 block-scaled weight (its scale looked up
+    through `index` when another shard holds it)."""
     src = sf.get(name)
     if src.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        scale = name.removesuffix("weight") + "weight_scale_inv"
-        if scale not in sf.entries:
-            raise CheckpointError(f"{sf.path.name}: FP8 tensor {name!r} has no {scale!r}")
+        holder, scale = fp8_scale(sf, name, index)
         block = tuple((cfg.quantization_config or {}).get("weight_block_size") or (128, 128))
-        src = dequantize_fp8(src, sf.get(scale), block, name)
-        sf.release(scale)
+        src = dequantize_fp8(src, scale, block, name)
+        holder.release(name.removesuffix("weight") + "weight_scale_inv")
     return src
 
 
@@ -143,16 +205,17 @@ def load_plain(model_dir: str | Path, dtype: torch.dtype | str | None = None, de
     if cfg.tie_word_embeddings:
         needed.discard("lm_head.weight")
     filled: dict[str, int] = {}
-    for sf, name, pname, index in iter_checkpoint(files, cfg, with_mtp, targets, "loading", progress):
-        dest = targets[pname][index] if index else targets[pname]
-        src = read_tensor(sf, name, cfg)
-        if tuple(src.shape) != tuple(dest.shape):
-            raise CheckpointError(f"{sf.path.name}: tensor {name!r} has shape {list(src.shape)}, the model expects {list(dest.shape)}")
-        with torch.no_grad():
-            dest.copy_(src)
-        del src
-        sf.release(name)
-        filled[pname] = filled.get(pname, 0) + 1
+    with TensorIndex(files) as where:
+        for sf, name, pname, index in iter_checkpoint(files, cfg, with_mtp, targets, "loading", progress, where):
+            dest = targets[pname][index] if index else targets[pname]
+            src = read_tensor(sf, name, cfg, where)
+            if tuple(src.shape) != tuple(dest.shape):
+                raise CheckpointError(f"{sf.path.name}: tensor {name!r} has shape {list(src.shape)}, the model expects {list(dest.shape)}")
+            with torch.no_grad():
+                dest.copy_(src)
+            del src
+            sf.release(name)
+            filled[pname] = filled.get(pname, 0) + 1
     expected_counts = {n: family(cfg.model_type).weights().pieces(n, cfg) for n in needed}
     for n in sorted(needed):
         if filled.get(n, 0) < expected_counts[n]:

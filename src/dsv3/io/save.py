@@ -17,7 +17,8 @@ import torch
 from dsv3.models.interface import CausalLM
 from dsv3.models.registry import family_of
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "tiktoken.model", "chat_template.jinja")  # (tiktoken.model: Kimi-K2 / Moonlight)
 
 
 def export_tensors(model: CausalLM) -> Iterator[tuple[str, Callable[[], torch.Tensor], int]]:

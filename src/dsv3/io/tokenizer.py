@@ -1,4 +1,5 @@
-"""Tokenizer: `tokenizer.json` through the `tokenizers` library, special tokens from the model's files.
+"""Tokenizer: `tokenizer.json` through the `tokenizers` library (or Kimi-K2/Moonlight's `tiktoken.model` through
+tiktoken, `dsv3.io.tiktoken_tokenizer`), special tokens from the model's files.
 
 transformers v5 loads DeepSeek's byte-level BPE (declared `LlamaTokenizerFast`) with a Metaspace
 pre-tokenizer that eats spaces, so dsv3 never goes through `AutoTokenizer`: the BPE comes straight
@@ -93,17 +94,23 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
-        """Load `tokenizer.json` and the json files next to it from a model directory."""
+        """Load `tokenizer.json` (else Kimi/Moonlight's `tiktoken.model`) and the json files next to it from a model directory."""
+        from dsv3.io.tiktoken_tokenizer import KIMI_CHAT_TEMPLATE, TIKTOKEN_FILE, TiktokenBackend
+
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
-        if not path.is_file():
-            raise TokenizerError(f"no tokenizer.json in {model_dir} (looked for {path}).")
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # the Rust side raises a bare Exception on malformed files
-            raise TokenizerError(f"{path} could not be loaded by the tokenizers library ({e}).") from None
         config_path = model_dir / "tokenizer_config.json"
         config = _read_json(config_path) or {}
+        fallback_template = None
+        if path.is_file():
+            try:
+                backend = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as e:  # the Rust side raises a bare Exception on malformed files
+                raise TokenizerError(f"{path} could not be loaded by the tokenizers library ({e}).") from None
+        elif (model_dir / TIKTOKEN_FILE).is_file():
+            backend, path, fallback_template = TiktokenBackend.from_dir(model_dir, config), model_dir / TIKTOKEN_FILE, KIMI_CHAT_TEMPLATE
+        else:
+            raise TokenizerError(f"no tokenizer.json (or {TIKTOKEN_FILE}) in {model_dir} (looked for {path}).")
         special = {k: _token_content(config.get(k), k, config_path) for k in SPECIAL_KEYS}
         map_path = model_dir / "special_tokens_map.json"
         for key, value in (_read_json(map_path) or {}).items():
@@ -115,10 +122,14 @@ class Tokenizer:
         jinja_path = model_dir / "chat_template.jinja"
         if template is None and jinja_path.is_file():
             template = jinja_path.read_text(encoding="utf-8")
+        if template is None:
+            template = fallback_template
         gen = _read_json(model_dir / "generation_config.json") or {}
         eos = gen.get("eos_token_id")
         extra = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
         add_bos = config.get("add_bos_token")
+        if add_bos is None and fallback_template is not None:
+            add_bos = False  # tiktoken has no post-processor: Kimi's encode adds nothing unless asked
         return cls(backend, special=special, add_bos_token=None if add_bos is None else bool(add_bos),
                    add_eos_token=bool(config.get("add_eos_token", False)), chat_template=template,
                    extra_eos_ids=extra, source=str(config_path if config else path))

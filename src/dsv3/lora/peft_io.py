@@ -18,7 +18,7 @@ import torch
 
 from dsv3.lora.apply import AdapterError, LoRASpec, lora_modules, mark_trainable, replace_module
 from dsv3.lora.layers import EXPERT_PROJ, ExpertsLoRA, LoRALinear, is_adaptable_linear, lora_scaling
-from dsv3.lora.targets import scale_patterns, target_regex
+from dsv3.lora.targets import mlp_linears, scale_patterns, target_parameters, target_regex
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -52,12 +52,15 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path, spec: LoRASpec, ba
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in adapter_tensors(model).items()}
     ranks, alphas = scale_patterns(model, spec)
+    params = target_parameters(model)  # dense-MLP / shared-expert linears: see dsv3.lora.targets
     config = {
         "alpha_pattern": alphas, "auto_mapping": None, "base_model_name_or_path": base_model, "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "layers_pattern": None,
-        "layers_to_transform": None, "lora_alpha": spec.alpha, "lora_bias": False, "lora_dropout": spec.lora_dropout,
+        # PEFT wraps a target parameter only without dropout (an inference-time no-op anyway)
+        "layers_to_transform": None, "lora_alpha": spec.alpha, "lora_bias": False, "lora_dropout": 0.0 if params else spec.lora_dropout,
         "modules_to_save": None, "peft_type": "LORA", "r": spec.r, "rank_pattern": ranks, "revision": None,
-        "target_modules": target_regex(model), "task_type": "CAUSAL_LM", "use_dora": False,
+        "target_modules": target_regex(model, exclude=set(mlp_linears(model))), "target_parameters": params,
+        "task_type": "CAUSAL_LM", "use_dora": False,
         "use_rslora": spec.use_rslora,
     }
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -5,6 +5,10 @@ layers hold a slice of the input features and all-reduce their partial products;
 holds a slice of the vocabulary, zeroes ids it does not own and all-reduces; the head holds a
 slice of the vocabulary and all-gathers logits. Each records which slice of the full checkpoint
 tensor it holds (`shard`), which is all sharded loading needs to know.
+
+The `Quant*` variants are the same layers over packed weights (`dsv3.quant.linear.QuantLinear`: int8,
+int4 from dsv3/AutoAWQ/GPTQ/compressed-tensors files, FP8), their scales and zero points cut along the
+same split as the weight (`dsv3.parallel.load.narrow_packed`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 
 from dsv3.layers.linear import Linear
 from dsv3.parallel.dist import ParallelError, all_gather_last, all_reduce
+from dsv3.quant.linear import QuantLinear
 
 
 @dataclass(frozen=True)
@@ -102,3 +107,54 @@ class ParallelHead(Linear):
         if self.on_call is not None:
             self.on_call(x)
         return all_gather_last(F.linear(x, self.weight))
+
+
+class QuantColumnParallelLinear(QuantLinear):
+    """`ColumnParallelLinear` over packed weights: this rank's output rows of the packed matrix (and their scales)."""
+
+    shard: Shard
+
+    def native_form(self) -> None:
+        return None
+
+
+class QuantRowParallelLinear(QuantLinear):
+    """`RowParallelLinear` over packed weights: this rank's input columns (whole int4 groups / FP8 blocks), partial
+    products all-reduced (int8's per-row scale applies to every partial product alike)."""
+
+    shard: Shard
+
+    def native_form(self) -> None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(super().forward(x))
+
+
+class QuantParallelHead(QuantLinear):
+    """`ParallelHead` over a packed LM head: its vocabulary rows, logits all-gathered."""
+
+    shard: Shard
+    on_call = None
+
+    def native_form(self) -> None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_call is not None:
+            self.on_call(x)
+        return all_gather_last(super().forward(x))
+
+
+PACKED_VARIANT = {ColumnParallelLinear: QuantColumnParallelLinear, RowParallelLinear: QuantRowParallelLinear,
+                  ParallelHead: QuantParallelHead}
+
+
+def packed_like(local: nn.Module, packed: QuantLinear) -> QuantLinear:
+    """`packed` (this rank's slice, already cut) as the parallel variant of the dense layer `local` it replaces."""
+    cls = PACKED_VARIANT.get(type(local))
+    if cls is None:
+        return packed  # a replicated layer: the plain packed linear
+    out = cls(packed.fmt, packed.in_features, packed.out_features, packed.tensors, act_dtype=packed.act_dtype)
+    out.shard = local.shard
+    return out

@@ -25,7 +25,7 @@ from dsv3.engine import EngineConfig, EngineDeadError, LLMEngine
 from dsv3.engine.runner import ModelRunner
 from dsv3.parallel import dist as pdist
 from dsv3.parallel.dist import ParallelConfig, ParallelError
-from dsv3.parallel.layers import ParallelHead
+from dsv3.parallel.layers import ParallelHead, QuantParallelHead
 from dsv3.parallel.load import load_sharded, memory_report, rss
 
 
@@ -59,7 +59,7 @@ class DriverRunner:
     def __init__(self, inner: ModelRunner):
         self.inner, self.in_step = inner, False
         head = inner.model.lm_head
-        if isinstance(head, ParallelHead):
+        if isinstance(head, (ParallelHead, QuantParallelHead)):
             head.on_call = self._head_called
 
     def __getattr__(self, name: str) -> Any:
@@ -118,6 +118,7 @@ class LaunchSpec:
     device: str = "cpu"
     progress: bool = True
     port: int = 0
+    quantization: str | None = None  # "fp8" keeps an FP8 checkpoint in FP8; awq/gptq/compressed-tensors: checked before
 
 
 def _load(spec: LaunchSpec, rank: int, world: int, addr: str | None):
@@ -125,7 +126,7 @@ def _load(spec: LaunchSpec, rank: int, world: int, addr: str | None):
     try:
         baseline = rss()
         model = load_sharded(spec.model_dir, ParallelConfig(spec.tp, spec.ep, rank), spec.dtype, dev,
-                             progress=spec.progress and rank == 0)
+                             progress=spec.progress and rank == 0, quantization=spec.quantization)
         print(memory_report(model, rank, baseline), file=sys.stderr, flush=True)
     except Exception as e:  # reported to every rank by `agree`
         agree(f"{type(e).__name__}: {e}")
@@ -186,16 +187,24 @@ class ParallelEngine:
 
 def start_engine(model_dir: str | Path, tensor_parallel_size: int = 1, expert_parallel_size: int = 1,
                  dtype: str = "auto", device: str = "cpu", config: EngineConfig | None = None,
-                 progress: bool = True, port: int | None = None) -> ParallelEngine | None:
+                 progress: bool = True, port: int | None = None, quantization: str | None = None) -> ParallelEngine | None:
     """Start every rank. Under torchrun each process calls this: rank 0 gets the engine, others serve and get None.
 
     Outside torchrun this process becomes rank 0 and spawns the other ranks on 127.0.0.1, meeting them on
-    `port` (default: a free one).
+    `port` (default: a free one). Quantized checkpoints run packed on every rank (`load_sharded`); `quantization`
+    is "fp8" (keep an FP8 checkpoint in FP8) or names the packing the files must hold (awq, gptq, compressed-tensors).
     """
+    from dsv3.io.load import DECLARED, check_declared
     from dsv3.io.tokenizer import Tokenizer
 
     pc = ParallelConfig(tensor_parallel_size, expert_parallel_size)
-    spec = LaunchSpec(str(model_dir), pc.tp, pc.ep, dtype, device, progress)
+    if quantization in DECLARED:
+        check_declared(model_dir, quantization)
+        quantization = None
+    elif quantization is not None and quantization != "fp8":
+        raise ParallelError(f"--quantization {quantization} quantizes while loading, which parallel runs do not do: write a "
+                            f"quantized checkpoint with `dsv3 quantize --method {quantization}` and run that")
+    spec = LaunchSpec(str(model_dir), pc.tp, pc.ep, dtype, device, progress, quantization=quantization)
     procs, addr = [], None
     if pdist.launched_by_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

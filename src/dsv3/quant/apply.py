@@ -1,10 +1,13 @@
 """Quantize a loaded model in place: pick the linears and experts, optionally calibrate (AWQ), swap.
 
 What is converted: every `nn.Linear` of the decoder layers and MTP modules (MLA projections, dense
-MLPs, shared experts, `eh_proj`) and every routed-expert stack; the LM head only on request.
-What is never converted: embeddings, norms and the fp32 router (`mlp.gate`, with its correction
-bias) and DSA's indexer head weights (`indexer.weights_proj`), because they are small and routing
-and top-k decisions are sensitive to them.
+MLPs, shared experts, `eh_proj`) and every routed-expert stack; the LM head and the token embedding
+on request (`dsv3 quantize` asks for both by default, as llama.cpp's Q8_0 quantizes them). The embedding
+is only gathered from, so it keeps a dense table in memory (holding the dequantized values) and its
+packed tensors for saving.
+What is never converted: norms and the fp32 router (`mlp.gate`, with its correction
+bias) and DSA's indexer head weights (`indexer.weights_proj`, fp32 in the reference), because they are
+small and routing and top-k decisions are sensitive to them.
 """
 
 from __future__ import annotations
@@ -77,14 +80,17 @@ def convert(module: nn.Module, fmt: Format, clip: dict[str, torch.Tensor] | torc
     return QuantLinear.from_linear(module, fmt, clip)
 
 
-def quantization_config(method: str, fmt: Format, include_lm_head: bool | str, groups: dict[str, int] | None = None) -> dict:
+def quantization_config(method: str, fmt: Format, include_lm_head: bool | str, groups: dict[str, int] | None = None,
+                        embedding: str | None = None) -> dict:
     """The `quantization_config` written to config.json (DeepSeek's own spelling for fp8). `lm_head`: false,
-    true (the head in the body's format) or a format name (e.g. "int8" beside int4 layers)."""
+    true (the head in the body's format) or a format name (e.g. "int8" beside int4 layers); `embed_tokens`: the
+    embedding's format, "lm_head" (stored once, as the tied head) or false."""
     if method == "fp8":
         return {"quant_method": "fp8", **fmt.config()}
     return {"quant_method": "dsv3", "format": fmt.name, **fmt.config(), **({"group_sizes": groups} if groups else {}),
-            "calibration": "awq" if method == "awq" else "rtn", "lm_head": include_lm_head,
-            "modules_not_converted": ["model.embed_tokens", "*norm*", "*.mlp.gate", "*.indexer.weights_proj"] + ([] if include_lm_head else ["lm_head"]),
+            "calibration": "awq" if method == "awq" else "rtn", "lm_head": include_lm_head, "embed_tokens": embedding or False,
+            "modules_not_converted": ["*norm*", "*.mlp.gate", "*.indexer.weights_proj"] + ([] if embedding else ["model.embed_tokens"])
+            + ([] if include_lm_head else ["lm_head"]),
             "version": 2 if groups else 1}
 
 
@@ -96,22 +102,54 @@ def untie_lm_head(model: nn.Module) -> None:
 
 
 HEAD_FORMATS = ("int8",)  # a head format other than the body's: int8 beside int4 layers (llama.cpp's Q4_K_M keeps Q6_K)
+EMBED_FORMATS = ("int8", "int4")  # the body's format or int8 (fp8 files keep DeepSeek's bf16 embedding)
+
+
+def quantize_embedding(model: nn.Module, fmt: Format, shared_head: bool = False) -> None:
+    """Quantize the token embedding (round to nearest): the dense table keeps the dequantized values, which is what
+    a gather reads, and the packed tensors ride along for `save_quantized`. `shared_head`: the (formerly tied) LM
+    head holds exactly these tensors, so they are stored once."""
+    emb = model.model.embed_tokens
+    w = emb.weight.detach()
+    V, D = w.shape
+    if shared_head:
+        t = model.lm_head.tensors
+    else:
+        t = fmt.quantize(w)
+    with torch.no_grad():
+        emb.weight.copy_(fmt.dequant(t, V, D).to(w.dtype))
+    emb.__dict__["quantized"] = (fmt, t, shared_head)
+
+
+def default_policy(method: str) -> tuple[bool | str, str | None]:
+    """What `dsv3 quantize` does with the LM head and the embedding by default, per method: int8 both; int4/awq an
+    int8 head (as Q4_K_M keeps llama.cpp's output matrix at 6 bits) and an int4 embedding (Q4_K_M's token_embd is
+    4-bit too); fp8 an fp8 head and a bf16 embedding (DeepSeek's FP8 layout has no FP8 embedding)."""
+    return {"int8": (True, "int8"), "int4": ("int8", "int4"), "awq": ("int8", "int4"), "fp8": (True, None)}[method]
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 128, zero_point: bool = True,
                    calib: torch.Tensor | Sequence[Sequence[int]] | None = None, include_lm_head: bool | str = False,
-                   progress: bool = True, **awq_options) -> dict:
+                   progress: bool = True, embedding: bool | str = False, **awq_options) -> dict:
     """Quantize `model` in place with int8 | int4 | awq | fp8; returns (and sets) its quantization_config.
 
     calib: token ids [n_samples, seq_len] (AWQ only). include_lm_head: True quantizes the LM head in
-    the method's format, "int8" in int8 whatever the method. Call after any dtype cast: the packed
-    buffers are not meant to be cast again.
+    the method's format, "int8" in int8 whatever the method. embedding: True quantizes the token embedding
+    in the method's format (int8 or int4, round to nearest), "int8"/"int4" in that one. Call after any dtype
+    cast: the packed buffers are not meant to be cast again.
     """
     check_method(method)
     if isinstance(include_lm_head, str) and include_lm_head not in HEAD_FORMATS:
         raise QuantError(f"unknown LM head format {include_lm_head!r} (use {', '.join(HEAD_FORMATS)})")
     if method == "fp8" and isinstance(include_lm_head, str):
         raise QuantError("fp8 checkpoints keep DeepSeek's layout: the LM head can only be fp8 too (--lm-head)")
+    if embedding is True:
+        embedding = FORMAT_OF[method]
+    if embedding and (embedding not in EMBED_FORMATS or embedding not in (FORMAT_OF[method], "int8")):
+        raise QuantError(f"the token embedding of a {method} checkpoint can be quantized to "
+                         f"{' or '.join(dict.fromkeys(f for f in (FORMAT_OF[method], 'int8') if f in EMBED_FORMATS)) or 'nothing'}, not {embedding!r}"
+                         + (" (fp8 checkpoints keep DeepSeek's layout: a bf16 embedding)" if method == "fp8" else ""))
+    tied = model.config.tie_word_embeddings
     fmt = make_format(FORMAT_OF[method], group_size, zero_point, device=model.device)
     clips: dict[str, object] = {}
     if method == "awq":
@@ -134,7 +172,16 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, zero_po
     for name, module in tqdm(targets, desc=f"quantizing ({method})", disable=not progress):
         set_module(model, name, convert(module, head_fmt if name == "lm_head" else fmt, None if name == "lm_head" and head_fmt is not fmt
                                         else clips.get(name)))
-    qc = quantization_config(method, fmt, include_lm_head, groups)
+    embed_spec = None
+    if embedding:
+        efmt = fmt if embedding == fmt.name else make_format(embedding, group_size, zero_point, device=model.device)
+        shared = tied and isinstance(model.lm_head, QuantLinear) and model.lm_head.fmt.name == efmt.name and \
+            (efmt.name != "int4" or efmt.group_for(model.config.hidden_size) == model.lm_head.fmt.tensor_group(model.lm_head.tensors))
+        quantize_embedding(model, model.lm_head.fmt if shared else efmt, shared_head=shared)
+        embed_spec = "lm_head" if shared else efmt.name
+        if embed_spec == "int4" and groups is not None and efmt.group_for(model.config.hidden_size) != efmt.group_size:
+            groups["model.embed_tokens"] = efmt.group_for(model.config.hidden_size)
+    qc = quantization_config(method, fmt, include_lm_head, groups, embed_spec)
     model.config.quantization_config = qc
     ops.invalidate(model)
     return qc

@@ -58,7 +58,9 @@ class QuantExperts(PackedModule):
 
     def native_form(self) -> NativeExperts | None:
         """int8: the stored stacks (kind 1); int4: converted on first use to the native kernels' layout (kind 2),
-        kept until `reset_native`; None for FP8, off the CPU, or a group that does not allow it."""
+        kept until `reset_native`; None for FP8, off the CPU, a group that does not allow it, or a parallel shard."""
+        if self.all_reduce is not None or self.count != self.n_experts:
+            return None
         if self.fmt.name == "int8":
             lins = [NativeLinear(1, getattr(self, f"{p}_qweight"), getattr(self, f"{p}_scale")) for p in PROJ]
             return None if not lins[0].weight.is_cpu else NativeExperts(*lins)

@@ -262,8 +262,13 @@ class GrammarBackend:
 
         self.xgr = xgr
         self.limits = limits or GrammarLimits()
-        hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend)
-        self.info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids))
+        if hasattr(tokenizer.backend, "token_bytes"):  # tiktoken (Kimi-K2, Moonlight): raw byte tokens, specials empty
+            b = tokenizer.backend
+            raw = [b"" if tokenizer.is_special(i) else b.token_bytes(i) for i in range(b.get_vocab_size())]
+            self.info = xgr.TokenizerInfo(raw, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids))
+        else:
+            hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend)
+            self.info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids))
         self.pool = CompilerPool(self.info.serialize_json(), workers)
         self.vocab_size = vocab_size
         self.stop_ids = torch.tensor(sorted(stop_token_ids), dtype=torch.long)

@@ -30,6 +30,11 @@ SCHEMAS = {
     "decode_step": "decode_step(Tensor?[] weights, Tensor meta, Tensor fmeta, Tensor(a!) cache, int[] layers, Tensor ids, "
                    "Tensor? positions, int start, int T, Tensor slot_mapping, Tensor key_slots, Tensor? key_mask, "
                    "Tensor(b!) hidden, Tensor(c!)? logits) -> int",
+    # GPU kernels (dsv3.ops.triton registers their CUDA implementations)
+    "mla_attend": "mla_attend(Tensor q, Tensor cache, Tensor key_slots, Tensor? key_lens, int kv_lora_rank, "
+                  "float scale) -> Tensor",
+    "fused_moe": "fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights) -> Tensor",
+    "fp8_gemm": "fp8_gemm(Tensor x, Tensor weight, Tensor scale_inv) -> Tensor",
 }
 
 _lib = torch.library.Library("dsv3", "FRAGMENT")
@@ -82,6 +87,21 @@ def _(weights, meta, fmeta, cache, layers, x, cos, sin, slot_mapping, key_slots,
 @torch.library.register_fake("dsv3::decode_step")
 def _(weights, meta, fmeta, cache, layers, ids, positions, start, T, slot_mapping, key_slots, key_mask, hidden, logits):
     return 0
+
+
+@torch.library.register_fake("dsv3::mla_attend")
+def _(q, cache, key_slots, key_lens, kv_lora_rank, scale):
+    return q.new_empty(q.shape[0], q.shape[1], kv_lora_rank)
+
+
+@torch.library.register_fake("dsv3::fused_moe")
+def _(x, w13, w2, topk_ids, topk_weights):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("dsv3::fp8_gemm")
+def _(x, weight, scale_inv):
+    return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype if x.is_floating_point() else torch.bfloat16)
 
 
 def registered_cpu_kernels() -> list[str]:

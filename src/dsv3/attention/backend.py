@@ -147,11 +147,7 @@ class TritonBackend(TorchBackend):
         B, T, H, _ = q_nope.shape
         if not (kv.is_cuda and T == 1 and layer._kv_b_lora(slots, B) is None and _gpu_ops()):
             return super().absorbed(layer, q_nope, q_pe, kv, mask, slots)
-        S = kv.shape[1]
-        key_slots = torch.arange(B * S, device=kv.device).view(B, S)
-        if mask is not None:  # [B or 1, 1, 1, S] -> [B, S]; masked keys read as slot -1 (skipped)
-            key_slots = key_slots.masked_fill(~mask.expand(B, 1, 1, S).reshape(B, S), -1)
-        return self.decode_slots(layer, q_nope, q_pe, kv.reshape(B * S, -1), key_slots, None)
+        return self.decode_slots(layer, q_nope, q_pe, kv.reshape(B * kv.shape[1], -1), gathered_slots(kv, mask), None)
 
     def decode_slots(self, layer: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                      key_slots: torch.Tensor, key_lens: torch.Tensor | None) -> torch.Tensor:
@@ -164,6 +160,13 @@ class TritonBackend(TorchBackend):
         o_lat = torch.ops.dsv3.mla_attend(q, cache, key_slots, key_lens, layer.kv_lora_rank, layer.scale)
         out = torch.bmm(o_lat.transpose(0, 1).to(w.dtype), w_uv.transpose(1, 2))  # [H, B, dv]
         return out.transpose(0, 1)[:, None]
+
+
+def gathered_slots(kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Gathered keys kv [B, S, W] as slots of kv.view(B·S, W): [B, S], -1 where `mask` ([B or 1, 1, 1, S]) is False."""
+    B, S = kv.shape[:2]
+    slots = torch.arange(B * S, device=kv.device).view(B, S)
+    return slots if mask is None else slots.masked_fill(~mask.expand(B, 1, 1, S).reshape(B, S), -1)
 
 
 def _gpu_ops() -> bool:

@@ -266,3 +266,18 @@ def test_vendor_packages_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("DSV3_GPU_KERNELS", "triton")
     assert vendor.module("flash_mla") is None
     assert vendor.module("surely_not_a_module_dsv3") is None
+
+
+def test_gpu_ops_are_declared_with_shapes_on_meta_tensors():
+    from dsv3.ops import schemas
+
+    for name, schema in schemas.GPU_SCHEMAS.items():
+        assert str(getattr(torch.ops.dsv3, name).default._schema) == f"dsv3::{schema}"
+    m = torch.device("meta")
+    assert torch.ops.dsv3.mla_attend(torch.empty(3, 4, 80, device=m), torch.empty(9, 80, device=m),
+                                     torch.empty(3, 5, dtype=torch.int32, device=m), None, 64, 0.1).shape == (3, 4, 64)
+    x = torch.empty(5, 16, dtype=torch.bfloat16, device=m)
+    assert torch.ops.dsv3.fused_moe(x, torch.empty(4, 8, 16, device=m), torch.empty(4, 16, 4, device=m),
+                                    torch.empty(5, 2, dtype=torch.long, device=m), torch.empty(5, 2, device=m)).shape == x.shape
+    y = torch.ops.dsv3.fp8_gemm(x, torch.empty(300, 16, dtype=torch.float8_e4m3fn, device=m), torch.empty(3, 1, device=m))
+    assert y.shape == (5, 300) and y.dtype == torch.bfloat16

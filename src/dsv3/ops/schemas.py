@@ -30,7 +30,10 @@ SCHEMAS = {
     "decode_step": "decode_step(Tensor?[] weights, Tensor meta, Tensor fmeta, Tensor(a!) cache, int[] layers, Tensor ids, "
                    "Tensor? positions, int start, int T, Tensor slot_mapping, Tensor key_slots, Tensor? key_mask, "
                    "Tensor(b!) hidden, Tensor(c!)? logits) -> int",
-    # GPU kernels (dsv3.ops.triton registers their CUDA implementations)
+}
+
+# Ops with GPU kernels only (dsv3.ops.triton registers their CUDA implementations); the references run elsewhere.
+GPU_SCHEMAS = {
     "mla_attend": "mla_attend(Tensor q, Tensor cache, Tensor key_slots, Tensor? key_lens, int kv_lora_rank, "
                   "float scale) -> Tensor",
     "fused_moe": "fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights) -> Tensor",
@@ -38,7 +41,7 @@ SCHEMAS = {
 }
 
 _lib = torch.library.Library("dsv3", "FRAGMENT")
-for _name, _schema in SCHEMAS.items():
+for _name, _schema in {**SCHEMAS, **GPU_SCHEMAS}.items():
     _lib.define(_schema)
     _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
 

@@ -173,7 +173,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def kernel_rows() -> list[dict]:
     """Each kernel against its reference (error) and the maintained package when installed (error, time)."""
     from dsv3.layers.moe import Experts

@@ -4,13 +4,13 @@ Triton reads TRITON_INTERPRET when it is imported and when a kernel is decorated
 CPU tensors only in a process started with TRITON_INTERPRET=1 (`make test-triton`, `pytest -m triton`);
 `check_device` says so in one line instead of a compiler error.
 
-Triton's interpreter (3.7.1, the pin, and 3.9 alike) has two numeric faults a GPU does not: it multiplies bfloat16 operands of
-`tl.dot` as their raw 16-bit patterns (numpy has no bfloat16, the interpreter stores it as uint16), and
-its float -> fp8 conversion rounds ties away from zero and loses the carry when a mantissa rounds up
-(124.3 -> 64 in e4m3). `fix_interpreter` probes for each once and, where it is wrong, widens bf16 dot
-operands to fp32 (what tensor cores compute: a bf16 × bf16 product is exact in fp32, accumulated in
-fp32) and converts between float types through PyTorch (round to nearest even, as the hardware). The
-kernel source stays the one a GPU runs.
+Triton's interpreter (3.7.1, the pinned version, and 3.9 alike) has two numeric faults a GPU does not:
+it multiplies bfloat16 operands of `tl.dot` as their raw 16-bit patterns (numpy has no bfloat16, the
+interpreter stores it as uint16), and its float -> fp8 conversion rounds ties away from zero and loses
+the carry when a mantissa rounds up (124.3 -> 64 in e4m3). `fix_interpreter` probes for each once and,
+where it is wrong, widens bf16 dot operands to fp32 (what tensor cores compute: a bf16 × bf16 product is
+exact in fp32, accumulated in fp32) and converts between float types through PyTorch (round to nearest
+even, as the hardware). The kernel source stays the one a GPU runs.
 """
 
 from __future__ import annotations

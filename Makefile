@@ -11,7 +11,7 @@ INSTALL     ?= -e '.[test]'
 TORCH_INDEX ?=
 TORCH_PIN   := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml)
 
-.PHONY: run test test-all clean default-model venv deploy-tools deploy-checkov
+.PHONY: run test test-triton test-all clean default-model venv deploy-tools deploy-checkov
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,11 +24,16 @@ venv: $(STAMP)  ## only install
 run: $(STAMP)  ## generate with the embedded default model
 	$(VENV)/bin/dsv3 generate --max-tokens 64 "$(PROMPT)"
 
-test: $(STAMP)  ## the default (fast) suite, as CI runs it
+test: $(STAMP)  ## the default (fast) suite and the Triton kernels, as CI runs them
 	$(VENV)/bin/pytest -q
+	$(MAKE) test-triton
+
+test-triton: $(STAMP)  ## the GPU kernels on CPU, through Triton's interpreter (set before Triton is imported)
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -m triton
 
 test-all: $(STAMP)  ## including tests marked slow
-	$(VENV)/bin/pytest -q -m ""
+	$(VENV)/bin/pytest -q -m "not triton"
+	$(MAKE) test-triton
 
 clean:
 	rm -rf $(VENV) .pytest_cache deploy/.venv-tools deploy/.venv-checkov

@@ -135,9 +135,49 @@ class TorchBackend:
         return torch.zeros_like(valid).scatter_(-1, idx, ok)
 
 
-_BACKENDS = {"torch": TorchBackend()}
+class TritonBackend(TorchBackend):
+    """MLA on CUDA: single-token absorbed attention runs `dsv3::mla_attend` (Triton flash-decoding, see
+    `dsv3.ops.triton`); the expanded form, multi-token chunks, per-slot LoRA and DSA scoring run as in
+    TorchBackend. Without Triton it is TorchBackend."""
+
+    name = "triton"
+
+    def absorbed(self, layer: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
+                 mask: torch.Tensor | None, slots=None) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        if not (kv.is_cuda and T == 1 and layer._kv_b_lora(slots, B) is None and _gpu_ops()):
+            return super().absorbed(layer, q_nope, q_pe, kv, mask, slots)
+        return self.decode_slots(layer, q_nope, q_pe, kv.reshape(B * kv.shape[1], -1), gathered_slots(kv, mask), None)
+
+    def decode_slots(self, layer: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                     key_slots: torch.Tensor, key_lens: torch.Tensor | None) -> torch.Tensor:
+        """Absorbed decode straight from a cache layer [slots, C + dr] (no gathered copy): q_* [B, 1, H, *],
+        key_slots [B, S] (-1: none; the first key_lens[b] count when given) -> [B, 1, H, dv]."""
+        w = layer.kv_b_weight()
+        w_uk, w_uv = w[:, : layer.nope_dim], w[:, layer.nope_dim:]  # [H, dn, C], [H, dv, C]
+        q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1).to(w.dtype), w_uk).transpose(0, 1)  # [B, H, C]
+        q = torch.cat([q_lat, q_pe[:, 0].to(q_lat.dtype)], dim=-1).to(cache.dtype).contiguous()
+        o_lat = torch.ops.dsv3.mla_attend(q, cache, key_slots, key_lens, layer.kv_lora_rank, layer.scale)
+        out = torch.bmm(o_lat.transpose(0, 1).to(w.dtype), w_uv.transpose(1, 2))  # [H, B, dv]
+        return out.transpose(0, 1)[:, None]
+
+
+def gathered_slots(kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Gathered keys kv [B, S, W] as slots of kv.view(B·S, W): [B, S], -1 where `mask` ([B or 1, 1, 1, S]) is False."""
+    B, S = kv.shape[:2]
+    slots = torch.arange(B * S, device=kv.device).view(B, S)
+    return slots if mask is None else slots.masked_fill(~mask.expand(B, 1, 1, S).reshape(B, S), -1)
+
+
+def _gpu_ops() -> bool:
+    from dsv3.ops import triton as gpu
+
+    return gpu.register()
+
+
+_BACKENDS = {"torch": TorchBackend(), "triton": TritonBackend()}
 
 
 def backend_for(device: torch.device | str) -> TorchBackend:
-    """The attention backend for a device (PyTorch everywhere today; a GPU backend registers here)."""
-    return _BACKENDS["torch"]
+    """The attention backend for a device: Triton kernels on CUDA, PyTorch elsewhere."""
+    return _BACKENDS["triton" if torch.device(device).type == "cuda" else "torch"]

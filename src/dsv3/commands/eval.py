@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from dsv3.commands.run import rope_scaling
+from dsv3.commands.run import add_device_arg, device_dtype, resolve_device, rope_scaling
 from dsv3.errors import DSV3Error
 
 TASKS = ("humaneval", "mmlu", "gsm8k", "perplexity", "extraction", "needle", "long-ppl")
@@ -30,7 +30,8 @@ def _common(p: argparse.ArgumentParser, fewshot: int | None) -> None:
                      help="bearer token for --base-url (default: $OPENAI_API_KEY)")
     src.add_argument("--chat", action="store_true", help="generate through /v1/chat/completions")
     src.add_argument("--concurrency", type=int, default=8, help="parallel HTTP requests (default 8)")
-    src.add_argument("--dtype", default="float32", help="in-process weights dtype (default float32)")
+    src.add_argument("--dtype", default="auto", help="in-process weights dtype (default: fp32 on CPU, bf16 on CUDA)")
+    add_device_arg(src)
     src.add_argument("--batch-size", type=int, default=16, help="in-process batch size (default 16)")
     src.add_argument("--rope-scaling", type=rope_scaling, default=None, metavar="SPEC",
                      help="in-process: YaRN context extension, as for `dsv3 generate` (docs/generate.md)")
@@ -179,7 +180,9 @@ def make_backend(args: argparse.Namespace):
 
         model = with_rope_scaling(model, args.rope_scaling)
     need = _context_needed(args)
-    return InProcessBackend(model, dtype=args.dtype, batch_size=args.batch_size, max_length=need, max_model_len=need)
+    device = resolve_device(args.device)
+    return InProcessBackend(model, dtype=device_dtype(args.dtype, device), batch_size=args.batch_size,
+                            max_length=need, max_model_len=need, device=device)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -25,12 +25,14 @@ def check_output(cfg, overwrite: bool) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    from dsv3.commands.run import resolve_device
     from dsv3.lora.train_config import FinetuneConfig, load_config
     from dsv3.lora.trainer import finetune
     import dataclasses
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)}
     cfg = load_config(args.config, overrides)
+    resolve_device(cfg.device)  # device: cuda without CUDA is one line, before anything is written
     check_output(cfg, args.overwrite)
     finetune(cfg, progress=not args.quiet)
     return 0

@@ -14,10 +14,12 @@ _SKIP_MODEL_FIELDS = ("extra",)
 
 def _run(args: argparse.Namespace) -> int:
     from dsv3.commands.outputs import prepare_output_dir
+    from dsv3.commands.run import resolve_device
     from dsv3.train.pretrain import pretrain
 
     overrides = {k: v for k, v in vars(args).get("overrides", {}).items() if v is not None}
     cfg = PretrainConfig.load(args.config, overrides)
+    resolve_device(cfg.device)  # device: cuda without CUDA is one line, before anything is written
     prepare_output_dir(cfg.out, overwrite=True, flag="out")  # a re-run resumes there (resume: true); it must be writable
     s = pretrain(cfg)
     held = f", held-out loss {s['heldout_loss']:.4f}" if s.get("heldout_loss") is not None else ""

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dsv3.commands.run import model_dir, positive_int
+from dsv3.commands.run import add_device_arg, device_dtype, model_dir, positive_int, resolve_device
 
 METHODS = ("int8", "int4", "awq", "fp8")
 ON_THE_FLY = ("int8", "int4", "fp8")
@@ -47,6 +47,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from dsv3.quant.schemes import QuantError, check_group_size
     from dsv3.io.tokenizer import Tokenizer
 
+    device = resolve_device(args.device)
     check_group_size(args.group_size)
     head, embedding = default_policy(args.method)
     if args.lm_head is not None and args.keep_lm_head:
@@ -64,7 +65,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise QuantError(f"{args.model} is already quantized ({already}, by dsv3 quantize); quantize the "
                          "full-precision checkpoint it was made from instead")
     prepare_output_dir(args.output, overwrite=args.overwrite)
-    model = load_model(args.model, dtype=args.dtype, progress=True)
+    model = load_model(args.model, dtype=device_dtype(args.dtype, device), device=device, progress=True)
     calib = None
     if args.method == "awq":
         calib = calibration_ids(Path(args.calib), Tokenizer.from_dir(args.model), args.calib_samples, args.calib_seq_len)
@@ -108,4 +109,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration sequences (awq)")
     p.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per calibration sequence (awq)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="activation dtype of the result")
+    add_device_arg(p)
     p.set_defaults(func=run_quantize)

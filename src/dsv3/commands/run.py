@@ -10,6 +10,7 @@ from pathlib import Path
 from dsv3.errors import DSV3Error
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
 ADAPTER = "adapter"  # the engine's name for the one --lora adapter of generate/chat
 
 
@@ -68,9 +69,34 @@ def rope_scaling(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--rope-scaling ")) from None
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where the model runs: cuda, cpu, or auto (default: CUDA when present); --dtype auto is bf16 on CUDA")
+
+
+def resolve_device(name: str | None) -> str:
+    """"cuda" or "cpu" for a --device value (auto: CUDA when present); a one-line error for CUDA without one."""
+    import torch
+
+    name = name or "auto"
+    if name not in DEVICES and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise DSV3Error(f"--device {name}: use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DSV3Error(f"--device {name}: no CUDA device is available on this machine (use --device cpu, or auto)")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def device_dtype(dtype: str | None, device: str) -> str | None:
+    """--dtype for the device: auto means bf16 on a GPU (the checkpoint's dtype, fp32 on a CPU, otherwise)."""
+    return "bf16" if device.startswith("cuda") and dtype in (None, "auto") else dtype
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=model_dir, default=None, help="checkpoint directory (default: the embedded model)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights/activations dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights/activations dtype (default: the checkpoint's; bf16 on CUDA)")
+    add_device_arg(p)
     p.add_argument("--max-model-len", type=positive_int, default=None, help="longest prompt + output, in tokens")
     p.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto", help="latent cache storage (int8: per-token scales)")
     p.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0 = off)")
@@ -128,8 +154,10 @@ def start_parallel(args: argparse.Namespace, model, config):
         if launched_by_torchrun():
             raise DSV3Error("--master-port is for the ranks dsv3 spawns itself; under torchrun give torchrun --master-port")
         check_bind("127.0.0.1", args.master_port, "--master-port")
-    handle = start_engine(model, args.tensor_parallel_size, args.expert_parallel_size, dtype=args.dtype, config=config,
-                          progress=False, port=args.master_port, quantization=getattr(args, "quantization", None))
+    device = resolve_device(getattr(args, "device", "auto"))
+    handle = start_engine(model, args.tensor_parallel_size, args.expert_parallel_size, dtype=device_dtype(args.dtype, device),
+                          device=device, config=config, progress=False, port=args.master_port,
+                          quantization=getattr(args, "quantization", None))
     if handle is not None:
         atexit.register(handle.shutdown)
     return handle
@@ -167,6 +195,7 @@ def load(args: argparse.Namespace, chat: bool = False):
     from dsv3.llm import LLM
 
     lora = getattr(args, "lora", None)
+    device = resolve_device(args.device)  # before anything loads: --device cuda without CUDA is one line
     check_adapter(lora)
     config = engine_config(args, lora_adapters={ADAPTER: str(lora)} if lora else None)
     model = resolve_model(args, chat=chat)
@@ -175,7 +204,8 @@ def load(args: argparse.Namespace, chat: bool = False):
             raise DSV3Error("--lora cannot be combined with tensor or expert parallelism yet")
         handle = start_parallel(args, model, config)
         return None if handle is None else LLM.from_engine(handle.engine, model)
-    return LLM(model, dtype=args.dtype, quantization=args.quantization, **dataclasses.asdict(config))
+    return LLM(model, dtype=device_dtype(args.dtype, device), device=device, quantization=args.quantization,
+               **dataclasses.asdict(config))
 
 
 def read_prompt(args: argparse.Namespace) -> str:

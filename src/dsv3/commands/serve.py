@@ -10,8 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
-from dsv3.commands.run import (add_model_args, check_bind, engine_config, parallel_requested, port_number, positive_int,
-                               resolve_model, start_parallel)
+from dsv3.commands.run import (add_model_args, check_bind, device_dtype, engine_config, parallel_requested, port_number,
+                               positive_int, resolve_device, resolve_model, start_parallel)
 from dsv3.errors import DSV3Error
 
 
@@ -148,7 +148,9 @@ def loader(args: argparse.Namespace, lora: dict[str, str] | None = None, path: P
             cfg = engine_config(args, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory << 20, seed=args.seed)
             handle = start_parallel(args, path, cfg)
             return handle.engine, handle.engine.tokenizer
-        model = load_for_inference(path, dtype=args.dtype, quantization=args.quantization)
+        device = resolve_device(args.device)
+        model = load_for_inference(path, dtype=device_dtype(args.dtype, device), quantization=args.quantization,
+                                   device=device)
         tok = Tokenizer.from_dir(path)
         cfg = engine_config(args, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory << 20, seed=args.seed,
                             lora_adapters=lora or None)
@@ -169,6 +171,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 0
 
     config = build_config(args)
+    resolve_device(args.device)  # --device cuda without CUDA: one line, before the server starts
     check_bind(args.host, args.port, "--port")
     path = resolve_model(args)
     if args.retry_load is None:

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv3.attention.backend import backend_for
 from dsv3.attention.context import PagedContext
 from dsv3.attention.kv_cache import KVCache
 from dsv3.attention.metadata import StepMetadata
+from dsv3.engine import cuda_graphs
 from dsv3.lora.apply import lora_modules, set_slot_ids
 from dsv3.lora.slots import SlotBatch
 from dsv3.models.interface import CausalLM
@@ -30,9 +32,12 @@ class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"):
         self.model, self.block_size = model, block_size
         self.device = model.device
-        self.cache = KVCache(model.cache_specs(), num_blocks * block_size, model.dtype, self.device,
+        extra = cuda_graphs.scratch_blocks(self.device)  # GPU: a scratch block for CUDA graphs' padded rows
+        self.cache = KVCache(model.cache_specs(), (num_blocks + extra) * block_size, model.dtype, self.device,
                              quantized=kv_cache_dtype == "int8")
         self.multi_lora = bool(lora_modules(model))  # stacked adapters (dsv3.lora.load_stacked): slots per token
+        self.attn_backend = backend_for(self.device)  # Triton decode attention on CUDA
+        self.graphs = cuda_graphs.DecodeGraphs(self, scratch_block=num_blocks) if extra else None
 
     def prepare(self, items: list[StepItem], lora: bool = True) -> tuple[torch.Tensor, torch.Tensor, PagedContext, list[int]]:
         """Flatten the step into (input_ids [1, N], positions [1, N], context, rows whose logits are needed).
@@ -60,11 +65,17 @@ class ModelRunner:
         meta = StepMetadata.build(seqs, self.block_size, dev, [it.adapter - 1 for it in items] if lora else None)
         if lora:
             set_slot_ids(self.model, SlotBatch(token_adapters))
-        return (torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), PagedContext(self.cache, meta), rows)
+        ctx = PagedContext(self.cache, meta)
+        ctx.backend = self.attn_backend
+        return (torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), ctx, rows)
 
     @torch.inference_mode()
     def execute(self, items: list[StepItem]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the main model: (hidden states [N, D] of every token, fp32 logits of the requested rows)."""
+        if self.graphs is not None:  # a decode step replays its CUDA graph (dsv3.engine.cuda_graphs)
+            out = self.graphs.run(items)
+            if out is not None:
+                return out
         input_ids, positions, ctx, rows = self.prepare(items)
         try:
             hidden, logits = self.model.step(input_ids, positions, ctx, rows)

@@ -126,9 +126,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     with each row's noise from its own generator.
     """
     logits = logits.float()
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     choice = torch.nan_to_num(logits, nan=float("-inf")).argmax(-1)  # argmax would pick a NaN
-    if not bool(greedy.all()):
+    if not all(p.greedy for p in params):  # decided on the host: no device sync for an all-greedy batch
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         probs = filter_logits(logits, params).softmax(-1)
         noise = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=g) for g in generators])
         choice = torch.where(greedy, choice, (probs / noise).argmax(-1))

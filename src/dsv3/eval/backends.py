@@ -85,10 +85,10 @@ class InProcessBackend(Backend):
     """Runs the model through `dsv3.LLM`: batched scoring and generation on this machine."""
 
     def __init__(self, model_dir: str | Path, dtype: str = "float32", batch_size: int = 16,
-                 max_length: int | None = None, llm=None, max_model_len: int | None = None):
+                 max_length: int | None = None, llm=None, max_model_len: int | None = None, device: str = "cpu"):
         if llm is None:
             from dsv3 import LLM  # deferred: the engine is heavy and HTTP-only runs never need it
-            llm = LLM(str(model_dir), dtype=dtype, max_model_len=max_model_len)
+            llm = LLM(str(model_dir), dtype=dtype, max_model_len=max_model_len, device=device)
         self.llm = llm
         self.tok = llm.get_tokenizer()
         self.name = Path(model_dir).name

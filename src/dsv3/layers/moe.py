@@ -66,6 +66,11 @@ class Gate(nn.Module):
             routed = ops.route_noaux(x, self.native_form())  # decode: one call
             if routed is not None:
                 return routed
+        if x.is_cuda and self.scoring_func == "sigmoid" and self.topk_method == "noaux_tc":
+            routed = ops.route_gpu(x, self.weight, self.e_score_correction_bias, self.n_group, self.topk_group,
+                                   self.top_k, self.norm_topk_prob, self.scaling)  # one Triton kernel
+            if routed is not None:
+                return routed
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
@@ -131,6 +136,10 @@ def run_experts(experts: ExpertWeights, x: torch.Tensor, idx: torch.Tensor, weig
     sharded = experts.all_reduce is not None
     if not sharded and ops.native(x):  # a decode step: one fused native call
         y = ops.experts(x, idx, weights, experts.native_form())
+        if y is not None:
+            return y
+    if not sharded and x.is_cuda and isinstance(experts, Experts) and experts.count == experts.n_experts:
+        y = ops.experts_gpu(x, idx, weights, experts.gate_up_proj, experts.down_proj)  # fused Triton MoE, sync-free
         if y is not None:
             return y
     N, K = idx.shape

@@ -23,13 +23,49 @@ MAX_ROWS = 8  # tokens per call up to which the native kernels run (decode, MTP 
 MAX_EXPERTS, MAX_GROUPS = 1024, 64  # the native router's stack arrays (V3: 256 experts in 8 groups)
 WHOLE_STEPS = True  # False: each layer runs its own kernel (the path under LoRA or a hook); tests compare the two
 
-__all__ = ["MAX_ROWS", "NativeBlock", "NativeExperts", "NativeLinear", "NativeMLA", "NativeRouter", "backend", "experts", "invalidate",
-           "linear", "mla_decode", "mlp", "native", "rms_norm", "route_noaux"]
+__all__ = ["MAX_ROWS", "NativeBlock", "NativeExperts", "NativeLinear", "NativeMLA", "NativeRouter", "backend", "experts",
+           "experts_gpu", "gpu", "invalidate", "linear", "mla_decode", "mlp", "native", "rms_norm", "route_gpu", "route_noaux"]
 
 
 def backend(device: torch.device | str = "cpu") -> str:
-    """The backend the ops run on for `device`: "native-cpu" (the compiled kernels) or "torch" (reference)."""
-    return "native-cpu" if torch.device(device).type == "cpu" and kernels.load() else "torch"
+    """The backend the ops run on for `device`: "native-cpu" (the compiled kernels), "triton-cuda" (dsv3.ops.triton)
+    or "torch" (reference)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        from dsv3.ops import triton as gpu_kernels
+
+        return "triton-cuda" if gpu_kernels.register() else "torch"
+    return "native-cpu" if kind == "cpu" and kernels.load() else "torch"
+
+
+def gpu(x: torch.Tensor) -> bool:
+    """Whether a call on activations `x` runs a CUDA kernel of dsv3.ops.triton: a CUDA tensor, no autograd, not
+    compiling, Triton installed (the GPU counterpart of `native`)."""
+    if not x.is_cuda or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    from dsv3.ops import triton as gpu_kernels
+
+    return gpu_kernels.register()
+
+
+def route_gpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_group: int, topk_group: int,
+              top_k: int, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """DeepSeek-V3's router on CUDA (one Triton program per token), or None."""
+    if not gpu(x):
+        return None
+    from dsv3.ops.triton.router import supported
+
+    if not supported(weight.shape[0], n_group):
+        return None
+    return torch.ops.dsv3.route_noaux(x, weight, bias, n_group, topk_group, top_k, norm, scale)
+
+
+def experts_gpu(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                w2: torch.Tensor) -> torch.Tensor | None:
+    """Routed experts on CUDA in one fused MoE (stacked gate_up [E, 2I, D], down [E, D, I]), or None."""
+    if not gpu(x) or w13.dtype != x.dtype or w2.dtype != x.dtype:
+        return None
+    return torch.ops.dsv3.fused_moe(x, w13, w2, idx, weights)
 
 
 def native(x: torch.Tensor) -> bool:

@@ -193,3 +193,58 @@ def decode_step(weights: list, meta: torch.Tensor, fmeta: torch.Tensor, cache: t
         logits.copy_((h @ dequant(weights[3], weights[4], weights[5], head_kind, head_group, h.shape[-1]).T).view_as(logits))
     return 0
 
+
+
+def mla_attend(q: torch.Tensor, cache: torch.Tensor, key_slots: torch.Tensor, key_lens: torch.Tensor | None,
+               kv_lora_rank: int, scale: float) -> torch.Tensor:
+    """Absorbed MLA attention of M query rows over cache slots: q [M, H, C + dr] (q_nope·W_UK | rope(q_pe)),
+    cache [slots, C + dr], key_slots [M, S] (-1: no key; with key_lens [M], only the first key_lens[m] count)
+    -> o_lat [M, H, C] = softmax(q·kᵀ·scale)·c, fp32 math, zeros for a row without keys. The dense decode and
+    DeepSeek Sparse Attention's top-k form are the same call."""
+    C = kv_lora_rank
+    slots = key_slots.long()
+    valid = slots >= 0
+    if key_lens is not None:
+        valid &= torch.arange(slots.shape[1], device=slots.device)[None] < key_lens.long()[:, None]
+    kv = cache[slots.clamp(min=0)].float()  # [M, S, C + dr]
+    scores = torch.einsum("mhw,msw->mhs", q.float(), kv) * scale
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    p = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+    return torch.einsum("mhs,msc->mhc", p, kv[..., :C]).to(q.dtype)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k topk_weights[:, k] · expert_{topk_ids[:, k]}(x): gate_up w13 [E, 2I, D] (gate its first I rows), down
+    w2 [E, D, I], SwiGLU, fp32 math, output in x's dtype."""
+    gate, up = w13.float().chunk(2, dim=1)
+    xf, idx = x.float(), topk_ids.long()
+    h = F.silu(torch.einsum("nd,nkid->nki", xf, gate[idx])) * torch.einsum("nd,nkid->nki", xf, up[idx])
+    y = torch.einsum("nki,nkdi->nkd", h, w2.float()[idx])
+    return (y * topk_weights.float()[..., None]).sum(1).to(x.dtype)
+
+
+FP8_MAX = 448.0
+
+
+def fp8_act_quant(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's activation quantization: x [M, K] -> (float8_e4m3fn [M, K], fp32 scale [M, ⌈K/group⌉] = amax/448)."""
+    M, K = x.shape
+    Kp = -(-K // group) * group
+    xp = F.pad(x.float(), (0, Kp - K)).view(M, Kp // group, group)
+    amax = xp.abs().amax(-1)
+    s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (xp / s[..., None]).clamp(-FP8_MAX, FP8_MAX).view(M, Kp)[:, :K].to(torch.float8_e4m3fn)
+    return q, s
+
+
+def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """x [..., K] times an FP8 block-scaled weight (float8_e4m3fn [N, K], fp32 scale_inv [⌈N/128⌉, ⌈K/128⌉]) -> [..., N]:
+    activations quantized per token and 128 columns (`fp8_act_quant`), both dequantized, fp32 matmul (W8A8)."""
+    N, K = weight.shape
+    x2 = x.reshape(-1, K)
+    q, s = fp8_act_quant(x2)
+    a = q.float() * s.repeat_interleave(128, 1)[:, :K]
+    w = weight.float() * scale_inv.float().repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]
+    out_dtype = x.dtype if x.is_floating_point() and x.dtype != torch.float8_e4m3fn else torch.bfloat16
+    return (a @ w.T).to(out_dtype).view(*x.shape[:-1], N)

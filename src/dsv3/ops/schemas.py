@@ -32,8 +32,16 @@ SCHEMAS = {
                    "Tensor(b!) hidden, Tensor(c!)? logits) -> int",
 }
 
+# Ops with GPU kernels only (dsv3.ops.triton registers their CUDA implementations); the references run elsewhere.
+GPU_SCHEMAS = {
+    "mla_attend": "mla_attend(Tensor q, Tensor cache, Tensor key_slots, Tensor? key_lens, int kv_lora_rank, "
+                  "float scale) -> Tensor",
+    "fused_moe": "fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights) -> Tensor",
+    "fp8_gemm": "fp8_gemm(Tensor x, Tensor weight, Tensor scale_inv) -> Tensor",
+}
+
 _lib = torch.library.Library("dsv3", "FRAGMENT")
-for _name, _schema in SCHEMAS.items():
+for _name, _schema in {**SCHEMAS, **GPU_SCHEMAS}.items():
     _lib.define(_schema)
     _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
 
@@ -82,6 +90,21 @@ def _(weights, meta, fmeta, cache, layers, x, cos, sin, slot_mapping, key_slots,
 @torch.library.register_fake("dsv3::decode_step")
 def _(weights, meta, fmeta, cache, layers, ids, positions, start, T, slot_mapping, key_slots, key_mask, hidden, logits):
     return 0
+
+
+@torch.library.register_fake("dsv3::mla_attend")
+def _(q, cache, key_slots, key_lens, kv_lora_rank, scale):
+    return q.new_empty(q.shape[0], q.shape[1], kv_lora_rank)
+
+
+@torch.library.register_fake("dsv3::fused_moe")
+def _(x, w13, w2, topk_ids, topk_weights):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("dsv3::fp8_gemm")
+def _(x, weight, scale_inv):
+    return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype if x.is_floating_point() else torch.bfloat16)
 
 
 def registered_cpu_kernels() -> list[str]:

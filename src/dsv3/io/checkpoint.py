@@ -106,7 +106,11 @@ def iter_checkpoint(files: list[Path], cfg: ModelConfig, with_mtp: bool, targets
 
 
 def read_tensor(sf: SafetensorsFile, name: str, cfg: ModelConfig) -> torch.Tensor:
-    """A tensor as stored, or dequantized to fp32 when it is an FP8 block-scaled weight."""
+    """A tensor as stored, or dequantized to fp32 when it is an FP8 block-scaled weight (a family whose checkpoints
+    store other formats reads them with its weights module's own `read_tensor`)."""
+    own = getattr(family(cfg.model_type).weights(), "read_tensor", None)
+    if own is not None:
+        return own(sf, name, cfg)
     src = sf.get(name)
     if src.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         scale = name.removesuffix("weight") + "weight_scale_inv"
@@ -152,7 +156,8 @@ def load_plain(model_dir: str | Path, dtype: torch.dtype | str | None = None, de
             dest.copy_(src)
         del src
         sf.release(name)
-        filled[pname] = filled.get(pname, 0) + 1
+        pieces = family(cfg.model_type).weights().pieces
+        filled[pname] = filled.get(pname, 0) + (1 if index else pieces(pname, cfg))  # a whole tensor fills it at once
     expected_counts = {n: family(cfg.model_type).weights().pieces(n, cfg) for n in needed}
     for n in sorted(needed):
         if filled.get(n, 0) < expected_counts[n]:

@@ -18,7 +18,7 @@ from typing import Any
 from dsv3.errors import ConfigError
 from dsv3.models.registry import family
 
-SCORING_FUNCS = ("sigmoid", "softmax")
+SCORING_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 
 
@@ -90,6 +90,20 @@ class ModelConfig:
     index_head_dim: int = 0
     index_topk: int = 0
     index_fp8: bool = False  # round indexer q/k to FP8 as the reference inference code does (default: fp32)
+    # DeepSeek-V4 (sliding window + compressed attention, mHC, hash routing); 0 / empty for the other families
+    head_dim: int = 0  # the single shared K=V head (V4: 512); its last qk_rope_head_dim values rotate
+    sliding_window: int = 0  # raw tokens every V4 layer attends to (the query's own included)
+    layer_types: tuple[str, ...] = ()  # per layer, the MTP layers after the main ones (V4_LAYER_TYPES)
+    compress_rates: dict[str, int] = field(default_factory=dict)  # tokens per compressed entry, per layer type
+    hc_mult: int = 0  # mHC residual streams
+    hc_sinkhorn_iters: int = 0
+    hc_eps: float = 0.0
+    o_groups: int = 0  # grouped low-rank output projection: groups and rank per group
+    o_lora_rank: int = 0
+    num_hash_layers: int = 0  # the first layers route by a fixed token -> experts table
+    swiglu_limit: float = 0.0  # clamp of the experts' gate/up pre-activations (0: none)
+    compress_rope_theta: float = 0.0  # rotary base of the compressed layers (YaRN applies to them only)
+    expert_dtype: str | None = None  # routed experts as released: "fp4" (e2m1, one e8m0 scale per 32) or None
     torch_dtype: str | None = None
     quantization_config: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -111,6 +125,11 @@ class ModelConfig:
             and layer_idx >= self.first_k_dense_replace
             and layer_idx % self.moe_layer_freq == 0
         )
+
+    def compress_ratio(self, layer_idx: int) -> int:
+        """Tokens per compressed entry of a V4 layer (MTP layers after the main ones): 0 for sliding-window only."""
+        t = self.layer_types[layer_idx] if layer_idx < len(self.layer_types) else "sliding_attention"
+        return self.compress_rates.get(t, 0)
 
     @property
     def softmax_scale(self) -> float:
@@ -161,9 +180,15 @@ class ModelConfig:
                 out.pop(k)
         elif not self.index_fp8:
             out.pop("index_fp8")
+        if not self.head_dim:  # not DeepSeek-V4: none of its fields
+            for k in V4_FIELDS:
+                out.pop(k)
+        else:
+            out["layer_types"] = list(self.layer_types)
         out["architectures"] = [family(self.model_type).architecture]
         if out["quantization_config"] is None:
             del out["quantization_config"]
+        family(self.model_type).write_extra(self, out)
         return out
 
     def save(self, model_dir: str | Path) -> None:
@@ -172,6 +197,8 @@ class ModelConfig:
 
 # ---- parsing and validating config.json ---------------------------------------------------
 
+V4_FIELDS = ("head_dim", "sliding_window", "layer_types", "compress_rates", "hc_mult", "hc_sinkhorn_iters", "hc_eps",
+             "o_groups", "o_lora_rank", "num_hash_layers", "swiglu_limit", "compress_rope_theta", "expert_dtype")
 REQUIRED = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
     "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
@@ -248,6 +275,7 @@ def parse_config(cls, raw: dict[str, Any]):
         raise ConfigError("config.json must contain a JSON object")
     mt = raw.get("model_type")
     fam_spec = family(mt)
+    raw = fam_spec.prepare(raw)
     fam = fam_spec.defaults  # the family's fields where config.json is silent (HF writes them all)
     for key in REQUIRED:
         if key not in raw or raw[key] is None:
@@ -292,9 +320,9 @@ def parse_config(cls, raw: dict[str, Any]):
     kw["rope_theta"], kw["rope_scaling"] = _rope(raw)
     if kw["hidden_act"] != "silu":
         raise ConfigError(f"config.json: 'hidden_act' {kw['hidden_act']!r} is not supported (only silu)")
-    if kw["scoring_func"] not in ("sigmoid", "softmax"):
-        raise ConfigError(f"config.json: 'scoring_func' must be sigmoid or softmax, got {kw['scoring_func']!r}")
-    if kw["topk_method"] not in ("noaux_tc", "group_limited_greedy", "greedy"):
+    if kw["scoring_func"] not in SCORING_FUNCS:
+        raise ConfigError(f"config.json: 'scoring_func' must be one of {', '.join(SCORING_FUNCS)}, got {kw['scoring_func']!r}")
+    if kw["topk_method"] not in TOPK_METHODS:
         raise ConfigError(f"config.json: unknown 'topk_method' {kw['topk_method']!r}")
     has_dense = any(not (E > 0 and i >= kw["first_k_dense_replace"] and i % kw["moe_layer_freq"] == 0) for i in range(L))
     kw["intermediate_size"] = _int(raw, "intermediate_size", None if has_dense else 0, 1 if has_dense else 0)

@@ -170,7 +170,11 @@ def iter_checkpoint(files: list[Path], cfg: ModelConfig, with_mtp: bool, targets
 
 def read_tensor(sf: SafetensorsFile, name: str, cfg: ModelConfig, index: TensorIndex | None = None) -> torch.Tensor:
     """A tensor as stored, or dequantized to fp32 when it is an FP8 block-scaled weight (its scale looked up
-    through `index` when another shard holds it)."""
+    through `index` when another shard holds it; a family whose checkpoints store other formats reads them with
+    its weights module's own `read_tensor`)."""
+    own = getattr(family(cfg.model_type).weights(), "read_tensor", None)
+    if own is not None:
+        return own(sf, name, cfg)
     src = sf.get(name)
     if src.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         holder, scale = fp8_scale(sf, name, index)
@@ -205,6 +209,7 @@ def load_plain(model_dir: str | Path, dtype: torch.dtype | str | None = None, de
     if cfg.tie_word_embeddings:
         needed.discard("lm_head.weight")
     filled: dict[str, int] = {}
+    pieces = family(cfg.model_type).weights().pieces
     with TensorIndex(files) as where:
         for sf, name, pname, index in iter_checkpoint(files, cfg, with_mtp, targets, "loading", progress, where):
             dest = targets[pname][index] if index else targets[pname]
@@ -215,7 +220,7 @@ def load_plain(model_dir: str | Path, dtype: torch.dtype | str | None = None, de
                 dest.copy_(src)
             del src
             sf.release(name)
-            filled[pname] = filled.get(pname, 0) + 1
+            filled[pname] = filled.get(pname, 0) + (1 if index else pieces(pname, cfg))  # a whole tensor fills it at once
     expected_counts = {n: family(cfg.model_type).weights().pieces(n, cfg) for n in needed}
     for n in sorted(needed):
         if filled.get(n, 0) < expected_counts[n]:

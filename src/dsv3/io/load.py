@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.errors import ConfigError
 from dsv3.io.checkpoint import load_plain
+from dsv3.models.registry import family
 from dsv3.quant.apply import quantize_model
 from dsv3.quant.foreign import FOREIGN_METHODS
 from dsv3.quant.io import load_quantized, unsupported_method
@@ -60,7 +62,11 @@ def load_for_inference(model_dir: str | Path, dtype: torch.dtype | str | None = 
                        device: str | torch.device = "cpu", progress: bool = False) -> nn.Module:
     """`load_model`, then `--quantization int8|int4|fp8` applied on the fly (an FP8 checkpoint asked for
     fp8 is kept in FP8 rather than dequantized and re-quantized); `awq`, `gptq` or `compressed-tensors` load the
-    files as they are, once checked to hold that packing."""
+    files as they are, once checked to hold that packing. A family the paged engine cannot serve yet is
+    refused here, with its reason, before any weight is read."""
+    why = family(ModelConfig.from_dir(model_dir).model_type).engine_unsupported
+    if why is not None:
+        raise ConfigError(why)
     if quantization in DECLARED:
         check_declared(model_dir, quantization)
         quantization = None

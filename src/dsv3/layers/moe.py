@@ -1,7 +1,9 @@
 """DeepSeekMoE: a router choosing K of E fine-grained experts per token, plus always-on shared experts.
 
-The router supports DeepSeek-V3's bias-corrected, group-limited sigmoid routing (`noaux_tc`) and
-DeepSeek-V2's softmax routing (`greedy`, `group_limited_greedy`).
+The router supports DeepSeek-V3's bias-corrected, group-limited sigmoid routing (`noaux_tc`),
+DeepSeek-V2's softmax routing (`greedy`, `group_limited_greedy`) and DeepSeek-V4's `sqrtsoftplus`
+scores (sqrt(softplus(logit)), always renormalised over the chosen experts as V4's inference code does);
+V4's hash-routed layers use `dsv3.layers.hash_gate.HashGate` with the same experts.
 
 The MoE layer is route -> dispatch -> experts -> combine, written once (`run_experts`): the
 (token, slot) pairs routed to the experts this module holds are sorted by expert, the experts'
@@ -29,7 +31,16 @@ from dsv3.layers.grouped import grouped_linear, grouped_matmul
 from dsv3.layers.mlp import MLP
 from dsv3.ops.forms import NativeExperts, NativeLinear, NativeRouter, f32_cpu
 
-__all__ = ["ExpertGroups", "ExpertWeights", "Experts", "Gate", "MoE", "grouped_linear", "run_experts"]
+__all__ = ["ExpertGroups", "ExpertWeights", "Experts", "Gate", "MoE", "grouped_linear", "run_experts", "score_fn"]
+
+
+def score_fn(kind: str, logits: torch.Tensor) -> torch.Tensor:
+    """Router scores from fp32 logits: sigmoid (V3), softmax (V2) or sqrt(softplus) (V4)."""
+    if kind == "sigmoid":
+        return logits.sigmoid()
+    if kind == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    return logits.softmax(dim=-1)
 
 
 class Gate(nn.Module):
@@ -72,7 +83,7 @@ class Gate(nn.Module):
             if routed is not None:
                 return routed
         logits = F.linear(x.float(), self.weight.float())
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        scores = score_fn(self.scoring_func, logits)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
         if self.topk_method != "greedy" and self.n_group > 1:
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
@@ -82,7 +93,7 @@ class Gate(nn.Module):
             choice = grouped.masked_fill(drop[..., None], float("-inf")).view_as(choice)
         idx = choice.topk(self.top_k, dim=-1)[1]
         weights = scores.gather(1, idx)
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob and (self.top_k > 1 or self.scoring_func == "sqrtsoftplus"):
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * self.scaling, idx, scores
 
@@ -130,11 +141,13 @@ class ExpertWeights(Protocol):
     def native_form(self) -> NativeExperts | None: ...
 
 
-def run_experts(experts: ExpertWeights, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def run_experts(experts: ExpertWeights, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                swiglu_limit: float = 0.0) -> torch.Tensor:
     """Σ_k weights[:, k] · expert_{idx[:, k]}(x) over the experts `experts` holds, accumulated in fp32:
-    x [N, D], idx / weights [N, K] -> [N, D] (summed over ranks when the experts are sharded)."""
+    x [N, D], idx / weights [N, K] -> [N, D] (summed over ranks when the experts are sharded). `swiglu_limit` > 0
+    clamps the gate pre-activation to <= limit and the up one to [-limit, limit] (DeepSeek-V4)."""
     sharded = experts.all_reduce is not None
-    if not sharded and ops.native(x):  # a decode step: one fused native call
+    if not sharded and not swiglu_limit and ops.native(x):  # a decode step: one fused native call
         y = ops.experts(x, idx, weights, experts.native_form())
         if y is not None:
             return y
@@ -158,6 +171,8 @@ def run_experts(experts: ExpertWeights, x: torch.Tensor, idx: torch.Tensor, weig
         token = pairs // K
         groups = ExpertGroups(torch.bincount(local, minlength=experts.count))
         gate, up = experts.gate_up(x[token], groups).chunk(2, dim=-1)
+        if swiglu_limit:
+            gate, up = gate.clamp(max=swiglu_limit), up.clamp(-swiglu_limit, swiglu_limit)
         y = experts.down(F.silu(gate) * up, groups)
         w = weights.flatten()[pairs, None]
         y = y * w if y.dtype == torch.float32 and w.dtype == torch.float32 else y.float() * w.float()

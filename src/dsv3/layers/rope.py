@@ -85,3 +85,10 @@ def apply_rotary_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     x0, x1 = xf.chunk(2, dim=-1)
     out = torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def apply_rotary_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the last 2·cos.shape[-1] values of x in interleaved pairs, the rest unchanged: DeepSeek-V4 lays each
+    head out as [nope | rope] (`x[..., -rd:]` in its inference code). `-sin` undoes the rotation."""
+    rd = 2 * cos.shape[-1]
+    return torch.cat([x[..., :-rd], apply_rotary(x[..., -rd:], cos, sin)], dim=-1)

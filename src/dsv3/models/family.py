@@ -25,6 +25,9 @@ class ModelFamily:
     lora_targets: tuple[str, ...] = ()  # modules LoRA adapts by default
     routed_lora_targets: tuple[str, ...] = ()  # the routed experts' projections LoRA may adapt
     config_parser: str | None = None  # "module:fn", fn(raw config.json, fields so far): reads the family's own fields
+    config_prepare: str | None = None  # "module:fn", fn(raw) -> raw: the family's spelling of shared fields, before parsing
+    config_writer: str | None = None  # "module:fn", fn(config, out dict): the family's config.json spelling, on saving
+    engine_unsupported: str | None = None  # why the paged engine cannot serve this family yet (None: it can)
 
     def model_class(self) -> Callable[..., Any]:
         return _resolve(self.model)
@@ -36,6 +39,16 @@ class ModelFamily:
 
     def shard(self) -> Callable[..., Any]:
         return _resolve(self.parallelize)
+
+    def prepare(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """config.json as the common parser reads it: a family whose config spells shared fields its own way (a
+        nested rotary section, say) maps them first; the others' configs pass unchanged."""
+        return raw if self.config_prepare is None else _resolve(self.config_prepare)(raw)
+
+    def write_extra(self, cfg: Any, out: dict[str, Any]) -> None:
+        """Adjust the config.json dict written for `cfg` to the family's own spelling (in place)."""
+        if self.config_writer is not None:
+            _resolve(self.config_writer)(cfg, out)
 
     def parse_extra(self, raw: dict[str, Any], fields: dict[str, Any]) -> None:
         """Let the family read and check the config.json fields only it has into `fields` (ModelConfig's keywords);

@@ -17,6 +17,7 @@ from dsv3.errors import ConfigError
 from dsv3.models.deepseek_v2 import family as deepseek_v2
 from dsv3.models.deepseek_v3 import family as deepseek_v3
 from dsv3.models.deepseek_v32 import family as deepseek_v32
+from dsv3.models.deepseek_v4 import family as deepseek_v4
 from dsv3.models.family import ModelFamily
 
 __all__ = ["FAMILIES", "ModelFamily", "family", "family_of", "register", "supported"]
@@ -48,5 +49,5 @@ def family_of(model: Any) -> ModelFamily:
     return family(model.config.model_type)
 
 
-for _f in (*deepseek_v3.FAMILIES, *deepseek_v2.FAMILIES, *deepseek_v32.FAMILIES):  # the families shipped with dsv3
+for _f in (*deepseek_v3.FAMILIES, *deepseek_v2.FAMILIES, *deepseek_v32.FAMILIES, *deepseek_v4.FAMILIES):  # the families shipped with dsv3
     register(_f)

@@ -1,0 +1,474 @@
+"""The DeepSeek-V4 network, following the official inference code (`inference/model.py`) and the V4 report.
+
+    h = embed(x) copied to hc_mult streams
+    per layer: h = hc_post(attn(attn_norm(hc_pre(h))), h), then the same with ffn / ffn_norm   (mHC, layers.hyper)
+    logits = head(norm(hc_head(h)))
+
+Attention (`Attention`): low-rank queries (wq_a -> q_norm -> wq_b, then an unweighted RMSNorm per head), one
+shared K=V head (wkv -> kv_norm), the rotary on each head's last `qk_rope_head_dim` values (plain RoPE with
+`rope_theta` on sliding-window layers; `compress_rope_theta` with YaRN, without YaRN's magnitude factor, on
+compressed ones). A query at position p attends, in one softmax with a learned per-head sink logit, to
+
+  * the raw K=V of positions (p − sliding_window, p]  (every layer);
+  * compressed entries whose tokens are all <= p, i.e. entry w with (w+1)·ratio <= p+1 (`layers.compressor`):
+    all of them (HCA, ratio 128), or the `index_topk` an indexer scores best (CSA, ratio 4): its queries
+    wq_b(q_norm(...)) per index head, its keys an overlapping compressor of its own, score
+    Σ_h w_h(p)·relu(q_h·k), w = weights_proj(x)·(index_head_dim·index_n_heads)^-½, ties to the earliest entry.
+
+The output's rotary values are rotated back (position −p), then the grouped low-rank projection: o_groups groups
+of heads each through their block of wo_a, concatenated, then wo_b. The MoE (`MoE`): hash routing (`tid2eid`)
+in the first `num_hash_layers` layers, sqrtsoftplus scores + bias otherwise, experts and the shared expert with
+`swiglu_limit`. MTP module k (`MTPBlock`, checkpoint `mtp.k`) mixes the main model's final streams with the
+next token's embedding (e_proj / h_proj) and runs one more block and its own head collapse.
+
+Every attention layer runs against a `V4State` (`state.py`); a forward without one uses a fresh state, so the
+full forward and incremental decoding share one code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.attention.backend import backend_for
+from dsv3.attention.context import AttentionContext
+from dsv3.attention.spec import CacheSpec, v4_compressed, v4_window
+from dsv3.config import ModelConfig
+from dsv3.layers.compressor import Compressor, FP32Linear, pool
+from dsv3.layers.hash_gate import HashGate
+from dsv3.layers.hyper import hc_head, hc_post, hc_pre
+from dsv3.layers.linear import Linear
+from dsv3.layers.moe import Experts, Gate, run_experts
+from dsv3.layers.norm import RMSNorm
+from dsv3.layers.rope import RotaryEmbedding, apply_rotary_tail, rope_inv_freq
+from dsv3.models.deepseek_v4.family import CSA, SLIDING
+from dsv3.models.deepseek_v4.state import LayerState, V4State
+
+SCORES_BUDGET = 1 << 24  # attention scores held at once (fp32 values): queries are processed in chunks below this
+
+
+class Rope(NamedTuple):
+    """This step's rotary tables: (cos, sin) [B, T, rd/2] of the plain and the compressed layers' rotaries, and
+    the compressed rotary for any positions (the entries')."""
+    main: tuple[torch.Tensor, torch.Tensor]
+    compress: tuple[torch.Tensor, torch.Tensor]
+    at: Any
+
+
+def visible_entries(pos: torch.Tensor, n: int, ratio: int) -> torch.Tensor:
+    """bool [T, n]: compressed entry w may be seen from position p iff all its tokens are <= p, (w+1)·ratio <= p+1
+    (the official code's `arange(n) < (p+1) // ratio`)."""
+    return torch.arange(1, n + 1, device=pos.device)[None] * ratio <= pos[:, None] + 1
+
+
+def sink_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """Softmax attention with one learned sink logit per head (in the denominator only), K = V:
+    q [B, T, H, d], kv [B, S, d], mask [B, T, S] (True: may attend) -> [B, T, H, d]."""
+    B, T, H, d = q.shape
+    S = kv.shape[1]
+    scores = torch.bmm(q.reshape(B, T * H, d), kv.transpose(1, 2)).view(B, T, H, S).float() * scale
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    sink = sinks.float().view(1, 1, H)
+    top = torch.maximum(scores.amax(-1), sink)
+    p = torch.exp(scores - top[..., None])
+    denom = p.sum(-1) + torch.exp(sink - top)
+    o = torch.bmm(p.to(kv.dtype).view(B, T * H, S), kv).view(B, T, H, d)
+    return (o.float() / denom[..., None]).to(q.dtype)
+
+
+class Indexer(nn.Module):
+    """CSA's lightning indexer (official names): wq_b, weights_proj and its own overlapping compressor."""
+
+    def __init__(self, cfg: ModelConfig, ratio: int):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim)
+        self.weights_proj = FP32Linear(cfg.hidden_size, self.n_heads)
+        self.compressor = Compressor(cfg.hidden_size, self.head_dim, ratio, True, cfg.rms_norm_eps)
+        self.scale = self.head_dim ** -0.5 * self.n_heads ** -0.5
+
+    def queries(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries [B, T, Hi, Di] rotated like the layer's, head weights [B, T, Hi] with the scales folded in, fp32)."""
+        B, T, _ = x.shape
+        q = apply_rotary_tail(self.wq_b(qr).view(B, T, self.n_heads, self.head_dim), cos[:, :, None], sin[:, :, None])
+        return q, self.weights_proj(x.float()).float() * self.scale
+
+
+class Attention(nn.Module):
+    """One V4 attention layer, official names: wq_a, q_norm, wq_b, wkv, kv_norm, wo_a, wo_b, attn_sink, and a
+    compressor (+ indexer) on compressed layers."""
+
+    keep_fp32 = True  # attn_sink
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        D, H, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        self.n_heads, self.head_dim, self.window = H, hd, cfg.sliding_window
+        self.n_groups, self.o_rank, self.eps = cfg.o_groups, cfg.o_lora_rank, cfg.rms_norm_eps
+        self.ratio = cfg.compress_ratio(layer_idx)
+        self.kind = cfg.layer_types[layer_idx] if layer_idx < len(cfg.layer_types) else SLIDING
+        self.scale = hd ** -0.5
+        self.attn_sink = nn.Parameter(torch.empty(H))
+        self.wq_a = Linear(D, cfg.q_lora_rank)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = Linear(cfg.q_lora_rank, H * hd)
+        self.wkv = Linear(D, hd)
+        self.kv_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.wo_a = Linear(H * hd // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank)
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, D)
+        self.compressor = Compressor(D, hd, self.ratio, self.kind == CSA, cfg.rms_norm_eps) if self.ratio else None
+        self.indexer = Indexer(cfg, self.ratio) if self.kind == CSA else None
+
+    def forward(self, x: torch.Tensor, rope: Rope, st: LayerState, start: int) -> torch.Tensor:
+        """x [B, T, D] at positions start .. start+T-1 (after `start` tokens already in `st`) -> [B, T, D]."""
+        B, T, _ = x.shape
+        cos, sin = rope.main if self.ratio == 0 else rope.compress
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim)
+        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
+        q = apply_rotary_tail(q, cos[:, :, None], sin[:, :, None])
+        kv = apply_rotary_tail(self.kv_norm(self.wkv(x)), cos, sin)
+        # the window: the ring's tokens before this step (in position order), then this step's
+        W, win = min(start, self.window), self.window
+        old = st.ring[:, torch.arange(start - W, start, device=x.device) % win]
+        keys_w = torch.cat([old, kv.to(st.ring.dtype)], dim=1)
+        keep = min(T, win)
+        st.ring[:, torch.arange(start + T - keep, start + T, device=x.device) % win] = kv[:, T - keep:].to(st.ring.dtype)
+        entries = iq = iw = None
+        if self.ratio:
+            entries = self._compress(self.compressor, x, st.carry_kv, st.carry_score, st.entries, start, rope)
+            if self.indexer is not None:
+                ic = self.indexer.compressor
+                self._compress(ic, x, st.index_carry_kv, st.index_carry_score, st.index_keys, start, rope)
+                iq, iw = self.indexer.queries(x, qr, cos, sin)
+        o = self._attend(q, keys_w, start - W, start, entries, st.index_keys, iq, iw)
+        o = apply_rotary_tail(o, cos[:, :, None], -sin[:, :, None])  # undo the values' rotation at the query position
+        G = self.n_groups
+        wo_a = self.wo_a.weight.view(G, self.o_rank, -1)
+        o = torch.einsum("btgd,grd->btgr", o.reshape(B, T, G, -1), wo_a.to(o.dtype))
+        return self.wo_b(o.flatten(2))
+
+    def _compress(self, comp: Compressor, x: torch.Tensor, carry_kv: torch.Tensor, carry_score: torch.Tensor,
+                  store: torch.Tensor, start: int, rope: Rope) -> None:
+        """Pool this step's tokens into `comp`'s carry and write the entries they complete into `store`."""
+        kv, score = comp.project(x, start)
+        pooled = pool(kv, score, carry_kv, carry_score, start, self.ratio, comp.overlap)
+        n0, n = start // self.ratio, pooled.shape[1]
+        if n:
+            cos, sin = rope.at((torch.arange(n0, n0 + n, device=x.device) * self.ratio)[None])
+            store[:, n0:n0 + n] = comp.finish(pooled, cos, sin, store.dtype)
+        return store
+
+    def _attend(self, q: torch.Tensor, keys_w: torch.Tensor, first: int, start: int, entries: torch.Tensor | None,
+                index_keys: torch.Tensor | None, iq: torch.Tensor | None, iw: torch.Tensor | None) -> torch.Tensor:
+        """Queries at positions start.. over the window keys (positions first..) and the visible compressed entries,
+        a chunk of queries at a time."""
+        B, T, H, _ = q.shape
+        win, r, dev = self.window, self.ratio, q.device
+        n_entries = (start + T) // r if r else 0
+        chunk = max(1, min(T, SCORES_BUDGET // (H * (win + n_entries + min(T, 1024)))))
+        out = torch.empty_like(q)
+        be = backend_for(dev)
+        for c0 in range(0, T, chunk):
+            c1 = min(T, c0 + chunk)
+            pos = torch.arange(start + c0, start + c1, device=dev)
+            lo = max(first, start + c0 - win + 1)
+            kp = torch.arange(lo, start + c1, device=dev)
+            mask = ((kp[None] <= pos[:, None]) & (kp[None] > pos[:, None] - win))[None].expand(B, -1, -1)
+            keys = keys_w[:, lo - first: start + c1 - first]
+            if r:
+                ev = (start + c1) // r  # entries the chunk's last query may see
+                vis = visible_entries(pos, ev, r)[None].expand(B, -1, -1)
+                if iq is not None and ev:
+                    vis = be.sparse_mask(iq[:, c0:c1], iw[:, c0:c1], index_keys[:, :ev], vis, self.indexer.topk)
+                keys = torch.cat([keys, entries[:, :ev]], dim=1)
+                mask = torch.cat([mask, vis], dim=2)
+            out[:, c0:c1] = sink_attention(q[:, c0:c1], keys.to(q.dtype), mask, self.attn_sink, self.scale)
+        return out
+
+
+class SharedExpert(nn.Module):
+    """The shared expert (official names w1 gate, w3 up, w2 down) with the same clamp as the routed ones."""
+
+    def __init__(self, dim: int, inter: int, limit: float):
+        super().__init__()
+        self.w1, self.w2, self.w3 = Linear(dim, inter), Linear(inter, dim), Linear(dim, inter)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w1(x).float(), self.w3(x).float()
+        if self.limit:
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return self.w2((F.silu(gate) * up).to(x.dtype))
+
+
+class MoE(nn.Module):
+    """gate (hash-routed: `HashGate`; else sqrtsoftplus + bias: `Gate`), stacked routed experts, one shared expert."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.hash = layer_idx < cfg.num_hash_layers
+        self.gate = HashGate(cfg) if self.hash else Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = SharedExpert(cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
+        self.limit = cfg.swiglu_limit
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, idx, _ = self.gate(flat, input_ids.reshape(-1)) if self.hash else self.gate(flat)
+        y = run_experts(self.experts, flat, idx, weights.float(), self.limit) + self.shared_experts(flat)
+        return y.view(x.shape)
+
+
+class Block(nn.Module):
+    """attn + ffn between mHC mixings; hc_{attn,ffn}_{fn,base,scale} as the official checkpoint names them."""
+
+    keep_fp32 = True  # the hc_* parameters
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn = Attention(cfg, layer_idx)
+        self.ffn = MoE(cfg, layer_idx)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        n = cfg.hc_mult
+        mix, dim = (2 + n) * n, n * cfg.hidden_size
+        self.hc_attn_fn, self.hc_ffn_fn = nn.Parameter(torch.empty(mix, dim)), nn.Parameter(torch.empty(mix, dim))
+        self.hc_attn_base, self.hc_ffn_base = nn.Parameter(torch.empty(mix)), nn.Parameter(torch.empty(mix))
+        self.hc_attn_scale, self.hc_ffn_scale = nn.Parameter(torch.empty(3)), nn.Parameter(torch.empty(3))
+        self.hc = (cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, input_ids: torch.Tensor, rope: Rope, st: LayerState, start: int) -> torch.Tensor:
+        """Streams h [B, T, n, D] -> [B, T, n, D]."""
+        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc)
+        h = hc_post(self.attn(self.attn_norm(x), rope, st, start), h, post, comb)
+        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc)
+        return hc_post(self.ffn(self.ffn_norm(x), input_ids), h, post, comb)
+
+
+class MTPBlock(Block):
+    """MTP module k (checkpoint `mtp.k`): e_proj(enorm(embed(x_{i+1}))) + h_proj(hnorm(h_i)) per stream, one block,
+    then its own head collapse (hc_head_*) and norm; the embedding and the output head are the main model's."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        D, n = cfg.hidden_size, cfg.hc_mult
+        self.e_proj, self.h_proj = Linear(D, D), Linear(D, D)
+        self.enorm, self.hnorm, self.norm = RMSNorm(D, cfg.rms_norm_eps), RMSNorm(D, cfg.rms_norm_eps), \
+            RMSNorm(D, cfg.rms_norm_eps)
+        self.hc_head_fn = nn.Parameter(torch.empty(n, n * D))
+        self.hc_head_base = nn.Parameter(torch.empty(n))
+        self.hc_head_scale = nn.Parameter(torch.empty(1))
+
+    def mix(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.e_proj(self.enorm(emb)).unsqueeze(2) + self.h_proj(self.hnorm(h))
+
+
+class DeepseekV4Model(nn.Module):
+    """Embedding, blocks, the head collapse (hc_head_*), final norm, MTP modules and the two rotaries."""
+
+    keep_fp32 = True  # the hc_head_* parameters
+
+    def __init__(self, cfg: ModelConfig, with_mtp: bool = True):
+        super().__init__()
+        n, D = cfg.hc_mult, cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, D)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.hc_head_fn = nn.Parameter(torch.empty(n, n * D))
+        self.hc_head_base = nn.Parameter(torch.empty(n))
+        self.hc_head_scale = nn.Parameter(torch.empty(1))
+        n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers + k) for k in range(n_mtp))
+        main, comp = _rope_configs(cfg)
+        self.rotary_main, self.rotary_compress = RotaryEmbedding(main), RotaryEmbedding(comp)
+        self.rotary_compress.attn_factor = 1.0  # V4 keeps cos/sin unscaled under YaRN (official code, HF alike)
+
+
+def _rope_configs(cfg: ModelConfig) -> tuple[ModelConfig, ModelConfig]:
+    """The plain rotary of sliding-window layers (rope_theta, never YaRN) and the compressed layers' one
+    (compress_rope_theta, with the config's YaRN)."""
+    return (dataclasses.replace(cfg, rope_scaling=None),
+            dataclasses.replace(cfg, rope_theta=cfg.compress_rope_theta))
+
+
+class DeepseekV4ForCausalLM(nn.Module):
+    """Causal LM over `DeepseekV4Model`; the `lm_head` is the checkpoint's `head`.
+
+    `forward` / `hidden_states` run whole sequences (a fresh state) or continue a `V4State`; `step` returns the
+    final mHC streams flattened [N, hc_mult·D] as its hidden states, which `mtp_hidden` takes (with a `V4State`
+    of the MTP layers, `V4State(model, batch, max_len, mtp=True)`) and `mtp_logits` turns into logits.
+    """
+
+    def __init__(self, cfg: ModelConfig, with_mtp: bool = True):
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekV4Model(cfg, with_mtp)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def num_mtp_layers(self) -> int:
+        return len(self.model.mtp)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def cache_specs(self) -> list[CacheSpec]:
+        """Per attention layer (MTP after the main ones), what `V4State` keeps: the window ring, compressed entries
+        (+ indexer keys on CSA layers) and the compressors' carry."""
+        cfg, out = self.config, []
+        hd, win = cfg.head_dim, cfg.sliding_window
+        for i in range(cfg.num_hidden_layers + self.num_mtp_layers):
+            r = cfg.compress_ratio(i)
+            if not r:
+                out.append(v4_window(hd, win))
+            elif cfg.layer_types[i] == CSA:  # two carries of [2r, 2d] (kv, score), and the indexer's
+                out.append(v4_compressed(hd, win, r, 2 * (2 * r) * (2 * hd) + 2 * (2 * r) * (2 * cfg.index_head_dim),
+                                         cfg.index_head_dim))
+            else:
+                out.append(v4_compressed(hd, win, r, 2 * r * hd))
+        return out
+
+    # ---- forward passes ---------------------------------------------------------------------
+    def _rope(self, positions: torch.Tensor) -> Rope:
+        m = self.model
+        return Rope(m.rotary_main(positions), m.rotary_compress(positions), m.rotary_compress)
+
+    def _state(self, ctx: Any, batch: int, num_tokens: int, mtp: bool = False) -> V4State:
+        if isinstance(ctx, V4State):
+            return ctx
+        if ctx is not None and (type(ctx) is not AttentionContext or ctx.mask is not None):
+            raise ValueError("DeepSeek-V4 runs unpadded whole sequences or a V4State (its compressed entries follow "
+                             "token positions); a padding or document mask is not supported")
+        return V4State.fresh(self, batch, num_tokens, mtp)
+
+    def _positions(self, input_ids: torch.Tensor, positions: torch.Tensor | None, start: int) -> torch.Tensor:
+        T = input_ids.shape[1]
+        expect = torch.arange(start, start + T, device=input_ids.device)
+        if positions is None:
+            return expect.expand_as(input_ids)
+        if positions.shape != input_ids.shape or not bool((positions == expect).all()):
+            raise ValueError(f"DeepSeek-V4 positions must be {start}..{start + T - 1} for every sequence "
+                             "(the state's length onwards)")
+        return positions
+
+    def streams(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx: Any = None) -> torch.Tensor:
+        """input_ids [B, T] -> the final mHC streams [B, T, hc_mult, D]."""
+        B, T = input_ids.shape
+        state = self._state(ctx, B, T)
+        start = state.length
+        state.begin_step(T)
+        rope = self._rope(self._positions(input_ids, positions, start))
+        h = self.model.embed_tokens(input_ids).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)
+        for layer in self.model.layers:
+            h = layer(h, input_ids, rope, state.layer(layer.layer_idx), start)
+        state.end_step()
+        return h
+
+    def head_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Streams [..., n, D] -> final-norm hidden states [..., D] (hc_head, then norm)."""
+        m, cfg = self.model, self.config
+        return m.norm(hc_head(h, m.hc_head_fn, m.hc_head_scale, m.hc_head_base, cfg.hc_eps, cfg.rms_norm_eps))
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx: Any = None) -> torch.Tensor:
+        """input_ids [B, T] -> final-norm hidden states [B, T, D]."""
+        return self.head_hidden(self.streams(input_ids, positions, ctx))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx: Any = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V]."""
+        return self.lm_head(self.hidden_states(input_ids, positions, ctx))
+
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor | None, ctx: Any,
+             rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final streams [B·T, hc_mult·D] of every token -- what `mtp_hidden` takes --, logits [len(rows), V])."""
+        h = self.streams(input_ids, positions, ctx)
+        flat = h.reshape(-1, h.shape[-2] * h.shape[-1])
+        return flat, self.lm_head(self.head_hidden(h.reshape(-1, *h.shape[-2:])[rows]))
+
+    def mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, ctx: Any = None,
+                   depth: int = 0) -> torch.Tensor:
+        """MTP module `depth` on the main model's final streams h_i ([B, T, n, D] or flattened [B, T, n·D]) and token
+        i+1 (next_ids [B, T]): its output streams [B, T, n, D] (the next depth's input; `mtp_logits` for logits)."""
+        B, T = next_ids.shape
+        n, D = self.config.hc_mult, self.config.hidden_size
+        h = hidden.view(B, T, n, D)
+        state = self._state(ctx, B, T, mtp=True)
+        start = state.length
+        state.begin_step(T)
+        rope = self._rope(self._positions(next_ids, positions, start))
+        blk = self.model.mtp[depth]
+        x = blk.mix(h, self.model.embed_tokens(next_ids))
+        out = blk(x, next_ids, rope, state.layer(blk.layer_idx), start)
+        state.end_step()
+        return out
+
+    def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, ctx: Any = None,
+                   depth: int = 0) -> torch.Tensor:
+        """Logits of token i+2 from MTP module `depth`: its streams through its own head collapse and norm."""
+        blk, cfg = self.model.mtp[depth], self.config
+        h = self.mtp_hidden(hidden, next_ids, positions, ctx, depth)
+        x = hc_head(h, blk.hc_head_fn, blk.hc_head_scale, blk.hc_head_base, cfg.hc_eps, cfg.rms_norm_eps)
+        return self.lm_head(blk.norm(x))
+
+    # ---- dtype and initialisation ----------------------------------------------------------
+    def cast(self, dtype: torch.dtype) -> "DeepseekV4ForCausalLM":
+        """Cast floating tensors to `dtype`, keeping the routers, compressors, mHC and sinks (`keep_fp32`) in fp32."""
+        for module in self.modules():
+            keep = getattr(module, "keep_fp32", False)
+            for _, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                if t is not None and t.is_floating_point():
+                    t.data = t.data.to(torch.float32 if keep else dtype)
+        return self
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the rotary tables (needed after building on the meta device)."""
+        main, comp = _rope_configs(self.config)
+        self.model.rotary_main.inv_freq = rope_inv_freq(main)[0].to(self.device)
+        self.model.rotary_compress.inv_freq = rope_inv_freq(comp)[0].to(self.device)
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None, generator: torch.Generator | None = None) -> None:
+        """Random initialisation: N(0, std) matrices, unit norms, every other tensor random too (sinks, mHC bases and
+        scales, position biases, router biases), and a hash table of distinct experts per token."""
+        std = self.config.initializer_range if std is None else std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p.dim() >= 2:
+                p.normal_(0.0, std, generator=generator)
+            else:
+                p.normal_(0.0, 0.5, generator=generator)
+        E = self.config.n_routed_experts
+        for m in self.modules():
+            if isinstance(m, Gate) and m.e_score_correction_bias is not None:
+                m.e_score_correction_bias.normal_(0.0, 0.1, generator=generator)
+            elif isinstance(m, HashGate):
+                m.tid2eid.copy_(torch.rand(m.tid2eid.shape[0], E, generator=generator).argsort(-1)[:, : m.top_k])
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Total parameters, or those used per token (K of E routed experts) with `active=True`."""
+        total = sum(p.numel() for p in self.parameters())
+        if active:
+            cfg = self.config
+            for m in self.modules():
+                if isinstance(m, Experts):
+                    total -= (m.gate_up_proj[0].numel() + m.down_proj[0].numel()) * (cfg.n_routed_experts - cfg.num_experts_per_tok)
+        return total

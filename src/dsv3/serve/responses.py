@@ -28,7 +28,7 @@ from fastapi.responses import Response, StreamingResponse
 from dsv3.serve.chat import _before_calls, _messages, grammar_spec, processors, tool_message
 from dsv3.serve.errors import APIError
 from dsv3.serve.generation import admit, encode, finish_reason, generate, new_id, sampling_params
-from dsv3.serve.protocol import (ChatCompletionRequest, ResponseFunctionCall, ResponseFunctionCallOutput, ResponseMessage,
+from dsv3.serve.protocol import (ChatCompletionRequest, ResponseFunctionCall, ResponseMessage,
                                  ResponsesRequest)
 from dsv3.serve.state import ServerState
 from dsv3.serve.streaming import DONE, KEEPALIVE, error_event, json_body, with_keepalive

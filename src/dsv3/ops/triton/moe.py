@@ -17,7 +17,7 @@ import math
 import torch
 import triton.language as tl
 
-from dsv3.ops.triton._launch import check_device, fix_interpreter, jit, next_pow2
+from dsv3.ops.triton._launch import check_device, fix_interpreter, jit
 
 
 @jit

@@ -26,8 +26,10 @@ def block_hash(parent: bytes, token_ids: list[int], adapter_id: int = 0, cache_s
 class BlockManager:
     """Allocates blocks, shares cached prefixes, and counts prefix-cache queries and hits (in tokens)."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_state_slots: int = 0):
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.free_state_slots = list(range(num_state_slots - 1, -1, -1))  # per-sequence state (V4), popped from the end
+        self.num_state_slots = num_state_slots
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
         self.block_hashes: list[bytes | None] = [None] * num_blocks
@@ -78,8 +80,10 @@ class BlockManager:
     def ensure_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give `seq` room for `num_new_tokens` more cached tokens; False if there are not enough free blocks."""
         need = self.blocks_needed(seq, num_new_tokens)
-        if need > len(self.free):
+        if need > len(self.free) or (self.num_state_slots and seq.state_slot < 0 and not self.free_state_slots):
             return False
+        if self.num_state_slots and seq.state_slot < 0:
+            seq.state_slot = self.free_state_slots.pop()
         for _ in range(need):
             block, _ = self.free.popitem(last=False)  # least recently freed first
             old = self.block_hashes[block]
@@ -108,3 +112,6 @@ class BlockManager:
                 self.free[block] = None
         seq.block_table = []
         self.seq_hashes.pop(seq.seq_id, None)
+        if seq.state_slot >= 0:
+            self.free_state_slots.append(seq.state_slot)
+            seq.state_slot = -1

@@ -12,6 +12,7 @@ the engine.
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 import zlib
 import time
@@ -93,12 +94,19 @@ class LLMEngine:
             load_stacked(model, [str(c.lora_adapters[n]) for n in self.adapter_names])  # before the runner looks
         if c.kv_cache_dtype not in ("auto", "int8"):
             raise RequestError(f"kv_cache_dtype must be auto or int8, got {c.kv_cache_dtype!r}")
-        per_token = sum(s.bytes_per_token(model.dtype, c.kv_cache_dtype == "int8") for s in model.cache_specs())
-        enough = c.max_num_seqs * (-(-self.max_model_len // c.block_size)) + 1  # never more than can be used
-        num_blocks = c.num_blocks or max(1, min(enough, c.kv_cache_memory // (per_token * c.block_size)))
-        self.block_manager = BlockManager(num_blocks, c.block_size, c.enable_prefix_caching)
+        specs = model.cache_specs()
+        stateful = hasattr(model, "paged_state")  # per-sequence state (DeepSeek-V4): slots + paged entries
+        block_size, memory, prefix = c.block_size, c.kv_cache_memory, c.enable_prefix_caching
+        if stateful:
+            block_size, memory = self._stateful_layout(model, specs)
+            prefix = False
+        per_token = max(1, sum(s.bytes_per_token(model.dtype, c.kv_cache_dtype == "int8") for s in specs))
+        enough = c.max_num_seqs * (-(-self.max_model_len // block_size)) + 1  # never more than can be used
+        num_blocks = c.num_blocks or max(1, min(enough, memory // (per_token * block_size)))
+        slots = c.max_num_seqs if stateful else 0
+        self.block_manager = BlockManager(num_blocks, block_size, prefix, num_state_slots=slots)
         self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens, c.enable_chunked_prefill)
-        self.runner = ModelRunner(model, num_blocks, c.block_size, c.kv_cache_dtype)
+        self.runner = ModelRunner(model, num_blocks, block_size, c.kv_cache_dtype, num_state_slots=slots)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "request_errors": 0,
                       "request_rejections": 0}
         self.eos_ids = set(tokenizer.stop_token_ids) | set(cfg.eos_token_ids)
@@ -110,6 +118,33 @@ class LLMEngine:
             self.stats.update(spec_draft_tokens=0, spec_accepted_tokens=0)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
+
+    def _stateful_layout(self, model: CausalLM, specs: list) -> tuple[int, int]:
+        """Block size and entry-pool memory for a model with per-sequence state (DeepSeek-V4): blocks hold whole
+        compressed entries (a multiple of every ratio), and the slots' rings and carries come off the budget.
+        Combinations it does not run yet are refused here, by name."""
+        c = self.config
+        if c.kv_cache_dtype == "int8":
+            raise RequestError(f"an int8 cache is not supported for {model.config.model_type} (its windows and "
+                               "compressed entries stay in the model's dtype)")
+        if c.num_speculative_tokens:
+            raise RequestError(f"speculative decoding is not supported for {model.config.model_type} in the engine yet")
+        if c.lora_adapters:
+            raise RequestError(f"serving LoRA adapters is not supported for {model.config.model_type} yet")
+        if c.enable_prefix_caching:
+            log.info("prefix caching is off for %s: its sliding-window ring and compressor carry are per-sequence "
+                     "state that cached blocks do not hold", model.config.model_type)
+        block_size = c.block_size
+        for s in specs:
+            if s.ratio:
+                block_size = math.lcm(block_size, s.ratio)
+        es = torch.empty((), dtype=model.dtype).element_size()
+        per_slot = sum(s.window * s.width * es + 4 * s.state for s in specs)  # ring + fp32 carry per sequence
+        memory = c.kv_cache_memory - c.max_num_seqs * per_slot
+        if memory <= 0:
+            raise RequestError(f"kv_cache_memory {c.kv_cache_memory} bytes does not hold the state of max_num_seqs="
+                               f"{c.max_num_seqs} sequences ({per_slot} bytes each); raise it or lower max_num_seqs")
+        return block_size, memory
 
     # ---- requests -----------------------------------------------------------------------
     def validate(self, prompt: PromptType, params: SamplingParams) -> EngineRequest:
@@ -211,7 +246,7 @@ class LLMEngine:
         drafts = self._draft(chunks, touched)
         items = [StepItem(c.seq.token_ids[c.start:c.start + c.num_tokens] + (drafts[c.seq].tokens if c.seq in drafts else []),
                           c.start, c.seq.block_table, sample=c.completes and c.seq.pooler is None, all_logits=c.seq in drafts,
-                          adapter=c.seq.adapter_id)
+                          adapter=c.seq.adapter_id, state_slot=c.seq.state_slot)
                  for c in chunks if not c.seq.is_finished]
         chunks = [c for c in chunks if not c.seq.is_finished]
         chunks, items, hidden, logits = self._execute(chunks, items, touched)

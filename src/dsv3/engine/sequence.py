@@ -37,6 +37,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose latent is in the cache
     block_table: list[int] = field(default_factory=list)
+    state_slot: int = -1  # models with per-sequence state (DeepSeek-V4): the slot it holds while it has blocks
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache on first schedule
     first_token_time: float | None = None
     logprobs: list[dict[int, float]] | None = None

@@ -231,6 +231,4 @@ FAMILIES = [ModelFamily(
     "dsv3.models.deepseek_v4.weights", "dsv3.models.deepseek_v4.shard:parallelize", V4_ROUTER,
     ("wq_a", "wq_b", "wkv", "wo_b", "w1", "w2", "w3"), (),
     config_parser="dsv3.models.deepseek_v4.family:parse", config_prepare="dsv3.models.deepseek_v4.family:prepare",
-    config_writer="dsv3.models.deepseek_v4.family:write",
-    engine_unsupported="DeepSeek-V4 is not served by the paged engine yet (its window ring and compressed entries "
-                       "need their own cache layout); load it with dsv3.io.load.load_model and call the model")]
+    config_writer="dsv3.models.deepseek_v4.family:write")]

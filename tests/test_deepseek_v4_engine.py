@@ -36,8 +36,18 @@ def parts(tmp_path_factory):
     return load_model(path, dtype="fp32", progress=False), Tokenizer.from_dir(path), path
 
 
+_REFERENCE: dict = {}
+
+
 def _reference(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
-    """Greedy continuation by full forwards: the tokens and each one's log-probability."""
+    """Greedy continuation by full forwards: the tokens and each one's log-probability (kept for the module)."""
+    key = (id(model), tuple(prompt), n)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = _greedy(model, prompt, n)
+    return _REFERENCE[key]
+
+
+def _greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
     ids, lps = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
@@ -69,13 +79,34 @@ def test_engine_equals_the_full_forward(parts, cfg):
     params = [SamplingParams(max_tokens=rng.randint(6, 25), temperature=0, ignore_eos=True, logprobs=0)
               for _ in prompts]
     engine = LLMEngine(model, tok, EngineConfig(max_model_len=128, **cfg))
-    assert engine.block_manager.block_size % 8 == 0 and not engine.block_manager.enable_prefix_caching
+    assert engine.block_manager.block_size % 8 == 0
     outs = engine.generate(prompts, params)
     if "num_blocks" in cfg:
         assert engine.scheduler.num_preemptions > 0
     _check(model, prompts, params, outs)
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and len(bm.free_state_slots) == bm.num_state_slots
+
+
+def test_prefix_cache_resumes_from_saved_states(parts):
+    """A conversation's next turn (its prompt = the last prompt + the answer + a new message) and a repeated prompt
+    resume from the slot state saved at the last cached block end -- prompt ends and decode steps save it -- and
+    still give the full forward's tokens; a prefix that ends where no state was saved is recomputed."""
+    model, tok, _ = parts
+    rng = random.Random(1)
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=0)
+    engine = LLMEngine(model, tok, EngineConfig(max_model_len=160, max_num_batched_tokens=64))
+    bm, bs = engine.block_manager, engine.block_manager.block_size
+    first = [rng.randrange(3, 256) for _ in range(2 * bs + 7)]
+    out1 = engine.generate([first], sp)[0]
+    assert bm.prefix_hits == 0
+    follow = first + out1.outputs[0].token_ids + [rng.randrange(3, 256) for _ in range(9)]
+    shared_only = first[:bs + 3] + [rng.randrange(3, 256) for _ in range(30)]  # no state saved at block 1's end
+    outs = engine.generate([follow, first, shared_only], [sp, sp, sp])
+    # the follow-up resumes after the answer's last full block, the repeat after the prompt's, the other not at all
+    assert bm.prefix_hits == (len(first) + 20) // bs * bs + len(first) // bs * bs
+    _check(model, [follow, first, shared_only], [sp] * 3, outs)
+    assert outs[1].outputs[0].token_ids == out1.outputs[0].token_ids
 
 
 def test_cache_is_entries_per_token_and_a_slot_per_sequence(parts):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,18 +28,19 @@ class StepItem:
     all_logits: bool = False  # logits of every token are needed (speculative verification)
     adapter: int = 0  # LoRA adapter id: 0 = the base model, k = stacked slot k - 1
     state_slot: int = -1  # per-sequence state slot (models with `paged_state`, DeepSeek-V4)
+    restore: Any = None  # such models: a saved end-of-block state the slot starts from (a prefix-cache hit)
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto",
-                 num_state_slots: int = 0):
+                 num_state_slots: int = 0, max_snapshots: int = 0):
         self.model, self.block_size = model, block_size
         self.device = model.device
         self.multi_lora = bool(lora_modules(model))  # stacked adapters (dsv3.lora.load_stacked): slots per token
         self.attn_backend = backend_for(self.device)  # Triton decode attention on CUDA
         self.state = None
         if num_state_slots:  # the model keeps per-sequence state (DeepSeek-V4) and pages it itself
-            self.state = model.paged_state(num_state_slots, num_blocks, block_size)
+            self.state = model.paged_state(num_state_slots, num_blocks, block_size, max_snapshots)
             self.cache, self.graphs = None, None
             return
         extra = cuda_graphs.scratch_blocks(self.device)  # GPU: a scratch block for CUDA graphs' padded rows
@@ -70,6 +72,9 @@ class ModelRunner:
                 rows.append(offset + n - 1)
             offset += n
         if self.state is not None:
+            for it in items:
+                if it.restore is not None:
+                    self.state.load(it.state_slot, it.restore)
             ctx = SequenceStates(self.state, [it.state_slot for it in items], [it.start for it in items],
                                  [len(it.token_ids) for it in items], [it.block_table for it in items])
             return torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), ctx, rows
@@ -88,8 +93,16 @@ class ModelRunner:
             if out is not None:
                 return out
         input_ids, positions, ctx, rows = self.prepare(items)
+        saved = whole = None
+        if self.state is not None:  # a step that raises is re-run on parts of the batch: keep what it overwrites
+            whole = [len(it.token_ids) > 1 or it.start == 0 for it in items]
+            saved = self.state.checkpoint([it.state_slot for it in items], whole)
         try:
             hidden, logits = self.model.step(input_ids, positions, ctx, rows)
+        except BaseException:
+            if saved is not None:
+                self.state.rollback(saved, whole)
+            raise
         finally:
             if self.multi_lora:  # other users of the model (LLM.score, the generator) see the base model
                 set_slot_ids(self.model, None)

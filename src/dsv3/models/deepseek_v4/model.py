@@ -510,9 +510,10 @@ class DeepseekV4ForCausalLM(nn.Module):
         """A contiguous state for `batch` sequences of up to `max_len` positions (scoring, simple decoders)."""
         return V4State(self, batch, max_len)
 
-    def paged_state(self, num_slots: int, num_blocks: int, block_size: int) -> PagedV4State:
-        """The paged engine's cache for this model (`paged.py`): `num_slots` running sequences, `num_blocks` blocks."""
-        return PagedV4State(self, num_slots, num_blocks, block_size)
+    def paged_state(self, num_slots: int, num_blocks: int, block_size: int, max_snapshots: int = 0) -> PagedV4State:
+        """The paged engine's cache for this model (`paged.py`): `num_slots` running sequences, `num_blocks` blocks,
+        and up to `max_snapshots` slot states kept at cached block ends (prefix caching)."""
+        return PagedV4State(self, num_slots, num_blocks, block_size, max_snapshots)
 
     def _streams_paged(self, input_ids: torch.Tensor, ctx: SequenceStates) -> torch.Tensor:
         """An engine step ([1, N] flat tokens of ctx's sequences in order) -> streams [1, N, n, D]: prefill chunks one

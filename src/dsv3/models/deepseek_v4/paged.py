@@ -19,6 +19,7 @@ keys, gathers only the top-k entries (CSA) or every visible entry (HCA), and wri
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -49,13 +50,15 @@ class PagedRows:
 class PagedV4State:
     """The engine's V4 cache: `num_slots` state slots (rings, carries) and paged entry pools per compressed layer."""
 
-    def __init__(self, model: Any, num_slots: int, num_blocks: int, block_size: int):
+    def __init__(self, model: Any, num_slots: int, num_blocks: int, block_size: int, max_snapshots: int = 0):
         cfg = model.config
         ratios = {cfg.compress_ratio(i) for i in range(cfg.num_hidden_layers)} - {0}
         bad = [r for r in ratios if block_size % r]
         if bad:
             raise ValueError(f"block_size {block_size} must be a multiple of every compression ratio ({sorted(ratios)})")
         self.block_size, self.num_slots = block_size, num_slots
+        self.max_snapshots = max_snapshots
+        self.snapshots: OrderedDict[int, list[torch.Tensor]] = OrderedDict()  # block id -> slot state at its end
         self.slots = V4State(model, num_slots, 0)  # entries of size 0: they live in the pools below
         self.ratios = {i: cfg.compress_ratio(i) for i in self.slots.layers}
         self.entries: dict[int, torch.Tensor] = {}
@@ -76,6 +79,54 @@ class PagedV4State:
                 if kv is not None:  # as `empty_carry`: zeros, and -inf scores (an absent window weighs nothing)
                     kv[slot].zero_()
                     score[slot].fill_(float("-inf"))
+
+    def _slot_tensors(self, ring: bool = True) -> list[torch.Tensor]:
+        return [t for st in self.slots.layers.values() for t in ((st.ring,) if ring else ()) + (
+            st.carry_kv, st.carry_score, st.index_carry_kv, st.index_carry_score) if t is not None]
+
+    def checkpoint(self, slots: list[int], whole: list[bool]) -> list[tuple[int, list[torch.Tensor]]]:
+        """What a step may overwrite in its slots, so a step that raises can be re-run exactly: the carries (a
+        decode's ring write only replaces the position that leaves the window), and the ring too where `whole`
+        (a prefill chunk overwrites ring rows that it also reads)."""
+        out = []
+        for slot, w in zip(slots, whole):
+            out.append((slot, [t[slot].clone() for t in self._slot_tensors(ring=w)]))
+        return out
+
+    def rollback(self, saved: list[tuple[int, list[torch.Tensor]]], whole: list[bool]) -> None:
+        for (slot, tensors), w in zip(saved, whole):
+            for t, s in zip(self._slot_tensors(ring=w), tensors):
+                t[slot].copy_(s)
+
+    # ---- prefix caching: the slot's state at the end of a cached block ----------------------------
+    def save(self, slot: int, block: int) -> None:
+        """Keep a copy of `slot`'s ring and carries as the state after `block` (least recently used dropped past
+        `max_snapshots`)."""
+        if not self.max_snapshots:
+            return
+        self.snapshots[block] = [t[slot].clone() for t in self._slot_tensors()]
+        self.snapshots.move_to_end(block)
+        while len(self.snapshots) > self.max_snapshots:
+            self.snapshots.popitem(last=False)
+
+    def has(self, block: int) -> bool:
+        return block in self.snapshots
+
+    def get(self, block: int) -> list[torch.Tensor] | None:
+        """The state saved after `block` (a sequence that matched it holds on to it until it is loaded)."""
+        snap = self.snapshots.get(block)
+        if snap is not None:
+            self.snapshots.move_to_end(block)
+        return snap
+
+    def load(self, slot: int, snapshot: list[torch.Tensor]) -> None:
+        """Resume a sequence in `slot` from a saved state (`get`): its ring and carries as they were there."""
+        for t, saved in zip(self._slot_tensors(), snapshot):
+            t[slot].copy_(saved)
+
+    def drop(self, block: int) -> None:
+        """`block` is reused for other tokens: its snapshot no longer describes it."""
+        self.snapshots.pop(block, None)
 
     def entry_rows(self, block_tables: torch.Tensor, ratio: int, n: int) -> torch.Tensor:
         """Pool rows of entries 0..n-1 for each sequence: block_tables [B, nb] (padded) -> [B, n] int64."""
@@ -100,5 +151,6 @@ class PagedV4State:
         return view
 
     def nbytes(self) -> int:
-        """Bytes held: slots (rings + carries) and entry pools."""
-        return self.slots.nbytes() + sum(t.nbytes for t in (*self.entries.values(), *self.index_keys.values()))
+        """Bytes held: slots (rings + carries), entry pools and prefix-cache snapshots."""
+        return (self.slots.nbytes() + sum(t.nbytes for t in (*self.entries.values(), *self.index_keys.values()))
+                + sum(t.nbytes for snap in self.snapshots.values() for t in snap))

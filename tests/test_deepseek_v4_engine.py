@@ -144,3 +144,42 @@ def test_dsv3_generate_runs_a_v4_checkpoint(parts, capsys):
     assert cli.main(["generate", "--model", str(path), "--tensor-parallel-size", "2", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert "DeepSeek-V4" in err and "\n" not in err
+
+
+def test_a_forward_that_raises_midway_leaves_the_other_sequences_exact(parts):
+    """The last layer raises for any batch holding the poisoned request's token, after every earlier layer has
+    written rings, carries and entries of all rows: the step is rolled back, re-run on halves, and only the
+    poisoned request fails -- the others give exactly the tokens of a clean run (prefill and decode faults)."""
+    model, tok, _ = parts
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 250) for _ in range(rng.randint(12, 40))] for _ in range(4)]
+    sp = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    clean = [o.outputs[0].token_ids for o in LLMEngine(model, tok, EngineConfig(max_model_len=96)).generate(prompts, sp)]
+
+    def force_poison(ids, logits):
+        logits[:] = float("-inf")
+        logits[255] = 0.0
+        return logits
+
+    ffn = model.model.layers[-1].ffn
+    real = ffn.forward
+
+    def forward(x, input_ids):
+        if bool((input_ids == 255).any()):
+            raise RuntimeError("injected mid-forward fault")
+        return real(x, input_ids)
+
+    for poison_prompt in ([7, 8, 9, 10, 11], [7, 8, 255, 10]):  # fails at its first decode / in its prefill
+        ffn.forward = forward
+        try:
+            eng = LLMEngine(model, tok, EngineConfig(max_model_len=96))
+            eng.add_request("poison", poison_prompt, SamplingParams(max_tokens=5, logits_processors=[force_poison]))
+            for i, p in enumerate(prompts):
+                eng.add_request(f"r{i}", p, sp)
+            done = {}
+            while eng.has_unfinished_requests():
+                done.update({o.request_id: o for o in eng.step() if o.finished})
+        finally:
+            ffn.forward = real
+        assert done["poison"].error is not None and "injected mid-forward fault" in done["poison"].error
+        assert [done[f"r{i}"].outputs[0].token_ids for i in range(4)] == clean

@@ -183,3 +183,16 @@ def test_a_forward_that_raises_midway_leaves_the_other_sequences_exact(parts):
             ffn.forward = real
         assert done["poison"].error is not None and "injected mid-forward fault" in done["poison"].error
         assert [done[f"r{i}"].outputs[0].token_ids for i in range(4)] == clean
+
+
+def test_quantization_and_training_are_refused_in_one_line(parts, tmp_path, capsys):
+    _, _, path = parts
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "write f", "output": "def f(): return 1"}\n')
+    for argv in (["quantize", "--model", str(path), "--method", "int8", "-o", str(tmp_path / "q")],
+                 ["generate", "--model", str(path), "--quantization", "int4", "hi"],
+                 ["finetune", "--model", str(path), "--data-files", str(data), "--output-dir", str(tmp_path / "ft")]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "not supported for deepseek_v4" in err and "\n" not in err, argv
+    assert not (tmp_path / "q").exists() and not (tmp_path / "ft").exists()

@@ -231,4 +231,8 @@ FAMILIES = [ModelFamily(
     "dsv3.models.deepseek_v4.weights", "dsv3.models.deepseek_v4.shard:parallelize", V4_ROUTER,
     ("wq_a", "wq_b", "wkv", "wo_b", "w1", "w2", "w3"), (),
     config_parser="dsv3.models.deepseek_v4.family:parse", config_prepare="dsv3.models.deepseek_v4.family:prepare",
-    config_writer="dsv3.models.deepseek_v4.family:write")]
+    config_writer="dsv3.models.deepseek_v4.family:write",
+    unsupported={"quantization": "the packed formats do not lay out its compressors, grouped output projection and "
+                                 "MTP modules yet; run it in bf16/fp32",
+                 "training": "its compressed attention runs unpadded whole sequences, and the trainers batch padded "
+                             "or packed rows"})]

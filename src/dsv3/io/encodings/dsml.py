@@ -87,7 +87,7 @@ def parse_calls(text: str, start: int, block: str) -> tuple[int, list[dict[str, 
         if stop is None:
             raise DSMLError(f"the {block} block is not closed")
         i, head, stop = _read_until(i, text, [f"<{DSML}parameter", f"</{DSML}invoke"])
-        m = re.fullmatch(r'\s*name="(.*?)">\n', head, flags=re.S)
+        m = re.fullmatch(r'\s*name="(.*?)">\n\n?', head, flags=re.S)  # \n\n: no arguments
         if m is None:
             raise DSMLError(f"malformed invoke name: {head[:60]!r}")
         args: dict[str, tuple[str, str]] = {}

@@ -275,3 +275,27 @@ def test_reasoning_split_and_stream_holdback():
         assert r1.startswith(r0) and c1.startswith(c0)
     assert all("</" not in r and "<" not in c for r, c in seen)
     assert sp.visible(full, final=True) == ("plan", "Hi.")
+
+
+def test_thinking_switch_is_checked_against_the_format():
+    from types import SimpleNamespace
+
+    from dsv3.serve.errors import APIError
+
+    def kw(fmt, ctk=None, effort=None):
+        return tool_formats.template_kwargs(fmt, SimpleNamespace(chat_template_kwargs=ctk, reasoning_effort=effort))
+
+    v3, v31, v4 = tool_formats.V3_FORMAT, template_format(DEEPSEEK_V31_CHAT_TEMPLATE), chat_format(None, "deepseek_v4")
+    assert kw(v3) == ({}, False)
+    for bad in ({"ctk": {"thinking": True}}, {"effort": "high"}):
+        with pytest.raises(APIError, match="no thinking mode"):
+            kw(v3, **bad)
+    assert kw(v31, {"thinking": True}) == ({"thinking": True}, True)
+    assert kw(v31, {"enable_thinking": True}) == ({"thinking": True}, True)
+    assert kw(v31, effort="none") == ({"thinking": False}, False)
+    assert kw(v4, effort="max") == ({"thinking": True, "reasoning_effort": "max"}, True)
+    assert kw(v4, effort="low") == ({"thinking": True, "reasoning_effort": None}, True)
+    with pytest.raises(APIError, match="contradicts"):
+        kw(v31, {"thinking": False}, effort="high")
+    with pytest.raises(APIError, match="boolean"):
+        kw(v31, {"thinking": "yes"})

@@ -207,3 +207,34 @@ def test_thinking_requests_are_checked_against_the_model(v32):
         c.chat.completions.create(model="tiny", messages=MSGS, extra_body={"chat_template_kwargs": {"frobnicate": True}})
     with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
         c.chat.completions.create(model="tiny", messages=MSGS, reasoning_effort="extreme")
+
+
+def test_dsv3_chat_thinking(base_dir, tmp_path, capsys, monkeypatch):
+    """`dsv3 chat --thinking`: the prompt opens <think> on a V3.1-format model; the reasoning goes back as history
+    through the template (which keeps only what follows </think>); a model with no thinking mode refuses the flag."""
+    import io
+    import sys
+
+    from dsv3 import LLM, cli
+
+    rc = cli.main(["chat", "--model", str(base_dir), "--thinking", "--dtype", "fp32"])
+    assert rc == 2 and "has no thinking mode" in capsys.readouterr().err
+    d = tmp_path / "m"
+    shutil.copytree(base_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = dsv31.DEEPSEEK_V31_CHAT_TEMPLATE
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    prompts, replies = [], iter(["plan one</think>answer one", "plan two</think>answer two"])
+
+    def scripted(self, prompt, params=None, lora=None):  # the reply a thinking model writes
+        from dsv3.llm import StreamEvent
+        prompts.append(self.tokenizer.decode(prompt["prompt_token_ids"], skip_special_tokens=False))
+        yield StreamEvent(next(replies), None, "stop")
+
+    monkeypatch.setattr(LLM, "stream", scripted)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n/exit\n"))
+    rc = cli.main(["chat", "--model", str(d), "--thinking", "--dtype", "fp32", "--max-tokens", "8"])
+    assert rc == 0, capsys.readouterr().err
+    assert prompts[0].endswith("<｜User｜>first<｜Assistant｜><think>")
+    assert prompts[1].endswith("<｜User｜>first<｜Assistant｜></think>answer one<｜end▁of▁sentence｜>"
+                               "<｜User｜>second<｜Assistant｜><think>")

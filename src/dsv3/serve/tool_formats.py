@@ -21,7 +21,7 @@ import re
 import uuid
 from typing import Any
 
-from dsv3.io.encodings import DSML_V32, DSML_V4, V3, V31, ChatFormat
+from dsv3.io.encodings import DSML_V32, DSML_V4, V3, V31, ChatFormat, split_reasoning  # noqa: F401 (re-exported)
 from dsv3.io.encodings import dsv31
 from dsv3.io.encodings.dsml import DSML, THINK_END, THINK_START, DSMLError
 from dsv3.io.encodings.dsml import parse_calls as parse_dsml_calls
@@ -93,17 +93,6 @@ def template_kwargs(fmt: ChatFormat, req: Any) -> tuple[dict[str, Any], bool]:
         if fmt.reasoning_effort and thinking:
             out["reasoning_effort"] = {"max": "max", "high": "high", "xhigh": "high"}.get(effort or "")
     return out, thinking
-
-
-def split_reasoning(text: str) -> tuple[str, str | None]:
-    """(reasoning, content) of a thinking-mode reply: text before `</think>` is reasoning (a leading `<think>`
-    dropped); no `</think>`: all reasoning, no content yet."""
-    if text.startswith(THINK_START):
-        text = text[len(THINK_START):]
-    k = text.find(THINK_END)
-    if k < 0:
-        return text, None
-    return text[:k], text[k + len(THINK_END):]
 
 
 def calls_start(fmt: ChatFormat, text: str) -> int:

@@ -36,6 +36,17 @@ class ChatFormat:
             self.tool_format, "<｜tool▁calls▁begin｜>")
 
 
+def split_reasoning(text: str) -> tuple[str, str | None]:
+    """(reasoning, content) of a thinking-mode reply, as vLLM's deepseek_r1 parser reads it: the prompt ended in
+    `<think>`, so text before `</think>` is reasoning (a leading `<think>` dropped); no `</think>` yet: all reasoning."""
+    if text.startswith("<think>"):
+        text = text[len("<think>"):]
+    k = text.find("</think>")
+    if k < 0:
+        return text, None
+    return text[:k], text[k + len("</think>"):]
+
+
 def template_format(source: str) -> ChatFormat:
     """The format a Jinja template writes, read from its text: V3.1-style calls put the name right after
     `<｜tool▁call▁begin｜>` and the raw arguments after `<｜tool▁sep｜>`; V3 writes `type<｜tool▁sep｜>name` and

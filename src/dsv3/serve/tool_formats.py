@@ -16,7 +16,6 @@ is `REASONING</think>CONTENT`; with no `</think>` yet, everything is reasoning.
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from typing import Any

@@ -38,8 +38,16 @@ WIDTH = dict(hidden_size=1024, num_attention_heads=16, kv_lora_rank=512, qk_rope
 FAMILIES = {
     "v3": dict(model_type="deepseek_v3"),
     "v32": dict(model_type="deepseek_v32", index_n_heads=8, index_head_dim=128, index_topk=2048),
+    # V4: one 512-wide K=V head, a 128-token window everywhere, CSA 4:1 (top-512 of 128-dim index keys) and HCA 128:1
+    # alternating as in the release, mHC with 4 streams, grouped low-rank output
+    "v4": dict(model_type="deepseek_v4", head_dim=512, num_key_value_heads=1, o_groups=4, o_lora_rank=256,
+               sliding_window=128, compress_ratios=[4, 128, 4, 128], compress_rope_theta=160000, index_n_heads=8,
+               index_head_dim=128, index_topk=512, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, num_hash_layers=1,
+               scoring_func="sqrtsoftplus", topk_method="noaux_tc", swiglu_limit=10.0, norm_topk_prob=True,
+               n_group=1, topk_group=1, first_k_dense_replace=0),
 }
 GOALS = {"v32": ("decode at 128K ≥ 2× V3", 2.0), "v4": ("decode at 128K ≥ 4× V3", 4.0)}
+CACHE_GOALS = {"v4": ("cache bytes/token at 128K ≤ 0.3× V3's MLA latent", 0.3)}
 
 
 def build(family: str, path: Path) -> Path:
@@ -54,8 +62,13 @@ def build(family: str, path: Path) -> Path:
     if (path / "config.json").exists():
         return path
     cfg = ModelConfig.from_dict({**WIDTH, **FAMILIES[family]})
+    if family == "v4":  # V4 has no MLA: its own head_dim and no latent
+        cfg = ModelConfig.from_dict({k: v for k, v in {**WIDTH, **FAMILIES[family]}.items()
+                                     if k not in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "intermediate_size")})
     torch.manual_seed(0)
     model = fam(cfg.model_type).model_class()(cfg)
+    if hasattr(model, "reset_buffers"):
+        model.reset_buffers()
     model.init_weights(std=0.02)
     save_model(model, path)
     _write_tokenizer(path, cfg.vocab_size)
@@ -65,7 +78,7 @@ def build(family: str, path: Path) -> Path:
 def engine_for(model, tok, max_len: int, **kw):
     from dsv3.engine import EngineConfig, LLMEngine
 
-    bs = 16
+    bs = 128 if hasattr(model, "paged_state") else 16  # V4: blocks hold whole 128:1 entries
     blocks = -(-max_len // bs) + 1
     return LLMEngine(model, tok, EngineConfig(max_model_len=max_len, max_num_seqs=1, num_blocks=blocks, block_size=bs,
                                               enable_prefix_caching=False, **kw))
@@ -77,20 +90,24 @@ def decode_ms(model, tok, L: int, steps: int) -> tuple[float, float]:
     from dsv3.engine.runner import StepItem
 
     eng = engine_for(model, tok, L + steps + 1)
-    cache = eng.runner.cache
+    cache, state = eng.runner.cache, eng.runner.state
     g = torch.Generator().manual_seed(0)
-    cache.data.normal_(generator=g)  # stand-in entries for L positions: decode cost does not depend on them
-    if cache.index is not None:
-        cache.index.normal_(generator=g)
+    # stand-in entries for L positions: decode cost does not depend on them
+    for t in ([cache.data] + ([cache.index] if cache.index is not None else []) if state is None else
+              [*state.entries.values(), *state.index_keys.values()] + [st.ring for st in state.slots.layers.values()]):
+        t.normal_(generator=g)
     table = list(range(eng.block_manager.num_blocks))
     token = 5
     times = []
     for i in range(steps + 2):
         t = time.perf_counter()
-        _, logits = eng.runner.execute([StepItem([token], L + i, table, sample=True)])
+        _, logits = eng.runner.execute([StepItem([token], L + i, table, sample=True, state_slot=0)])
         times.append(time.perf_counter() - t)
         token = int(logits[-1].argmax())
-    per_token = cache.bytes_per_token()
+    if state is None:
+        per_token = cache.bytes_per_token()
+    else:  # everything one sequence of L tokens holds (window ring, carry, entries, index keys) per token
+        per_token = round(sum(s.bytes_per_sequence(model.dtype, L) for s in model.cache_specs()) / L)
     return 1000 * sorted(times[2:])[len(times[2:]) // 2], per_token
 
 
@@ -108,7 +125,7 @@ def prefill_s(model, tok, L: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="1024,8192,32768,131072")
-    ap.add_argument("--families", default="v3,v32")
+    ap.add_argument("--families", default="v3,v32,v4")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8, help="decode steps timed per context (median reported)")
     ap.add_argument("--prefill-budget", type=float, default=600.0, help="seconds one prefill may take before the "
@@ -172,6 +189,10 @@ def report(rows: list[dict], fams: list[str], contexts: list[int], out: Path, th
         if fam in fams and "v3" in fams:
             got = by[("v3", top)]["decode_ms"] / by[(fam, top)]["decode_ms"]
             print(f"goal {fam}: {goal}; at {top // 1024}K measured {got:.2f}× -> {'met' if got >= need else 'NOT met'}")
+    for fam, (goal, need) in CACHE_GOALS.items():
+        if fam in fams and "v3" in fams:
+            got = by[(fam, top)]["cache_bytes_per_token"] / by[("v3", top)]["cache_bytes_per_token"]
+            print(f"goal {fam}: {goal}; at {top // 1024}K measured {got:.3f}× -> {'met' if got <= need else 'NOT met'}")
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for fam in fams:

@@ -322,7 +322,7 @@ def test_quantized_v32_checkpoints_round_trip_with_the_indexer(parts, tmp_path):
         got = q(ids)
         if method == "int8":
             assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
-        save_quantized(q, tmp_path / method)
+        save_quantized(q, tmp_path / method, dtype="fp32")  # the default bf16 storage rounds embedding and head
         torch.testing.assert_close(load_quantized(tmp_path / method, progress=False)(ids), got, atol=1e-4, rtol=1e-4)
 
 

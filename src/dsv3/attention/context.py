@@ -255,3 +255,15 @@ class PagedContext(AttentionContext):
 
     def native_slots(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         return None if self._native is None else (self.meta.slot_mapping, *self._native)
+
+
+class SequenceStates(AttentionContext):
+    """One engine step over a model that keeps per-sequence state (DeepSeek-V4): the flat batch's sequences in
+    order, each with its state slot, first position, token count and block table, and the model's own cache
+    object (`model.paged_state(...)`), which the model alone reads and writes."""
+
+    def __init__(self, state: Any, slots: list[int], starts: list[int], num_tokens: list[int],
+                 block_tables: list[list[int]]):
+        super().__init__(None)
+        self.state, self.slots, self.starts, self.num_tokens = state, slots, starts, num_tokens
+        self.block_tables = block_tables

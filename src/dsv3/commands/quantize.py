@@ -46,6 +46,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from dsv3.quant.apply import default_policy, linear_weight_bytes
     from dsv3.quant.schemes import QuantError, check_group_size
     from dsv3.io.tokenizer import Tokenizer
+    from dsv3.models.registry import family
 
     device = resolve_device(args.device)
     check_group_size(args.group_size)
@@ -60,7 +61,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise QuantError(f"calibration file {args.calib!r} does not exist")
     if Path(args.output).resolve() == Path(args.model).resolve():
         raise QuantError(f"output directory {args.output!r} is the input model directory; choose another -o")
-    already = existing_quantization(ModelConfig.from_dir(args.model))
+    source = ModelConfig.from_dir(args.model)
+    family(source.model_type).refuse("quantization")  # before anything loads or is written
+    already = existing_quantization(source)
     if already is not None:
         raise QuantError(f"{args.model} is already quantized ({already}, by dsv3 quantize); quantize the "
                          "full-precision checkpoint it was made from instead")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from dsv3.errors import DSV3Error
+from dsv3.io.encodings import split_reasoning
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -249,7 +250,8 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def fit_conversation(llm, system: list[dict], history: list[dict], max_tokens: int) -> tuple[list[int], int]:
+def fit_conversation(llm, system: list[dict], history: list[dict], max_tokens: int,
+                     **template_kwargs) -> tuple[list[int], int]:
     """Prompt ids of system + history, dropping the oldest turns (never the system prompt or the newest
     message) until the prompt leaves room for a reply of min(max_tokens, max_model_len / 2) tokens.
 
@@ -259,7 +261,7 @@ def fit_conversation(llm, system: list[dict], history: list[dict], max_tokens: i
     room = min(max_tokens, limit // 2)
     dropped = 0
     while True:
-        ids = llm.chat_prompt_ids(system + history)
+        ids = llm.chat_prompt_ids(system + history, **template_kwargs)
         if len(ids) + room <= limit or len(history) <= 1:
             return ids, dropped
         n = 2 if len(history) > 2 and history[1]["role"] == "assistant" else 1  # a user turn and its reply
@@ -272,6 +274,13 @@ def run_chat(args: argparse.Namespace) -> int:
     llm = load(args, chat=True)
     if llm is None:
         return 0
+    template_kwargs = {}
+    if args.thinking:
+        fmt = llm.tokenizer.chat_format
+        if not fmt.thinking:
+            raise DSV3Error(f"--thinking: this model's chat format ({fmt.name}) has no thinking mode "
+                            "(DeepSeek-V3.1 and later have one)")
+        template_kwargs["thinking"] = True
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
@@ -293,13 +302,13 @@ def run_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         message = {"role": "user", "content": line}
-        alone = len(llm.chat_prompt_ids(system + [message]))
+        alone = len(llm.chat_prompt_ids(system + [message], **template_kwargs))
         if alone >= limit:  # refused before any turn is dropped: the conversation stays as it was
             print(f"dsv3: error: this message makes a {alone:,}-token prompt, more than max_model_len {limit:,}; "
                   "it was not sent (shorten it, or raise --max-model-len)", file=sys.stderr)
             continue
         history.append(message)
-        ids, dropped = fit_conversation(llm, system, history, args.max_tokens)
+        ids, dropped = fit_conversation(llm, system, history, args.max_tokens, **template_kwargs)
         if dropped:
             print(f"(dropped the {dropped} oldest message{'s' if dropped > 1 else ''} to fit the {limit:,}-token context)",
                   file=sys.stderr)
@@ -315,7 +324,12 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
-        history.append({"role": "assistant", "content": "".join(reply)})
+        text = "".join(reply)
+        if args.thinking:  # the reasoning goes back as reasoning_content: each format decides whether to show it again
+            reasoning, answer = split_reasoning(text)
+            history.append({"role": "assistant", "content": answer or "", "reasoning_content": reasoning})
+        else:
+            history.append({"role": "assistant", "content": text})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -332,5 +346,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(c)
     add_sampling_args(c, max_tokens=512)
     c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--thinking", action="store_true",
+                   help="thinking mode: replies open with <think> (models whose chat format has one: V3.1 and later)")
     c.add_argument("--lora", type=Path, default=None, metavar="DIR", help="apply a PEFT LoRA adapter")
     c.set_defaults(func=run_chat)

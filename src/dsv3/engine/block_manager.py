@@ -4,12 +4,18 @@ The cache is cut into fixed-size blocks; a sequence owns a `block_table` of bloc
 block is identified by a hash chained over every token before it (plus the adapter id and an
 optional cache salt), so two requests sharing a prefix share its blocks. Freed blocks keep their
 hash and stay reusable until they are evicted in least-recently-freed order.
+
+A model with per-sequence state (DeepSeek-V4's window ring and compressor carry, in a *state slot* the
+manager hands out with the blocks) can resume only where that state was saved: `snapshots` (the model's
+cache object) says which cached blocks have their end-of-block state kept, a prefix match stops at the
+last such block, and a reused block's snapshot is dropped.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from typing import Any
 
 from dsv3.engine.sequence import Sequence
 
@@ -26,8 +32,11 @@ def block_hash(parent: bytes, token_ids: list[int], adapter_id: int = 0, cache_s
 class BlockManager:
     """Allocates blocks, shares cached prefixes, and counts prefix-cache queries and hits (in tokens)."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_state_slots: int = 0):
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.free_state_slots = list(range(num_state_slots - 1, -1, -1))  # per-sequence state (V4), popped from the end
+        self.num_state_slots = num_state_slots
+        self.snapshots: Any = None  # has / get / drop(block): end-of-block states of a stateful model
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
         self.block_hashes: list[bytes | None] = [None] * num_blocks
@@ -60,10 +69,17 @@ class BlockManager:
             return
         usable = seq.num_tokens - 1  # at least one token must be computed to produce logits
         self.prefix_queries += seq.num_tokens
+        matched = []
         for h in self._hashes(seq, usable):
             block = self.hash_to_block.get(h)
             if block is None:
                 break
+            matched.append(block)
+        if self.snapshots is not None:  # resume only where the per-sequence state was kept
+            while matched and not self.snapshots.has(matched[-1]):
+                matched.pop()
+            seq.restore_state = self.snapshots.get(matched[-1]) if matched else None
+        for block in matched:
             if self.ref_count[block] == 0:
                 del self.free[block]
             self.ref_count[block] += 1
@@ -78,13 +94,17 @@ class BlockManager:
     def ensure_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give `seq` room for `num_new_tokens` more cached tokens; False if there are not enough free blocks."""
         need = self.blocks_needed(seq, num_new_tokens)
-        if need > len(self.free):
+        if need > len(self.free) or (self.num_state_slots and seq.state_slot < 0 and not self.free_state_slots):
             return False
+        if self.num_state_slots and seq.state_slot < 0:
+            seq.state_slot = self.free_state_slots.pop()
         for _ in range(need):
             block, _ = self.free.popitem(last=False)  # least recently freed first
             old = self.block_hashes[block]
             if old is not None and self.hash_to_block.get(old) == block:
                 del self.hash_to_block[old]
+            if self.snapshots is not None:
+                self.snapshots.drop(block)
             self.block_hashes[block] = None
             self.ref_count[block] = 1
             seq.block_table.append(block)
@@ -108,3 +128,6 @@ class BlockManager:
                 self.free[block] = None
         seq.block_table = []
         self.seq_hashes.pop(seq.seq_id, None)
+        if seq.state_slot >= 0:
+            self.free_state_slots.append(seq.state_slot)
+            seq.state_slot = -1

@@ -12,6 +12,7 @@ the engine.
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 import zlib
 import time
@@ -93,12 +94,21 @@ class LLMEngine:
             load_stacked(model, [str(c.lora_adapters[n]) for n in self.adapter_names])  # before the runner looks
         if c.kv_cache_dtype not in ("auto", "int8"):
             raise RequestError(f"kv_cache_dtype must be auto or int8, got {c.kv_cache_dtype!r}")
-        per_token = sum(s.bytes_per_token(model.dtype, c.kv_cache_dtype == "int8") for s in model.cache_specs())
-        enough = c.max_num_seqs * (-(-self.max_model_len // c.block_size)) + 1  # never more than can be used
-        num_blocks = c.num_blocks or max(1, min(enough, c.kv_cache_memory // (per_token * c.block_size)))
-        self.block_manager = BlockManager(num_blocks, c.block_size, c.enable_prefix_caching)
+        specs = model.cache_specs()
+        stateful = hasattr(model, "paged_state")  # per-sequence state (DeepSeek-V4): slots + paged entries
+        block_size, memory, prefix = c.block_size, c.kv_cache_memory, c.enable_prefix_caching
+        if stateful:
+            block_size, memory = self._stateful_layout(model, specs)
+        per_token = max(1, sum(s.bytes_per_token(model.dtype, c.kv_cache_dtype == "int8") for s in specs))
+        enough = c.max_num_seqs * (-(-self.max_model_len // block_size)) + 1  # never more than can be used
+        num_blocks = c.num_blocks or max(1, min(enough, memory // (per_token * block_size)))
+        slots = c.max_num_seqs if stateful else 0
+        self.block_manager = BlockManager(num_blocks, block_size, prefix, num_state_slots=slots)
         self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens, c.enable_chunked_prefill)
-        self.runner = ModelRunner(model, num_blocks, c.block_size, c.kv_cache_dtype)
+        self.runner = ModelRunner(model, num_blocks, block_size, c.kv_cache_dtype, num_state_slots=slots,
+                                  max_snapshots=4 * slots if prefix else 0)
+        if stateful and prefix:
+            self.block_manager.snapshots = self.runner.state
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "request_errors": 0,
                       "request_rejections": 0}
         self.eos_ids = set(tokenizer.stop_token_ids) | set(cfg.eos_token_ids)
@@ -110,6 +120,41 @@ class LLMEngine:
             self.stats.update(spec_draft_tokens=0, spec_accepted_tokens=0)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
+
+    def _snapshot(self, seq: Sequence) -> None:
+        """Per-sequence state (V4): keep the slot's state when a step ends on a cached block's last token."""
+        n, bs, bm = seq.num_computed_tokens, self.block_manager.block_size, self.block_manager
+        if bm.snapshots is None or not n or n % bs or seq.state_slot < 0:
+            return
+        block = seq.block_table[n // bs - 1]
+        if bm.block_hashes[block] is not None and not bm.snapshots.has(block):
+            bm.snapshots.save(seq.state_slot, block)
+
+    def _stateful_layout(self, model: CausalLM, specs: list) -> tuple[int, int]:
+        """Block size and entry-pool memory for a model with per-sequence state (DeepSeek-V4): blocks hold whole
+        compressed entries (a multiple of every ratio), and the slots' rings and carries come off the budget.
+        Combinations it does not run yet are refused here, by name."""
+        c = self.config
+        if c.kv_cache_dtype == "int8":
+            raise RequestError(f"an int8 cache is not supported for {model.config.model_type} (its windows and "
+                               "compressed entries stay in the model's dtype)")
+        if c.num_speculative_tokens:
+            raise RequestError(f"speculative decoding is not supported for {model.config.model_type} in the engine yet")
+        if c.lora_adapters:
+            raise RequestError(f"serving LoRA adapters is not supported for {model.config.model_type} yet")
+        block_size = c.block_size
+        for s in specs:
+            if s.ratio:
+                block_size = math.lcm(block_size, s.ratio)
+        es = torch.empty((), dtype=model.dtype).element_size()
+        per_slot = sum(s.window * s.width * es + 4 * s.state for s in specs)  # ring + fp32 carry per sequence
+        if c.enable_prefix_caching:  # and 4 snapshots of a slot per sequence at cached block ends
+            per_slot *= 5
+        memory = c.kv_cache_memory - c.max_num_seqs * per_slot
+        if memory <= 0:
+            raise RequestError(f"kv_cache_memory {c.kv_cache_memory} bytes does not hold the state of max_num_seqs="
+                               f"{c.max_num_seqs} sequences ({per_slot} bytes each); raise it or lower max_num_seqs")
+        return block_size, memory
 
     # ---- requests -----------------------------------------------------------------------
     def validate(self, prompt: PromptType, params: SamplingParams) -> EngineRequest:
@@ -211,9 +256,11 @@ class LLMEngine:
         drafts = self._draft(chunks, touched)
         items = [StepItem(c.seq.token_ids[c.start:c.start + c.num_tokens] + (drafts[c.seq].tokens if c.seq in drafts else []),
                           c.start, c.seq.block_table, sample=c.completes and c.seq.pooler is None, all_logits=c.seq in drafts,
-                          adapter=c.seq.adapter_id)
+                          adapter=c.seq.adapter_id, state_slot=c.seq.state_slot, restore=c.seq.restore_state)
                  for c in chunks if not c.seq.is_finished]
         chunks = [c for c in chunks if not c.seq.is_finished]
+        for c in chunks:
+            c.seq.restore_state = None  # the runner loads it into the slot this step
         chunks, items, hidden, logits = self._execute(chunks, items, touched)
         self.stats["steps"] += 1
         new_tokens: dict[Sequence, list[int]] = {}
@@ -245,6 +292,7 @@ class LLMEngine:
                 if self.drafter:
                     self.drafter.keep_hidden(seq, c.start, h[:computed])
                 self.block_manager.commit(seq)
+                self._snapshot(seq)
                 if seq.pooler is not None and c.completes:  # pooled: done once the last prompt token is computed
                     self.scheduler.remove(seq)
                     seq.status, seq.output.finish_reason = SequenceStatus.FINISHED, "stop"

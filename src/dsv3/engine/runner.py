@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from dsv3.attention.backend import backend_for
-from dsv3.attention.context import PagedContext
+from dsv3.attention.context import PagedContext, SequenceStates
 from dsv3.attention.kv_cache import KVCache
 from dsv3.attention.metadata import StepMetadata
 from dsv3.engine import cuda_graphs
@@ -26,20 +27,28 @@ class StepItem:
     sample: bool = False  # logits of the last token are needed
     all_logits: bool = False  # logits of every token are needed (speculative verification)
     adapter: int = 0  # LoRA adapter id: 0 = the base model, k = stacked slot k - 1
+    state_slot: int = -1  # per-sequence state slot (models with `paged_state`, DeepSeek-V4)
+    restore: Any = None  # such models: a saved end-of-block state the slot starts from (a prefix-cache hit)
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto",
+                 num_state_slots: int = 0, max_snapshots: int = 0):
         self.model, self.block_size = model, block_size
         self.device = model.device
+        self.multi_lora = bool(lora_modules(model))  # stacked adapters (dsv3.lora.load_stacked): slots per token
+        self.attn_backend = backend_for(self.device)  # Triton decode attention on CUDA
+        self.state = None
+        if num_state_slots:  # the model keeps per-sequence state (DeepSeek-V4) and pages it itself
+            self.state = model.paged_state(num_state_slots, num_blocks, block_size, max_snapshots)
+            self.cache, self.graphs = None, None
+            return
         extra = cuda_graphs.scratch_blocks(self.device)  # GPU: a scratch block for CUDA graphs' padded rows
         self.cache = KVCache(model.cache_specs(), (num_blocks + extra) * block_size, model.dtype, self.device,
                              quantized=kv_cache_dtype == "int8")
-        self.multi_lora = bool(lora_modules(model))  # stacked adapters (dsv3.lora.load_stacked): slots per token
-        self.attn_backend = backend_for(self.device)  # Triton decode attention on CUDA
         self.graphs = cuda_graphs.DecodeGraphs(self, scratch_block=num_blocks) if extra else None
 
-    def prepare(self, items: list[StepItem], lora: bool = True) -> tuple[torch.Tensor, torch.Tensor, PagedContext, list[int]]:
+    def prepare(self, items: list[StepItem], lora: bool = True) -> tuple[torch.Tensor, torch.Tensor, PagedContext | SequenceStates, list[int]]:
         """Flatten the step into (input_ids [1, N], positions [1, N], context, rows whose logits are needed).
 
         The attention metadata is built here, once per step. With stacked adapters (and `lora`), every LoRA linear
@@ -62,6 +71,13 @@ class ModelRunner:
             elif it.sample:
                 rows.append(offset + n - 1)
             offset += n
+        if self.state is not None:
+            for it in items:
+                if it.restore is not None:
+                    self.state.load(it.state_slot, it.restore)
+            ctx = SequenceStates(self.state, [it.state_slot for it in items], [it.start for it in items],
+                                 [len(it.token_ids) for it in items], [it.block_table for it in items])
+            return torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), ctx, rows
         meta = StepMetadata.build(seqs, self.block_size, dev, [it.adapter - 1 for it in items] if lora else None)
         if lora:
             set_slot_ids(self.model, SlotBatch(token_adapters))
@@ -77,8 +93,16 @@ class ModelRunner:
             if out is not None:
                 return out
         input_ids, positions, ctx, rows = self.prepare(items)
+        saved = whole = None
+        if self.state is not None:  # a step that raises is re-run on parts of the batch: keep what it overwrites
+            whole = [len(it.token_ids) > 1 or it.start == 0 for it in items]
+            saved = self.state.checkpoint([it.state_slot for it in items], whole)
         try:
             hidden, logits = self.model.step(input_ids, positions, ctx, rows)
+        except BaseException:
+            if saved is not None:
+                self.state.rollback(saved, whole)
+            raise
         finally:
             if self.multi_lora:  # other users of the model (LLM.score, the generator) see the base model
                 set_slot_ids(self.model, None)

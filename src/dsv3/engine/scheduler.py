@@ -59,6 +59,15 @@ class Scheduler:
         self.waiting.appendleft(victim)
         self.num_preemptions += 1
 
+    def _split_at_block(self, seq: Sequence, n: int) -> int:
+        """With per-sequence state and prefix caching, a prompt's last chunk stops at its last block boundary first
+        (the rest follows next step), so the state there is saved for later requests that share the prompt."""
+        if self.bm.snapshots is None or not self.bm.enable_prefix_caching:
+            return n
+        start, bs = seq.num_computed_tokens, self.bm.block_size
+        boundary = seq.num_prompt_tokens // bs * bs
+        return boundary - start if start < boundary < start + n else n
+
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
@@ -67,7 +76,7 @@ class Scheduler:
                 break
             if seq not in self.running:  # preempted below by an earlier sequence
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._split_at_block(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
             while not self.bm.ensure_slots(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -85,8 +94,14 @@ class Scheduler:
             remaining = seq.num_tokens - seq.num_computed_tokens
             if remaining > budget and not self.enable_chunked_prefill:
                 break
-            n = min(remaining, budget)
+            n = self._split_at_block(seq, min(remaining, budget))
             if not self.bm.ensure_slots(seq, n):
+                if seq.block_table:  # a waiting sequence holds no blocks (its prefix is matched again later),
+                    self.bm.prefix_hits -= seq.num_computed_tokens  # or two of them could each hold what the other
+                    self.bm.prefix_queries -= seq.num_tokens  # needs (counted again when it is matched again)
+                    self.bm.release(seq)
+                    seq.reset_for_recompute()
+                    seq.num_cached_prompt_tokens = 0
                 if not self.running:  # nothing to free: cannot fit at all
                     raise RuntimeError("the KV cache is too small for a single sequence chunk")
                 break

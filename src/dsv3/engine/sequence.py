@@ -37,6 +37,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose latent is in the cache
     block_table: list[int] = field(default_factory=list)
+    state_slot: int = -1  # models with per-sequence state (DeepSeek-V4): the slot it holds while it has blocks
+    restore_state: Any = None  # such models: the saved state (after its last cached block) the slot starts from
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache on first schedule
     first_token_time: float | None = None
     logprobs: list[dict[int, float]] | None = None
@@ -68,6 +70,7 @@ class Sequence:
         """Preemption by recompute: forget the cache; prompt and generated tokens are recomputed later."""
         self.num_computed_tokens = 0
         self.block_table = []
+        self.restore_state = None
         self.mtp_done, self.mtp_pending = 0, None
         if self.pooler is not None:
             self.pooler.reset()

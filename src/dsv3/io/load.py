@@ -72,6 +72,7 @@ def load_for_inference(model_dir: str | Path, dtype: torch.dtype | str | None = 
         quantization = None
     if quantization is None:
         return load_model(model_dir, dtype=dtype, device=device, progress=progress)
+    family(ModelConfig.from_dir(model_dir).model_type).refuse("quantization")
     qc = ModelConfig.from_dir(model_dir).quantization_config or {}
     if quantization == "fp8" and qc.get("quant_method") == "fp8":
         return load_quantized(model_dir, dtype=dtype, device=device, progress=progress)

@@ -19,7 +19,11 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import tokenizers
 
-from dsv3.io.chat_template import DEEPSEEK_V3_CHAT_TEMPLATE, render_chat_template, select_template
+from dsv3.io.chat_template import (DEEPSEEK_V3_CHAT_TEMPLATE, ChatTemplateError, _check_messages, render_chat_template,
+                                   select_template)
+from dsv3.io.encodings import ENCODERS, ChatFormat, chat_format
+from dsv3.io.encodings import encode as encode_with
+from dsv3.io.encodings.dsml import DSMLError
 from dsv3.errors import DSV3Error
 
 DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
@@ -75,13 +79,14 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer, *, special: Mapping[str, str | None] | None = None,
                  add_bos_token: bool | None = None, add_eos_token: bool = False,
                  chat_template: str | list[dict[str, str]] | None = None, extra_eos_ids: Iterable[int] = (),
-                 source: str = "the tokenizer") -> None:
+                 source: str = "the tokenizer", model_type: str | None = None) -> None:
         self.backend = backend
         self.source = source
         self.special_tokens = {k: v for k, v in (special or {}).items() if v is not None}
         self.add_bos_token = add_bos_token  # None: tokenizer.json's own post-processor decides
         self.add_eos_token = add_eos_token
         self.chat_template = chat_template
+        self.model_type = model_type  # config.json's: picks V3.2's / V4's Python encoder when there is no template
         self._ids = {}
         for key, content in self.special_tokens.items():
             tid = backend.token_to_id(content)
@@ -132,7 +137,8 @@ class Tokenizer:
             add_bos = False  # tiktoken has no post-processor: Kimi's encode adds nothing unless asked
         return cls(backend, special=special, add_bos_token=None if add_bos is None else bool(add_bos),
                    add_eos_token=bool(config.get("add_eos_token", False)), chat_template=template,
-                   extra_eos_ids=extra, source=str(config_path if config else path))
+                   extra_eos_ids=extra, source=str(config_path if config else path),
+                   model_type=(_read_json(model_dir / "config.json") or {}).get("model_type"))
 
     # -- text <-> ids -------------------------------------------------------------------------
 
@@ -180,17 +186,37 @@ class Tokenizer:
             return self.backend.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    @property
+    def chat_format(self) -> ChatFormat:
+        """Which prompt and tool-call format this model uses (see dsv3.io.encodings)."""
+        return chat_format(self.chat_template, self.model_type)
+
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             tokenize: bool = False, tools: Sequence[Mapping[str, Any]] | None = None,
                             chat_template: str | None = None, **extra: Any) -> str | list[int]:
-        """Render `messages` with the model's chat template (DeepSeek-V3's when it has none).
+        """Render `messages` with the model's chat template: its own Jinja template when it ships one, else
+        DeepSeek-V3.2's / V4's encoder for those model types, else DeepSeek-V3's template.
 
-        The rendered text already holds BOS, so `tokenize=True` encodes it without special tokens.
+        `thinking=True` (or `enable_thinking`) opens the reply with `<think>` where the format has a thinking
+        mode; the encoders also take `reasoning_effort` (V4) and `drop_thinking`. The rendered text already
+        holds BOS, so `tokenize=True` encodes it without special tokens.
         """
         source = select_template(chat_template or self.chat_template, tools)
+        if source is None and self.model_type in ENCODERS:
+            _check_messages(messages)
+            thinking = extra.get("thinking", extra.get("enable_thinking", False))
+            try:
+                text = encode_with(self.model_type, messages, tools=tools, thinking=bool(thinking),
+                                   reasoning_effort=extra.get("reasoning_effort"),
+                                   drop_thinking=bool(extra.get("drop_thinking", True)))
+            except (DSMLError, KeyError, TypeError, AttributeError) as e:
+                raise ChatTemplateError(f"the {self.model_type} chat encoder refused the messages: {e}") from None
+            return self.encode(text, add_special_tokens=False) if tokenize else text
         origin = "the chat template passed in" if chat_template else f"the chat template of {self.source}"
         if source is None:
             source, origin = DEEPSEEK_V3_CHAT_TEMPLATE, "the bundled DeepSeek-V3 chat template"
+        if "enable_thinking" in extra and "thinking" not in extra:
+            extra = {**extra, "thinking": extra["enable_thinking"]}  # V3.1's template reads `thinking`
         variables = {**self.special_tokens, **extra}
         text = render_chat_template(source, messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                     origin=origin, **variables)

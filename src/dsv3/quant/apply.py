@@ -26,6 +26,7 @@ from dsv3.quant.experts import QuantExperts
 from dsv3.quant.formats import Format, make_format
 from dsv3.quant.linear import QuantLinear
 from dsv3.quant.schemes import QuantError
+from dsv3.models.registry import family
 
 METHODS = ("int8", "int4", "awq", "fp8")
 FORMAT_OF = {"int8": "int8", "int4": "int4", "awq": "int4", "fp8": "fp8"}
@@ -139,6 +140,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, zero_po
     cast: the packed buffers are not meant to be cast again.
     """
     check_method(method)
+    family(model.config.model_type).refuse("quantization")
     if isinstance(include_lm_head, str) and include_lm_head not in HEAD_FORMATS:
         raise QuantError(f"unknown LM head format {include_lm_head!r} (use {', '.join(HEAD_FORMATS)})")
     if method == "fp8" and isinstance(include_lm_head, str):

@@ -4,7 +4,7 @@ Layout is the Hugging Face one (routed experts split per expert, MTP as layer L+
 linear `<name>` stores its format's tensors (`dsv3.quant.formats`) instead of `<name>.weight`.
 FP8 uses DeepSeek's released layout, so an official FP8 checkpoint loads here and stays in FP8;
 AutoAWQ, GPTQ and compressed-tensors int4 files (`dsv3.quant.foreign`) load into the int4 format.
-Everything left unquantized is stored in bf16 (norms and the router excepted: they stay fp32), and the
+Everything left unquantized is stored in bf16 (norms, the router and DSA's indexer head weights excepted: they stay fp32), and the
 token embedding may be stored quantized too (`quantization_config.embed_tokens`): it is only gathered
 from, so it is expanded to a dense table at load and keeps its memory, but not its bytes on disk.
 Loading allocates only the unconverted tensors densely; converted modules are built from the packed
@@ -41,7 +41,8 @@ from dsv3.io.safetensors import SafetensorsFile
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 QUANT_METHODS = ("dsv3", "fp8", *FOREIGN_METHODS)
 EMBED = "model.embed_tokens"
-_ROUTER = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
+# kept fp32 when saving: the router, and DSA's indexer head weights (fp32 in the reference; top-k decisions hang on them)
+_ROUTER = re.compile(r"(\.mlp\.gate\.(weight|e_score_correction_bias)|\.indexer\.weights_proj\.weight)$")
 
 
 def quantized_tensors(model: CausalLM):

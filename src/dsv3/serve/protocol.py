@@ -108,6 +108,7 @@ class ChatMessage(_Body):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier assistant turn's reasoning (V3.2/V4 encoders may render it)
 
     def text(self) -> str | None:
         if isinstance(self.content, list):
@@ -237,7 +238,7 @@ class ChatCompletionRequest(_Sampling):
     functions: Any = None
     function_call: Any = None
     prediction: Any = None
-    reasoning_effort: Any = None
+    reasoning_effort: str | None = None  # models with a thinking mode; checked against the model in serve/tool_formats.py
     store: Any = None
     verbosity: Any = None
     web_search_options: Any = None
@@ -245,7 +246,7 @@ class ChatCompletionRequest(_Sampling):
     continue_final_message: Any = None
     documents: Any = None
     chat_template: Any = None
-    chat_template_kwargs: Any = None
+    chat_template_kwargs: dict[str, Any] | None = None  # thinking / enable_thinking / drop_thinking (serve/tool_formats.py)
     moderation: Any = None
 
     REJECTED: ClassVar[dict[str, tuple[tuple, str]]] = {
@@ -254,7 +255,6 @@ class ChatCompletionRequest(_Sampling):
         "functions": ((None, []), "the deprecated 'functions' API is not served: use 'tools'"),
         "function_call": ((None,), "the deprecated 'function_call' is not served: use 'tool_choice'"),
         "prediction": ((None,), "predicted outputs are not implemented"),
-        "reasoning_effort": ((None,), "the model has no reasoning mode"),
         "store": ((None, False), "chat completions are not stored (POST /v1/responses stores responses)"),
         "verbosity": ((None,), "the model has no verbosity control"),
         "web_search_options": ((None,), "there is no web search"),
@@ -262,7 +262,6 @@ class ChatCompletionRequest(_Sampling):
         "continue_final_message": ((None, False), "the chat template cannot continue a final message"),
         "documents": ((None, []), "the chat template takes no documents"),
         "chat_template": ((None,), "the model's own chat template is used; a request cannot replace it"),
-        "chat_template_kwargs": ((None, {}), "the chat template takes no extra arguments"),
         "moderation": ((None,), "there is no moderation model"),
     }
 

@@ -119,7 +119,10 @@ def forced_call_grammar(backend: Any, tools: list[Any], tool_choice: Any, parall
 class ToolCallGuide:
     """A `GrammarProcessor` guide for forced tool calls: where marker tokens and newlines may go (module doc)."""
 
-    def __init__(self, tokenizer: Any, control: torch.Tensor):
+    def __init__(self, tokenizer: Any, control: torch.Tensor, args_open: str = ARGS_OPEN, args_close: str = "\n"):
+        # args_open / args_close: the text around the JSON arguments (V3: the ```json fence; V3.1: nothing before
+        # them and the <｜tool▁call▁end｜> marker after, see tool_formats.guide_layout)
+        self.args_open, self.args_close = args_open, args_close
         self.tok = tokenizer
         self.control = control  # tokens holding any control character, newline included
         self.markers = {i: tokenizer.decode([i], skip_special_tokens=False) for i in marker_ids(tokenizer)}
@@ -139,14 +142,15 @@ class ToolCallGuide:
             if cut < 0 or not text.startswith(SEP, cut):
                 return False
             tail = text[cut + len(SEP):]
-        k = tail.find(ARGS_OPEN)
-        return k >= 0 and "\n" not in tail[k + len(ARGS_OPEN):]  # compact JSON holds no raw newline
+        k = tail.find(self.args_open)
+        return k >= 0 and "\n" not in tail[k + len(self.args_open):]  # compact JSON holds no raw newline
 
     def __call__(self, out: list[int], matcher: Any, head: torch.Tensor) -> torch.Tensor:
         forced = matcher.find_jump_forward_string()  # the text the grammar allows next, whatever is sampled
         width = head.shape[-1]
-        if self.in_arguments(out):
-            if not forced.startswith("\n"):  # the arguments are complete only when the closing fence is forced
+        closing = bool(forced) and forced.startswith(self.args_close)
+        if self.in_arguments(out) and not (closing and self.args_close in self.markers.values()):
+            if not closing:  # the arguments are complete only when the closing text is forced
                 head = head.masked_fill(self.control[:width], float("-inf"))
             if len(self.marker_ids):
                 head[0, self.marker_ids[self.marker_ids < width]] = float("-inf")

@@ -110,6 +110,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     mc = model_config(cfg, manifest, tokenizer_dir)
     torch.manual_seed(cfg.seed)
+    family(mc.model_type).refuse("training")
     model = family(mc.model_type).model_class()(mc)
     model.init_weights(cfg.init_std)
     if cfg.init_from:

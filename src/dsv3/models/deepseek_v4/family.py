@@ -232,5 +232,7 @@ FAMILIES = [ModelFamily(
     ("wq_a", "wq_b", "wkv", "wo_b", "w1", "w2", "w3"), (),
     config_parser="dsv3.models.deepseek_v4.family:parse", config_prepare="dsv3.models.deepseek_v4.family:prepare",
     config_writer="dsv3.models.deepseek_v4.family:write",
-    engine_unsupported="DeepSeek-V4 is not served by the paged engine yet (its window ring and compressed entries "
-                       "need their own cache layout); load it with dsv3.io.load.load_model and call the model")]
+    unsupported={"quantization": "the packed formats do not lay out its compressors, grouped output projection and "
+                                 "MTP modules yet; run it in bf16/fp32",
+                 "training": "its compressed attention runs unpadded whole sequences, and the trainers batch padded "
+                             "or packed rows"})]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.attention.backend import backend_for
-from dsv3.attention.context import AttentionContext
+from dsv3.attention.context import AttentionContext, SequenceStates
 from dsv3.attention.spec import CacheSpec, v4_compressed, v4_window
 from dsv3.config import ModelConfig
 from dsv3.layers.compressor import Compressor, FP32Linear, pool
@@ -46,6 +46,7 @@ from dsv3.layers.moe import Experts, Gate, run_experts
 from dsv3.layers.norm import RMSNorm
 from dsv3.layers.rope import RotaryEmbedding, apply_rotary_tail, rope_inv_freq
 from dsv3.models.deepseek_v4.family import CSA, SLIDING
+from dsv3.models.deepseek_v4.paged import PagedV4State
 from dsv3.models.deepseek_v4.state import LayerState, V4State
 
 SCORES_BUDGET = 1 << 24  # attention scores held at once (fp32 values): queries are processed in chunks below this
@@ -79,6 +80,34 @@ def sink_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, sinks:
     denom = p.sum(-1) + torch.exp(sink - top)
     o = torch.bmm(p.to(kv.dtype).view(B, T * H, S), kv).view(B, T, H, d)
     return (o.float() / denom[..., None]).to(q.dtype)
+
+
+def sink_attention_gathered(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, picked: torch.Tensor,
+                            picked_mask: torch.Tensor, sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """`sink_attention` over shared keys kv [B, S, d] (mask [B, T, S]) plus each query's own gathered keys
+    picked [B, T, K, d] (picked_mask [B, T, K]) in the same softmax: DSA's top-k entries without a dense mask."""
+    B, T, H, d = q.shape
+    S = kv.shape[1]
+    shared = torch.bmm(q.reshape(B, T * H, d), kv.transpose(1, 2)).view(B, T, H, S)
+    own = torch.matmul(q, picked.transpose(2, 3))  # [B, T, H, K]
+    scores = torch.cat([shared, own], dim=-1).float() * scale
+    scores = scores.masked_fill(~torch.cat([mask, picked_mask], dim=-1)[:, :, None], float("-inf"))
+    sink = sinks.float().view(1, 1, H)
+    top = torch.maximum(scores.amax(-1), sink)
+    p = torch.exp(scores - top[..., None])
+    denom = p.sum(-1) + torch.exp(sink - top)
+    p = p.to(kv.dtype)
+    o = torch.bmm(p[..., :S].reshape(B, T * H, S), kv).view(B, T, H, d) + torch.matmul(p[..., S:], picked)
+    return (o.float() / denom[..., None]).to(q.dtype)
+
+
+class DecodeRows(NamedTuple):
+    """A batch of single-token decodes under the paged engine (`paged.py`): each row's state slot, position and
+    entry pool rows per compression ratio ([B, n] padded; row b's first (p_b + 1) // ratio are its visible ones)."""
+    state: Any  # PagedV4State
+    slots: torch.Tensor  # [B] int64
+    starts: torch.Tensor  # [B] int64: the token's position
+    rows: dict[int, torch.Tensor]
 
 
 class Indexer(nn.Module):
@@ -126,15 +155,13 @@ class Attention(nn.Module):
         self.compressor = Compressor(D, hd, self.ratio, self.kind == CSA, cfg.rms_norm_eps) if self.ratio else None
         self.indexer = Indexer(cfg, self.ratio) if self.kind == CSA else None
 
-    def forward(self, x: torch.Tensor, rope: Rope, st: LayerState, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, st: LayerState | DecodeRows, start: int) -> torch.Tensor:
         """x [B, T, D] at positions start .. start+T-1 (after `start` tokens already in `st`) -> [B, T, D]."""
+        if isinstance(st, DecodeRows):
+            return self.decode(x, rope, st)
         B, T, _ = x.shape
         cos, sin = rope.main if self.ratio == 0 else rope.compress
-        qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim)
-        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
-        q = apply_rotary_tail(q, cos[:, :, None], sin[:, :, None])
-        kv = apply_rotary_tail(self.kv_norm(self.wkv(x)), cos, sin)
+        q, qr, kv = self._qkv(x, cos, sin)
         # the window: the ring's tokens before this step (in position order), then this step's
         W, win = min(start, self.window), self.window
         old = st.ring[:, torch.arange(start - W, start, device=x.device) % win]
@@ -149,11 +176,95 @@ class Attention(nn.Module):
                 self._compress(ic, x, st.index_carry_kv, st.index_carry_score, st.index_keys, start, rope)
                 iq, iw = self.indexer.queries(x, qr, cos, sin)
         o = self._attend(q, keys_w, start - W, start, entries, st.index_keys, iq, iw)
-        o = apply_rotary_tail(o, cos[:, :, None], -sin[:, :, None])  # undo the values' rotation at the query position
+        return self._output(o, cos, sin)
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rotated, per-head normalised queries [B, T, H, hd], the query latent q_norm(wq_a(x)), rotated K=V [B, T, hd])."""
+        B, T, _ = x.shape
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim)
+        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
+        q = apply_rotary_tail(q, cos[:, :, None], sin[:, :, None])
+        kv = apply_rotary_tail(self.kv_norm(self.wkv(x)), cos, sin)
+        return q, qr, kv
+
+    def _output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, T, H, hd] -> [B, T, D]: the values' rotation undone at the query position, then the
+        grouped low-rank projection."""
+        B, T = o.shape[:2]
+        o = apply_rotary_tail(o, cos[:, :, None], -sin[:, :, None])
         G = self.n_groups
         wo_a = self.wo_a.weight.view(G, self.o_rank, -1)
         o = torch.einsum("btgd,grd->btgr", o.reshape(B, T, G, -1), wo_a.to(o.dtype))
         return self.wo_b(o.flatten(2))
+
+    def decode(self, x: torch.Tensor, rope: Rope, d: DecodeRows) -> torch.Tensor:
+        """One new token per row, x [B, 1, D], each at its own position over its own state (paged engine): the
+        window from the slot's ring, then the compressed entries -- the indexer's top-k of them on CSA layers,
+        gathered from the pool, or every visible one on HCA layers -- in one softmax with the sink."""
+        cos, sin = rope.main if self.ratio == 0 else rope.compress
+        q, qr, kv = self._qkv(x, cos, sin)
+        st = d.state.slots.layers[self.layer_idx]
+        win, dev = self.window, x.device
+        st.ring[d.slots, d.starts % win] = kv[:, 0].to(st.ring.dtype)
+        keys = st.ring[d.slots]  # [B, win, hd]
+        j = torch.arange(win, device=dev)
+        held = d.starts[:, None] - (d.starts[:, None] - j[None]) % win  # the position ring slot j holds
+        mask = held >= 0
+        if self.ratio:
+            r = self.ratio
+            rows = d.rows[r]
+            pool = d.state.entries[self.layer_idx]
+            self._compress_rows(self.compressor, x, st.carry_kv, st.carry_score, pool, d, rope)
+            visible = (d.starts + 1) // r
+            n = int(visible.max())
+            rows = rows[:, :n]
+            valid = torch.arange(n, device=dev)[None] < visible[:, None]  # [B, n]
+            if self.indexer is not None and n:
+                ipool = d.state.index_keys[self.layer_idx]
+                self._compress_rows(self.indexer.compressor, x, st.index_carry_kv, st.index_carry_score, ipool, d, rope)
+                iq, iw = self.indexer.queries(x, qr, cos, sin)
+                be = backend_for(dev)
+                scores = be.index_scores(iq, iw, ipool[rows])  # [B, 1, n]
+                idx, ok = be.topk_select(scores, valid[:, None], self.indexer.topk)
+                rows, valid = rows.gather(1, idx[:, 0]), ok[:, 0]
+            elif self.indexer is not None:  # no entry visible yet: the indexer's compressor still advances
+                ipool = d.state.index_keys[self.layer_idx]
+                self._compress_rows(self.indexer.compressor, x, st.index_carry_kv, st.index_carry_score, ipool, d, rope)
+            keys = torch.cat([keys, pool[rows].to(keys.dtype)], dim=1)
+            mask = torch.cat([mask, valid], dim=1)
+        o = sink_attention(q, keys.to(q.dtype), mask[:, None], self.attn_sink, self.scale)
+        return self._output(o, cos, sin)
+
+    def _compress_rows(self, comp: Compressor, x: torch.Tensor, carry_kv: torch.Tensor, carry_score: torch.Tensor,
+                       pool: torch.Tensor, d: DecodeRows, rope: Rope) -> None:
+        """`pool()` for one token per row at its own position: append it to its slot's carry; rows that complete a
+        window pool it (CSA: beside the previous window's first halves) into the entry written at its pool row."""
+        r, ov = self.ratio, comp.overlap
+        off = r if ov else 0
+        xf = x[:, 0].float()
+        kv = comp.wkv(xf).float()
+        score = comp.wgate(xf).float() + comp.ape.float()[d.starts % r]
+        cur = d.starts % r
+        ck, cs = carry_kv[d.slots], carry_score[d.slots]  # [B, c·r, c·d]
+        b = torch.arange(x.shape[0], device=x.device)
+        ck[b, off + cur], cs[b, off + cur] = kv, score
+        done = cur == r - 1
+        if bool(done.any()):
+            win_kv, win_sc = ck[done, off:off + r], cs[done, off:off + r]
+            if ov:
+                h = kv.shape[-1] // 2
+                slots_kv = torch.cat([ck[done, :r, :h], win_kv[..., h:]], dim=1)
+                slots_sc = torch.cat([cs[done, :r, :h], win_sc[..., h:]], dim=1)
+                ck[done, :r], cs[done, :r] = win_kv, win_sc
+            else:
+                slots_kv, slots_sc = win_kv, win_sc
+            pooled = (slots_kv * slots_sc.softmax(dim=1)).sum(dim=1)  # [nd, d]
+            w = d.starts[done] // r
+            cos, sin = rope.at((w * r)[:, None])
+            pool[d.rows[r][done, w]] = comp.finish(pooled[:, None], cos, sin, pool.dtype)[:, 0]
+        carry_kv[d.slots], carry_score[d.slots] = ck, cs
 
     def _compress(self, comp: Compressor, x: torch.Tensor, carry_kv: torch.Tensor, carry_score: torch.Tensor,
                   store: torch.Tensor, start: int, rope: Rope) -> None:
@@ -170,10 +281,12 @@ class Attention(nn.Module):
                 index_keys: torch.Tensor | None, iq: torch.Tensor | None, iw: torch.Tensor | None) -> torch.Tensor:
         """Queries at positions start.. over the window keys (positions first..) and the visible compressed entries,
         a chunk of queries at a time."""
-        B, T, H, _ = q.shape
+        B, T, H, hd = q.shape
         win, r, dev = self.window, self.ratio, q.device
         n_entries = (start + T) // r if r else 0
-        chunk = max(1, min(T, SCORES_BUDGET // (H * (win + n_entries + min(T, 1024)))))
+        sparse = iq is not None and n_entries > self.indexer.topk  # gather each query's top-k, not a dense mask
+        width = (win + min(T, 1024)) * H + self.indexer.topk * (H + hd) if sparse else H * (win + n_entries + min(T, 1024))
+        chunk = max(1, min(T, SCORES_BUDGET // width))
         out = torch.empty_like(q)
         be = backend_for(dev)
         for c0 in range(0, T, chunk):
@@ -186,6 +299,15 @@ class Attention(nn.Module):
             if r:
                 ev = (start + c1) // r  # entries the chunk's last query may see
                 vis = visible_entries(pos, ev, r)[None].expand(B, -1, -1)
+                if sparse and ev > self.indexer.topk:
+                    scores = be.index_scores(iq[:, c0:c1], iw[:, c0:c1], index_keys[:, :ev])
+                    idx, ok = be.topk_select(scores, vis, self.indexer.topk)  # [B, c, k]
+                    ents = entries[:, :ev]
+                    flat = (idx + torch.arange(B, device=dev)[:, None, None] * ev).flatten()
+                    picked = ents.reshape(B * ev, -1)[flat].view(*idx.shape, -1).to(q.dtype)
+                    out[:, c0:c1] = sink_attention_gathered(q[:, c0:c1], keys.to(q.dtype), mask, picked, ok,
+                                                            self.attn_sink, self.scale)
+                    continue
                 if iq is not None and ev:
                     vis = be.sparse_mask(iq[:, c0:c1], iw[:, c0:c1], index_keys[:, :ev], vis, self.indexer.topk)
                 keys = torch.cat([keys, entries[:, :ev]], dim=1)
@@ -371,6 +493,8 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     def streams(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx: Any = None) -> torch.Tensor:
         """input_ids [B, T] -> the final mHC streams [B, T, hc_mult, D]."""
+        if isinstance(ctx, SequenceStates):
+            return self._streams_paged(input_ids, ctx)
         B, T = input_ids.shape
         state = self._state(ctx, B, T)
         start = state.length
@@ -381,6 +505,55 @@ class DeepseekV4ForCausalLM(nn.Module):
             h = layer(h, input_ids, rope, state.layer(layer.layer_idx), start)
         state.end_step()
         return h
+
+    def dense_cache(self, batch: int, max_len: int) -> V4State:
+        """A contiguous state for `batch` sequences of up to `max_len` positions (scoring, simple decoders)."""
+        return V4State(self, batch, max_len)
+
+    def paged_state(self, num_slots: int, num_blocks: int, block_size: int, max_snapshots: int = 0) -> PagedV4State:
+        """The paged engine's cache for this model (`paged.py`): `num_slots` running sequences, `num_blocks` blocks,
+        and up to `max_snapshots` slot states kept at cached block ends (prefix caching)."""
+        return PagedV4State(self, num_slots, num_blocks, block_size, max_snapshots)
+
+    def _streams_paged(self, input_ids: torch.Tensor, ctx: SequenceStates) -> torch.Tensor:
+        """An engine step ([1, N] flat tokens of ctx's sequences in order) -> streams [1, N, n, D]: prefill chunks one
+        sequence at a time through the full-forward code on the slot's state, single-token decodes as one batch."""
+        ps: PagedV4State = ctx.state
+        ids, dev = input_ids[0], input_ids.device
+        cfg, layers = self.config, self.model.layers
+        out = torch.empty(ids.shape[0], cfg.hc_mult, cfg.hidden_size, dtype=self.dtype, device=dev)
+        offsets = [0]
+        for n in ctx.num_tokens:
+            offsets.append(offsets[-1] + n)
+        ratios = sorted(set(ps.ratios.values()) - {0})
+        decode = [i for i, (s, n) in enumerate(zip(ctx.starts, ctx.num_tokens)) if n == 1 and s > 0]
+        for i in sorted(set(range(len(ctx.slots))) - set(decode)):
+            s, n, slot, o = ctx.starts[i], ctx.num_tokens[i], ctx.slots[i], offsets[i]
+            if s == 0:
+                ps.reset(slot)
+            bt = torch.tensor([ctx.block_tables[i]], dtype=torch.long, device=dev)
+            rows = {r: ps.entry_rows(bt, r, (s + n) // r)[0] for r in ratios}
+            x_ids = ids[o:o + n][None]
+            rope = self._rope(torch.arange(s, s + n, device=dev)[None])
+            h = self.model.embed_tokens(x_ids).unsqueeze(2).repeat(1, 1, cfg.hc_mult, 1)
+            for layer in layers:
+                h = layer(h, x_ids, rope, ps.layer_view(layer.layer_idx, slot, rows), s)
+            out[o:o + n] = h[0]
+        if decode:
+            at = torch.tensor([offsets[i] for i in decode], device=dev)
+            starts = torch.tensor([ctx.starts[i] for i in decode], dtype=torch.long, device=dev)
+            width = max(len(ctx.block_tables[i]) for i in decode)
+            bt = torch.tensor([ctx.block_tables[i] + [0] * (width - len(ctx.block_tables[i])) for i in decode],
+                              dtype=torch.long, device=dev)
+            rows = {r: ps.entry_rows(bt, r, int(((starts + 1) // r).max())) for r in ratios}
+            d = DecodeRows(ps, torch.tensor([ctx.slots[i] for i in decode], dtype=torch.long, device=dev), starts, rows)
+            x_ids = ids[at][:, None]
+            rope = self._rope(starts[:, None])
+            h = self.model.embed_tokens(x_ids).unsqueeze(2).repeat(1, 1, cfg.hc_mult, 1)
+            for layer in layers:
+                h = layer(h, x_ids, rope, d, 0)
+            out[at] = h[:, 0]
+        return out[None]
 
     def head_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """Streams [..., n, D] -> final-norm hidden states [..., D] (hc_head, then norm)."""

@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from dsv3.models.deepseek_v3 import weights as v3_weights
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
 from dsv3.io.checkpoint import dequantize_fp8
@@ -127,13 +128,7 @@ def map_name(name: str, cfg: ModelConfig, with_mtp: bool) -> Target | None:
     return f"model.mtp.{k}.{sub}", idx
 
 
-def pieces(name: str, cfg: ModelConfig) -> int:
-    """How many checkpoint tensors fill one model tensor (per-expert files fill the stacked experts)."""
-    if name.endswith("experts.gate_up_proj"):
-        return 2 * cfg.n_routed_experts
-    if name.endswith("experts.down_proj"):
-        return cfg.n_routed_experts
-    return 1
+pieces = v3_weights.pieces  # experts are stacked from per-expert files as in V3
 
 
 def mtp_probe(cfg: ModelConfig) -> str:

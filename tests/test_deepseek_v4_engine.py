@@ -1,0 +1,198 @@
+"""DeepSeek-V4 in the paged engine: state slots (window ring, compressor carry) and paged compressed entries give
+the full forward's tokens and log-probabilities -- for many sequences at different positions decoded in one
+batch, chunked prefill, preemption and recompute -- with memory per token that of the entries alone."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3 import cli
+from dsv3.config import ModelConfig
+from dsv3.engine import EngineConfig, LLMEngine
+from dsv3.engine.sampling import SamplingParams
+from dsv3.errors import DSV3Error
+from dsv3.io.checkpoint import save_model
+from dsv3.io.load import load_model
+from dsv3.io.tokenizer import Tokenizer
+from dsv3.models.deepseek_v4.model import DeepseekV4ForCausalLM
+from test_deepseek_v4 import RELEASED
+
+DEFAULT = Path(__file__).resolve().parents[1] / "src" / "dsv3" / "data" / "default"
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """The tiny V4 of test_deepseek_v4 (window 8, CSA 4:1 top-3, HCA 8:1, MTP) with the default model's tokenizer."""
+    torch.manual_seed(0)
+    model = DeepseekV4ForCausalLM(ModelConfig.from_dict({**RELEASED, "vocab_size": 8192}))  # the tokenizer's
+    model.reset_buffers()
+    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(1))
+    path = tmp_path_factory.mktemp("v4_engine")
+    save_model(model, path, tokenizer_from=DEFAULT)
+    return load_model(path, dtype="fp32", progress=False), Tokenizer.from_dir(path), path
+
+
+_REFERENCE: dict = {}
+
+
+def _reference(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy continuation by full forwards: the tokens and each one's log-probability (kept for the module)."""
+    key = (id(model), tuple(prompt), n)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = _greedy(model, prompt, n)
+    return _REFERENCE[key]
+
+
+def _greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    ids, lps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            lp = model(torch.tensor([ids]))[0, -1].float().log_softmax(-1)
+            tok = int(lp.argmax())
+            ids.append(tok)
+            lps.append(float(lp[tok]))
+    return ids[len(prompt):], lps
+
+
+def _check(model, prompts, params, outs) -> None:
+    for p, sp, o in zip(prompts, params, outs):
+        want, want_lp = _reference(model, p, sp.max_tokens)
+        got = o.outputs[0].token_ids
+        got_lp = [e[t] for e, t in zip(o.outputs[0].logprobs, got)]
+        k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(got))
+        assert k == len(got) or abs(got_lp[k] - want_lp[k]) < 1e-4, f"diverged at token {k} without a near-tie"
+        assert max(abs(a - b) for a, b in zip(got_lp[:k], want_lp[:k])) < 1e-4
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(max_num_batched_tokens=24), dict(num_blocks=8, max_num_seqs=4)],
+                         ids=["batched", "chunked", "preempted"])
+def test_engine_equals_the_full_forward(parts, cfg):
+    """Twelve prompts of 1-70 tokens, 6-25 new tokens each, run together: every position crosses the window and
+    several compressed entries (ratios 4 and 8), rows decode at different positions in one batch."""
+    model, tok, _ = parts
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 70))] for _ in range(12)]
+    params = [SamplingParams(max_tokens=rng.randint(6, 25), temperature=0, ignore_eos=True, logprobs=0)
+              for _ in prompts]
+    engine = LLMEngine(model, tok, EngineConfig(max_model_len=128, **cfg))
+    assert engine.block_manager.block_size % 8 == 0
+    outs = engine.generate(prompts, params)
+    if "num_blocks" in cfg:
+        assert engine.scheduler.num_preemptions > 0
+    _check(model, prompts, params, outs)
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and len(bm.free_state_slots) == bm.num_state_slots
+
+
+def test_prefix_cache_resumes_from_saved_states(parts):
+    """A conversation's next turn (its prompt = the last prompt + the answer + a new message) and a repeated prompt
+    resume from the slot state saved at the last cached block end -- prompt ends and decode steps save it -- and
+    still give the full forward's tokens; a prefix that ends where no state was saved is recomputed."""
+    model, tok, _ = parts
+    rng = random.Random(1)
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=0)
+    engine = LLMEngine(model, tok, EngineConfig(max_model_len=160, max_num_batched_tokens=64))
+    bm, bs = engine.block_manager, engine.block_manager.block_size
+    first = [rng.randrange(3, 256) for _ in range(2 * bs + 7)]
+    out1 = engine.generate([first], sp)[0]
+    assert bm.prefix_hits == 0
+    follow = first + out1.outputs[0].token_ids + [rng.randrange(3, 256) for _ in range(9)]
+    shared_only = first[:bs + 3] + [rng.randrange(3, 256) for _ in range(30)]  # no state saved at block 1's end
+    outs = engine.generate([follow, first, shared_only], [sp, sp, sp])
+    # the follow-up resumes after the answer's last full block, the repeat after the prompt's, the other not at all
+    assert bm.prefix_hits == (len(first) + 20) // bs * bs + len(first) // bs * bs
+    _check(model, [follow, first, shared_only], [sp] * 3, outs)
+    assert outs[1].outputs[0].token_ids == out1.outputs[0].token_ids
+
+
+def test_cache_is_entries_per_token_and_a_slot_per_sequence(parts):
+    """The block pool holds only compressed entries (+ indexer keys); rings and carries are one slot per sequence."""
+    model, tok, _ = parts
+    engine = LLMEngine(model, tok, EngineConfig(max_model_len=128, max_num_seqs=4))
+    st, cfg = engine.runner.state, model.config
+    bs, nb = engine.block_manager.block_size, engine.block_manager.num_blocks
+    entry_bytes = 0
+    for i in range(cfg.num_hidden_layers):
+        r = cfg.compress_ratio(i)
+        if r:
+            per_entry = cfg.head_dim + (cfg.index_head_dim if i in st.index_keys else 0)
+            assert st.entries[i].shape == (nb * bs // r, cfg.head_dim)
+            entry_bytes += bs // r * per_entry * 4
+        assert st.slots.layers[i].ring.shape == (4, cfg.sliding_window, cfg.head_dim)
+    per_token = sum(s.bytes_per_token(torch.float32) for s in model.cache_specs()[:cfg.num_hidden_layers])
+    assert entry_bytes == per_token * bs
+
+
+def test_combinations_not_run_yet_are_refused_by_name(parts):
+    model, tok, _ = parts
+    for cfg in (dict(kv_cache_dtype="int8"), dict(num_speculative_tokens=1)):
+        with pytest.raises(DSV3Error, match="deepseek_v4"):
+            LLMEngine(model, tok, EngineConfig(max_model_len=64, **cfg))
+
+
+def test_dsv3_generate_runs_a_v4_checkpoint(parts, capsys):
+    _, _, path = parts
+    assert cli.main(["generate", "--model", str(path), "--max-tokens", "4", "--temperature", "0", "hello"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert cli.main(["generate", "--model", str(path), "--num-speculative-tokens", "1", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "deepseek_v4" in err and "\n" not in err
+    assert cli.main(["generate", "--model", str(path), "--tensor-parallel-size", "2", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "DeepSeek-V4" in err and "\n" not in err
+
+
+def test_a_forward_that_raises_midway_leaves_the_other_sequences_exact(parts):
+    """The last layer raises for any batch holding the poisoned request's token, after every earlier layer has
+    written rings, carries and entries of all rows: the step is rolled back, re-run on halves, and only the
+    poisoned request fails -- the others give exactly the tokens of a clean run (prefill and decode faults)."""
+    model, tok, _ = parts
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 250) for _ in range(rng.randint(12, 40))] for _ in range(4)]
+    sp = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    clean = [o.outputs[0].token_ids for o in LLMEngine(model, tok, EngineConfig(max_model_len=96)).generate(prompts, sp)]
+
+    def force_poison(ids, logits):
+        logits[:] = float("-inf")
+        logits[255] = 0.0
+        return logits
+
+    ffn = model.model.layers[-1].ffn
+    real = ffn.forward
+
+    def forward(x, input_ids):
+        if bool((input_ids == 255).any()):
+            raise RuntimeError("injected mid-forward fault")
+        return real(x, input_ids)
+
+    for poison_prompt in ([7, 8, 9, 10, 11], [7, 8, 255, 10]):  # fails at its first decode / in its prefill
+        ffn.forward = forward
+        try:
+            eng = LLMEngine(model, tok, EngineConfig(max_model_len=96))
+            eng.add_request("poison", poison_prompt, SamplingParams(max_tokens=5, logits_processors=[force_poison]))
+            for i, p in enumerate(prompts):
+                eng.add_request(f"r{i}", p, sp)
+            done = {}
+            while eng.has_unfinished_requests():
+                done.update({o.request_id: o for o in eng.step() if o.finished})
+        finally:
+            ffn.forward = real
+        assert done["poison"].error is not None and "injected mid-forward fault" in done["poison"].error
+        assert [done[f"r{i}"].outputs[0].token_ids for i in range(4)] == clean
+
+
+def test_quantization_and_training_are_refused_in_one_line(parts, tmp_path, capsys):
+    _, _, path = parts
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "write f", "output": "def f(): return 1"}\n')
+    for argv in (["quantize", "--model", str(path), "--method", "int8", "-o", str(tmp_path / "q")],
+                 ["generate", "--model", str(path), "--quantization", "int4", "hi"],
+                 ["finetune", "--model", str(path), "--data-files", str(data), "--output-dir", str(tmp_path / "ft")]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "not supported for deepseek_v4" in err and "\n" not in err, argv
+    assert not (tmp_path / "q").exists() and not (tmp_path / "ft").exists()

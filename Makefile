@@ -11,7 +11,7 @@ INSTALL     ?= -e '.[test]'
 TORCH_INDEX ?=
 TORCH_PIN   := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml)
 
-.PHONY: run test test-triton test-all clean default-model venv deploy-tools deploy-checkov
+.PHONY: run test test-triton test-all clean default-model venv deploy-tools deploy-checkov guidellm-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ test-all: $(STAMP)  ## including tests marked slow
 	$(MAKE) test-triton
 
 clean:
-	rm -rf $(VENV) .pytest_cache deploy/.venv-tools deploy/.venv-checkov
+	rm -rf $(VENV) .pytest_cache deploy/.venv-tools deploy/.venv-checkov bench/.venv-guidellm
 
 # Linters and schema validators for deploy/ (tests/test_deploy_*.py), each in a venv of its own: their dependencies
 # would clash with the project's pins (and checkov's with kubernetes-validate's). Only the slow test installs checkov.
@@ -53,6 +53,18 @@ deploy/.venv-checkov/.installed: deploy/requirements-checkov.txt
 deploy-tools: deploy/.venv-tools/.installed  ## hadolint, kubernetes-validate
 
 deploy-checkov: deploy/.venv-checkov/.installed  ## checkov
+
+# guidellm (the slow load test, tests/test_serve_guidellm.py) pins click~=8.4 and pulls sanic: a venv of its own,
+# layered on GUIDELLM_BASE's site-packages (a .pth after its own) so torch and transformers are not installed twice.
+GUIDELLM_BASE ?= $(VENV)/bin/python
+bench/.venv-guidellm/.installed: bench/requirements-guidellm.txt
+	$(GUIDELLM_BASE) -m venv --clear bench/.venv-guidellm
+	$(GUIDELLM_BASE) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
+		"$$(bench/.venv-guidellm/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_dsv3_base.pth"
+	bench/.venv-guidellm/bin/pip install -q -r $<
+	touch $@
+
+guidellm-venv: bench/.venv-guidellm/.installed  ## guidellm, for the slow load test
 
 # Rebuild the embedded default model (docs/pretrain.md): Python sources of the interpreter's standard library
 # and of the runtime packages dsv3 pins -> tokenizer -> shards -> `dsv3 pretrain` -> `dsv3 finetune` (chat variant).

@@ -26,8 +26,12 @@ def test_flags_build_a_config(tmp_path):
     assert cfg.keys.check("Bearer k") == "ops" and cfg.keys.check("Bearer a")
     assert cfg.rate_limiter.limit.requests_per_minute == 30 and cfg.rate_limiter.limit.tokens_per_minute == 5000
     assert cfg.max_queue == 3 and cfg.served_model_name == tmp_path.name and cfg.audit is not None
+    assert (cfg.embedding_pooling, cfg.responses_max_entries, cfg.responses_max_bytes) == ("mean", 1000, 64 << 20)
     cfg.audit.close()
     cfg.cache.close()
+    cfg = build_config(parse("serve", "--model", str(tmp_path), "--embedding-pooling", "last", "--responses-max-entries",
+                             "5", "--responses-max-mib", "2"))
+    assert (cfg.embedding_pooling, cfg.responses_max_entries, cfg.responses_max_bytes) == ("last", 5, 2 << 20)
 
 
 @pytest.mark.parametrize("flags, culprit", [

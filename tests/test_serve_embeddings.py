@@ -164,3 +164,21 @@ def test_langchain_embeddings_rank_paraphrased_code_first():
         others = [j for j in range(len(texts)) if j not in (a, b)]
         assert sim[a, b] > max(sim[a, others].max(), sim[b, others].max()), (i, sim[a, b], sim[a, others].max())
     assert np.allclose(query, vecs[1], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_embeddings_bench_runs_and_agrees_with_hf(capsys):
+    """bench/embeddings_bench.py on a small load: both rates measured, every server vector equal to HF's pooling."""
+    import importlib.util
+    from pathlib import Path
+
+    from dsv3.io.paths import default_model_dir
+
+    spec = importlib.util.spec_from_file_location("embeddings_bench", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "embeddings_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    stats = bench.run(str(default_model_dir()), count=24, tokens=32, batch=8, concurrency=2, repeats=1)
+    print(bench.report(stats))
+    assert stats["min_cosine"] > 0.999 and stats["dim"] == 256
+    assert stats["server_emb_per_s"] > 0 and stats["hf_emb_per_s"] > 0 and len(stats["server_s"]) == 1

@@ -164,7 +164,7 @@ def test_cache_salt_separates_prefix_cache(srv):
     ("/v1/chat/completions", {"store": True}), ("/v1/chat/completions", {"chat_template": "{{ x }}"}),
     ("/v1/chat/completions", {"echo": True}), ("/v1/completions", {"priority": 1}),
     ("/v1/completions", {"prompt_embeds": "AAAA"}), ("/v1/chat/completions", {"modalities": ["audio"]}),
-    ("/v1/completions", {"max_tokens": 0}),
+    ("/v1/completions", {"max_tokens": 0}), ("/v1/chat/completions", {"moderation": {"model": "m"}}),
 ])
 def test_known_unsupported_fields_are_refused(srv, route, extra):
     body = {"messages": [{"role": "user", "content": "x"}]} if "chat" in route else {"prompt": "x"}
@@ -177,6 +177,7 @@ def test_known_unsupported_fields_are_refused(srv, route, extra):
 def test_unknown_and_informational_fields_are_accepted(srv):
     body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "frobnicate": {"a": 1},
             "metadata": {"k": "v"}, "service_tier": "auto", "prompt_cache_key": "k", "safety_identifier": "u1",
+            "prompt_cache_retention": "24h", "prompt_cache_options": {"mode": "implicit"},
             "store": False, "modalities": ["text"], "use_beam_search": False, "length_penalty": 1.0,
             "spaces_between_special_tokens": False}
     with client(srv) as c:

@@ -114,7 +114,8 @@ def build_config(args: argparse.Namespace):
         cache=cache, audit=AuditLog(args.audit_log, key) if args.audit_log else None, audit_content=args.audit_log_content,
         max_queue=args.max_queue, keepalive_s=args.keepalive, exit_on_engine_death=parallel_requested(args),
         exit_on_load_error=args.retry_load is None, grammar_limits=grammar_limits(args),
-        trusted_proxies=trusted_proxies(args.trusted_proxy))
+        trusted_proxies=trusted_proxies(args.trusted_proxy), embedding_pooling=args.embedding_pooling,
+        responses_max_entries=args.responses_max_entries, responses_max_bytes=args.responses_max_mib << 20)
 
 
 def loader(args: argparse.Namespace, lora: dict[str, str] | None = None, path: Path | None = None,
@@ -282,6 +283,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--response-cache-ttl", type=float, default=3600.0, help="seconds an answer stays valid")
     s.add_argument("--max-queue", type=positive_int, default=256, help="concurrent requests before 503")
     s.add_argument("--max-body-bytes", type=positive_int, default=4 << 20)
+    s.add_argument("--embedding-pooling", choices=["mean", "last"], default="mean",
+                   help="/v1/embeddings: average the final hidden states, or take the last token's")
+    s.add_argument("--responses-max-entries", type=positive_int, default=1000,
+                   help="/v1/responses kept for previous_response_id (least recently used out first)")
+    s.add_argument("--responses-max-mib", type=positive_int, default=64, help="... and their size, all together")
     s.add_argument("--keepalive", type=float, default=15.0, help="seconds between SSE keep-alive comments")
     s.add_argument("--grace-period", type=positive_int, default=30, help="seconds to finish in-flight work on SIGTERM")
     s.add_argument("--retry-load", type=float, default=None, metavar="SECONDS",

@@ -227,6 +227,8 @@ class ChatCompletionRequest(_Sampling):
     metadata: dict[str, str] | None = None  # OpenAI's store metadata: accepted, no effect
     service_tier: str | None = Field(default=None, max_length=32)  # accepted, no effect (one tier)
     prompt_cache_key: str | None = Field(default=None, max_length=1024)  # accepted: the prefix cache is automatic
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None  # accepted: the prefix cache is automatic
+    prompt_cache_options: dict[str, Any] | None = None  # accepted: the prefix cache is automatic
     safety_identifier: str | None = Field(default=None, max_length=256)  # like `user`: accepted, no effect
     modalities: list[Literal["text"]] | None = None
     add_generation_prompt: bool = True
@@ -245,6 +247,7 @@ class ChatCompletionRequest(_Sampling):
     documents: Any = None
     chat_template: Any = None
     chat_template_kwargs: dict[str, Any] | None = None  # thinking / enable_thinking / drop_thinking (serve/tool_formats.py)
+    moderation: Any = None
 
     REJECTED: ClassVar[dict[str, tuple[tuple, str]]] = {
         **_VLLM_REJECTED,
@@ -259,6 +262,7 @@ class ChatCompletionRequest(_Sampling):
         "continue_final_message": ((None, False), "the chat template cannot continue a final message"),
         "documents": ((None, []), "the chat template takes no documents"),
         "chat_template": ((None,), "the model's own chat template is used; a request cannot replace it"),
+        "moderation": ((None,), "there is no moderation model"),
     }
 
 
@@ -377,7 +381,9 @@ class ResponsesRequest(_Rejecting):
     prompt_cache_key: str | None = Field(default=None, max_length=1024)
     service_tier: str | None = Field(default=None, max_length=32)
     truncation: Literal["disabled", "auto"] | None = None
-    stream_options: dict[str, Any] | None = None
+    stream_options: dict[str, Any] | None = None  # include_obfuscation: no padding is ever added
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None  # accepted: the prefix cache is automatic
+    prompt_cache_options: dict[str, Any] | None = None  # accepted: the prefix cache is automatic
     # known, not supported
     reasoning: Any = None
     include: Any = None
@@ -386,6 +392,8 @@ class ResponsesRequest(_Rejecting):
     conversation: Any = None
     prompt: Any = None
     max_tool_calls: Any = None
+    context_management: Any = None
+    moderation: Any = None
 
     REJECTED: ClassVar[dict[str, tuple[tuple, str]]] = {
         "reasoning": ((None, {}, {"effort": None}, {"effort": None, "summary": None}), "the model has no reasoning mode"),
@@ -396,7 +404,17 @@ class ResponsesRequest(_Rejecting):
         "prompt": ((None,), "stored prompt templates are not served"),
         "max_tool_calls": ((None,), "forced calls are limited by parallel_tool_calls"),
         "truncation": ((None, "disabled"), "the context is never truncated silently; shorten the input"),
+        "context_management": ((None, []), "there is no server-side compaction of the context"),
+        "moderation": ((None,), "there is no moderation model"),
     }
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.text is not None and self.text.verbosity is not None:
+            from dsv3.serve.errors import APIError
+
+            raise APIError(400, "'text.verbosity' is not supported by this server: the model has no verbosity control",
+                           param="text.verbosity", code="unsupported_parameter")
 
 
 class TokenizeRequest(_Body):

@@ -94,7 +94,7 @@ def decode_ms(model, tok, L: int, steps: int) -> tuple[float, float]:
     g = torch.Generator().manual_seed(0)
     # stand-in entries for L positions: decode cost does not depend on them
     for t in ([cache.data] + ([cache.index] if cache.index is not None else []) if state is None else
-              [*state.entries.values(), *state.index_keys.values()] + [st.ring for st in state.slots.layers.values()]):
+              [*state.entries.values(), *state.index_keys.values()] + [st.ring for st in state.layers.values()]):
         t.normal_(generator=g)
     table = list(range(eng.block_manager.num_blocks))
     token = 5

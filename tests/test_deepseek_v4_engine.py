@@ -48,19 +48,21 @@ def _reference(model, prompt: list[int], n: int) -> tuple[list[int], list[float]
 
 
 def _greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
-    ids, lps = list(prompt), []
+    ids, lps, margins = list(prompt), [], []
     with torch.no_grad():
         for _ in range(n):
             lp = model(torch.tensor([ids]))[0, -1].float().log_softmax(-1)
             tok = int(lp.argmax())
             ids.append(tok)
             lps.append(float(lp[tok]))
-    return ids[len(prompt):], lps
+            top2 = lp.topk(2).values
+            margins.append(float(top2[0] - top2[1]))
+    return ids[len(prompt):], lps, margins
 
 
 def _check(model, prompts, params, outs) -> None:
     for p, sp, o in zip(prompts, params, outs):
-        want, want_lp = _reference(model, p, sp.max_tokens)
+        want, want_lp, _ = _reference(model, p, sp.max_tokens)
         got = o.outputs[0].token_ids
         got_lp = [e[t] for e, t in zip(o.outputs[0].logprobs, got)]
         k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(got))
@@ -109,6 +111,41 @@ def test_prefix_cache_resumes_from_saved_states(parts):
     assert outs[1].outputs[0].token_ids == out1.outputs[0].token_ids
 
 
+def test_mtp_drafts_keep_the_full_forwards_tokens(parts):
+    """MTP speculative decoding (one draft per step): drafts the main model rejects were already in the slot's
+    window and carry, so the slot is rewound to the tokens that stay; greedy output equals the full forward's."""
+    model, tok, _ = parts
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 50))] for _ in range(8)]
+    params = [SamplingParams(max_tokens=rng.randint(10, 30), temperature=0, ignore_eos=True) for _ in prompts]
+    engine = LLMEngine(model, tok, EngineConfig(max_model_len=128, num_speculative_tokens=1))
+    # a random MTP module's drafts are nearly always rejected: every other draft is replaced by the right token, so
+    # both verdicts are exercised (the MTP module still runs over its paged state for every draft)
+    real, turn = engine.drafter.draft, [0]
+
+    def draft(chunks):
+        drafts = real(chunks)
+        for c in chunks:
+            if c.seq in drafts and turn[0] % 2:
+                prompt = c.seq.token_ids[:c.seq.num_prompt_tokens]
+                want = _reference(model, prompt, next(sp.max_tokens for p, sp in zip(prompts, params) if p == prompt))[0]
+                drafts[c.seq].tokens[0] = want[c.start + 1 - c.seq.num_prompt_tokens]
+            turn[0] += 1
+        return drafts
+
+    engine.drafter.draft = draft
+    outs = engine.generate(prompts, params)
+    stats = engine.drafter.stats
+    assert stats.drafted[0] > 20 and 0 < stats.accepted[0] < stats.drafted[0]  # both verdicts happened
+    for p, sp, o in zip(prompts, params, outs):
+        want, _, margins = _reference(model, p, sp.max_tokens)
+        got = o.outputs[0].token_ids
+        k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(got))
+        assert k == len(got) or margins[k] < 1e-4, f"diverged at token {k} without a near-tie"
+    with pytest.raises(DSV3Error, match="one MTP token"):
+        LLMEngine(model, tok, EngineConfig(max_model_len=64, num_speculative_tokens=2))
+
+
 def test_cache_is_entries_per_token_and_a_slot_per_sequence(parts):
     """The block pool holds only compressed entries (+ indexer keys); rings and carries are one slot per sequence."""
     model, tok, _ = parts
@@ -129,7 +166,7 @@ def test_cache_is_entries_per_token_and_a_slot_per_sequence(parts):
 
 def test_combinations_not_run_yet_are_refused_by_name(parts):
     model, tok, _ = parts
-    for cfg in (dict(kv_cache_dtype="int8"), dict(num_speculative_tokens=1)):
+    for cfg in (dict(kv_cache_dtype="int8"),):
         with pytest.raises(DSV3Error, match="deepseek_v4"):
             LLMEngine(model, tok, EngineConfig(max_model_len=64, **cfg))
 
@@ -138,7 +175,7 @@ def test_dsv3_generate_runs_a_v4_checkpoint(parts, capsys):
     _, _, path = parts
     assert cli.main(["generate", "--model", str(path), "--max-tokens", "4", "--temperature", "0", "hello"]) == 0
     assert capsys.readouterr().out.strip()
-    assert cli.main(["generate", "--model", str(path), "--num-speculative-tokens", "1", "hi"]) == 2
+    assert cli.main(["generate", "--model", str(path), "--num-speculative-tokens", "2", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert "deepseek_v4" in err and "\n" not in err
     assert cli.main(["generate", "--model", str(path), "--tensor-parallel-size", "2", "hi"]) == 2

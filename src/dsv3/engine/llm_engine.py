@@ -138,8 +138,10 @@ class LLMEngine:
         if c.kv_cache_dtype == "int8":
             raise RequestError(f"an int8 cache is not supported for {model.config.model_type} (its windows and "
                                "compressed entries stay in the model's dtype)")
-        if c.num_speculative_tokens:
-            raise RequestError(f"speculative decoding is not supported for {model.config.model_type} in the engine yet")
+        if c.num_speculative_tokens > 1:
+            raise RequestError(f"{model.config.model_type} drafts one MTP token per step in the engine "
+                               "(num_speculative_tokens 1): a chain of drafts would advance the MTP state past tokens "
+                               "that may be rejected")
         if c.lora_adapters:
             raise RequestError(f"serving LoRA adapters is not supported for {model.config.model_type} yet")
         block_size = c.block_size
@@ -253,6 +255,8 @@ class LLMEngine:
         if not chunks:
             return []
         touched: dict[str, None] = {}
+        if self.runner.state is not None:
+            self.runner.begin_step()
         drafts = self._draft(chunks, touched)
         items = [StepItem(c.seq.token_ids[c.start:c.start + c.num_tokens] + (drafts[c.seq].tokens if c.seq in drafts else []),
                           c.start, c.seq.block_table, sample=c.completes and c.seq.pooler is None, all_logits=c.seq in drafts,
@@ -285,6 +289,10 @@ class LLMEngine:
                     self.stats["spec_accepted_tokens"] += len(accepted) - 1
                     new_tokens[seq] = accepted
                     computed += len(accepted) - 1
+                    if self.runner.state is not None and len(accepted) - 1 < len(draft.tokens):
+                        # the slot's state took in rejected drafts: rewind it to the tokens that stay
+                        self.runner.rewind(StepItem(it.token_ids[:computed], c.start, seq.block_table,
+                                                    state_slot=seq.state_slot))
                 elif it.sample:
                     to_sample.append(seq)
                     sample_rows.append(rows.start)

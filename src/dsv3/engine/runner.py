@@ -41,6 +41,7 @@ class ModelRunner:
         self.state = None
         if num_state_slots:  # the model keeps per-sequence state (DeepSeek-V4) and pages it itself
             self.state = model.paged_state(num_state_slots, num_blocks, block_size, max_snapshots)
+            self.checkpoints: dict[int, tuple] = {}  # slot -> its state before this engine step (`rewind`)
             self.cache, self.graphs = None, None
             return
         extra = cuda_graphs.scratch_blocks(self.device)  # GPU: a scratch block for CUDA graphs' padded rows
@@ -93,20 +94,44 @@ class ModelRunner:
             if out is not None:
                 return out
         input_ids, positions, ctx, rows = self.prepare(items)
-        saved = whole = None
-        if self.state is not None:  # a step that raises is re-run on parts of the batch: keep what it overwrites
-            whole = [len(it.token_ids) > 1 or it.start == 0 for it in items]
-            saved = self.state.checkpoint([it.state_slot for it in items], whole)
+        saved = self._checkpoint(items, keep=True)
         try:
             hidden, logits = self.model.step(input_ids, positions, ctx, rows)
         except BaseException:
             if saved is not None:
-                self.state.rollback(saved, whole)
+                self.state.rollback(*saved)
             raise
         finally:
             if self.multi_lora:  # other users of the model (LLM.score, the generator) see the base model
                 set_slot_ids(self.model, None)
         return hidden, logits.float()
+
+    # ---- per-sequence state (DeepSeek-V4) -------------------------------------------------------
+    def begin_step(self) -> None:
+        """A new engine step: forget the previous step's slot checkpoints."""
+        self.checkpoints: dict[int, tuple] = {}
+
+    def _checkpoint(self, items: list[StepItem], keep: bool = False):
+        """What a step will overwrite in its slots (so one that raises is re-run exactly); with `keep`, the first
+        checkpoint of each slot in this engine step is also kept, for `rewind`."""
+        if self.state is None:
+            return None
+        whole = [len(it.token_ids) > 1 or it.start == 0 for it in items]
+        saved = self.state.checkpoint([it.state_slot for it in items], whole)
+        if keep:
+            for entry, w in zip(saved, whole):
+                self.checkpoints.setdefault(entry[0], (entry, w))
+        return saved, whole
+
+    @torch.inference_mode()
+    def rewind(self, item: StepItem) -> None:
+        """Speculative decoding rejected drafts that this step's forward already put into the slot: restore the slot
+        as it was before the step and run only the tokens that stay (`item`), logits unused."""
+        entry, whole = self.checkpoints[item.state_slot]
+        if not whole:
+            raise RuntimeError("a decode step's checkpoint holds the carries only; drafts are verified in chunks")
+        self.state.rollback([entry], [whole])
+        self.execute([item])
 
     @torch.inference_mode()
     def execute_mtp(self, items: list[StepItem], hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,5 +141,12 @@ class ModelRunner:
         model's hidden states and the adapted main model verifies, so outputs stay exact.
         """
         input_ids, positions, ctx, rows = self.prepare(items, lora=False)
-        hidden = self.model.mtp_hidden(hidden_in[None], input_ids, positions, ctx)[0]
-        return hidden, self.model.lm_head(hidden[rows]).float()
+        saved = self._checkpoint(items)
+        try:
+            hidden = self.model.mtp_hidden(hidden_in[None], input_ids, positions, ctx)[0]
+        except BaseException:
+            if saved is not None:
+                self.state.rollback(*saved)
+            raise
+        head = getattr(self.model, "mtp_head", self.model.lm_head)  # V4: the MTP module collapses its streams first
+        return hidden, head(hidden[rows]).float()

@@ -126,8 +126,8 @@ class MTPDrafter:
                 plan.append((c, k))
         if not plan:
             return {}
-        items = [StepItem(c.seq.token_ids[c.seq.mtp_done + 1:c.start + 1], c.seq.mtp_done, c.seq.block_table, sample=True)
-                 for c, _ in plan]
+        items = [StepItem(c.seq.token_ids[c.seq.mtp_done + 1:c.start + 1], c.seq.mtp_done, c.seq.block_table, sample=True,
+                          state_slot=c.seq.state_slot) for c, _ in plan]
         hidden, logits = self.runner.execute_mtp(items, torch.cat([c.seq.mtp_pending for c, _ in plan]))
         ends = torch.tensor([len(it.token_ids) for it in items]).cumsum(0) - 1
         last = hidden[ends]
@@ -135,10 +135,11 @@ class MTPDrafter:
         for i, (c, _) in enumerate(plan):
             tok, q = propose(logits[i], c.seq.params, c.seq.generator)
             drafts[c.seq] = Draft([tok], None if q is None else [q])
-            c.seq.mtp_done, c.seq.mtp_pending = c.start, last.new_zeros(0, last.shape[-1])
+            c.seq.mtp_done, c.seq.mtp_pending = c.start, c.seq.mtp_pending[:0]  # consumed (the main model's width)
         for j in range(1, max(k for _, k in plan)):
             active = [(i, c) for i, (c, k) in enumerate(plan) if k > j]
-            items = [StepItem([drafts[c.seq].tokens[-1]], c.start - 1 + j, c.seq.block_table, sample=True) for _, c in active]
+            items = [StepItem([drafts[c.seq].tokens[-1]], c.start - 1 + j, c.seq.block_table, sample=True,
+                              state_slot=c.seq.state_slot) for _, c in active]
             h, logits = self.runner.execute_mtp(items, torch.stack([last[i] for i, _ in active]))
             for row, (i, c) in enumerate(active):
                 last[i] = h[row]

@@ -205,7 +205,7 @@ class Attention(nn.Module):
         gathered from the pool, or every visible one on HCA layers -- in one softmax with the sink."""
         cos, sin = rope.main if self.ratio == 0 else rope.compress
         q, qr, kv = self._qkv(x, cos, sin)
-        st = d.state.slots.layers[self.layer_idx]
+        st = d.state.layers[self.layer_idx]
         win, dev = self.window, x.device
         st.ring[d.slots, d.starts % win] = kv[:, 0].to(st.ring.dtype)
         keys = st.ring[d.slots]  # [B, win, hd]
@@ -516,28 +516,33 @@ class DeepseekV4ForCausalLM(nn.Module):
         return PagedV4State(self, num_slots, num_blocks, block_size, max_snapshots)
 
     def _streams_paged(self, input_ids: torch.Tensor, ctx: SequenceStates) -> torch.Tensor:
-        """An engine step ([1, N] flat tokens of ctx's sequences in order) -> streams [1, N, n, D]: prefill chunks one
+        """An engine step ([1, N] flat tokens of ctx's sequences in order) -> streams [1, N, n, D]."""
+        h0 = self.model.embed_tokens(input_ids[0]).unsqueeze(1).repeat(1, self.config.hc_mult, 1)
+        return self._run_paged(input_ids[0], h0, ctx, list(self.model.layers))[None]
+
+    def _run_paged(self, ids: torch.Tensor, h0: torch.Tensor, ctx: SequenceStates, blocks: list,
+                   mtp: bool = False) -> torch.Tensor:
+        """`blocks` over a step's flat tokens ids [N] with input streams h0 [N, n, D] -> [N, n, D]: prefill chunks one
         sequence at a time through the full-forward code on the slot's state, single-token decodes as one batch."""
         ps: PagedV4State = ctx.state
-        ids, dev = input_ids[0], input_ids.device
-        cfg, layers = self.config, self.model.layers
-        out = torch.empty(ids.shape[0], cfg.hc_mult, cfg.hidden_size, dtype=self.dtype, device=dev)
+        dev = ids.device
+        out = torch.empty_like(h0)
         offsets = [0]
         for n in ctx.num_tokens:
             offsets.append(offsets[-1] + n)
-        ratios = sorted(set(ps.ratios.values()) - {0})
+        ratios = sorted({ps.ratios[b.layer_idx] for b in blocks} - {0})
         decode = [i for i, (s, n) in enumerate(zip(ctx.starts, ctx.num_tokens)) if n == 1 and s > 0]
         for i in sorted(set(range(len(ctx.slots))) - set(decode)):
             s, n, slot, o = ctx.starts[i], ctx.num_tokens[i], ctx.slots[i], offsets[i]
             if s == 0:
-                ps.reset(slot)
+                ps.reset(slot, mtp)
             bt = torch.tensor([ctx.block_tables[i]], dtype=torch.long, device=dev)
             rows = {r: ps.entry_rows(bt, r, (s + n) // r)[0] for r in ratios}
             x_ids = ids[o:o + n][None]
             rope = self._rope(torch.arange(s, s + n, device=dev)[None])
-            h = self.model.embed_tokens(x_ids).unsqueeze(2).repeat(1, 1, cfg.hc_mult, 1)
-            for layer in layers:
-                h = layer(h, x_ids, rope, ps.layer_view(layer.layer_idx, slot, rows), s)
+            h = h0[o:o + n][None]
+            for blk in blocks:
+                h = blk(h, x_ids, rope, ps.layer_view(blk.layer_idx, slot, rows), s)
             out[o:o + n] = h[0]
         if decode:
             at = torch.tensor([offsets[i] for i in decode], device=dev)
@@ -549,11 +554,11 @@ class DeepseekV4ForCausalLM(nn.Module):
             d = DecodeRows(ps, torch.tensor([ctx.slots[i] for i in decode], dtype=torch.long, device=dev), starts, rows)
             x_ids = ids[at][:, None]
             rope = self._rope(starts[:, None])
-            h = self.model.embed_tokens(x_ids).unsqueeze(2).repeat(1, 1, cfg.hc_mult, 1)
-            for layer in layers:
-                h = layer(h, x_ids, rope, d, 0)
+            h = h0[at][:, None]
+            for blk in blocks:
+                h = blk(h, x_ids, rope, d, 0)
             out[at] = h[:, 0]
-        return out[None]
+        return out
 
     def head_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """Streams [..., n, D] -> final-norm hidden states [..., D] (hc_head, then norm)."""
@@ -582,11 +587,14 @@ class DeepseekV4ForCausalLM(nn.Module):
         B, T = next_ids.shape
         n, D = self.config.hc_mult, self.config.hidden_size
         h = hidden.view(B, T, n, D)
+        blk = self.model.mtp[depth]
+        if isinstance(ctx, SequenceStates):  # the paged engine's drafter: one flat step, B = 1
+            h0 = blk.mix(h, self.model.embed_tokens(next_ids))[0]
+            return self._run_paged(next_ids[0], h0, ctx, [blk], mtp=True)[None]
         state = self._state(ctx, B, T, mtp=True)
         start = state.length
         state.begin_step(T)
         rope = self._rope(self._positions(next_ids, positions, start))
-        blk = self.model.mtp[depth]
         x = blk.mix(h, self.model.embed_tokens(next_ids))
         out = blk(x, next_ids, rope, state.layer(blk.layer_idx), start)
         state.end_step()
@@ -595,8 +603,11 @@ class DeepseekV4ForCausalLM(nn.Module):
     def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, ctx: Any = None,
                    depth: int = 0) -> torch.Tensor:
         """Logits of token i+2 from MTP module `depth`: its streams through its own head collapse and norm."""
+        return self.mtp_head(self.mtp_hidden(hidden, next_ids, positions, ctx, depth), depth)
+
+    def mtp_head(self, h: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """MTP module `depth`'s output streams [..., n, D] -> logits: its own head collapse and norm, the shared head."""
         blk, cfg = self.model.mtp[depth], self.config
-        h = self.mtp_hidden(hidden, next_ids, positions, ctx, depth)
         x = hc_head(h, blk.hc_head_fn, blk.hc_head_scale, blk.hc_head_base, cfg.hc_eps, cfg.rms_norm_eps)
         return self.lm_head(blk.norm(x))
 

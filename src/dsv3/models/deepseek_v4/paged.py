@@ -52,7 +52,7 @@ class PagedV4State:
 
     def __init__(self, model: Any, num_slots: int, num_blocks: int, block_size: int, max_snapshots: int = 0):
         cfg = model.config
-        ratios = {cfg.compress_ratio(i) for i in range(cfg.num_hidden_layers)} - {0}
+        ratios = {cfg.compress_ratio(i) for i in range(cfg.num_hidden_layers + model.num_mtp_layers)} - {0}
         bad = [r for r in ratios if block_size % r]
         if bad:
             raise ValueError(f"block_size {block_size} must be a multiple of every compression ratio ({sorted(ratios)})")
@@ -60,10 +60,14 @@ class PagedV4State:
         self.max_snapshots = max_snapshots
         self.snapshots: OrderedDict[int, list[torch.Tensor]] = OrderedDict()  # block id -> slot state at its end
         self.slots = V4State(model, num_slots, 0)  # entries of size 0: they live in the pools below
-        self.ratios = {i: cfg.compress_ratio(i) for i in self.slots.layers}
+        # the MTP module's layers (one token behind the main model: a state of their own in the same slot index)
+        self.mtp = V4State(model, num_slots, 0, mtp=True) if model.num_mtp_layers else None
+        self.main_layers = set(self.slots.layers)
+        self.layers: dict[int, LayerState] = {**self.slots.layers, **(self.mtp.layers if self.mtp else {})}
+        self.ratios = {i: cfg.compress_ratio(i) for i in self.layers}
         self.entries: dict[int, torch.Tensor] = {}
         self.index_keys: dict[int, torch.Tensor] = {}
-        for i, st in self.slots.layers.items():
+        for i, st in self.layers.items():
             r = cfg.compress_ratio(i)
             if not r:
                 continue
@@ -72,16 +76,17 @@ class PagedV4State:
             if st.index_keys is not None:
                 self.index_keys[i] = torch.zeros(rows, cfg.index_head_dim, dtype=st.ring.dtype, device=st.ring.device)
 
-    def reset(self, slot: int) -> None:
-        """A fresh sequence in `slot`: empty carries (the ring is only read where it was written)."""
-        for st in self.slots.layers.values():
+    def reset(self, slot: int, mtp: bool = False) -> None:
+        """A fresh sequence in `slot` (the main layers', or with `mtp` the MTP layers' state): empty carries (the
+        ring is only read where it was written)."""
+        for st in (self.mtp.layers if mtp else self.slots.layers).values():
             for kv, score in ((st.carry_kv, st.carry_score), (st.index_carry_kv, st.index_carry_score)):
                 if kv is not None:  # as `empty_carry`: zeros, and -inf scores (an absent window weighs nothing)
                     kv[slot].zero_()
                     score[slot].fill_(float("-inf"))
 
     def _slot_tensors(self, ring: bool = True) -> list[torch.Tensor]:
-        return [t for st in self.slots.layers.values() for t in ((st.ring,) if ring else ()) + (
+        return [t for st in self.layers.values() for t in ((st.ring,) if ring else ()) + (
             st.carry_kv, st.carry_score, st.index_carry_kv, st.index_carry_score) if t is not None]
 
     def checkpoint(self, slots: list[int], whole: list[bool]) -> list[tuple[int, list[torch.Tensor]]]:
@@ -138,7 +143,7 @@ class PagedV4State:
     def layer_view(self, layer_idx: int, slot: int, rows: dict[int, torch.Tensor]) -> LayerState:
         """One sequence's `LayerState`: its slot's ring and carries (views, so writes land in place) and its
         entries as `PagedRows` (rows per ratio: [n] for this sequence)."""
-        st = self.slots.layers[layer_idx]
+        st = self.layers[layer_idx]
         one = slice(slot, slot + 1)
         view = LayerState(st.ring[one])
         if layer_idx in self.entries:
@@ -152,5 +157,5 @@ class PagedV4State:
 
     def nbytes(self) -> int:
         """Bytes held: slots (rings + carries), entry pools and prefix-cache snapshots."""
-        return (self.slots.nbytes() + sum(t.nbytes for t in (*self.entries.values(), *self.index_keys.values()))
+        return (self.slots.nbytes() + (self.mtp.nbytes() if self.mtp else 0) + sum(t.nbytes for t in (*self.entries.values(), *self.index_keys.values()))
                 + sum(t.nbytes for snap in self.snapshots.values() for t in snap))

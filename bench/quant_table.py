@@ -6,7 +6,8 @@
 
 Rows: dsv3 fp32 (the reference), bf16, int8, int4 g128 round-to-nearest, AWQ int4 g128, FP8 128×128,
 and llama.cpp F16 / Q8_0 / Q4_K_M conversions of the same checkpoint (`quant_llama.py`). Columns:
-linear-weight bytes relative to bf16, model bytes, peak RSS of a fresh process that loads the saved
+linear-weight bytes relative to bf16, checkpoint bytes on disk relative to the bf16 checkpoint (whole
+directory: config, tokenizer, every tensor; GGUF: the file against the F16 file), model bytes, peak RSS of a fresh process that loads the saved
 checkpoint and decodes, batch-1 decode tok/s, batch-32 decode throughput, and on held-out text:
 perplexity and its ratio to fp32, mean KL(fp32 ‖ system), top-1 agreement with fp32, MoE routing
 agreement (`quant_metrics.py`). Held-out text: the `heldout` split of the shards the model trained on
@@ -35,7 +36,6 @@ from quant_metrics import dsv3_system, logits_system, score  # noqa: E402
 from quant_speed import measure_speed  # noqa: E402
 
 SCHEMES = ("int8", "int4", "awq", "fp8")
-HEAD = {"int4": "int8", "awq": "int8"}  # the LM head beside int4 layers is int8, as Q4_K_M keeps llama.cpp's output at Q6_K
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TRAIN_FILES = ("textwrap.py", "string.py", "shlex.py", "heapq.py", "bisect.py")
 HELD_OUT_FILES = ("difflib.py", "fractions.py")
@@ -87,9 +87,10 @@ def token_windows(args, model_dir: Path) -> tuple[torch.Tensor, torch.Tensor, st
 
 def dsv3_rows(args, model_dir: Path, calib: torch.Tensor, work: Path) -> tuple[list[dict], dict]:
     """Rows (sizes, checkpoint to time) and scoring functions of dsv3's float and quantized models."""
+    from dsv3.io.checkpoint import save_model
     from dsv3.io.load import load_model
     from dsv3.quant import quantize_model, save_quantized
-    from dsv3.quant.apply import linear_weight_bytes
+    from dsv3.quant.apply import default_policy, linear_weight_bytes
 
     def row(name: str, model, run: list[str], **extra) -> dict:
         systems[name] = dsv3_system(model)
@@ -97,21 +98,33 @@ def dsv3_rows(args, model_dir: Path, calib: torch.Tensor, work: Path) -> tuple[l
                 "model_bytes": sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())), **extra}
 
     systems: dict = {}
-    rows = [row("fp32", load_model(model_dir, dtype="fp32", progress=False), [str(model_dir), "fp32"]),
-            row("bf16", load_model(model_dir, dtype="bf16", progress=False), [str(model_dir), "bf16"])]
+    bf16 = load_model(model_dir, dtype="bf16", progress=False)
+    bf16_dir = save_model(bf16, work / "bf16", tokenizer_from=model_dir)  # the checkpoint as released in bf16
+    fp32_dir = save_model(load_model(model_dir, dtype="fp32", progress=False), work / "fp32", tokenizer_from=model_dir)
+    rows = [row("fp32", load_model(model_dir, dtype="fp32", progress=False), [str(model_dir), "fp32"], disk_bytes=dir_bytes(fp32_dir)),
+            row("bf16", bf16, [str(model_dir), "bf16"], disk_bytes=dir_bytes(bf16_dir))]
     g = args.group_size
     for scheme in SCHEMES:
         model = load_model(model_dir, dtype="fp32", progress=False)
+        head, embedding = default_policy(scheme)  # what `dsv3 quantize --method SCHEME` does by default
+        if args.embedding is not None and scheme != "fp8":
+            embedding = False if args.embedding == "keep" else args.embedding
         t = time.perf_counter()
         quantize_model(model, scheme, group_size=g, calib=calib if scheme == "awq" else None,
-                       include_lm_head=False if args.keep_head else HEAD.get(scheme, True), progress=True)
+                       include_lm_head=False if args.keep_head else head, embedding=embedding or False, progress=True)
         secs = time.perf_counter() - t
         path = save_quantized(model, work / scheme, tokenizer_from=model_dir)
         rows.append(row({"int4": f"int4 g{g} (RTN)", "awq": f"AWQ int4 g{g}"}.get(scheme, scheme), model, [str(path), "fp32"],
-                        quantize_s=secs))
+                        quantize_s=secs, disk_bytes=dir_bytes(path), embedding=embedding or "bf16"))
     for r in rows:
         r["linear_ratio_bf16"] = r["linear_bytes"] / rows[1]["linear_bytes"]
+        r["disk_ratio_bf16"] = r["disk_bytes"] / rows[1]["disk_bytes"]
     return rows, systems
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of every file of a checkpoint directory (weights, config, tokenizer)."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
 def llama_rows(args, model_dir: Path, window_len: int) -> tuple[list[dict], dict]:
@@ -124,7 +137,10 @@ def llama_rows(args, model_dir: Path, window_len: int) -> tuple[list[dict], dict
         gguf = make_gguf(model_dir, ANCHORS[a], args.cache, args.threads)
         systems[LABELS[a]] = logits_system(LlamaScorer(gguf, window_len, args.threads))
         rows.append({"scheme": LABELS[a], "run": [str(gguf), "gguf"], "linear_ratio_bf16": linear_ratio(gguf, args.cache),
-                     "model_bytes": gguf.stat().st_size})
+                     "model_bytes": gguf.stat().st_size, "disk_bytes": gguf.stat().st_size})
+    f16 = next((r["disk_bytes"] for r in rows if r["scheme"] == LABELS["llama-f16"]), None)
+    for r in rows:
+        r["disk_ratio_bf16"] = r["disk_bytes"] / f16 if f16 else None
     return rows, systems
 
 
@@ -137,10 +153,10 @@ def speed(r: dict) -> str:
 
 
 def write_table(rows: list[dict], out: Path, note: str) -> str:
-    head = ("| system | linear bytes / bf16 | model MiB | peak RSS MiB | decode b1 tok/s (× fp32) | decode b32 tok/s | "
-            "PPL | PPL ratio | mean KL | top-1 agree | routing agree |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| system | linear bytes / bf16 | file / bf16 file | model MiB | peak RSS MiB | decode b1 tok/s (× fp32) | decode b32 tok/s | "
+            "PPL | PPL ratio | mean KL | top-1 agree | routing agree |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
-        f"| {r['scheme']} | {r['linear_ratio_bf16']:.3f} | {r['model_bytes'] / 2**20:.1f} | {fmt(r.get('peak_rss'), '.0f', 2**-20)} | "
+        f"| {r['scheme']} | {r['linear_ratio_bf16']:.3f} | {fmt(r.get('disk_ratio_bf16'), '.3f')} | {r['model_bytes'] / 2**20:.1f} | {fmt(r.get('peak_rss'), '.0f', 2**-20)} | "
         f"{speed(r)} | "
         f"{fmt(r.get('decode_b32'), '.0f')} | {r['ppl']:.2f} | {r['ppl_ratio']:.4f} ± {r['ppl_ratio_se']:.4f} | {r['kl']:.5f} | {100 * r['top1']:.2f} % | "
         f"{fmt(r['routing'], '.2f', 100, ' %')} |\n" for r in rows)
@@ -158,7 +174,7 @@ def draw(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [r["scheme"] for r in rows]
-    panels = [("linear_ratio_bf16", "linear-weight bytes / bf16"), ("decode_b1", "batch-1 decode tok/s"),
+    panels = [("linear_ratio_bf16", "linear-weight bytes / bf16"), ("disk_ratio_bf16", "checkpoint file / bf16 file"), ("decode_b1", "batch-1 decode tok/s"),
               ("ppl_ratio", "perplexity ratio to fp32"), ("kl", "mean KL(fp32 ‖ system), nats"), ("top1", "top-1 agreement")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     colors = ["tab:orange" if n.startswith("llama") else "tab:blue" for n in names]
@@ -192,6 +208,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="speed runs per system (best is reported)")
     ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed / peak-RSS processes")
     ap.add_argument("--keep-head", action="store_true", help="leave an untied LM head in fp32 (default: quantize it too)")
+    ap.add_argument("--embedding", choices=("int8", "int4", "keep"), default=None,
+                    help="token embedding of the int8/int4/AWQ rows (default: dsv3 quantize's: int8, int4 beside int4)")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dsv3-bench", help="GGUFs and llama.cpp's source")
     ap.add_argument("--out", type=Path, default=None)
     return ap.parse_args(argv)
@@ -223,7 +241,10 @@ def main(argv=None) -> int:
             f"on {calib.shape[0]} × {calib.shape[1]} training tokens. PPL ratio = PPL(system) / PPL(dsv3 fp32) ± its standard "
             f"error over windows; KL = mean over positions of KL(dsv3 fp32 ‖ system) in nats; top-1 = share of positions with "
             f"the same argmax as dsv3 fp32. llama.cpp scored with an F32 KV cache (weights alone differ), timed with its "
-            f"default F16 cache. LM head {head}, not counted in 'linear bytes'. "
+            f"default F16 cache. LM head {head}, not counted in 'linear bytes'. Token embedding: "
+            + ", ".join(f"{r['scheme']} {r['embedding']}" for r in rows if "embedding" in r)
+            + " (dsv3 quantize's defaults unless --embedding); tensors left unquantized stored bf16 (norms, router fp32). "
+            "'file / bf16 file': the saved checkpoint directory over the bf16 one (llama.cpp: the GGUF over its F16 GGUF). "
             + ("Speed columns not measured (--no-speed).\n" if args.no_speed else
                f"Decode: {args.threads} thread(s), best of {args.rounds} fresh-process runs.\n"))
     print(write_table(rows, args.out or Path("bench/results/quant") / (model_dir.resolve().name if args.model else "bench73m"), note))

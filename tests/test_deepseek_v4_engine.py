@@ -233,3 +233,32 @@ def test_quantization_and_training_are_refused_in_one_line(parts, tmp_path, caps
         err = capsys.readouterr().err.strip()
         assert "not supported for deepseek_v4" in err and "\n" not in err, argv
     assert not (tmp_path / "q").exists() and not (tmp_path / "ft").exists()
+
+
+def test_served_through_the_openai_client_and_evaluated(parts, tmp_path, capsys):
+    """`dsv3 serve` on a V4 checkpoint: chat and streamed completions through the openai SDK give the full forward's
+    greedy tokens; `dsv3 eval perplexity` and `dsv3 eval needle` run on it in-process."""
+    import openai
+    from serve_harness import serve
+
+    model, tok, path = parts
+    prompt = tok.encode("def add(a, b):", add_special_tokens=True)
+    want, _, margins = _reference(model, prompt, 6)
+    with serve(path, max_model_len=512) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0)
+        got = tok.encode(r.choices[0].text, add_special_tokens=False)
+        k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        assert k == len(want) or margins[k] < 1e-4, (got, want)
+        chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
+        chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert chat.choices[0].finish_reason in ("length", "stop") and srv.state.engine is not None
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 40)
+    assert cli.main(["eval", "perplexity", "--model", str(path), "--data", str(text), "--window", "64"]) == 0
+    assert "bits_per_byte" in capsys.readouterr().out
+    out = tmp_path / "needle.json"
+    assert cli.main(["eval", "needle", "--model", str(path), "--lengths", "96", "--depths", "0,1", "--trials", "1",
+                     "--haystack", str(text), "-o", str(out)]) == 0
+    assert out.exists() and out.with_suffix(".png").exists()

@@ -2,7 +2,7 @@
 splits, 2 ranks over gloo, logits equal to one process loading the same files.
 
 Checkpoints: `dsv3 quantize` int8 (embedding and head quantized), AWQ int4 g32 (int8 head, int4 embedding), an
-AutoAWQ GEMM file (written by test_quant_foreign's packer) and an FP8 one kept in FP8 (`quantization="fp8"`),
+AutoAWQ GEMM, a GPTQ and a compressed-tensors pack-quantized file (written by test_quant_foreign's packer) and an FP8 one kept in FP8 (`quantization="fp8"`),
 whose 128-blocks do not align with this tiny model's shard boundaries, so its cut layers run dense from the
 exactly dequantized slices. Activations enter the int4/int8 kernels in fp32 here (`KERNEL_ACT_DTYPE = None`), so
 one process and the ranks compute the same sums up to fp32 rounding.
@@ -22,7 +22,7 @@ from dsv3.parallel import ParallelConfig
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (tp, ep)
 WIDTHS = dict(q_lora_rank=32, moe_intermediate_size=64, intermediate_size=128)  # TP=2 cuts fall on 32-groups
-CKPTS = ["int8", "awq", "autoawq", "fp8"]
+CKPTS = ["int8", "awq", "autoawq", "gptq", "compressed-tensors", "fp8"]
 
 
 def _rank_main(rank: int, port: int, dirs: list[str], out: str) -> None:
@@ -70,6 +70,8 @@ def ckpts(tmp_path_factory):
                        embedding=emb or False, progress=False)
         save_quantized(model, root / method, tokenizer_from=base)
     write_packed(base, root / "autoawq", "awq", 32, False)
+    write_packed(base, root / "gptq", "gptq", 32, False)  # asymmetric, no act-order
+    write_packed(base, root / "compressed-tensors", "compressed-tensors", 32, True)  # Kimi-K2-Thinking's: experts only
     return {name: root / name for name in CKPTS}
 
 
@@ -105,15 +107,19 @@ def test_quantized_parallel_logits_match_one_process(results, reference, name, t
             torch.testing.assert_close(got[form], reference[name][form], rtol=1e-4, atol=1e-4, msg=f"{name} {form} rank {r}")
 
 
-@pytest.mark.parametrize("name", ["int8", "awq", "autoawq"])
+@pytest.mark.parametrize("name", ["int8", "awq", "autoawq", "gptq", "compressed-tensors"])
 def test_ranks_hold_packed_shards(results, name):
     """Under TP the attention output, the MLP and the head are the packed parallel layers; experts stay packed."""
     types = results[0][(name, 2, 1)]["types"]
+    if name == "compressed-tensors":  # only the routed experts are packed (the rest ignored, as Kimi-K2-Thinking ships)
+        assert types["model.layers.1.mlp.experts"] == "QuantExperts" and types["lm_head"] == "ParallelHead"
+        assert results[0][(name, 1, 2)]["types"]["model.layers.1.mlp.experts"] == "QuantExperts"
+        return
     assert types["model.layers.0.self_attn.o_proj"] == "QuantRowParallelLinear"
     assert types["model.layers.0.self_attn.kv_b_proj"] == "QuantColumnParallelLinear"
     assert types["model.layers.0.mlp.down_proj"] == "QuantRowParallelLinear"
     assert types["model.layers.1.mlp.experts"] == "QuantExperts"
-    assert types["lm_head"] == ("QuantParallelHead" if name != "autoawq" else "ParallelHead")
+    assert types["lm_head"] == ("QuantParallelHead" if name in ("int8", "awq") else "ParallelHead")
     assert results[0][(name, 1, 2)]["types"]["model.layers.1.mlp.experts"] == "QuantExperts"
 
 
@@ -130,10 +136,12 @@ def test_fp8_cut_inside_a_block_runs_dense_and_on_the_fly_quantization_is_refuse
 
 @pytest.mark.slow
 def test_the_requests_deployment_command_as_written(tmp_path):
-    """docs/serve.md's deployment section, run as written: `dsv3 quantize --method awq` on the embedded model, then
-    `dsv3 serve --tensor-parallel-size 4 --quantization awq --max-model-len 131072` (4 ranks over gloo on this CPU),
-    answering the OpenAI client with what one process generates from the same files."""
+    """docs/deployment.md's "The request's deployment command", run as written there: `dsv3 quantize --method awq`
+    on the embedded model, then `dsv3 serve --tensor-parallel-size 4 --quantization awq --max-model-len 131072`
+    (4 ranks over gloo on this CPU), answering the OpenAI client with what one process generates from the same files.
+    Only paths and the port are filled in."""
     import os
+    import shlex
     import socket
     import subprocess
     import time
@@ -144,19 +152,25 @@ def test_the_requests_deployment_command_as_written(tmp_path):
     from dsv3 import LLM, SamplingParams
     from dsv3.io.paths import default_model_dir
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "deployment.md").read_text()
+    section = doc[doc.index("### The request's deployment command"):]
+    lines = [ln for ln in section.split("```bash", 1)[1].split("```", 1)[0].splitlines() if ln.startswith("dsv3 ")]
+    quantize, serve = (shlex.split(ln)[1:] for ln in lines)
+    assert quantize[:2] == ["quantize", "--method"] and serve[0] == "serve"
+    assert " ".join(serve[3:]) == "--tensor-parallel-size 4 --quantization awq --max-model-len 131072"
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
     calib = tmp_path / "calib.txt"
-    calib.write_text("".join(p.read_text() for p in sorted((Path(__file__).resolve().parents[1] / "src" / "dsv3" / "engine").glob("*.py"))))
+    calib.write_text("".join(p.read_text() for p in sorted((root / "src" / "dsv3" / "engine").glob("*.py"))))
     out = tmp_path / "default-awq"
-    r = subprocess.run([sys.executable, "-m", "dsv3", "quantize", "--method", "awq", "--model", str(default_model_dir()),
-                        "-o", str(out), "--calib", str(calib), "--group-size", "32", "--calib-samples", "2",
-                        "--calib-seq-len", "64"], capture_output=True, text=True, env=env, timeout=600)
+    fill = {"src/dsv3/data/default": str(default_model_dir()), "default-awq": str(out), "calib.txt": str(calib)}
+    quantize = [fill.get(a, a) for a in quantize] + ["--calib-samples", "2", "--calib-seq-len", "64"]  # quick calibration
+    r = subprocess.run([sys.executable, "-m", "dsv3", *quantize], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", "--model", str(out), "--tensor-parallel-size", "4",
-                             "--quantization", "awq", "--max-model-len", "131072", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3", *[fill.get(a, a) for a in serve], "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300

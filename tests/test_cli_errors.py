@@ -50,7 +50,8 @@ def ws(tmp_path_factory):
     text = root / "text.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 4)
     results = root / "results.json"
-    results.write_text("{}")
+    results.write_text('{"task": "mmlu", "model": "m", "backend": "local", "primary": "acc", '
+                       '"metrics": {"acc": {"value": 0.5, "stderr": 0.1, "n": 4}}}')
     return {"root": root, "model": model, "adapter": root / "adapter", "shards": root / "shards", "src": src,
             "afile": afile, "unwritable": afile / "out", "full": full, "data": data, "text": text,
             "missing": root / "missing", "results": results}
@@ -87,12 +88,15 @@ CASES = [
     ("serve missing model", ["serve", "--model", "{missing}"], "does not exist"),
     ("serve unwritable audit log", ["serve", "--model", "{model}", "--audit-log", "{unwritable}/a.jsonl"], "--audit-log"),
     ("serve audit log is a directory", ["serve", "--model", "{model}", "--audit-log", "{full}"], "existing directory"),
-    ("serve port out of range", ["serve", "--port", "99999"], "outside 0-65535"),
+    ("serve bad flag: port out of range", ["serve", "--port", "99999"], "outside 0-65535"),
     ("serve abbreviated flag", ["serve", "--prot", "18308"], "unrecognized arguments: --prot"),
     ("audit verify missing log", ["audit", "verify", "{missing}"], "does not exist"),
     ("audit verify missing key", ["audit", "verify", "{afile}", "--key", "{missing}"], "key file"),
+    ("audit verify bad flag", ["audit", "verify"], "the following arguments are required: path"),
     ("audit repair missing log", ["audit", "repair", "{missing}"], "does not exist"),
     ("audit repair bad flag", ["audit", "repair"], "the following arguments are required: path"),
+    ("serve --quantization awq on full-precision files", ["serve", "--model", "{model}", "--quantization", "awq"],
+     "dsv3 quantize --method awq"),
     ("serve audit key without log", ["serve", "--model", "{model}", "--audit-log-key", "{afile}"], "needs --audit-log"),
     ("serve bad trusted proxy", ["serve", "--model", "{model}", "--trusted-proxy", "10.0.0.0/33"], "--trusted-proxy"),
     ("serve bad grammar timeout", ["serve", "--model", "{model}", "--grammar-timeout", "0"], "--grammar-timeout"),
@@ -102,6 +106,7 @@ CASES = [
      "cannot be created"),
     ("quantize output is a file", ["quantize", "--method", "int8", "--model", "{model}", "-o", "{afile}"], "existing file"),
     ("quantize existing output", ["quantize", "--method", "int8", "--model", "{model}", "-o", "{full}"], "--overwrite"),
+    ("merge output is a file", ["merge", "--model", "{model}", "--adapter", "{adapter}", "-o", "{afile}"], "existing file"),
     ("quantize bad flag", ["quantize", "--method", "awq4", "--model", "{model}", "-o", "{root}/q"], "invalid choice"),
     # merge
     ("merge missing adapter", ["merge", "--model", "{model}", "--adapter", "{missing}", "-o", "{root}/m"], "does not exist"),
@@ -116,6 +121,8 @@ CASES = [
      "cannot be created"),
     ("finetune existing output", ["finetune", "--model", "{model}", "--data-files", "{data}", "--output-dir", "{full}"],
      "--resume auto"),
+    ("finetune output is a file", ["finetune", "--model", "{model}", "--data-files", "{data}", "--output-dir", "{afile}"],
+     "existing file"),
     ("finetune bad flag", ["finetune", "--learning-rate", "fast"], "invalid float value"),
     # tokenizer train
     ("tokenizer missing files", ["tokenizer", "train", "--files", "{missing}/*.py", "--vocab-size", "300", "-o", "{root}/t"],
@@ -124,6 +131,8 @@ CASES = [
      "cannot be created"),
     ("tokenizer existing output", ["tokenizer", "train", "--files", "{src}/*.py", "--vocab-size", "300", "-o", "{full}"],
      "--overwrite"),
+    ("tokenizer output is a file", ["tokenizer", "train", "--files", "{src}/*.py", "--vocab-size", "300", "-o", "{afile}"],
+     "existing file"),
     ("tokenizer bad flag", ["tokenizer", "train", "--files", "{src}/*.py", "--vocab-size", "-3", "-o", "{root}/t"],
      "positive integer"),
     # data build / instructions / functions
@@ -140,6 +149,9 @@ CASES = [
      "cannot be created"),
     ("data instructions output is a directory", ["data", "instructions", "--shards", "{shards}", "-o", "{full}"],
      "existing directory"),
+    ("data instructions bad flag", ["data", "instructions", "--shards", "{shards}", "-o", "{root}/i.jsonl", "--split", "dev"],
+     "invalid choice"),
+    ("data functions missing shards", ["data", "functions", "--shards", "{missing}", "-o", "{root}/fn"], "manifest"),
     ("data functions existing output", ["data", "functions", "--shards", "{shards}", "-o", "{full}"], "--overwrite"),
     ("data functions unwritable output", ["data", "functions", "--shards", "{shards}", "-o", "{unwritable}"],
      "cannot be created"),
@@ -158,19 +170,35 @@ CASES = [
     ("eval perplexity output is a directory", ["eval", "perplexity", "--data", "{text}", "-o", "{full}"], "existing directory"),
     ("eval perplexity bad flag", ["eval", "perplexity", "--data", "{text}", "--window", "0"], "--window"),
     ("eval mmlu missing data", ["eval", "mmlu", "--data", "{missing}"], "does not exist"),
+    ("eval mmlu unwritable output", ["eval", "mmlu", "--data", "{root}", "-o", "{unwritable}/r.json"], "cannot be created"),
+    ("eval mmlu output is a directory", ["eval", "mmlu", "--data", "{root}", "-o", "{full}"], "existing directory"),
+    ("eval mmlu bad flag", ["eval", "mmlu", "--data", "{root}", "--num-fewshot", "-1"], "--num-fewshot"),
     ("eval gsm8k missing data", ["eval", "gsm8k", "--data", "{missing}"], "does not exist"),
+    ("eval gsm8k unwritable output", ["eval", "gsm8k", "--data", "{data}", "-o", "{unwritable}/r.json"], "cannot be created"),
+    ("eval gsm8k output is a directory", ["eval", "gsm8k", "--data", "{data}", "-o", "{full}"], "existing directory"),
+    ("eval gsm8k bad flag", ["eval", "gsm8k", "--data", "{data}", "--max-tokens", "0"], "--max-tokens"),
     ("eval humaneval missing data", ["eval", "humaneval", "--data", "{missing}"], "does not exist"),
+    ("eval humaneval unwritable output", ["eval", "humaneval", "-o", "{unwritable}/r.json"], "cannot be created"),
+    ("eval humaneval output is a directory", ["eval", "humaneval", "-o", "{full}"], "existing directory"),
+    ("eval humaneval bad flag", ["eval", "humaneval", "--n", "2", "--k", "5"], "--k 5 needs --n"),
     ("eval extraction missing data", ["eval", "extraction", "--data", "{missing}"], "does not exist"),
     ("eval extraction unwritable output", ["eval", "extraction", "-o", "{unwritable}/r.json"], "cannot be created"),
+    ("eval extraction output is a directory", ["eval", "extraction", "-o", "{full}"], "existing directory"),
     ("eval extraction bad flag", ["eval", "extraction", "--max-tokens", "0"], "--max-tokens"),
     ("eval needle unwritable output", ["eval", "needle", "-o", "{unwritable}/r.json"], "cannot be created"),
     ("eval needle missing haystack", ["eval", "needle", "--haystack", "{missing}"], "does not exist"),
+    ("eval needle output is a directory", ["eval", "needle", "-o", "{full}"], "existing directory"),
     ("eval needle bad flag", ["eval", "needle", "--depths", "0,1.5"], "--depths"),
     ("eval long-ppl missing data", ["eval", "long-ppl", "--data", "{missing}"], "does not exist"),
     ("eval long-ppl unwritable output", ["eval", "long-ppl", "--data", "{text}", "-o", "{unwritable}/r.json"],
      "cannot be created"),
+    ("eval long-ppl output is a directory", ["eval", "long-ppl", "--data", "{text}", "-o", "{full}"], "existing directory"),
     ("eval long-ppl bad flag", ["eval", "long-ppl", "--data", "{text}", "--contexts", "a,b"], "--contexts"),
     ("eval compare missing results", ["eval", "compare", "{missing}.json", "-o", "{root}/c.png"], "cannot be read"),
+    ("eval compare unwritable output", ["eval", "compare", "{results}", "-o", "{unwritable}/c.png"], "cannot be created"),
+    ("eval compare output is a directory", ["eval", "compare", "{results}", "-o", "{full}"], "existing directory"),
+    ("eval compare bad flag", ["eval", "compare", "{results}", "{results}", "-o", "{root}/c.png", "--labels", "a"],
+     "--labels has 1 names"),
     # export
     ("export gguf missing model", ["export", "gguf", "--model", "{missing}", "-o", "{root}/m.gguf"], "does not exist"),
     ("export gguf unwritable output", ["export", "gguf", "--model", "{model}", "-o", "{unwritable}/m.gguf"],
@@ -198,22 +226,29 @@ def test_one_line_error(ws, capsys, name, argv, needle):
 
 
 def test_every_sub_command_is_walked():
-    """Each leaf sub-command of `dsv3 --help` appears in CASES with a failing case."""
+    """Each leaf sub-command of `dsv3 --help` has a missing-input and a bad-flag case in CASES, and one with an output
+    argument an unwritable-output and an existing-output (or output-is-a-file/directory) case."""
     parser = cli.build_parser()
     leaves = []
 
     def walk(p, prefix):
         subs = [a for a in p._actions if a.__class__.__name__ == "_SubParsersAction"]
         if not subs:
-            leaves.append(" ".join(prefix))
+            leaves.append((" ".join(prefix), p))
         for s in subs:
             for name, child in s.choices.items():
                 walk(child, prefix + [name])
 
     walk(parser, [])
-    walked = {" ".join(a for a in c[1] if not a.startswith("-") and "{" not in a)[:40] for c in CASES}
-    for leaf in leaves:
-        assert any(w.startswith(leaf) for w in walked), f"no error case for `dsv3 {leaf}`"
+    outputs = ("-o", "--output", "--out", "--output-dir", "--audit-log")
+    for leaf, p in leaves:
+        names = [c[0] for c in CASES if " ".join(a for a in c[1] if not a.startswith("-") and "{" not in a).startswith(leaf)]
+        kinds = ["missing", "bad flag"]
+        if any(o in outputs for a in p._actions for o in a.option_strings):
+            kinds += ["unwritable", ("existing", "is a")]
+        for kind in kinds:
+            assert any(k in n for n in names for k in ((kind,) if isinstance(kind, str) else kind)), \
+                f"no {kind} case for `dsv3 {leaf}`"
 
 
 def test_quantize_refuses_an_already_quantized_checkpoint(ws, tmp_path, capsys):

@@ -465,6 +465,26 @@ def test_refused_requests_log_one_small_line_at_a_bounded_rate(model_dir, tmp_pa
     assert len(accepted) == 3 and all("body" in r for r in accepted)  # --audit-log-content still holds for them
 
 
+
+def test_413_and_429_are_logged_like_401(model_dir, tmp_path):
+    """Oversized bodies (413) and rate-limited requests (429) of an authenticated client: one small line each without
+    the body, at the per-address rate, and the chain still verifies."""
+    log = tmp_path / "audit.jsonl"
+    cfg = ServeConfig(served_model_name="tiny", keys=APIKeys.build(["good"]), audit=AuditLog(log), audit_content=True,
+                      refusal_log_per_minute=4, max_body_bytes=4096, rate_limiter=RateLimiter(RateLimit(3)))
+    auth = {"Authorization": "Bearer good"}
+    with serve(model_dir, cfg) as s, client(s) as c:
+        for _ in range(3):  # the address's allowance (4 lines a minute) is shared by every kind of refusal
+            assert c.post("/v1/completions", json={"prompt": "x" * 100_000}, headers=auth).status_code == 413
+        codes = [c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=auth).status_code for _ in range(20)]
+        assert codes.count(200) >= 1 and codes.count(429) >= 15, codes
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    lines = {status: [r for r in recs if r["status"] == status] for status in (413, 429)}
+    assert len(lines[413]) == 3 and 1 <= len(lines[429]) <= 2, {k: len(v) for k, v in lines.items()}
+    assert all("body" not in r for v in lines.values() for r in v)
+    assert max(len(x) for x in log.read_text().splitlines()) < 4000
+    assert verify(log).ok
+
 def test_suppressed_refusals_are_counted_on_the_next_line():
     from dsv3.serve.ratelimit import RefusalLog
 
@@ -527,6 +547,33 @@ def test_weights_fingerprint_follows_weights_adapters_and_quantization(model_dir
     quantize_model(q, "int8", progress=False)
     assert weights_fingerprint(q) != base
 
+
+
+def test_other_adapter_files_behind_the_same_lora_name_change_the_fingerprint(model_dir, tmp_path):
+    """A restart that serves other adapter files under the same `--lora sql=DIR` name must not reuse the cache."""
+    import torch
+
+    from dsv3.io.load import load_model
+    from dsv3.lora import LoRASpec, inject_lora, save_adapter
+    from dsv3.lora.multi import load_stacked
+
+    def adapter(seed: int) -> Path:
+        m = load_model(model_dir, dtype="fp32", progress=False)
+        spec = LoRASpec(r=4, target_modules=["q_b_proj", "o_proj"])
+        inject_lora(m, spec)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)  # a trained adapter: B is not zero
+        return save_adapter(m, tmp_path / f"sql{seed}", spec)
+
+    prints = []
+    for d in (adapter(1), adapter(2), adapter(1)):
+        m = load_model(model_dir, dtype="fp32", progress=False)
+        load_stacked(m, [d])
+        prints.append(weights_fingerprint(m, ["sql"]))
+    assert prints[0] != prints[1] and prints[0] == prints[2]
 
 # ---- 7. limits that leaked --------------------------------------------------------------------------
 

@@ -294,6 +294,25 @@ def test_cache_key_follows_cpu_features_and_a_foreign_key_is_never_loaded(monkey
     assert len(built) == 2 and foreign != mine and mine == built[1]
 
 
+@pytest.mark.parametrize("arch, features, want", [
+    ("x86_64", {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"}, ("x86-64 AVX-512", ("-march=native", "-mprefer-vector-width=512"))),
+    ("x86_64", {"avx2", "fma"}, ("x86-64 AVX2", ("-march=native",))),
+    ("AMD64", set(), ("x86-64", ("-march=native",))),
+    ("aarch64", {"asimd"}, ("aarch64 NEON", ("-mcpu=native",))),
+    ("arm64", set(), ("aarch64 NEON", ("-mcpu=native",))),
+    ("riscv64", set(), ("riscv64", ())),
+    ("", set(), ("unknown", ())),
+])
+def test_build_flags_per_architecture(monkeypatch, arch, features, want):
+    """x86-only flags never reach another ISA (an aarch64 build given -mprefer-vector-width fails), an unknown
+    machine builds the portable code, and the flags are part of the cache key."""
+    monkeypatch.setattr(kernels.platform, "machine", lambda: arch)
+    t = kernels.target(frozenset(features | kernels.AVX512) if "AVX-512" in want[0] else frozenset(features))
+    assert (t.name, t.flags) == want
+    if t.flags:
+        assert kernels.build_key("cc", "c++", t.flags, frozenset(features)) != kernels.build_key("cc", "c++", (), frozenset(features))
+
+
 @pytest.mark.parametrize("case", ["no compiler", "failed build", "unsupported os", "switched off"])
 def test_without_native_kernels_the_ops_fall_back_with_one_log_line(tmp_path, case):
     """No compiler, a build that fails, an unsupported OS or DSV3_KERNELS=0: one warning line, then the same

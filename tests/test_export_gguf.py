@@ -122,6 +122,47 @@ def test_bad_input_is_one_line(model_dir, tmp_path, capsys):
     assert e.value.code == 2
 
 
+
+def test_fp8_release_exports_dequantized_and_quantized_files_are_refused(model_dir, tmp_path, capsys):
+    """DeepSeek's FP8 layout (weight_scale_inv per 128x128 block) is dequantized into the file: the same tensors as
+    exporting its dequantized checkpoint. A `dsv3 quantize` output is refused in one line before it is loaded."""
+    from safetensors.torch import load_file, save_file
+
+    from test_checkpoint import fp8_quantize
+
+    fp8, deq = tmp_path / "fp8", tmp_path / "deq"
+    for d in (fp8, deq):
+        d.mkdir()
+        for f in model_dir.iterdir():
+            if f.name != "model.safetensors":
+                (d / f.name).write_bytes(f.read_bytes())
+    packed, plain = {}, {}
+    for name, w in load_file(str(model_dir / "model.safetensors")).items():
+        if w.ndim == 2 and name.endswith("proj.weight"):
+            q, s = fp8_quantize(w.float())
+            packed[name], packed[name + "_scale_inv"] = q, s
+            plain[name] = q.float() * s.repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
+        else:
+            packed[name] = plain[name] = w
+    save_file(packed, str(fp8 / "model.safetensors"))
+    save_file(plain, str(deq / "model.safetensors"))
+    cfg = json.loads((fp8 / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    (fp8 / "config.json").write_text(json.dumps(cfg))
+    for d in (fp8, deq):
+        assert cli.main(["export", "gguf", "--model", str(d), "-o", str(tmp_path / f"{d.name}.gguf"), "--type", "f32"]) == 0
+    a, b = (tmp_path / "fp8.gguf").read_bytes(), (tmp_path / "deq.gguf").read_bytes()
+    _, ta = read_gguf(tmp_path / "fp8.gguf")
+    assert len(a) == len(b) and a[-len(b) // 2:] == b[-len(b) // 2:] and "blk.0.attn_k_b.weight" in ta
+    capsys.readouterr()
+    q = tmp_path / "int8"
+    assert cli.main(["quantize", "--method", "int8", "--model", str(model_dir), "-o", str(q)]) == 0
+    capsys.readouterr()
+    assert cli.main(["export", "gguf", "--model", str(q), "-o", str(tmp_path / "q.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "quantized checkpoint (dsv3)" in err and "\n" not in err and not (tmp_path / "q.gguf").exists()
+
 def llama_python() -> Path:
     """The venv with llama-cpp-python (built from source by pip on first use; gitignored)."""
     py = LLAMA_VENV / "bin" / "python"

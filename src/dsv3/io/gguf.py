@@ -258,7 +258,7 @@ def _tokenizer(w: Writer, model_dir: Path, cfg: ModelConfig) -> None:
 
 
 def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16") -> Path:
-    """Write `model_dir` (any checkpoint dsv3 loads; quantized ones are dequantized) as one GGUF file of `qtype`."""
+    """Write `model_dir` (full precision, or DeepSeek's FP8 release, dequantized) as one GGUF file of `qtype`."""
     from dsv3.io.load import load_model
 
     if qtype not in TYPES:
@@ -267,11 +267,11 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16") -> P
     cfg = ModelConfig.from_dir(model_dir)
     if cfg.model_type not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
         raise GGUFError(f"model_type {cfg.model_type!r} has no GGUF export (llama.cpp's deepseek2: deepseek_v3, deepseek_v2, kimi_k2)")
+    method = (cfg.quantization_config or {}).get("quant_method")
+    if method not in (None, "fp8"):  # DeepSeek's FP8 release is dequantized on load; packed int4/int8 files are not
+        raise GGUFError(f"{model_dir} is a quantized checkpoint ({method}); export the full-precision one "
+                        "(--type q8_0 quantizes it)")
     model = load_model(model_dir, dtype="fp32", with_mtp=False, progress=False)
-    from dsv3.quant.linear import QuantLinear
-
-    if any(isinstance(m, QuantLinear) for m in model.modules()) or cfg.quantization_config:
-        raise GGUFError(f"{model_dir} is a quantized checkpoint; export the full-precision one (GGUF q8_0 quantizes it)")
     w = Writer()
     _metadata(w, cfg, model_dir.name, qtype)
     _tokenizer(w, model_dir, cfg)

@@ -183,18 +183,24 @@ def params():  # llama.cpp's AMX repacking buffers reject MLA's permuted views (
     p = default(); p.use_extra_bufts = False; return p
 llama_mod.llama_cpp.llama_model_default_params = params
 ids = [int(t) for t in sys.argv[2].split(",")]
-llm = Llama(model_path=sys.argv[1], n_ctx=128, n_batch=128, logits_all=True, n_threads=1, verbose=False)
+llm = Llama(model_path=sys.argv[1], n_ctx=128, n_batch=128, logits_all=True, n_threads=1, verbose=False,
+            type_k=0, type_v=0)  # an F32 KV cache: llama.cpp's default F16 cache rounds the latents (4e-3 of the spread)
 llm.eval(ids)
 np.save(sys.argv[3], np.array(llm.scores[:len(ids)], dtype=np.float32))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("qtype,bound", [("f32", 1e-3), ("f16", 0.03), ("q8_0", 0.08)])
+@pytest.mark.parametrize("qtype,bound", [("f32", 1e-4), ("f16", 0.03), ("q8_0", 0.25)])
 def test_llama_cpp_runs_the_export_with_dsv3s_logits(model_dir, tmp_path, qtype, bound):
-    """llama.cpp's logits for a 24-token prompt against dsv3's: f32 to 1e-3 (float accumulation order), f16 and
-    q8_0 within a few hundredths of the logits' spread (llama.cpp rounds activations to the weights' type), and
-    the same next-token argmax at (almost) every position."""
+    """llama.cpp's logits for a 24-token prompt against dsv3's (an F32 KV cache on both sides): f32 to 1e-4 of the
+    logits' spread (float accumulation order), f16 within a few hundredths (llama.cpp rounds activations to the
+    weights' type), and the same next-token argmax at (almost) every position. For q8_0 the oracle is dsv3 running
+    the weights the file holds (every exported matrix through Q8_0 and back): on a tiny random model a Q8_0 weight
+    moves some tokens' expert choice, and then the logits of the original weights differ by ~3x their spread in
+    dsv3 itself as in llama.cpp; what remains is llama.cpp's Q8_0 rounding of activations."""
+    from dsv3.io.gguf import dequantize_q8_0, quantize_q8_0
+
     py = llama_python()
     out = tmp_path / f"m-{qtype}.gguf"
     assert cli.main(["export", "gguf", "--model", str(model_dir), "-o", str(out), "--type", qtype]) == 0
@@ -205,11 +211,18 @@ def test_llama_cpp_runs_the_export_with_dsv3s_logits(model_dir, tmp_path, qtype,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     got = torch.from_numpy(np.load(tmp_path / "l.npy"))
+    model = load_model(model_dir, dtype="fp32", with_mtp=False, progress=False)
     with torch.no_grad():
-        want = load_model(model_dir, dtype="fp32", with_mtp=False, progress=False)(torch.tensor([ids]))[0]
+        exact = model(torch.tensor([ids]))[0]
+        if qtype == "q8_0":
+            for name, p in model.named_parameters():
+                if p.dim() >= 2 and not name.endswith("mlp.gate.weight") and p.shape[-1] % QK8_0 == 0:
+                    p.copy_(dequantize_q8_0(quantize_q8_0(p), tuple(p.shape)))
+        want = model(torch.tensor([ids]))[0]
     scale = want.std().item()
     err = (got - want).abs().max().item() / scale
-    print(f"{qtype}: max |llama.cpp - dsv3| = {err:.2e} x logit std; argmax agree "
-          f"{(got.argmax(-1) == want.argmax(-1)).float().mean().item():.3f}")
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    print(f"{qtype}: max |llama.cpp - dsv3| = {err:.2e} x logit std; argmax agree {agree:.3f}"
+          + (f" (against the unrounded weights: {(got - exact).abs().max().item() / scale:.2e})" if qtype == "q8_0" else ""))
     assert err <= bound
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= (1.0 if qtype == "f32" else 0.9)
+    assert agree >= (1.0 if qtype == "f32" else 0.9)

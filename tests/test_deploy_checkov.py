@@ -39,6 +39,7 @@ def test_checkov_finds_no_failed_check(tmp_path):
     assert out.returncode == 0, out.stdout[-4000:]
     summary = re.findall(r"(\w+) scan results:\s+Passed checks: (\d+), Failed checks: (\d+), Skipped checks: (\d+)", out.stdout)
     frameworks = {f: (int(p), int(fl), int(s)) for f, p, fl, s in summary}
+    print("checkov " + ", ".join(f"{f}: {p} passed, {fl} failed, {s} skipped" for f, (p, fl, s) in frameworks.items()))
     assert {"kubernetes", "dockerfile"} <= set(frameworks), out.stdout[-2000:]
     assert all(fl == 0 for _, fl, _ in frameworks.values()), out.stdout[-4000:]
     assert frameworks["kubernetes"][0] > 300 and frameworks["dockerfile"][0] > 100  # it really looked

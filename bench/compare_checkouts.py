@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -22,7 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-LOWER_IS_BETTER = ("ms", "rss", "bytes", "ppl", "kl", "mib", "seconds", " s", "_s")
+LOWER_IS_BETTER = {"ms", "rss", "bytes", "ppl", "kl", "mib", "seconds", "s"}  # words of a figure's last label (its unit)
+
+
+def lower_is_better(key: str) -> bool:
+    """Whether a smaller value is better: decided by the words of the last label only ("... | ms", "peak_rss"), so a
+    row named "TTFT speed-up ... | x" is not taken for seconds."""
+    return any(w in LOWER_IS_BETTER for w in re.split(r"[^a-z0-9]+", key.rsplit(" | ", 1)[-1].lower()))
 
 
 def flatten(obj: object, labels: tuple[str, ...] = ()) -> dict[str, float]:
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         b = statistics.median(x[k] for x in runs["before"])
         a = statistics.median(x[k] for x in runs["after"])
         ratio = a / b if b else (1.0 if a == b else float("inf"))
-        lower = any(s in k.lower() for s in LOWER_IS_BETTER)
+        lower = lower_is_better(k)
         worse = ratio > 1 + opts.tolerance if lower else ratio < 1 - opts.tolerance
         flag = "  <-- slower/worse" if worse else ""
         rows.append(dict(figure=k, before=b, after=a, ratio=ratio, lower_is_better=lower, worse=worse))

@@ -200,3 +200,23 @@ def test_logprobs_prompt_logprobs_and_logits_processors(parts):
 
     forced = engine.generate([ids], SamplingParams(max_tokens=5, temperature=0.8, logits_processors=[only_token_42], ignore_eos=True))
     assert forced[0].outputs[0].token_ids == [42] * 5
+
+
+def test_greedy_choice_is_argmax_with_ties_and_nans():
+    """`greedy_choice` (max on CPU) picks what argmax over NaN-as--inf picks: the first of tied maxima, never a NaN,
+    a row of only -inf or only NaN at index 0."""
+    import torch
+
+    from dsv3.engine.sampling import greedy_choice
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        x = torch.randint(-3, 3, (16, 200), generator=g).float()  # many ties
+        if trial % 2:
+            x[3, 5] = float("nan")
+            x[4] = float("nan")
+            x[6, ::2] = float("nan")
+        if trial % 3 == 0:
+            x[7] = float("-inf")
+        want = torch.nan_to_num(x, nan=float("-inf")).argmax(-1)
+        assert torch.equal(greedy_choice(x), want), trial

@@ -59,14 +59,14 @@ class KVCache:
     def read_index(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """The indexer keys of `slots` (any shape) of `layer`: [..., index_dim]."""
         if not self.quantized:
-            return self.index[layer, slots]
-        return (self.index[layer, slots].float() * self.index_scales[layer, slots]).to(self.dtype)
+            return _gather(self.index[layer], slots)
+        return (_gather(self.index[layer], slots).float() * _gather(self.index_scales[layer], slots)).to(self.dtype)
 
     def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """The entries of `slots` (any shape) of `layer`: [..., width] in the cache's compute dtype."""
         if not self.quantized:
-            return self.data[layer, slots]
-        q, s = self.data[layer, slots].float(), self.scales[layer, slots]
+            return _gather(self.data[layer], slots)
+        q, s = _gather(self.data[layer], slots).float(), _gather(self.scales[layer], slots)
         out, start = [], 0
         for i, n in enumerate(self.parts):
             out.append(q[..., start:start + n] * s[..., i:i + 1])
@@ -77,3 +77,9 @@ class KVCache:
         """Every layer's entries as one fp32 CPU tensor [layers, slots, width] for the native kernels, or None."""
         d = self.data
         return d if not self.quantized and d.dtype == torch.float32 and d.is_cpu and d.is_contiguous() else None
+
+
+def _gather(table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """`table[slots]` for a [slots, width] table and slots of any shape: one index_select over the flattened slots,
+    about twice as fast on CPU as advanced indexing for a decode batch's [rows, context] slots."""
+    return table.index_select(0, slots.reshape(-1)).view(*slots.shape, *table.shape[1:])

@@ -119,6 +119,19 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
+def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row, a NaN never chosen (first index on ties, as argmax). On CPU `max` finds it in about
+    half argmax's time and only rows whose maximum is NaN are redone; on an accelerator one fused pass without a
+    host sync."""
+    if logits.device.type != "cpu":
+        return torch.nan_to_num(logits, nan=float("-inf")).argmax(-1)
+    values, choice = logits.max(-1)
+    bad = values.isnan()
+    if bool(bad.any()):
+        choice = torch.where(bad, torch.nan_to_num(logits, nan=float("-inf")).argmax(-1), choice)
+    return choice
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
     """Pick one token per row: argmax for greedy rows, else a draw from the filtered distribution.
 
@@ -126,7 +139,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     with each row's noise from its own generator.
     """
     logits = logits.float()
-    choice = torch.nan_to_num(logits, nan=float("-inf")).argmax(-1)  # argmax would pick a NaN
+    choice = greedy_choice(logits)
     if not all(p.greedy for p in params):  # decided on the host: no device sync for an all-greedy batch
         greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         probs = filter_logits(logits, params).softmax(-1)

@@ -23,13 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-LOWER_IS_BETTER = {"ms", "rss", "bytes", "ppl", "kl", "mib", "seconds", "s"}  # words of a figure's last label (its unit)
+LOWER_IS_BETTER = {"ms", "rss", "bytes", "b", "ppl", "kl", "mib", "seconds", "s"}  # words of a figure's last label (its unit)
 
 
 def lower_is_better(key: str) -> bool:
     """Whether a smaller value is better: decided by the words of the last label only ("... | ms", "peak_rss"), so a
-    row named "TTFT speed-up ... | x" is not taken for seconds."""
-    return any(w in LOWER_IS_BETTER for w in re.split(r"[^a-z0-9]+", key.rsplit(" | ", 1)[-1].lower()))
+    row named "TTFT speed-up ... | x" is not taken for seconds; a rate ("tok/s") is higher-is-better."""
+    last = key.rsplit(" | ", 1)[-1].lower()
+    if last.endswith("/s"):
+        return False
+    return any(w in LOWER_IS_BETTER for w in re.split(r"[^a-z0-9]+", last))
 
 
 def flatten(obj: object, labels: tuple[str, ...] = ()) -> dict[str, float]:

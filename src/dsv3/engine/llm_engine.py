@@ -307,8 +307,9 @@ class LLMEngine:
                     touched[seq.request_id] = None
             except Exception as e:
                 self._fail(seq, e, touched)
-        if to_sample:
-            for seq, tok in self._sample(to_sample, logits[sample_rows], touched).items():
+        if to_sample:  # every row samples in a pure decode step: no copy of the [rows, vocab] logits
+            rows = logits if sample_rows == list(range(logits.shape[0])) else logits[sample_rows]
+            for seq, tok in self._sample(to_sample, rows, touched).items():
                 new_tokens[seq] = [tok]
         now = time.monotonic()
         for seq, toks in new_tokens.items():
@@ -420,7 +421,8 @@ class LLMEngine:
             except Exception as e:
                 self._fail(seq, e, touched)
         seqs_kept = [seqs[i] for i in keep]
-        logits = logits[keep]
+        if len(keep) != len(seqs):
+            logits = logits[keep]
         try:
             tokens = sample(logits, [s.params for s in seqs_kept], [s.generator for s in seqs_kept]).tolist()
         except Exception:  # find the row(s) that raise

@@ -98,11 +98,10 @@ def dsv3_rows(args, model_dir: Path, calib: torch.Tensor, work: Path) -> tuple[l
                 "model_bytes": sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())), **extra}
 
     systems: dict = {}
-    bf16 = load_model(model_dir, dtype="bf16", progress=False)
-    bf16_dir = save_model(bf16, work / "bf16", tokenizer_from=model_dir)  # the checkpoint as released in bf16
-    fp32_dir = save_model(load_model(model_dir, dtype="fp32", progress=False), work / "fp32", tokenizer_from=model_dir)
-    rows = [row("fp32", load_model(model_dir, dtype="fp32", progress=False), [str(model_dir), "fp32"], disk_bytes=dir_bytes(fp32_dir)),
-            row("bf16", bf16, [str(model_dir), "bf16"], disk_bytes=dir_bytes(bf16_dir))]
+    fp32, bf16 = (load_model(model_dir, dtype=d, progress=False) for d in ("fp32", "bf16"))
+    disk = {d: dir_bytes(save_model(m, work / d, tokenizer_from=model_dir)) for d, m in (("fp32", fp32), ("bf16", bf16))}
+    rows = [row("fp32", fp32, [str(model_dir), "fp32"], disk_bytes=disk["fp32"]),
+            row("bf16", bf16, [str(model_dir), "bf16"], disk_bytes=disk["bf16"])]  # bf16: the checkpoint as released
     g = args.group_size
     for scheme in SCHEMES:
         model = load_model(model_dir, dtype="fp32", progress=False)

@@ -130,9 +130,9 @@ def test_fp8_release_exports_dequantized_and_quantized_files_are_refused(model_d
 
     from test_checkpoint import fp8_quantize
 
-    fp8, deq = tmp_path / "fp8", tmp_path / "deq"
+    fp8, deq = tmp_path / "fp8" / "m", tmp_path / "deq" / "m"  # one directory name: the same general.name key
     for d in (fp8, deq):
-        d.mkdir()
+        d.mkdir(parents=True)
         for f in model_dir.iterdir():
             if f.name != "model.safetensors":
                 (d / f.name).write_bytes(f.read_bytes())
@@ -151,10 +151,10 @@ def test_fp8_release_exports_dequantized_and_quantized_files_are_refused(model_d
                                   "weight_block_size": [128, 128]}
     (fp8 / "config.json").write_text(json.dumps(cfg))
     for d in (fp8, deq):
-        assert cli.main(["export", "gguf", "--model", str(d), "-o", str(tmp_path / f"{d.name}.gguf"), "--type", "f32"]) == 0
-    a, b = (tmp_path / "fp8.gguf").read_bytes(), (tmp_path / "deq.gguf").read_bytes()
-    _, ta = read_gguf(tmp_path / "fp8.gguf")
-    assert len(a) == len(b) and a[-len(b) // 2:] == b[-len(b) // 2:] and "blk.0.attn_k_b.weight" in ta
+        assert cli.main(["export", "gguf", "--model", str(d), "-o", str(d.parent / "m.gguf"), "--type", "f32"]) == 0
+    a, b = (fp8.parent / "m.gguf").read_bytes(), (deq.parent / "m.gguf").read_bytes()
+    _, ta = read_gguf(fp8.parent / "m.gguf")
+    assert a == b and "blk.0.attn_k_b.weight" in ta  # byte for byte the file of the dequantized checkpoint
     capsys.readouterr()
     q = tmp_path / "int8"
     assert cli.main(["quantize", "--method", "int8", "--model", str(model_dir), "-o", str(q)]) == 0
@@ -162,6 +162,7 @@ def test_fp8_release_exports_dequantized_and_quantized_files_are_refused(model_d
     assert cli.main(["export", "gguf", "--model", str(q), "-o", str(tmp_path / "q.gguf")]) == 2
     err = capsys.readouterr().err.strip()
     assert "quantized checkpoint (dsv3)" in err and "\n" not in err and not (tmp_path / "q.gguf").exists()
+
 
 def llama_python() -> Path:
     """The venv with llama-cpp-python (built from source by pip on first use; gitignored)."""

@@ -346,3 +346,5 @@ def test_an_fp8_embedding_is_refused_by_name(model_dir):
     model = load_model(model_dir, progress=False)
     with pytest.raises(QuantError, match="fp8 checkpoints keep DeepSeek's layout"):
         quantize_model(model, "fp8", embedding=True, progress=False)
+    with pytest.raises(QuantError, match="fp8 checkpoints keep DeepSeek's layout"):  # its config cannot record one
+        quantize_model(model, "fp8", embedding="int8", progress=False)

@@ -43,7 +43,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from dsv3.config import ModelConfig
     from dsv3.commands.outputs import prepare_output_dir
     from dsv3.quant import quantize_model, save_quantized
-    from dsv3.quant.apply import default_policy, linear_weight_bytes
+    from dsv3.quant.apply import check_embedding, default_policy, linear_weight_bytes
     from dsv3.quant.schemes import QuantError, check_group_size
     from dsv3.io.tokenizer import Tokenizer
     from dsv3.models.registry import family
@@ -56,11 +56,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     head = False if args.keep_lm_head else head if args.lm_head is None else args.lm_head
     if args.embedding is not None and args.keep_embedding:
         raise QuantError("--embedding and --keep-embedding contradict each other; give one")
-    if args.embedding is not None and args.method == "fp8":
-        raise QuantError("fp8 checkpoints keep DeepSeek's layout: the embedding stays bf16 (no --embedding)")
-    if args.embedding == "int4" and args.method == "int8":
-        raise QuantError("--embedding int4 needs an int4 method (int4 or awq); int8 files take --embedding int8")
-    embedding = False if args.keep_embedding or embedding is None else args.embedding or embedding
+    embedding = check_embedding(args.method, False if args.keep_embedding else args.embedding or embedding)
     if args.method == "awq" and args.calib is None:
         raise QuantError("--method awq needs calibration text: pass --calib FILE")
     if args.calib is not None and not Path(args.calib).is_file():
@@ -116,8 +112,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="store the token embedding unquantized (bf16); by default it is quantized like the layers "
                         "(int8, or int4 for int4/awq; fp8 files keep DeepSeek's bf16 embedding)")
     p.add_argument("--embedding", choices=("int8", "int4"), default=None,
-                   help="the token embedding's format (default: the method's; int8 beside int4/awq layers costs "
-                        "~0.06x of the bf16 file on a 32k vocabulary and keeps more quality on small models)")
+                   help="the token embedding's format (default: the method's; int8 is also accepted beside int4/awq "
+                        "layers, at a larger file)")
     p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration sequences (awq)")
     p.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per calibration sequence (awq)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="activation dtype of the result")

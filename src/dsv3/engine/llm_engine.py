@@ -307,8 +307,8 @@ class LLMEngine:
                     touched[seq.request_id] = None
             except Exception as e:
                 self._fail(seq, e, touched)
-        if to_sample:  # every row samples in a pure decode step: no copy of the [rows, vocab] logits
-            rows = logits if sample_rows == list(range(logits.shape[0])) else logits[sample_rows]
+        if to_sample:  # sample_rows are distinct rows in order: all of them (a pure decode step) needs no copy
+            rows = logits if len(sample_rows) == logits.shape[0] else logits[sample_rows]
             for seq, tok in self._sample(to_sample, rows, touched).items():
                 new_tokens[seq] = [tok]
         now = time.monotonic()

@@ -103,7 +103,22 @@ def untie_lm_head(model: nn.Module) -> None:
 
 
 HEAD_FORMATS = ("int8",)  # a head format other than the body's: int8 beside int4 layers (llama.cpp's Q4_K_M keeps Q6_K)
-EMBED_FORMATS = ("int8", "int4")  # the body's format or int8 (fp8 files keep DeepSeek's bf16 embedding)
+EMBED_FORMATS = {"int8": ("int8",), "int4": ("int4", "int8"), "awq": ("int4", "int8"), "fp8": ()}  # per method
+
+
+def check_embedding(method: str, embedding: bool | str) -> str | None:
+    """The token embedding's format for `method` (True: the method's own), or None to keep it; QuantError if the
+    method's files cannot record it: int8 files take int8, int4/AWQ files int4 or int8, fp8 files none (DeepSeek's FP8
+    layout has a bf16 embedding). Checked before any model loads."""
+    if not embedding:
+        return None
+    fmt = FORMAT_OF[check_method(method)] if embedding is True else embedding
+    allowed = EMBED_FORMATS[method]
+    if fmt not in allowed:
+        raise QuantError(f"the token embedding of a {method} checkpoint can be quantized to "
+                         f"{' or '.join(allowed) or 'nothing'}, not {fmt!r}"
+                         + (" (fp8 checkpoints keep DeepSeek's layout: a bf16 embedding)" if method == "fp8" else ""))
+    return fmt
 
 
 def quantize_embedding(model: nn.Module, fmt: Format, shared_head: bool = False) -> None:
@@ -145,12 +160,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, zero_po
         raise QuantError(f"unknown LM head format {include_lm_head!r} (use {', '.join(HEAD_FORMATS)})")
     if method == "fp8" and isinstance(include_lm_head, str):
         raise QuantError("fp8 checkpoints keep DeepSeek's layout: the LM head can only be fp8 too (--lm-head)")
-    if embedding is True:
-        embedding = FORMAT_OF[method]
-    if embedding and (embedding not in EMBED_FORMATS or embedding not in (FORMAT_OF[method], "int8")):
-        raise QuantError(f"the token embedding of a {method} checkpoint can be quantized to "
-                         f"{' or '.join(dict.fromkeys(f for f in (FORMAT_OF[method], 'int8') if f in EMBED_FORMATS)) or 'nothing'}, not {embedding!r}"
-                         + (" (fp8 checkpoints keep DeepSeek's layout: a bf16 embedding)" if method == "fp8" else ""))
+    embedding = check_embedding(method, embedding)
     tied = model.config.tie_word_embeddings
     fmt = make_format(FORMAT_OF[method], group_size, zero_point, device=model.device)
     clips: dict[str, object] = {}

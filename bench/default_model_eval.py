@@ -125,8 +125,10 @@ def run_fim(llm, tok, prompts, a, progress) -> dict:
             for (it, _, _), o in zip(prompts, outs)]
     for r in rows:
         r["exact"] = r["got"] == r["expected"].rstrip()
+        r["edit_similarity"] = completion.edit_similarity(r["got"], r["expected"].rstrip())
     k = len(rows)
-    return {"n": k, "exact_match": sum(r["exact"] for r in rows) / k, "prefix_token_budget": a.fim_prefix_tokens,
+    return {"n": k, "exact_match": sum(r["exact"] for r in rows) / k,
+            "edit_similarity": sum(r["edit_similarity"] for r in rows) / k, "prefix_token_budget": a.fim_prefix_tokens,
             "suffix_token_budget": a.fim_suffix_tokens,
             "examples": [r for r in rows if r["exact"]][:3] + [r for r in rows if not r["exact"]][:3]}
 

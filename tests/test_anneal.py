@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsv3.data import DataError, DataMix, FIMTokens, PackedDataset, TokenShards, fim_context
+from dsv3.data import DataError, DataMix, FIMTokens, PackedDataset, TokenShards, codec, cut_lines, fim_context, fim_lines_context
 from dsv3.train.config import PretrainConfig, PretrainConfigError
 from test_data import SPECIAL, corpus  # noqa: F401  (pytest fixture)
 from test_pretrain import shards  # noqa: F401  (pytest fixture)
@@ -175,3 +175,66 @@ def test_context_extension_continues_at_a_longer_length_with_yarn(shards, tmp_pa
     ids = torch.randint(3, cfg.vocab_size, (1, 128))
     with torch.no_grad():
         assert torch.isfinite(model(ids)).all()
+
+
+def test_cut_lines_cuts_like_an_editor():
+    text = "import os\n\ndef f(x):\n    y = x + 1\n    return y\n"
+    rng = np.random.default_rng(0)
+    whole = inner = 0
+    for _ in range(200):
+        pre, mid, suf = cut_lines(text, rng)
+        assert pre + mid + suf == text and mid and not mid.startswith("\n") and not mid.endswith("\n")
+        if (pre == "" or pre.endswith("\n")) and (suf == "" or suf.startswith("\n")):
+            whole += 1  # whole lines: the prefix ends with the newline before them, the suffix starts with the one after
+        else:
+            assert "\n" not in mid  # a span inside one line
+            inner += 1
+    assert whole > 100 and inner > 20
+    assert cut_lines("\n  \n", rng) is None
+
+
+def test_line_fim_tokenizes_prefix_suffix_middle_apart(corpus):
+    """Each FIM piece is `begin enc(prefix) hole enc(suffix) end enc(middle)` with the three parts encoded
+    separately, the layout of an infill request (a cut between tokens of the whole file would differ)."""
+    tok = corpus["tok"]
+    fim, text = FIMTokens.from_tokenizer(tok), codec(tok)
+    docs = ["import os\n\n\ndef f(x):\n    y = x + 1\n    z = y * 2\n    return os.path.join(str(y), str(z))\n",
+            "class A:\n    def get(self):\n        return self.x\n\n    def set(self, x):\n        self.x = x\n",
+            "import os\nfor name in os.listdir('.'):\n    if name.endswith('.py'):\n        print(name, os.sep)\n"]
+    window = np.concatenate([[BOS, *text.encode(d), EOS] for d in docs]).astype(np.int64)
+    done = 0
+    for seed in range(20):
+        out = fim_lines_context(window, np.random.default_rng(seed), 1.0, fim, EOS, BOS, text)
+        assert len(out) == len(window) and out.dtype == np.int64
+        assert np.array_equal(out, fim_lines_context(window, np.random.default_rng(seed), 1.0, fim, EOS, BOS, text))
+        pieces = np.split(out, np.flatnonzero(out == EOS) + 1)
+        pieces = [p for p in pieces if len(p) and p[0] == BOS]  # EOS padding of a piece re-tokenized shorter
+        assert len(pieces) == len(docs)
+        for doc, piece in zip(docs, pieces):
+            if piece[1] != fim.begin:  # the cut's middle took more than half the room: the piece stays as it was
+                assert text.decode(piece[1:-1].tolist()) == doc
+                continue
+            assert piece[-1] == EOS  # every middle closed by EOS
+            done += 1
+            h, e = int(np.flatnonzero(piece == fim.hole)[0]), int(np.flatnonzero(piece == fim.end)[0])
+            pre, suf, mid = piece[2:h], piece[h + 1:e], piece[e + 1:-1]
+            parts = [text.decode(p.tolist()) for p in (pre, mid, suf)]
+            at = doc.find(parts[0] + parts[1])  # room for the sentinels: the suffix's far end, then the prefix's start
+            assert at >= 0 and doc[at + len(parts[0] + parts[1]):].startswith(parts[2]) and parts[1]
+            assert at == 0 or parts[2] in ("", "\n")
+            assert 1 <= len(doc) - len("".join(parts)) <= 16
+            for p, ids in zip(parts, (pre, mid, suf)):
+                assert text.encode(p) == ids.tolist()  # tokenized apart
+    assert done >= 40
+    assert np.array_equal(fim_lines_context(window, np.random.default_rng(0), 0.0, fim, EOS, BOS, text), window)
+
+
+def test_line_fim_windows(corpus):
+    shards, tok = TokenShards(corpus["out"], "train"), corpus["tok"]
+    fim = FIMTokens.from_tokenizer(tok)
+    ds = PackedDataset(shards, 128, 2, seed=3, fim_rate=1.0, fim_tokens=fim, fim_level="line", text_codec=codec(tok))
+    for i in range(6):
+        y = ds.sample(i)[0]
+        assert len(y) == 128 and np.array_equal(y, ds.sample(i)[0]) and (y == fim.begin).sum() >= 1
+    with pytest.raises(DataError, match="text_codec"):
+        PackedDataset(shards, 64, fim_rate=0.5, fim_tokens=fim, fim_level="line")

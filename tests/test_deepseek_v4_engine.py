@@ -222,7 +222,7 @@ def test_a_forward_that_raises_midway_leaves_the_other_sequences_exact(parts):
         assert [done[f"r{i}"].outputs[0].token_ids for i in range(4)] == clean
 
 
-def test_quantization_and_training_are_refused_in_one_line(parts, tmp_path, capsys):
+def test_quantization_and_finetuning_are_refused_in_one_line(parts, tmp_path, capsys):
     _, _, path = parts
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "write f", "output": "def f(): return 1"}\n')

@@ -195,3 +195,11 @@ def test_quick_run_end_to_end(setup, capsys):
     assert r["chat"]["n"] == 3 and 0 <= r["chat"]["parse_rate"] <= 1  # 1 unseen "write a function" record per file
     table = capsys.readouterr().out
     assert "bits/byte" in table and "xz -9e" in table and "MTP k=2" in table
+
+
+def test_edit_similarity_is_one_minus_normalised_levenshtein():
+    assert completion.edit_similarity("", "") == 1.0
+    assert completion.edit_similarity("abc", "abc") == 1.0
+    assert completion.edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)  # the textbook distance 3
+    assert completion.edit_similarity("", "abcd") == 0.0
+    assert completion.edit_similarity("return x", "return y") == pytest.approx(1 - 1 / 8)

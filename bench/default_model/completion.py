@@ -141,5 +141,18 @@ def fim_prompt_ids(tok, prefix: str, suffix: str) -> list[int]:
             + tok.encode(suffix, add_special_tokens=False) + [fim.middle])
 
 
+def edit_similarity(a: str, b: str) -> float:
+    """1 - Levenshtein distance / the longer length (CodeXGLUE's line-completion "Edit Sim", as a fraction)."""
+    if not a and not b:
+        return 1.0
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return 1.0 - prev[-1] / max(len(a), len(b))
+
+
 def first_line(text: str) -> str:
     return text.split("\n", 1)[0].rstrip()

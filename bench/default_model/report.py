@@ -29,7 +29,9 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
             out.append((f"  same, functions of any length (n={g['n']})",
                         f"{g['parse_rate']:.1%} (with a body: {g['parse_rate_with_body']:.1%})", "reported"))
     if "fim" in r:
-        out.append((f"single-line FIM exact match (n={r['fim']['n']})", f"{r['fim']['exact_match']:.1%}", "reported"))
+        out.append((f"single-line FIM exact match (n={r['fim']['n']})", f"{r['fim']['exact_match']:.1%}", ">= 15%"))
+        if "edit_similarity" in r["fim"]:
+            out.append(("single-line FIM edit similarity", f"{r['fim']['edit_similarity']:.1%}", "reported"))
     if "mtp" in r:
         for k, row in r["mtp"]["by_k"].items():
             if k == "0":

@@ -1,9 +1,11 @@
-"""`dsv3 data build`: text/code files -> deduplicated, split, tokenized shards; `dsv3 data instructions`: chat pairs mined from them."""
+"""`dsv3 data build`: text/code files -> deduplicated, split, tokenized shards; `dsv3 data instructions`: chat pairs
+mined from them; `functions`, `packages`, `passkey`: annealing and long-context corpora written as files."""
 
 from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from dsv3.errors import DSV3Error
 
@@ -70,6 +72,48 @@ def _functions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _packages(args: argparse.Namespace) -> int:
+    from dsv3.data.instructions import split_files
+    from dsv3.data.long_docs import package_documents
+    from dsv3.commands.outputs import prepare_output_dir
+
+    if not 0 < args.min_chars <= args.max_chars:
+        raise DSV3Error(f"--min-chars {args.min_chars} and --max-chars {args.max_chars} must satisfy 0 < min <= max.")
+    files = split_files(args.shards, args.split, args.inputs)
+    out = prepare_output_dir(args.output, overwrite=args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    n = chars = 0
+    for name, text in package_documents(files, args.min_chars, args.max_chars, progress=not args.quiet):
+        (out / (re.sub(r"[^A-Za-z0-9_.#-]+", "__", name) + ".py")).write_text(text, encoding="utf-8")
+        n, chars = n + 1, chars + len(text)
+    if not n:
+        raise DSV3Error(f"no directory of the {args.split} split of {args.shards} holds {args.min_chars} characters.")
+    print(f"{args.output}: {n} package documents ({chars} characters) from {len(files)} {args.split} files")
+    return 0
+
+
+def _passkey(args: argparse.Namespace) -> int:
+    from dsv3.data.long_docs import passkey_documents
+    from dsv3.commands.outputs import prepare_output_dir
+
+    if not 0 < args.min_chars <= args.max_chars or args.count < 1:
+        raise DSV3Error("--count must be positive and --min-chars/--max-chars satisfy 0 < min <= max.")
+    texts = []
+    for d in args.inputs:
+        texts += [p.read_text(encoding="utf-8") for p in sorted(Path(d).glob("*.py"))]
+    if not texts:
+        raise DSV3Error(f"no .py files in {' '.join(args.inputs)} (the output of `dsv3 data packages`).")
+    out = prepare_output_dir(args.output, overwrite=args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for i, doc in enumerate(passkey_documents(texts, args.count, args.min_chars, args.max_chars, args.seed)):
+            (out / f"passkey-{i:06d}.py").write_text(doc, encoding="utf-8")
+    except ValueError as e:
+        raise DSV3Error(str(e)) from None
+    print(f"{args.output}: {args.count} passkey documents of {args.min_chars}-{args.max_chars} characters")
+    return 0
+
+
 def _function_args(p: argparse.ArgumentParser, func, metavar: str, output: str, min_body: int, max_chars: int) -> None:
     """The options `instructions` and `functions` share: which split of which shards, and the function filters."""
     p.set_defaults(func=func)
@@ -114,3 +158,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "`dsv3 data build` and a `mix` source of `dsv3 pretrain`.")
     _function_args(fn, _functions, "OUT", "output directory of .py files", 1, 800)
     fn.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    pk = sub.add_parser(
+        "packages", help="write each directory's modules, in import order, as one long document",
+        description="The files of one split of a shard manifest, grouped by directory; each directory's modules "
+                    "ordered so that a module follows the siblings it imports, concatenated under '# file:' lines "
+                    "into documents of at least --min-chars (a long-context corpus for `dsv3 data build`).")
+    pk.set_defaults(func=_packages)
+    pk.add_argument("--inputs", nargs="+", default=None, metavar="DIR",
+                    help="directories the shards were built from (default: those the manifest records)")
+    pk.add_argument("--shards", required=True, metavar="DIR", help="shard directory whose manifest.json gives each file's split")
+    pk.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory of .py documents")
+    pk.add_argument("--split", choices=("train", "heldout"), default="train", help="which files to read (default: train)")
+    pk.add_argument("--min-chars", type=int, default=20_000, help="shortest document in characters (default 20000)")
+    pk.add_argument("--max-chars", type=int, default=2_000_000, help="longest document before it is cut at a file (default 2e6)")
+    pk.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    pk.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pp = sub.add_parser(
+        "passkey", help="write synthetic passkey-retrieval documents over long documents",
+        description="Each document is a stretch of the input documents with NAME = \"12345\" on a line of its own at a "
+                    "random depth and assert NAME == \"12345\" at the end (names other than PASSKEY, which "
+                    "`dsv3 eval needle` asks for).")
+    pp.set_defaults(func=_passkey)
+    pp.add_argument("--inputs", nargs="+", required=True, metavar="DIR", help="directories of .py documents (`dsv3 data packages`)")
+    pp.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
+    pp.add_argument("--count", type=int, default=2000, help="documents to write (default 2000)")
+    pp.add_argument("--min-chars", type=int, default=2_000, help="shortest stretch in characters (default 2000)")
+    pp.add_argument("--max-chars", type=int, default=24_000, help="longest stretch in characters (default 24000)")
+    pp.add_argument("--seed", type=int, default=0, help="seed of the stretches, depths, names and keys")
+    pp.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")

@@ -1,9 +1,18 @@
-"""Fill-in-the-middle: the DeepSeek sentinels and the prefix-suffix-middle transform, per document
-or per packed window (see `dsv3.data.packing` for when each is used)."""
+"""Fill-in-the-middle: the DeepSeek sentinels and the prefix-suffix-middle transform, per document,
+per packed window, or per window cut at line boundaries of the text (see `dsv3.data.packing`).
+
+Why a text-level cut: the embedded tokenizer merges a line's newline with the characters before it
+(`):Ċ`, `')Ċ`: 200 of the 312 newline tokens of `json/decoder.py`), so a cut between two tokens of a
+whole-file tokenization never ends a middle just before its newline. An editor's single-line infill
+does exactly that: prefix up to the line, middle = the line tokenized on its own (ending `):`), suffix
+from the newline on (a bare `Ċ`). Trained only on token-level cuts, the default model gave the right
+held-out line 3.10 nats/token after a FIM prompt against 2.66 after the prefix alone, and filled 0 of
+200 lines. `cut_lines` + `fim_lines_context` cut the decoded text at a line (or inside one) and tokenizes the three parts
+apart, exactly as `/v1/completions` with a `suffix` builds its prompt."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -47,3 +56,80 @@ def fim_context(window: np.ndarray, rng: np.random.Generator, rate: float, fim: 
             piece = np.concatenate([piece[:head], fim_transform(body, rng, fim), piece[len(piece) - tail:]])
         pieces.append(piece)
     return np.concatenate(pieces)[:len(window)].astype(np.int64)
+
+
+class TextCodec(Protocol):
+    """What `fim_lines_context` needs of a tokenizer (a `tokenizers.Tokenizer` adapted by `codec`)."""
+    def decode(self, ids: list[int]) -> str: ...
+    def encode(self, text: str) -> list[int]: ...
+
+
+class _TokenizersCodec:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def codec(tokenizer) -> TextCodec:
+    """A `tokenizers.Tokenizer` as a `TextCodec`."""
+    return _TokenizersCodec(tokenizer)
+
+
+def cut_lines(text: str, rng: np.random.Generator, max_lines: int = 4, span_share: float = 0.25) -> tuple[str, str, str] | None:
+    """(prefix, middle, suffix) of `text` as a cursor in an editor cuts it. Mostly whole lines: the
+    middle is 1 line (half the time) up to `max_lines` non-blank lines without their last newline, the
+    prefix ends with the newline before it and the suffix starts with the one after it (the layout of a
+    single-line infill request). A `span_share` of cuts take a span inside one line (a cursor mid-line).
+    None when the text has no non-blank line."""
+    lines = text.split("\n")
+    starts = np.cumsum([0] + [len(x) + 1 for x in lines[:-1]])
+    cands = [i for i, x in enumerate(lines) if x.strip()]
+    if not cands:
+        return None
+    i = cands[int(rng.integers(len(cands)))]
+    if rng.random() < span_share:
+        line, s = lines[i], int(starts[i])
+        indent = len(line) - len(line.lstrip())
+        a = int(rng.integers(indent, len(line)))  # a non-empty span: [a, b) with a < b
+        b = int(rng.integers(a + 1, len(line) + 1))
+        return text[:s + a], line[a:b], text[s + b:]
+    n = 1 if rng.random() < 0.5 else int(rng.integers(1, max_lines + 1))
+    j = min(len(lines), i + n)
+    while j - 1 > i and not lines[j - 1].strip():  # the middle ends on a non-blank line
+        j -= 1
+    s, e = int(starts[i]), int(starts[j - 1]) + len(lines[j - 1])
+    return text[:s], text[s:e], text[e:]
+
+
+def fim_lines_context(window: np.ndarray, rng: np.random.Generator, rate: float, fim: FIMTokens, eos_id: int,
+                      bos_id: int | None, tok: TextCodec) -> np.ndarray:
+    """Line-level FIM: like `fim_context`, but each chosen piece is decoded, cut by `cut_lines` and its prefix,
+    suffix and middle tokenized apart: `begin prefix hole suffix end middle EOS`, so the model learns to close a
+    middle (an infill request stops at that EOS). A piece keeps its length: the three sentinels and the EOS are
+    made room for by dropping the suffix's far end (then the prefix's start), as an editor's context budget does;
+    a piece re-tokenized shorter is padded with EOS (whose labels the packer ignores)."""
+    pieces = []
+    for piece in np.split(window, np.flatnonzero(window == eos_id) + 1):
+        head = 1 if len(piece) and bos_id is not None and piece[0] == bos_id else 0
+        tail = 1 if len(piece) and piece[-1] == eos_id else 0
+        body = piece[head:len(piece) - tail]
+        if len(body) >= 2 and rng.random() < rate:
+            cut = cut_lines(tok.decode(body.tolist()), rng)
+            budget = len(body) + tail - 4  # begin, hole, end, EOS
+            if cut is not None and len(mid := tok.encode(cut[1])) <= budget // 2:
+                pre, suf = tok.encode(cut[0]), tok.encode(cut[2])
+                over = len(pre) + len(suf) + len(mid) - budget
+                if over > 0:
+                    drop = min(over, len(suf))
+                    suf, over = suf[:len(suf) - drop], over - drop
+                    pre = pre[over:] if over > 0 else pre
+                new = [fim.begin, *pre, fim.hole, *suf, fim.end, *mid, eos_id]
+                new += [eos_id] * (len(body) + tail - len(new))
+                piece = np.concatenate([piece[:head], np.array(new, dtype=np.int64)])
+        pieces.append(piece)
+    return np.concatenate(pieces).astype(np.int64)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dsv3.data.fim import FIMTokens, fim_context, fim_transform
+from dsv3.data.fim import FIMTokens, TextCodec, fim_context, fim_lines_context, fim_transform
 from dsv3.data.shards import DataError, TokenShards
 
 IGNORE_INDEX = -100
@@ -71,19 +71,22 @@ class PackedDataset(IterableDataset):
     def __init__(self, shards: TokenShards, seq_len: int, batch_size: int = 1, seed: int = 0,
                  shuffle: bool = True, fim_rate: float = 0.0, fim_tokens: FIMTokens | None = None,
                  rank: int = 0, world_size: int = 1, start_step: int = 0, mask_eos_label: bool = True,
-                 fim_level: str = "document"):
+                 fim_level: str = "document", text_codec: TextCodec | None = None):
         if seq_len < 1 or batch_size < 1:
             raise DataError(f"seq_len {seq_len} and batch_size {batch_size} must be positive.")
         if not 0.0 <= fim_rate <= 1.0:
             raise DataError(f"fim_rate {fim_rate} must be in [0, 1].")
         if fim_rate > 0 and fim_tokens is None:
             raise DataError("fim_rate > 0 needs the FIM sentinel ids (fim_tokens).")
-        if fim_level not in ("document", "context"):
-            raise DataError(f"fim_level {fim_level!r} must be document or context.")
+        if fim_level not in ("document", "context", "line"):
+            raise DataError(f"fim_level {fim_level!r} must be document, context or line.")
+        if fim_level == "line" and fim_rate > 0 and text_codec is None:
+            raise DataError("fim_level line needs the tokenizer (text_codec) to cut the text at lines.")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}.")
         self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
         self.shuffle, self.fim_rate, self.fim_tokens, self.fim_level = shuffle, fim_rate, fim_tokens, fim_level
+        self.text_codec = text_codec
         self.rank, self.world_size, self.step, self.mask_eos_label = rank, world_size, start_step, mask_eos_label
         self.eos_id = shards.eos_id
         starts, ends = shards.doc_bounds()
@@ -95,7 +98,7 @@ class PackedDataset(IterableDataset):
 
     # -- the stream ------------------------------------------------------------------------
     def _fim_mask(self, epoch: int) -> np.ndarray:
-        if self.fim_rate == 0.0 or self.fim_level == "context":
+        if self.fim_rate == 0.0 or self.fim_level != "document":
             return np.zeros(len(self.doc_lens), dtype=bool)
         return np.random.default_rng([self.seed, _FIM, epoch]).random(len(self.doc_lens)) < self.fim_rate
 
@@ -171,6 +174,10 @@ class PackedDataset(IterableDataset):
         if self.fim_level == "context" and self.fim_rate > 0:
             rng = np.random.default_rng([self.seed, _CONTEXT, w])
             window = fim_context(window, rng, self.fim_rate, self.fim_tokens, self.eos_id, self.shards.bos_id)
+        elif self.fim_level == "line" and self.fim_rate > 0:
+            rng = np.random.default_rng([self.seed, _CONTEXT, w])
+            window = fim_lines_context(window, rng, self.fim_rate, self.fim_tokens, self.eos_id, self.shards.bos_id,
+                                       self.text_codec)
         inputs, labels = window[:-1], window[1:].copy()
         if self.mask_eos_label:
             labels[inputs == self.eos_id] = IGNORE_INDEX  # never predict across a boundary

@@ -84,7 +84,7 @@ class Trainer:
         self.autocast = self.device.type == "cuda" and cfg.bf16
         torch.manual_seed(cfg.seed)
         self.model_dir = Path(cfg.model) if cfg.model else default_model_dir()
-        family(ModelConfig.from_dir(self.model_dir).model_type).refuse("training")
+        family(ModelConfig.from_dir(self.model_dir).model_type).refuse("finetuning")
         tok = Tokenizer.from_dir(self.model_dir)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         examples, report = load_examples(cfg.data_files, tok, cfg.template, cfg.max_seq_len, cfg.on_bad_example, log)

@@ -28,10 +28,12 @@ class ModelFamily:
     config_prepare: str | None = None  # "module:fn", fn(raw) -> raw: the family's spelling of shared fields, before parsing
     config_writer: str | None = None  # "module:fn", fn(config, out dict): the family's config.json spelling, on saving
     engine_unsupported: str | None = None  # why the paged engine cannot serve this family yet (None: it can)
-    unsupported: Mapping[str, str] = field(default_factory=dict)  # "quantization" / "training" -> why not yet
+    unsupported: Mapping[str, str] = field(default_factory=dict)  # "quantization" / "training" / "finetuning" -> why not
+    whole_sequences: bool = False  # attention only over whole unpadded sequences from position 0 (no document mask)
 
     def refuse(self, what: str) -> None:
-        """Raise a one-line ConfigError if `what` ("quantization", "training") is not supported for this family."""
+        """Raise a one-line ConfigError if `what` ("quantization", "training", "finetuning") is not supported for this
+        family."""
         why = self.unsupported.get(what)
         if why is not None:
             from dsv3.errors import ConfigError

@@ -49,7 +49,9 @@ class PretrainConfig:
     bias_update_rate: float = 1e-3      # γ of aux-loss-free balancing; 0 disables it
     seq_aux_alpha: float = 0.0          # α of the sequence-wise balance loss; 0 disables it
     fim_rate: float = 0.5
+    doc_mask: bool = True               # attention and positions per packed document; false: each window one sequence
     fim_level: str = "document"         # document: FIM whole files before packing | context: each file piece of a window
+                                        # | line: as context, cut at lines of the text, parts tokenized apart
     init_std: float | None = None       # default: model.initializer_range
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     compile: bool = False
@@ -107,8 +109,8 @@ class PretrainConfig:
         if not isinstance(self.model, dict) or not (self.model or self.init_from):
             raise PretrainConfigError("the pretraining config has no `model` mapping (an HF-style config.json dict) "
                                       "and no `init_from` model directory.")
-        if self.fim_level not in ("document", "context"):
-            raise PretrainConfigError(f"fim_level {self.fim_level!r} must be document or context.")
+        if self.fim_level not in ("document", "context", "line"):
+            raise PretrainConfigError(f"fim_level {self.fim_level!r} must be document, context or line.")
         for key in ("seq_len", "batch_size", "grad_accum", "max_steps", "ckpt_every", "eval_every",
                     "eval_batches", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:

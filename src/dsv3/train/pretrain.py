@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from dsv3.io.checkpoint import save_model
 from dsv3.config import ModelConfig
 from dsv3.models.context_length import TRAINED_KEY
-from dsv3.data import DataError, DataMix, FIMTokens, PackedDataset, TokenShards, load_manifest
+from dsv3.data import DataError, DataMix, FIMTokens, PackedDataset, TokenShards, codec, load_manifest
 from dsv3.data.builder import load_tokenizer
 from dsv3.models.interface import CausalLM
 from dsv3.models.registry import family
@@ -31,7 +31,7 @@ from dsv3.train.balance import load_stats, moe_layers, track_load, update_bias
 from dsv3.train.config import PretrainConfig, PretrainConfigError
 from dsv3.train.distributed import DataParallel
 from dsv3.train.fused_ce import bf16_matmul_is_fast
-from dsv3.train.losses import heldout_loss, pretrain_losses
+from dsv3.train.losses import heldout_loss, index_layers, pretrain_losses
 from dsv3.train.schedule import make_scheduler, piecewise
 from dsv3.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -99,10 +99,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
     manifest = load_manifest(cfg.data)
     tokenizer_dir = cfg.tokenizer or manifest["tokenizer"]["path"]
     train_shards, held_shards = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "heldout")
-    fim = FIMTokens.from_tokenizer(load_tokenizer(tokenizer_dir)[0]) if cfg.fim_rate > 0 else None
+    tok = load_tokenizer(tokenizer_dir)[0] if cfg.fim_rate > 0 else None
+    fim = FIMTokens.from_tokenizer(tok) if tok is not None else None
     mix = cfg.mix_rows()
     packed = partial(PackedDataset, seq_len=cfg.seq_len, seed=cfg.seed, fim_rate=cfg.fim_rate, fim_tokens=fim,
-                     fim_level=cfg.fim_level, rank=dp.rank, world_size=dp.world)
+                     fim_level=cfg.fim_level, text_codec=codec(tok) if tok is not None else None, rank=dp.rank,
+                     world_size=dp.world)
     data = packed(train_shards, batch_size=cfg.batch_size - sum(rows for _, rows in mix))
     if mix:
         data = DataMix([data] + [packed(mix_shards(path, manifest), batch_size=rows) for path, rows in mix])
@@ -110,13 +112,19 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     mc = model_config(cfg, manifest, tokenizer_dir)
     torch.manual_seed(cfg.seed)
-    family(mc.model_type).refuse("training")
+    fam = family(mc.model_type)
+    fam.refuse("training")
+    if fam.whole_sequences and cfg.doc_mask:
+        raise PretrainConfigError(f"{mc.model_type} trains on whole windows only (its compressed attention follows the "
+                                  "token positions of one sequence): set doc_mask: false, packing documents without "
+                                  "cross-document attention masking, as DeepSeek-V3 pretrained.")
     model = family(mc.model_type).model_class()(mc)
     model.init_weights(cfg.init_std)
     if cfg.init_from:
         init_weights_from(model, cfg.init_from)
     model.to(device)
     moes = moe_layers(model)
+    indexed = index_layers(model)
     optimizer = build_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
 
@@ -144,7 +152,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         model.eval()
         track_load(moes, False)
         batches = (b for i, b in zip(range(cfg.eval_batches), heldout.eval_batches()))
-        loss, _ = heldout_loss(model, batches, device, autocast)
+        loss, _ = heldout_loss(model, batches, device, autocast, cfg.doc_mask)
         model.train()
         return loss
 
@@ -157,11 +165,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
         t0 = time.perf_counter()
         lam = piecewise(cfg.mtp_lambda, step)
         track_load(moes, True)
-        sums = {"loss": 0.0, "main": 0.0, "mtp": 0.0, "seq_aux": 0.0}
+        sums = {"loss": 0.0, "main": 0.0, "mtp": 0.0, "seq_aux": 0.0, "index": 0.0}
         for micro in range(cfg.grad_accum):
             batch = [t.to(device) for t in data.batch(step * cfg.grad_accum + micro)]
             with autocast():
-                losses = pretrain_losses(model, batch, lam, cfg.seq_aux_alpha, moes, head_dtype)
+                losses = pretrain_losses(model, batch, lam, cfg.seq_aux_alpha, moes, head_dtype, cfg.doc_mask)
             (losses.total / cfg.grad_accum).backward()
             for key, value in zip(sums, losses):
                 sums[key] += float(value.detach()) / cfg.grad_accum if value is not None else 0.0
@@ -185,7 +193,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         row = {"step": done, "loss": sums["main"], "mtp_loss": sums["mtp"] if mtp_count(model) else None,
                "total_loss": sums["loss"], "lr": lr, "mtp_lambda": lam, "grad_norm": grad_norm,
                "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
-               "load_max_over_mean": loads, "expert_load": counts, "seq_aux": sums["seq_aux"] if cfg.seq_aux_alpha > 0 else None}
+               "load_max_over_mean": loads, "expert_load": counts, "seq_aux": sums["seq_aux"] if cfg.seq_aux_alpha > 0 else None,
+               "index_loss": sums["index"] if indexed else None}
         if dp.is_main and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             row["heldout_loss"] = evaluate()
             summary["heldout_loss"] = row["heldout_loss"]

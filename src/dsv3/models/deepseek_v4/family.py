@@ -234,5 +234,6 @@ FAMILIES = [ModelFamily(
     config_writer="dsv3.models.deepseek_v4.family:write",
     unsupported={"quantization": "the packed formats do not lay out its compressors, grouped output projection and "
                                  "MTP modules yet; run it in bf16/fp32",
-                 "training": "its compressed attention runs unpadded whole sequences, and the trainers batch padded "
-                             "or packed rows"})]
+                 "finetuning": "its compressed attention runs unpadded whole sequences, and the fine-tuner batches "
+                               "padded rows"},
+    whole_sequences=True)]

@@ -23,6 +23,11 @@ next token's embedding (e_proj / h_proj) and runs one more block and its own hea
 
 Every attention layer runs against a `V4State` (`state.py`); a forward without one uses a fresh state, so the
 full forward and incremental decoding share one code path.
+
+Training: the top-k choice passes no gradient to the indexer, so in training mode a CSA layer also computes
+DeepSeek-V3.2's indexer objective (`Attention.index_loss`): KL from the main attention's distribution over the
+visible compressed entries (per-head softmax, summed over heads, L1-normalised, detached) to the softmax of the
+index scores, with the indexer's inputs detached, so that objective trains the indexer and nothing else.
 """
 
 from __future__ import annotations
@@ -154,6 +159,7 @@ class Attention(nn.Module):
         self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, D)
         self.compressor = Compressor(D, hd, self.ratio, self.kind == CSA, cfg.rms_norm_eps) if self.ratio else None
         self.indexer = Indexer(cfg, self.ratio) if self.kind == CSA else None
+        self.index_loss: torch.Tensor | None = None  # the last training forward's indexer KL (CSA layers)
 
     def forward(self, x: torch.Tensor, rope: Rope, st: LayerState | DecodeRows, start: int) -> torch.Tensor:
         """x [B, T, D] at positions start .. start+T-1 (after `start` tokens already in `st`) -> [B, T, D]."""
@@ -173,10 +179,39 @@ class Attention(nn.Module):
             entries = self._compress(self.compressor, x, st.carry_kv, st.carry_score, st.entries, start, rope)
             if self.indexer is not None:
                 ic = self.indexer.compressor
-                self._compress(ic, x, st.index_carry_kv, st.index_carry_score, st.index_keys, start, rope)
-                iq, iw = self.indexer.queries(x, qr, cos, sin)
+                xi, qri = (x.detach(), qr.detach()) if self.training else (x, qr)  # the selection has no gradient anyway
+                self._compress(ic, xi, st.index_carry_kv, st.index_carry_score, st.index_keys, start, rope)
+                iq, iw = self.indexer.queries(xi, qri, cos, sin)
         o = self._attend(q, keys_w, start - W, start, entries, st.index_keys, iq, iw)
+        if self.training and iq is not None:
+            self.index_loss = self._index_kl(q, entries, st.index_keys, iq, iw, start)
         return self._output(o, cos, sin)
+
+    def _index_kl(self, q: torch.Tensor, entries: torch.Tensor, index_keys: torch.Tensor, iq: torch.Tensor,
+                  iw: torch.Tensor, start: int) -> torch.Tensor:
+        """Mean over queries that see two or more entries of KL(p || softmax(index scores)), p the main attention's
+        distribution over the visible entries (V3.2's dense warm-up objective, here at every training step)."""
+        B, T, H, _ = q.shape
+        r, dev = self.ratio, q.device
+        total, count = q.new_zeros((), dtype=torch.float32), 0
+        for c0 in range(0, T, 256):
+            c1 = min(T, c0 + 256)
+            pos = torch.arange(start + c0, start + c1, device=dev)
+            n = (start + c1) // r
+            vis = visible_entries(pos, n, r)  # [c, n]
+            rows = vis.sum(-1) >= 2
+            if n < 2 or not bool(rows.any()):
+                continue
+            with torch.no_grad():
+                logits = torch.einsum("bthd,bnd->bthn", q[:, c0:c1].float(), entries[:, :n].float()) * self.scale
+                p = logits.masked_fill(~vis[None, :, None], float("-inf")).softmax(-1).sum(2)
+                p = p / p.sum(-1, keepdim=True)  # [B, c, n]
+            scores = backend_for(dev).index_scores(iq[:, c0:c1], iw[:, c0:c1], index_keys[:, :n])
+            logq = scores.masked_fill(~vis[None], float("-inf")).log_softmax(-1)
+            kl = (p * (p.clamp_min(1e-30).log() - logq.clamp_min(-1e30))).masked_fill(~vis[None], 0.0).sum(-1)
+            total = total + kl[:, rows].sum()
+            count += int(rows.sum()) * B
+        return total / max(count, 1)
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -332,7 +367,11 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    """gate (hash-routed: `HashGate`; else sqrtsoftplus + bias: `Gate`), stacked routed experts, one shared expert."""
+    """gate (hash-routed: `HashGate`; else sqrtsoftplus + bias: `Gate`), stacked routed experts, one shared expert.
+    Counts tokens per expert when `track_load` is on, as `dsv3.layers.moe.MoE` does, for the trainer's balancing
+    (`dsv3.train.balance`); a hash layer's gate has no selection bias, so only its counts are reported."""
+
+    keep_fp32 = True  # its own buffer (expert_load) only
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -341,10 +380,16 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = SharedExpert(cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
         self.limit = cfg.swiglu_limit
+        self.track_load = False
+        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        weights, idx, _ = self.gate(flat, input_ids.reshape(-1)) if self.hash else self.gate(flat)
+        weights, idx, scores = self.gate(flat, input_ids.reshape(-1)) if self.hash else self.gate(flat)
+        if self.track_load:
+            self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel()).to(self.expert_load.dtype)
+            self.last_routing = (scores, idx)
         y = run_experts(self.experts, flat, idx, weights.float(), self.limit) + self.shared_experts(flat)
         return y.view(x.shape)
 
@@ -607,9 +652,18 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     def mtp_head(self, h: torch.Tensor, depth: int = 0) -> torch.Tensor:
         """MTP module `depth`'s output streams [..., n, D] -> logits: its own head collapse and norm, the shared head."""
+        return self.lm_head(self.mtp_head_hidden(h, depth))
+
+    def mtp_head_hidden(self, h: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """MTP module `depth`'s output streams [..., n, D] -> what the shared LM head reads (its own collapse and norm)."""
         blk, cfg = self.model.mtp[depth], self.config
-        x = hc_head(h, blk.hc_head_fn, blk.hc_head_scale, blk.hc_head_base, cfg.hc_eps, cfg.rms_norm_eps)
-        return self.lm_head(blk.norm(x))
+        return blk.norm(hc_head(h, blk.hc_head_fn, blk.hc_head_scale, blk.hc_head_base, cfg.hc_eps, cfg.rms_norm_eps))
+
+    def training_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                        ctx: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final-norm hidden states [B, T, D] for the LM head, the final streams [B, T, n, D] the MTP modules take)."""
+        h = self.streams(input_ids, positions, ctx)
+        return self.head_hidden(h), h
 
     # ---- dtype and initialisation ----------------------------------------------------------
     def cast(self, dtype: torch.dtype) -> "DeepseekV4ForCausalLM":

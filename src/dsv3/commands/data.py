@@ -100,6 +100,8 @@ def _passkey(args: argparse.Namespace) -> int:
         raise DSV3Error("--count must be positive and --min-chars/--max-chars satisfy 0 < min <= max.")
     texts = []
     for d in args.inputs:
+        if not Path(d).is_dir():
+            raise DSV3Error(f"--inputs {d} does not exist or is not a directory.")
         texts += [p.read_text(encoding="utf-8") for p in sorted(Path(d).glob("*.py"))]
     if not texts:
         raise DSV3Error(f"no .py files in {' '.join(args.inputs)} (the output of `dsv3 data packages`).")

@@ -43,19 +43,29 @@ def fim_transform(tokens: np.ndarray, rng: np.random.Generator, fim: FIMTokens) 
     return np.concatenate([[fim.begin], tokens[:lo], [fim.hole], tokens[hi:], [fim.end], tokens[lo:hi]]).astype(np.int64)
 
 
+def _each_piece(window: np.ndarray, rng: np.random.Generator, rate: float, eos_id: int, bos_id: int | None,
+                rewrite) -> np.ndarray:
+    """Split `window` after every EOS; with probability `rate` a piece's body (without its leading BOS and trailing
+    EOS, two or more tokens) and tail go through `rewrite(body, tail) -> replacement or None`; BOS stays first."""
+    pieces = []
+    for piece in np.split(window, np.flatnonzero(window == eos_id) + 1):
+        head = 1 if len(piece) and bos_id is not None and piece[0] == bos_id else 0
+        tail = piece[len(piece) - 1:] if len(piece) and piece[-1] == eos_id else piece[:0]
+        body = piece[head:len(piece) - len(tail)]
+        if len(body) >= 2 and rng.random() < rate:
+            new = rewrite(body, tail)
+            if new is not None:
+                piece = np.concatenate([piece[:head], new])
+        pieces.append(piece)
+    return np.concatenate(pieces).astype(np.int64)
+
+
 def fim_context(window: np.ndarray, rng: np.random.Generator, rate: float, fim: FIMTokens, eos_id: int,
                 bos_id: int | None) -> np.ndarray:
     """Context-level FIM: each piece of `window` (split after every EOS; BOS and EOS stay in place)
     becomes prefix-suffix-middle with probability `rate`; the result is cut to the window's length."""
-    pieces = []
-    for piece in np.split(window, np.flatnonzero(window == eos_id) + 1):
-        head = 1 if len(piece) and bos_id is not None and piece[0] == bos_id else 0
-        tail = 1 if len(piece) and piece[-1] == eos_id else 0
-        body = piece[head:len(piece) - tail]
-        if len(body) >= 2 and rng.random() < rate:
-            piece = np.concatenate([piece[:head], fim_transform(body, rng, fim), piece[len(piece) - tail:]])
-        pieces.append(piece)
-    return np.concatenate(pieces)[:len(window)].astype(np.int64)
+    out = _each_piece(window, rng, rate, eos_id, bos_id, lambda body, tail: np.concatenate([fim_transform(body, rng, fim), tail]))
+    return out[:len(window)]
 
 
 class TextCodec(Protocol):
@@ -113,23 +123,19 @@ def fim_lines_context(window: np.ndarray, rng: np.random.Generator, rate: float,
     middle (an infill request stops at that EOS). A piece keeps its length: the three sentinels and the EOS are
     made room for by dropping the suffix's far end (then the prefix's start), as an editor's context budget does;
     a piece re-tokenized shorter is padded with EOS (whose labels the packer ignores)."""
-    pieces = []
-    for piece in np.split(window, np.flatnonzero(window == eos_id) + 1):
-        head = 1 if len(piece) and bos_id is not None and piece[0] == bos_id else 0
-        tail = 1 if len(piece) and piece[-1] == eos_id else 0
-        body = piece[head:len(piece) - tail]
-        if len(body) >= 2 and rng.random() < rate:
-            cut = cut_lines(tok.decode(body.tolist()), rng)
-            budget = len(body) + tail - 4  # begin, hole, end, EOS
-            if cut is not None and len(mid := tok.encode(cut[1])) <= budget // 2:
-                pre, suf = tok.encode(cut[0]), tok.encode(cut[2])
-                over = len(pre) + len(suf) + len(mid) - budget
-                if over > 0:
-                    drop = min(over, len(suf))
-                    suf, over = suf[:len(suf) - drop], over - drop
-                    pre = pre[over:] if over > 0 else pre
-                new = [fim.begin, *pre, fim.hole, *suf, fim.end, *mid, eos_id]
-                new += [eos_id] * (len(body) + tail - len(new))
-                piece = np.concatenate([piece[:head], np.array(new, dtype=np.int64)])
-        pieces.append(piece)
-    return np.concatenate(pieces).astype(np.int64)
+    def rewrite(body: np.ndarray, tail: np.ndarray) -> np.ndarray | None:
+        cut = cut_lines(tok.decode(body.tolist()), rng)
+        room = len(body) + len(tail)
+        budget = room - 4  # begin, hole, end, EOS
+        if cut is None or len(mid := tok.encode(cut[1])) > budget // 2:
+            return None
+        pre, suf = tok.encode(cut[0]), tok.encode(cut[2])
+        over = len(pre) + len(suf) + len(mid) - budget
+        if over > 0:
+            drop = min(over, len(suf))
+            suf, over = suf[:len(suf) - drop], over - drop
+            pre = pre[over:] if over > 0 else pre
+        new = [fim.begin, *pre, fim.hole, *suf, fim.end, *mid, eos_id]
+        return np.array(new + [eos_id] * (room - len(new)), dtype=np.int64)
+
+    return _each_piece(window, rng, rate, eos_id, bos_id, rewrite)

@@ -87,17 +87,14 @@ build/functions/manifest.json: build/shards/manifest.json
 	$(VENV)/bin/dsv3 data functions --shards build/shards -o build/functions-src --max-chars 800 -q
 	$(VENV)/bin/dsv3 data build --inputs build/functions-src --tokenizer build/tok -o build/functions -q
 
-# Three stages: 4,000 steps on the train split (~72 min), 600 annealing steps that start from its final model
-# with 6 of each 8 rows short documented functions (configs/anneal-tiny.yaml, ~15 min), then 1,200 steps of
-# line-level fill-in-the-middle (configs/infill-tiny.yaml, ~30 min).
+# Two stages: 4,000 steps on the train split (~72 min), then 600 annealing steps that start from its
+# final model with 6 of each 8 rows short documented functions (configs/anneal-tiny.yaml, ~15 min).
 default-model: build/shards/manifest.json build/functions/manifest.json
 	$(VENV)/bin/dsv3 pretrain --config configs/pretrain-tiny.yaml --data build/shards --out runs/pretrain-tiny
 	$(VENV)/bin/dsv3 pretrain --config configs/anneal-tiny.yaml
-	$(VENV)/bin/dsv3 pretrain --config configs/infill-tiny.yaml
-	cp $(addprefix runs/infill-tiny/final/,$(DEFAULT_FILES)) src/dsv3/data/default/
+	cp $(addprefix runs/anneal-tiny/final/,$(DEFAULT_FILES)) src/dsv3/data/default/
 	cp runs/pretrain-tiny/pretrain.yaml src/dsv3/data/default/pretrain.yaml
 	cp runs/anneal-tiny/pretrain.yaml src/dsv3/data/default/anneal.yaml
-	cp runs/infill-tiny/pretrain.yaml src/dsv3/data/default/infill.yaml
 
 # The chat-tuned variant (docs/pretrain.md, "Chat-tuned variant"): instruction pairs mined with `ast` from the train
 # split's functions of at most 800 characters (short answers teach the model to finish its code) -> LoRA on the default model (configs/chat-tiny.yaml, 10-25 min on 2 CPU cores) -> `dsv3 merge` ->

@@ -7,8 +7,9 @@ whole-file tokenization never ends a middle just before its newline. An editor's
 does exactly that: prefix up to the line, middle = the line tokenized on its own (ending `):`), suffix
 from the newline on (a bare `Ċ`). Trained only on token-level cuts, the default model gave the right
 held-out line 3.10 nats/token after a FIM prompt against 2.66 after the prefix alone, and filled 0 of
-200 lines. `cut_lines` + `fim_lines_context` cut the decoded text at a line (or inside one) and tokenizes the three parts
-apart, exactly as `/v1/completions` with a `suffix` builds its prompt."""
+200 lines. `cut_lines` + `fim_lines_context` cut the decoded text at a line (or from a cursor to its end)
+and tokenize the three parts apart, exactly as `/v1/completions` with a `suffix` builds its prompt. (A
+line-level stage on that model: docs/pretrain.md, "Infilling".)"""
 
 from __future__ import annotations
 

@@ -244,3 +244,17 @@ def test_pretrain_trains_v4_and_the_model_generates(shards, tmp_path):
     assert logits.shape[-1] >= vocab and torch.isfinite(logits).all()
     out = LLM(str(final), dtype="float32").generate(["def f("], SamplingParams(max_tokens=8, temperature=0))
     assert len(out[0].outputs[0].token_ids) >= 1
+
+
+def test_training_speed_bench_runs_both_sides(tmp_path):
+    """bench/v4_train_speed.py on a short row: both trainers step, and it writes what it prints."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from v4_train_speed import main
+
+    assert main(["--seq-len", "48", "--steps", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["dsv3_tok_s"] > 0 and r["hf_tok_s"] > 0 and r["ratio"] == pytest.approx(r["dsv3_tok_s"] / r["hf_tok_s"])
+    assert r["bound_tok_s"] == pytest.approx(r["gemm_flop_s"] / r["train_flops_per_token"])

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from dsv3.data import DataError, DataMix, FIMTokens, PackedDataset, TokenShards, codec, cut_lines, fim_context, fim_lines_context
+from dsv3.data import DataError, DataMix, FIMTokens, PackedDataset, TokenShards, cut_lines, fim_context, fim_lines_context
+from dsv3.io.tokenizer import Tokenizer
 from dsv3.train.config import PretrainConfig, PretrainConfigError
 from test_data import SPECIAL, corpus  # noqa: F401  (pytest fixture)
 from test_pretrain import shards  # noqa: F401  (pytest fixture)
@@ -197,11 +198,11 @@ def test_line_fim_tokenizes_prefix_suffix_middle_apart(corpus):
     """Each FIM piece is `begin enc(prefix) hole enc(suffix) end enc(middle)` with the three parts encoded
     separately, the layout of an infill request (a cut between tokens of the whole file would differ)."""
     tok = corpus["tok"]
-    fim, text = FIMTokens.from_tokenizer(tok), codec(tok)
+    fim, text = FIMTokens.from_tokenizer(tok), Tokenizer.from_dir(corpus["root"] / "tok")
     docs = ["import os\n\n\ndef f(x):\n    y = x + 1\n    z = y * 2\n    return os.path.join(str(y), str(z))\n",
             "class A:\n    def get(self):\n        return self.x\n\n    def set(self, x):\n        self.x = x\n",
             "import os\nfor name in os.listdir('.'):\n    if name.endswith('.py'):\n        print(name, os.sep)\n"]
-    window = np.concatenate([[BOS, *text.encode(d), EOS] for d in docs]).astype(np.int64)
+    window = np.concatenate([[BOS, *text.encode(d, add_special_tokens=False), EOS] for d in docs]).astype(np.int64)
     done = 0
     for seed in range(20):
         out = fim_lines_context(window, np.random.default_rng(seed), 1.0, fim, EOS, BOS, text)
@@ -212,19 +213,19 @@ def test_line_fim_tokenizes_prefix_suffix_middle_apart(corpus):
         assert len(pieces) == len(docs)
         for doc, piece in zip(docs, pieces):
             if piece[1] != fim.begin:  # the cut's middle took more than half the room: the piece stays as it was
-                assert text.decode(piece[1:-1].tolist()) == doc
+                assert text.decode(piece[1:-1].tolist(), skip_special_tokens=False) == doc
                 continue
             assert piece[-1] == EOS  # every middle closed by EOS
             done += 1
             h, e = int(np.flatnonzero(piece == fim.hole)[0]), int(np.flatnonzero(piece == fim.end)[0])
             pre, suf, mid = piece[2:h], piece[h + 1:e], piece[e + 1:-1]
-            parts = [text.decode(p.tolist()) for p in (pre, mid, suf)]
+            parts = [text.decode(p.tolist(), skip_special_tokens=False) for p in (pre, mid, suf)]
             at = doc.find(parts[0] + parts[1])  # room for the sentinels: the suffix's far end, then the prefix's start
             assert at >= 0 and doc[at + len(parts[0] + parts[1]):].startswith(parts[2]) and parts[1]
             assert at == 0 or parts[2] in ("", "\n")
             assert 1 <= len(doc) - len("".join(parts)) <= 16
             for p, ids in zip(parts, (pre, mid, suf)):
-                assert text.encode(p) == ids.tolist()  # tokenized apart
+                assert text.encode(p, add_special_tokens=False) == ids.tolist()  # tokenized apart
     assert done >= 40
     assert np.array_equal(fim_lines_context(window, np.random.default_rng(0), 0.0, fim, EOS, BOS, text), window)
 
@@ -232,9 +233,10 @@ def test_line_fim_tokenizes_prefix_suffix_middle_apart(corpus):
 def test_line_fim_windows(corpus):
     shards, tok = TokenShards(corpus["out"], "train"), corpus["tok"]
     fim = FIMTokens.from_tokenizer(tok)
-    ds = PackedDataset(shards, 128, 2, seed=3, fim_rate=1.0, fim_tokens=fim, fim_level="line", text_codec=codec(tok))
+    ds = PackedDataset(shards, 128, 2, seed=3, fim_rate=1.0, fim_tokens=fim, fim_level="line",
+                       tokenizer=Tokenizer.from_dir(corpus["root"] / "tok"))
     for i in range(6):
         y = ds.sample(i)[0]
         assert len(y) == 128 and np.array_equal(y, ds.sample(i)[0]) and (y == fim.begin).sum() >= 1
-    with pytest.raises(DataError, match="text_codec"):
+    with pytest.raises(DataError, match="needs the tokenizer"):
         PackedDataset(shards, 64, fim_rate=0.5, fim_tokens=fim, fim_level="line")

@@ -4,11 +4,11 @@
 reader and the packer does not pay for it.
 """
 
-from dsv3.data.fim import FIMTokens, codec, cut_lines, fim_context, fim_lines_context, fim_transform
+from dsv3.data.fim import FIMTokens, cut_lines, fim_context, fim_lines_context, fim_transform
 from dsv3.data.packing import DataMix, PackedBatch, PackedDataset
 from dsv3.data.shards import DataError, TokenShards, load_manifest
 
-__all__ = ["DataError", "DataMix", "FIMTokens", "PackedBatch", "PackedDataset", "TokenShards", "build", "codec", "cut_lines", "fim_context", "fim_lines_context", "fim_transform", "load_manifest"]
+__all__ = ["DataError", "DataMix", "FIMTokens", "PackedBatch", "PackedDataset", "TokenShards", "build", "cut_lines", "fim_context", "fim_lines_context", "fim_transform", "load_manifest"]
 
 
 def build(*args, **kwargs) -> dict:

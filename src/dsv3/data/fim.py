@@ -13,11 +13,14 @@ line-level stage on that model: docs/pretrain.md, "Infilling".)"""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from dsv3.data.shards import DataError
+
+if TYPE_CHECKING:
+    from dsv3.io.tokenizer import Tokenizer
 
 FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
 
@@ -69,28 +72,6 @@ def fim_context(window: np.ndarray, rng: np.random.Generator, rate: float, fim: 
     return out[:len(window)]
 
 
-class TextCodec(Protocol):
-    """What `fim_lines_context` needs of a tokenizer (a `tokenizers.Tokenizer` adapted by `codec`)."""
-    def decode(self, ids: list[int]) -> str: ...
-    def encode(self, text: str) -> list[int]: ...
-
-
-class _TokenizersCodec:
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-
-def codec(tokenizer) -> TextCodec:
-    """A `tokenizers.Tokenizer` as a `TextCodec`."""
-    return _TokenizersCodec(tokenizer)
-
-
 def cut_lines(text: str, rng: np.random.Generator, max_lines: int = 4, multi_share: float = 0.15,
               rest_share: float = 0.15) -> tuple[str, str, str] | None:
     """(prefix, middle, suffix) of `text` as a cursor in an editor cuts it. Mostly one whole line: the middle
@@ -123,19 +104,22 @@ def cut_lines(text: str, rng: np.random.Generator, max_lines: int = 4, multi_sha
 
 
 def fim_lines_context(window: np.ndarray, rng: np.random.Generator, rate: float, fim: FIMTokens, eos_id: int,
-                      bos_id: int | None, tok: TextCodec) -> np.ndarray:
+                      bos_id: int | None, tok: "Tokenizer") -> np.ndarray:
     """Line-level FIM: like `fim_context`, but each chosen piece is decoded, cut by `cut_lines` and its prefix,
     suffix and middle tokenized apart: `begin prefix hole suffix end middle EOS`, so the model learns to close a
     middle (an infill request stops at that EOS). A piece keeps its length: the three sentinels and the EOS are
     made room for by dropping the suffix's far end (then the prefix's start), as an editor's context budget does;
     a piece re-tokenized shorter is padded with EOS (whose labels the packer ignores)."""
+    def encode(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False)
+
     def rewrite(body: np.ndarray, tail: np.ndarray) -> np.ndarray | None:
-        cut = cut_lines(tok.decode(body.tolist()), rng)
+        cut = cut_lines(tok.decode(body.tolist(), skip_special_tokens=False), rng)
         room = len(body) + len(tail)
         budget = room - 4  # begin, hole, end, EOS
-        if cut is None or len(mid := tok.encode(cut[1])) > budget // 2:
+        if cut is None or len(mid := encode(cut[1])) > budget // 2:
             return None
-        pre, suf = tok.encode(cut[0]), tok.encode(cut[2])
+        pre, suf = encode(cut[0]), encode(cut[2])
         over = len(pre) + len(suf) + len(mid) - budget
         if over > 0:
             drop = min(over, len(suf))

@@ -9,12 +9,15 @@ noisy as a batch that size. Everything about a window follows from (seed, sample
 lengths are known up front (FIM adds exactly three sentinels), so the trainer's step counter is
 the whole state and resume is exact.
 
-FIM comes at one of two levels. `document` transforms whole files before packing (as DeepSeek-Coder,
+FIM comes at one of three levels. `document` transforms whole files before packing (as DeepSeek-Coder,
 whose 16K windows hold whole files); when files are much longer than a window, prefix, suffix and
 middle land in different windows and the model rarely sees all three together. `context` (Bavarian
 et al. 2022, "Efficient Training of Language Models to Fill in the Middle") transforms each file
 piece of a packed window after packing and cuts the result back to the window's length, so every
 FIM example is complete within its window and its prefix may start mid-file, as an editor's does.
+`line` is `context` with the cut made in the decoded text at a line (or from a cursor to its end) and
+prefix, suffix and middle tokenized apart (`dsv3.data.fim.fim_lines_context`), the way an infill request's
+prompt is built; it needs the tokenizer (`dsv3.io.tokenizer.Tokenizer`).
 `DataMix` builds batches whose rows come from several shard sets in fixed shares.
 """
 
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dsv3.data.fim import FIMTokens, TextCodec, fim_context, fim_lines_context, fim_transform
+from dsv3.data.fim import FIMTokens, fim_context, fim_lines_context, fim_transform
 from dsv3.data.shards import DataError, TokenShards
 
 IGNORE_INDEX = -100
@@ -71,7 +74,7 @@ class PackedDataset(IterableDataset):
     def __init__(self, shards: TokenShards, seq_len: int, batch_size: int = 1, seed: int = 0,
                  shuffle: bool = True, fim_rate: float = 0.0, fim_tokens: FIMTokens | None = None,
                  rank: int = 0, world_size: int = 1, start_step: int = 0, mask_eos_label: bool = True,
-                 fim_level: str = "document", text_codec: TextCodec | None = None):
+                 fim_level: str = "document", tokenizer=None):
         if seq_len < 1 or batch_size < 1:
             raise DataError(f"seq_len {seq_len} and batch_size {batch_size} must be positive.")
         if not 0.0 <= fim_rate <= 1.0:
@@ -80,13 +83,13 @@ class PackedDataset(IterableDataset):
             raise DataError("fim_rate > 0 needs the FIM sentinel ids (fim_tokens).")
         if fim_level not in ("document", "context", "line"):
             raise DataError(f"fim_level {fim_level!r} must be document, context or line.")
-        if fim_level == "line" and fim_rate > 0 and text_codec is None:
-            raise DataError("fim_level line needs the tokenizer (text_codec) to cut the text at lines.")
+        if fim_level == "line" and fim_rate > 0 and tokenizer is None:
+            raise DataError("fim_level line needs the tokenizer (a dsv3.io.tokenizer.Tokenizer) to cut the text at lines.")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}.")
         self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
         self.shuffle, self.fim_rate, self.fim_tokens, self.fim_level = shuffle, fim_rate, fim_tokens, fim_level
-        self.text_codec = text_codec
+        self.tokenizer = tokenizer  # fim_level line: decodes pieces and encodes their cut parts
         self.rank, self.world_size, self.step, self.mask_eos_label = rank, world_size, start_step, mask_eos_label
         self.eos_id = shards.eos_id
         starts, ends = shards.doc_bounds()
@@ -171,13 +174,10 @@ class PackedDataset(IterableDataset):
         """(input_ids, labels, position_ids, doc_ids) of sample `index` as numpy arrays."""
         w = self.window_index(index)
         window = self.stream(w * self.seq_len, self.seq_len + 1)
-        if self.fim_level == "context" and self.fim_rate > 0:
+        if self.fim_level != "document" and self.fim_rate > 0:
             rng = np.random.default_rng([self.seed, _CONTEXT, w])
-            window = fim_context(window, rng, self.fim_rate, self.fim_tokens, self.eos_id, self.shards.bos_id)
-        elif self.fim_level == "line" and self.fim_rate > 0:
-            rng = np.random.default_rng([self.seed, _CONTEXT, w])
-            window = fim_lines_context(window, rng, self.fim_rate, self.fim_tokens, self.eos_id, self.shards.bos_id,
-                                       self.text_codec)
+            args = (window, rng, self.fim_rate, self.fim_tokens, self.eos_id, self.shards.bos_id)
+            window = fim_context(*args) if self.fim_level == "context" else fim_lines_context(*args, self.tokenizer)
         inputs, labels = window[:-1], window[1:].copy()
         if self.mask_eos_label:
             labels[inputs == self.eos_id] = IGNORE_INDEX  # never predict across a boundary

@@ -224,27 +224,38 @@ class Experts(nn.Module):
         return f"n_experts={self.n_experts}{held}{inter}"
 
 
-class MoE(nn.Module):
-    """Routed experts + shared experts. Optionally records per-expert token counts (for balancing)."""
+class LoadTracking(nn.Module):
+    """A routed layer that can count its tokens per expert (`expert_load`) and keep its last routing (unbiased
+    scores, chosen experts) while `track_load` is on: what the trainer's balancing reads (`dsv3.train.balance`)."""
 
     keep_fp32 = True  # applies to its own buffer (expert_load) only; experts are submodules
+
+    def _init_load(self, n_experts: int) -> None:
+        self.track_load = False
+        self.register_buffer("expert_load", torch.zeros(n_experts), persistent=False)
+        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _record(self, scores: torch.Tensor, idx: torch.Tensor) -> None:
+        if self.track_load:
+            self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel()).to(self.expert_load.dtype)
+            self.last_routing = (scores, idx)
+
+
+class MoE(LoadTracking):
+    """Routed experts + shared experts. Optionally records per-expert token counts (for balancing)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = Gate(cfg)
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size) if cfg.n_shared_experts else None
-        self.track_load = False
-        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
-        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._init_load(cfg.n_routed_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, idx, scores = self.gate(flat)
-        if self.track_load:
-            self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel()).to(self.expert_load.dtype)
-            self.last_routing = (scores, idx)
+        self._record(scores, idx)
         y = self.experts(flat, idx, weights.to(torch.float32))
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)

@@ -48,3 +48,10 @@ class CausalLM(Protocol):
     def mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, ctx: Any = None,
                    depth: int = 0) -> torch.Tensor:
         """MTP module `depth` on (hidden state at position i, token i + 1)."""
+
+    def training_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                        ctx: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the LM head reads [B, T, D], what the first MTP module takes): the trainer's forward."""
+
+    def mtp_head_hidden(self, h: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """MTP module `depth`'s output -> what the shared LM head reads."""

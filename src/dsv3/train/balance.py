@@ -15,15 +15,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv3.layers.moe import LoadTracking
 
 
-def moe_layers(model: nn.Module) -> list[nn.Module]:
-    """Every MoE module in model order, MTP blocks included (they route too): any module that counts its tokens per
-    expert (`expert_load`, `track_load`, `last_routing`: `dsv3.layers.moe.MoE`, V4's MoE)."""
-    return [m for m in model.modules() if hasattr(m, "expert_load") and hasattr(m, "track_load")]
+def moe_layers(model: nn.Module) -> list[LoadTracking]:
+    """Every MoE module in model order, MTP blocks included (they route too): V2/V3's and V4's alike."""
+    return [m for m in model.modules() if isinstance(m, LoadTracking)]
 
 
-def track_load(moes: list[nn.Module], on: bool) -> None:
+def track_load(moes: list[LoadTracking], on: bool) -> None:
     """Switch counting of per-expert tokens (and keeping the last routing) on or off."""
     for m in moes:
         m.track_load = on
@@ -31,7 +31,7 @@ def track_load(moes: list[nn.Module], on: bool) -> None:
             m.last_routing = None
 
 
-def load_stats(moes: list[nn.Module]) -> list[float]:
+def load_stats(moes: list[LoadTracking]) -> list[float]:
     """max/mean expert load per MoE layer from the counts gathered so far (1.0 = perfect balance)."""
     out = []
     for m in moes:
@@ -41,7 +41,7 @@ def load_stats(moes: list[nn.Module]) -> list[float]:
 
 
 @torch.no_grad()
-def update_bias(moes: list[nn.Module], gamma: float) -> None:
+def update_bias(moes: list[LoadTracking], gamma: float) -> None:
     """bias_i += γ·sign(mean load − load_i) from this step's counts, then reset the counts.
 
     Experts with exactly the mean load keep their bias (sign 0), as in Megatron's update. Under
@@ -55,7 +55,7 @@ def update_bias(moes: list[nn.Module], gamma: float) -> None:
         m.expert_load.zero_()
 
 
-def sequence_balance_loss(moes: list[nn.Module], batch: int) -> torch.Tensor:
+def sequence_balance_loss(moes: list[LoadTracking], batch: int) -> torch.Tensor:
     """Σ_i f_i·P_i per sequence, averaged over sequences and summed over MoE layers (unscaled by α).
 
     f_i = E/(K·T)·#{t : expert i in token t's top-K}, P_i = mean_t of s_i,t / Σ_j s_j,t, with s

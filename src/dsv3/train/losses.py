@@ -19,6 +19,7 @@ from torch import nn
 from dsv3.data.packing import IGNORE_INDEX, PackedBatch
 from dsv3.models.interface import CausalLM
 from dsv3.attention.context import AttentionContext
+from dsv3.layers.moe import LoadTracking
 from dsv3.train.balance import sequence_balance_loss
 from dsv3.train.fused_ce import linear_cross_entropy
 
@@ -70,17 +71,8 @@ def window_inputs(batch: PackedBatch, doc_mask: bool = True) -> tuple[torch.Tens
     return torch.arange(T, device=ids.device).expand_as(ids), None, torch.zeros_like(docs)
 
 
-def _hidden(model: CausalLM, ids: torch.Tensor, pos: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
-    """(what the LM head reads, what the first MTP module takes): the same post-norm hidden states, except for a
-    model that hands its MTP modules something else (V4: the final mHC streams, `training_hidden`)."""
-    if hasattr(model, "training_hidden"):
-        return model.training_hidden(ids, pos, ctx)
-    h = model.hidden_states(ids, pos, ctx)
-    return h, h
-
-
 def pretrain_losses(model: CausalLM, batch: PackedBatch, mtp_lambda: float = 0.0,
-                    seq_aux_alpha: float = 0.0, moes: list[nn.Module] | None = None,
+                    seq_aux_alpha: float = 0.0, moes: list[LoadTracking] | None = None,
                     head_dtype: torch.dtype | None = None, doc_mask: bool = True) -> Losses:
     """Forward one packed micro-batch (already on the model's device) and return its losses.
 
@@ -97,7 +89,7 @@ def pretrain_losses(model: CausalLM, batch: PackedBatch, mtp_lambda: float = 0.0
     indexed = index_layers(model)
     for m in indexed:
         m.index_loss = None
-    hidden, h = _hidden(model, ids, pos, ctx)
+    hidden, h = model.training_hidden(ids, pos, ctx)
     index = [m.index_loss for m in indexed if m.index_loss is not None]
     index = torch.stack(index).sum() if index else None
     main = head_loss(model, hidden, labels, head_dtype)
@@ -110,8 +102,7 @@ def pretrain_losses(model: CausalLM, batch: PackedBatch, mtp_lambda: float = 0.0
             next_ids, targets = mtp_targets(ids, labels, docs, k)
             h = model.mtp_hidden(h[:, :T], next_ids, pos[:, :T], AttentionContext.causal(doc_ids=docs[:, :T]) if doc_mask
                                  else None, k)
-            head_in = model.mtp_head_hidden(h, k) if hasattr(model, "mtp_head_hidden") else h
-            terms.append(head_loss(model, head_in, targets, head_dtype))
+            terms.append(head_loss(model, model.mtp_head_hidden(h, k), targets, head_dtype))
         mtp = torch.stack(terms).mean()
         total = total + mtp_lambda * mtp if mtp_lambda else total + 0.0 * mtp
     seq_aux = None

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from dsv3.io.checkpoint import save_model
 from dsv3.config import ModelConfig
 from dsv3.models.context_length import TRAINED_KEY
-from dsv3.data import DataError, DataMix, FIMTokens, PackedDataset, TokenShards, codec, load_manifest
-from dsv3.data.builder import load_tokenizer
+from dsv3.data import DataError, DataMix, FIMTokens, PackedDataset, TokenShards, load_manifest
+from dsv3.io.tokenizer import Tokenizer
 from dsv3.models.interface import CausalLM
 from dsv3.models.registry import family
 from dsv3.train.balance import load_stats, moe_layers, track_load, update_bias
@@ -99,12 +99,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
     manifest = load_manifest(cfg.data)
     tokenizer_dir = cfg.tokenizer or manifest["tokenizer"]["path"]
     train_shards, held_shards = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "heldout")
-    tok = load_tokenizer(tokenizer_dir)[0] if cfg.fim_rate > 0 else None
-    fim = FIMTokens.from_tokenizer(tok) if tok is not None else None
+    tok = Tokenizer.from_dir(tokenizer_dir) if cfg.fim_rate > 0 else None
+    fim = FIMTokens.from_tokenizer(tok.backend) if tok is not None else None
     mix = cfg.mix_rows()
     packed = partial(PackedDataset, seq_len=cfg.seq_len, seed=cfg.seed, fim_rate=cfg.fim_rate, fim_tokens=fim,
-                     fim_level=cfg.fim_level, text_codec=codec(tok) if tok is not None else None, rank=dp.rank,
-                     world_size=dp.world)
+                     fim_level=cfg.fim_level, tokenizer=tok, rank=dp.rank, world_size=dp.world)
     data = packed(train_shards, batch_size=cfg.batch_size - sum(rows for _, rows in mix))
     if mix:
         data = DataMix([data] + [packed(mix_shards(path, manifest), batch_size=rows) for path, rows in mix])
@@ -118,7 +117,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         raise PretrainConfigError(f"{mc.model_type} trains on whole windows only (its compressed attention follows the "
                                   "token positions of one sequence): set doc_mask: false, packing documents without "
                                   "cross-document attention masking, as DeepSeek-V3 pretrained.")
-    model = family(mc.model_type).model_class()(mc)
+    model = fam.model_class()(mc)
     model.init_weights(cfg.init_std)
     if cfg.init_from:
         init_weights_from(model, cfg.init_from)

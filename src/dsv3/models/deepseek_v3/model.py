@@ -182,6 +182,16 @@ class DeepseekV3ForCausalLM(nn.Module):
         ctx.end_step()
         return out
 
+    def training_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                        ctx: AttentionContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(post-norm hidden states for the LM head, the same tensor for the first MTP module)."""
+        h = self.hidden_states(input_ids, positions, ctx)
+        return h, h
+
+    def mtp_head_hidden(self, h: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """An MTP module's output is already what the LM head reads (the module ends with its own norm)."""
+        return h
+
     def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                    ctx: AttentionContext | None = None, depth: int = 0) -> torch.Tensor:
         return self.lm_head(self.mtp_hidden(hidden, next_ids, positions, ctx, depth))

@@ -47,7 +47,7 @@ from dsv3.layers.compressor import Compressor, FP32Linear, pool
 from dsv3.layers.hash_gate import HashGate
 from dsv3.layers.hyper import hc_head, hc_post, hc_pre
 from dsv3.layers.linear import Linear
-from dsv3.layers.moe import Experts, Gate, run_experts
+from dsv3.layers.moe import Experts, Gate, LoadTracking, run_experts
 from dsv3.layers.norm import RMSNorm
 from dsv3.layers.rope import RotaryEmbedding, apply_rotary_tail, rope_inv_freq
 from dsv3.models.deepseek_v4.family import CSA, SLIDING
@@ -338,8 +338,9 @@ class Attention(nn.Module):
                 ev = (start + c1) // r  # entries the chunk's last query may see
                 vis = visible_entries(pos, ev, r)[None].expand(B, -1, -1)
                 if sparse and ev > self.indexer.topk:
-                    scores = be.index_scores(iq[:, c0:c1], iw[:, c0:c1], index_keys[:, :ev])
-                    idx, ok = be.topk_select(scores, vis, self.indexer.topk)  # [B, c, k]
+                    with torch.no_grad():  # a choice: no gradient, so no graph kept in training (`_index_kl` trains it)
+                        scores = be.index_scores(iq[:, c0:c1], iw[:, c0:c1], index_keys[:, :ev])
+                        idx, ok = be.topk_select(scores, vis, self.indexer.topk)  # [B, c, k]
                     ents = entries[:, :ev]
                     flat = (idx + torch.arange(B, device=dev)[:, None, None] * ev).flatten()
                     picked = ents.reshape(B * ev, -1)[flat].view(*idx.shape, -1).to(q.dtype)
@@ -347,7 +348,8 @@ class Attention(nn.Module):
                                                             self.attn_sink, self.scale)
                     continue
                 if iq is not None and ev:
-                    vis = be.sparse_mask(iq[:, c0:c1], iw[:, c0:c1], index_keys[:, :ev], vis, self.indexer.topk)
+                    with torch.no_grad():
+                        vis = be.sparse_mask(iq[:, c0:c1], iw[:, c0:c1], index_keys[:, :ev], vis, self.indexer.topk)
                 keys = torch.cat([keys, entries[:, :ev]], dim=1)
                 mask = torch.cat([mask, vis], dim=2)
             out[:, c0:c1] = sink_attention(q[:, c0:c1], keys.to(q.dtype), mask, self.attn_sink, self.scale)
@@ -369,12 +371,10 @@ class SharedExpert(nn.Module):
         return self.w2((F.silu(gate) * up).to(x.dtype))
 
 
-class MoE(nn.Module):
+class MoE(LoadTracking):
     """gate (hash-routed: `HashGate`; else sqrtsoftplus + bias: `Gate`), stacked routed experts, one shared expert.
-    Counts tokens per expert when `track_load` is on, as `dsv3.layers.moe.MoE` does, for the trainer's balancing
-    (`dsv3.train.balance`); a hash layer's gate has no selection bias, so only its counts are reported."""
-
-    keep_fp32 = True  # its own buffer (expert_load) only
+    Counts its tokens per expert for the trainer's balancing (`LoadTracking`); a hash layer's gate has no selection
+    bias, so only its counts are reported."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -383,16 +383,12 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = SharedExpert(cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
         self.limit = cfg.swiglu_limit
-        self.track_load = False
-        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
-        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._init_load(cfg.n_routed_experts)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, idx, scores = self.gate(flat, input_ids.reshape(-1)) if self.hash else self.gate(flat)
-        if self.track_load:
-            self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel()).to(self.expert_load.dtype)
-            self.last_routing = (scores, idx)
+        self._record(scores, idx)
         y = run_experts(self.experts, flat, idx, weights.float(), self.limit) + self.shared_experts(flat)
         return y.view(x.shape)
 

@@ -97,7 +97,7 @@ def package_documents(files: list[tuple[str, Path]], min_chars: int = 20_000, ma
                 parts, size, k = [], 0, k + 1
             parts.append(piece)
             size += len(piece)
-        if size >= min_chars or k == 0:
+        if parts:  # the last piece of a cut directory too, however short
             yield f"{d}#{k}", "".join(parts)
 
 

@@ -170,6 +170,7 @@ CASES = [
     ("data passkey unwritable output", ["data", "passkey", "--inputs", "{src}", "-o", "{unwritable}", "--min-chars", "10",
                                         "--max-chars", "50"], "cannot be created"),
     ("data passkey bad flag", ["data", "passkey", "--inputs", "{src}", "-o", "{root}/pp", "--count", "0"], "--count"),
+    ("data passkey too many needles", ["data", "passkey", "--inputs", "{src}", "-o", "{root}/pp", "--needles", "99"], "--needles must be 1 to 16"),
     # pretrain
     ("pretrain missing config", ["pretrain", "--config", "{missing}.yaml"], "does not exist"),
     ("pretrain unwritable out", ["pretrain", "--data", "{shards}", "--init-from", "{model}", "--out", "{unwritable}"],

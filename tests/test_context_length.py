@@ -11,7 +11,8 @@ import torch
 
 from dsv3 import cli
 from dsv3.config import ModelConfig
-from dsv3.models.context_length import context_limit, parse_rope_scaling, rope_scaled_config, with_rope_scaling
+from dsv3.models.context_length import (context_limit, parse_rope_scaling, rope_scaled_config, with_max_position,
+                                         with_rope_scaling)
 from dsv3.errors import ConfigError
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
@@ -109,6 +110,27 @@ def _raw():
     from tiny_model import TINY
 
     return {**TINY, "vocab_size": 100}
+
+
+def test_max_position_overlay_admits_more_positions_and_leaves_the_model_alone(plain_dir):
+    """with_max_position (what the long-model bench uses to time a 1M context) changes the position limit only."""
+    from dsv3.io.load import load_model
+
+    before = json.loads((plain_dir / "config.json").read_text())
+    overlay = with_max_position(plain_dir, 4096)
+    after = json.loads((overlay / "config.json").read_text())
+    assert after.pop("max_position_embeddings") == 4096 and before.pop("max_position_embeddings") < 4096
+    assert after == before  # rotary, YaRN and every other key unchanged
+    ids = torch.tensor([list(range(5, 105))])
+    with torch.no_grad():
+        assert torch.equal(load_model(overlay, dtype="fp32", progress=False)(ids),
+                           load_model(plain_dir, dtype="fp32", progress=False)(ids))
+    assert json.loads((with_max_position(plain_dir, 8)
+                       / "config.json").read_text())["max_position_embeddings"] == before_max(plain_dir)
+
+
+def before_max(model_dir) -> int:
+    return json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
 
 
 def test_rope_scaling_overlay_equals_an_edited_config(plain_dir, tmp_path, capsys):

@@ -63,6 +63,20 @@ def test_passkey_documents_hide_a_key_and_ask_for_it():
     assert doc.count("\n") >= 3
 
 
+def test_several_needles_each_under_its_own_name_all_asked_for():
+    text = "".join(f"line_{i} = {i}\n" for i in range(5000))
+    for doc in passkey_documents([text], 20, 2000, 6000, seed=5, needles=4):
+        body, asks = doc.split("\n\nassert ", 1)
+        asked = re.findall(r'(\w+) == "(\d{5})"', "assert " + asks)
+        assert len(asked) == 4 and len({n for n, _ in asked}) == 4 and asks.count("\n") == 4
+        for name, key in asked:  # each key written once in the body, under its name, on a line of its own
+            assert re.findall(rf'^{name} = "(\d{{5}})"', body, re.M) == [key]
+    one = list(passkey_documents([text], 5, 2000, 6000, seed=5))
+    assert one == list(passkey_documents([text], 5, 2000, 6000, seed=5, needles=1))  # the default draws as before
+    with pytest.raises(ValueError, match="needles must be 1 to"):
+        passkey_document(text, random.Random(0), 100, 100, needles=len(NAMES) + 1)
+
+
 def test_data_commands_write_corpora_and_refuse_bad_input_in_one_line(tmp_path, capsys):
     import dsv3.cli as cli
 

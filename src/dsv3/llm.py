@@ -13,7 +13,7 @@ from dsv3.io.load import load_for_inference
 from dsv3.engine import EngineConfig, LLMEngine, RequestFailedError
 from dsv3.errors import DSV3Error
 from dsv3.engine.outputs import RequestOutput, StreamEvent
-from dsv3.io.paths import default_model_dir
+from dsv3.io.paths import default_model_dir, model_path
 from dsv3.engine.sampling import SamplingParams
 from dsv3.io.tokenizer import Tokenizer
 
@@ -42,7 +42,7 @@ class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
                  max_model_len: int | None = None, seed: int = 0, progress: bool = False, quantization: str | None = None,
                  **engine_args: Any):
-        self.model_dir = Path(model) if model is not None else default_model_dir()
+        self.model_dir = model_path(model) if model is not None else default_model_dir()
         self.model = load_for_inference(self.model_dir, dtype=dtype, quantization=quantization, device=device, progress=progress)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(max_model_len=max_model_len, seed=seed, **engine_args))

@@ -93,11 +93,13 @@ def _packages(args: argparse.Namespace) -> int:
 
 
 def _passkey(args: argparse.Namespace) -> int:
-    from dsv3.data.long_docs import passkey_documents
+    from dsv3.data.long_docs import NAMES, passkey_documents
     from dsv3.commands.outputs import prepare_output_dir
 
     if not 0 < args.min_chars <= args.max_chars or args.count < 1:
         raise DSV3Error("--count must be positive and --min-chars/--max-chars satisfy 0 < min <= max.")
+    if not 1 <= args.needles <= len(NAMES):
+        raise DSV3Error(f"--needles must be 1 to {len(NAMES)} (one name each), got {args.needles}.")
     texts = []
     for d in args.inputs:
         if not Path(d).is_dir():
@@ -108,11 +110,13 @@ def _passkey(args: argparse.Namespace) -> int:
     out = prepare_output_dir(args.output, overwrite=args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        for i, doc in enumerate(passkey_documents(texts, args.count, args.min_chars, args.max_chars, args.seed)):
+        for i, doc in enumerate(passkey_documents(texts, args.count, args.min_chars, args.max_chars, args.seed,
+                                                         args.needles)):
             (out / f"passkey-{i:06d}.py").write_text(doc, encoding="utf-8")
     except ValueError as e:
         raise DSV3Error(str(e)) from None
-    print(f"{args.output}: {args.count} passkey documents of {args.min_chars}-{args.max_chars} characters")
+    print(f"{args.output}: {args.count} passkey documents of {args.min_chars}-{args.max_chars} characters, "
+          f"{args.needles} needle{'s' * (args.needles > 1)} each")
     return 0
 
 
@@ -186,5 +190,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pp.add_argument("--count", type=int, default=2000, help="documents to write (default 2000)")
     pp.add_argument("--min-chars", type=int, default=2_000, help="shortest stretch in characters (default 2000)")
     pp.add_argument("--max-chars", type=int, default=24_000, help="longest stretch in characters (default 24000)")
+    pp.add_argument("--needles", type=int, default=1, help="keys per document, each under its own name, all asked "
+                    "for at the end in a random order (default 1)")
     pp.add_argument("--seed", type=int, default=0, help="seed of the stretches, depths, names and keys")
     pp.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")

@@ -23,7 +23,7 @@ TASKS = ("humaneval", "mmlu", "gsm8k", "perplexity", "extraction", "needle", "lo
 def _common(p: argparse.ArgumentParser, fewshot: int | None) -> None:
     src = p.add_argument_group("model (one of)")
     src.add_argument("--model", metavar="DIR|NAME",
-                     help="model directory to run in-process (default: the embedded default model), "
+                     help="model directory or embedded model (default | chat | long) to run in-process (default: default), "
                           "or the model name to request with --base-url")
     src.add_argument("--base-url", metavar="URL", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     src.add_argument("--api-key", metavar="KEY", default=os.environ.get("OPENAI_API_KEY"),
@@ -170,8 +170,12 @@ def make_backend(args: argparse.Namespace):
 
         # the embedded default model (its chat variant for extraction, asked in a chat turn), or a one-line error
         args.model = str(default_model_dir(chat=args.task == "extraction"))
-    if not Path(args.model).is_dir():
-        raise DSV3Error(f"--model {args.model} is not a model directory (to name a served model, add --base-url).")
+    from dsv3.io.paths import ALIASES, EMBEDDED, model_path
+
+    if not Path(args.model).is_dir() and ALIASES.get(args.model, args.model) not in EMBEDDED:
+        raise DSV3Error(f"--model {args.model} is not a model directory or an embedded model ({', '.join(EMBEDDED)}); "
+                        f"to name a served model, add --base-url.")
+    args.model = str(model_path(args.model))
     from dsv3.eval.backends import InProcessBackend
 
     model = args.model

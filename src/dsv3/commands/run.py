@@ -26,10 +26,14 @@ def positive_int(text: str) -> int:
 
 
 def model_dir(text: str) -> Path:
-    path = Path(text)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"model directory {text!r} does not exist")
-    return path
+    """--model: a directory, or an embedded model's name (default | chat | long)."""
+    from dsv3.errors import DSV3Error
+    from dsv3.io.paths import model_path
+
+    try:
+        return model_path(text)
+    except DSV3Error as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def port_number(text: str) -> int:
@@ -95,7 +99,8 @@ def device_dtype(dtype: str | None, device: str) -> str | None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=model_dir, default=None, help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--model", type=model_dir, default=None, metavar="DIR|NAME",
+                   help="checkpoint directory or embedded model: default | chat | long (default: default)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights/activations dtype (default: the checkpoint's; bf16 on CUDA)")
     add_device_arg(p)
     p.add_argument("--max-model-len", type=positive_int, default=None, help="longest prompt + output, in tokens")

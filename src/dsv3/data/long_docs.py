@@ -101,21 +101,30 @@ def package_documents(files: list[tuple[str, Path]], min_chars: int = 20_000, ma
             yield f"{d}#{k}", "".join(parts)
 
 
-def passkey_document(text: str, rng: random.Random, min_chars: int, max_chars: int) -> str:
-    """A stretch of `text` (whole lines, between `min_chars` and `max_chars`) with a `NAME = "12345"` line at a random
-    line start and `assert NAME == "12345"` at the end."""
+def passkey_document(text: str, rng: random.Random, min_chars: int, max_chars: int, needles: int = 1) -> str:
+    """A stretch of `text` (whole lines, between `min_chars` and `max_chars`) with `needles` lines `NAME = "12345"` (distinct
+    names) at random line starts and, at the end, `assert NAME == "12345"` for each in a random order: several needles
+    give a retrieval example per assert, and an assert that must skip the other names' keys."""
     size = rng.randint(min_chars, min(max_chars, len(text)))
     start = rng.randint(0, len(text) - size)
     start = text.rfind("\n", 0, start) + 1
     lines = text[start:start + size].split("\n")[:-1] or [""]
-    name, key = rng.choice(NAMES), f"{rng.randint(0, 99999):05d}"
-    at = rng.randint(0, len(lines))
-    lines.insert(at, f'{name} = "{key}"{rng.choice(COMMENTS)}')
-    return "\n".join(lines) + f'\n\nassert {name} == "{key}"\n'
+    if needles == 1:  # the single-needle draw order of the corpora built before `needles` existed
+        name, key = rng.choice(NAMES), f"{rng.randint(0, 99999):05d}"
+        at = rng.randint(0, len(lines))
+        lines.insert(at, f'{name} = "{key}"{rng.choice(COMMENTS)}')
+        return "\n".join(lines) + f'\n\nassert {name} == "{key}"\n'
+    if not 1 <= needles <= len(NAMES):
+        raise ValueError(f"needles must be 1 to {len(NAMES)}, got {needles}")
+    pairs = [(name, f"{rng.randint(0, 99999):05d}") for name in rng.sample(NAMES, needles)]
+    for name, key in pairs:
+        lines.insert(rng.randint(0, len(lines)), f'{name} = "{key}"{rng.choice(COMMENTS)}')
+    rng.shuffle(pairs)
+    return "\n".join(lines) + "\n\n" + "".join(f'assert {name} == "{key}"\n' for name, key in pairs)
 
 
 def passkey_documents(texts: list[str], count: int, min_chars: int, max_chars: int,
-                      seed: int = 0) -> Iterator[str]:
+                      seed: int = 0, needles: int = 1) -> Iterator[str]:
     """`count` passkey documents over stretches of `texts` (each long enough; drawn in proportion to length)."""
     pool = [t for t in texts if len(t) >= min_chars]
     if not pool:
@@ -123,4 +132,4 @@ def passkey_documents(texts: list[str], count: int, min_chars: int, max_chars: i
     rng = random.Random(seed)
     weights = [len(t) for t in pool]
     for _ in range(count):
-        yield passkey_document(rng.choices(pool, weights)[0], rng, min_chars, max_chars)
+        yield passkey_document(rng.choices(pool, weights)[0], rng, min_chars, max_chars, needles)

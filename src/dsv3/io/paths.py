@@ -1,4 +1,10 @@
-"""Where dsv3 finds things it ships: the embedded default model and its chat-tuned variant."""
+"""Where dsv3 finds things it ships: the embedded models, by directory or by name.
+
+Three models ship in the package: `default` (V3 architecture, code), `chat` (its chat-tuned variant) and
+`long` (V4 architecture: sliding window + compressed sparse attention, trained on long documents). Every
+`--model` and `LLM(model)` takes a directory or one of these names; a directory of the same name wins, the
+way a local path shadows a hub id in transformers.
+"""
 
 from __future__ import annotations
 
@@ -42,3 +48,33 @@ def default_model_dir(chat: bool = False) -> Path:
     if not (path / "config.json").is_file():
         raise DSV3Error(f"the embedded default model is not present at {path}; pass --model DIR")
     return path
+
+
+EMBEDDED = {"default": "default", "chat": "default-chat", "long": "default-long"}
+ALIASES = {"default-chat": "chat", "default-long": "long"}
+
+
+def embedded_model_dir(name: str) -> Path:
+    """The shipped model called `name` (default | chat | long, or its directory name default-chat | default-long)."""
+    key = ALIASES.get(name, name)
+    if key not in EMBEDDED:
+        raise DSV3Error(f"no embedded model named {name!r} (embedded: {', '.join(EMBEDDED)})")
+    if key == "default":
+        return default_model_dir()
+    if key == "chat":
+        return default_model_dir(chat=True)
+    path = PACKAGE_DATA / EMBEDDED[key]
+    if not (path / "config.json").is_file():
+        raise DSV3Error(f"the embedded {key!r} model is not present at {path}; build it with `make default-{key}`")
+    return path
+
+
+def model_path(text: str | Path) -> Path:
+    """A model directory, or an embedded model's name: the directory when one exists, else the named model."""
+    path = Path(text)
+    if path.is_dir():
+        return path
+    name = str(text)
+    if ALIASES.get(name, name) in EMBEDDED:
+        return embedded_model_dir(name)
+    raise DSV3Error(f"model directory {name!r} does not exist (or name an embedded model: {', '.join(EMBEDDED)})")

@@ -135,11 +135,27 @@ def rope_scaled_config(raw: dict[str, Any], rope: dict[str, Any]) -> dict[str, A
 def with_rope_scaling(model_dir: str | Path, rope: dict[str, Any]) -> Path:
     """An overlay of `model_dir` whose config.json carries `rope` (removed when the process exits)."""
     src = Path(model_dir).resolve()
+    return _overlay(src, rope_scaled_config(_read_config(src, "--rope-scaling"), rope))
+
+
+def with_max_position(model_dir: str | Path, max_position_embeddings: int) -> Path:
+    """An overlay of `model_dir` that admits `max_position_embeddings` positions, rotary and YaRN unchanged: to
+    measure what a longer context costs (time, memory) without retraining or rescaling the model."""
+    src = Path(model_dir).resolve()
+    raw = _read_config(src, "a longer context")
+    return _overlay(src, {**raw, "max_position_embeddings": max(int(raw.get("max_position_embeddings") or 0),
+                                                                max_position_embeddings)})
+
+
+def _read_config(src: Path, why: str) -> dict[str, Any]:
     try:
-        raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
+        return json.loads((src / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read {src / 'config.json'} to apply --rope-scaling ({e})") from None
-    new = rope_scaled_config(raw, rope)
+        raise ConfigError(f"cannot read {src / 'config.json'} to apply {why} ({e})") from None
+
+
+def _overlay(src: Path, config: dict[str, Any]) -> Path:
+    """A temporary directory of links to `src`'s files with `config` as its config.json (removed at exit)."""
     root = Path(tempfile.mkdtemp(prefix="dsv3-rope-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     overlay = root / src.name
@@ -147,5 +163,5 @@ def with_rope_scaling(model_dir: str | Path, rope: dict[str, Any]) -> Path:
     for entry in src.iterdir():
         if entry.name != "config.json":
             (overlay / entry.name).symlink_to(entry)
-    (overlay / "config.json").write_text(json.dumps(new, indent=2) + "\n", encoding="utf-8")
+    (overlay / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return overlay

@@ -96,6 +96,37 @@ default-model: build/shards/manifest.json build/functions/manifest.json
 	cp runs/pretrain-tiny/pretrain.yaml src/dsv3/data/default/pretrain.yaml
 	cp runs/anneal-tiny/pretrain.yaml src/dsv3/data/default/anneal.yaml
 
+# The long-context corpora (docs/data.md, "Long-context corpora"): whole packages of the train split concatenated in
+# import order, and synthetic passkey documents cut from them (short ones for stage 1, long ones for stage 2).
+build/packages/manifest.json: build/shards/manifest.json
+	rm -rf build/packages-src build/packages
+	$(VENV)/bin/dsv3 data packages --shards build/shards -o build/packages-src -q
+	$(VENV)/bin/dsv3 data build --inputs build/packages-src --tokenizer build/tok -o build/packages --heldout-fraction 0.03 -q
+
+build/passkey/manifest.json: build/packages/manifest.json
+	rm -rf build/passkey-src build/passkey build/passkey-long-src build/passkey-long build/passkey-dense-src build/passkey-dense
+	$(VENV)/bin/dsv3 data passkey --inputs build/packages-src -o build/passkey-src --count 6000 --min-chars 1500 --max-chars 5000
+	$(VENV)/bin/dsv3 data build --inputs build/passkey-src --tokenizer build/tok -o build/passkey -q
+	$(VENV)/bin/dsv3 data passkey --inputs build/packages-src -o build/passkey-long-src --count 1500 --min-chars 6000 --max-chars 26000 --seed 1 --needles 4
+	$(VENV)/bin/dsv3 data build --inputs build/passkey-long-src --tokenizer build/tok -o build/passkey-long -q
+	$(VENV)/bin/dsv3 data passkey --inputs build/packages-src -o build/passkey-dense-src --count 8000 --min-chars 1500 --max-chars 5000 --seed 2 --needles 4
+	$(VENV)/bin/dsv3 data build --inputs build/passkey-dense-src --tokenizer build/tok -o build/passkey-dense -q
+
+# The embedded long-context model (docs/long-context.md; its card src/dsv3/data/default-long/README.md): V4 architecture,
+# three stages: 1,100 steps of packages + passkey documents at 2,048 tokens (configs/default-long.yaml, ~55 min), 360
+# steps with 3 of 4 rows 4-key passkey documents (configs/default-long-retrieval.yaml, ~35 min), then YaRN extension
+# to 8,192 (configs/default-long-extend.yaml, ~20 min). Each stage resumes from its runs/ directory's checkpoints.
+.PHONY: default-long
+default-long: build/packages/manifest.json build/passkey/manifest.json
+	$(VENV)/bin/dsv3 pretrain --config configs/default-long.yaml
+	$(VENV)/bin/dsv3 pretrain --config configs/default-long-retrieval.yaml
+	$(VENV)/bin/dsv3 pretrain --config configs/default-long-extend.yaml
+	mkdir -p src/dsv3/data/default-long
+	cp $(addprefix runs/default-long-extend/final/,$(DEFAULT_FILES)) src/dsv3/data/default-long/
+	cp runs/default-long/pretrain.yaml src/dsv3/data/default-long/pretrain.yaml
+	cp runs/default-long-retrieval/pretrain.yaml src/dsv3/data/default-long/retrieval.yaml
+	cp runs/default-long-extend/pretrain.yaml src/dsv3/data/default-long/extend.yaml
+
 # The chat-tuned variant (docs/pretrain.md, "Chat-tuned variant"): instruction pairs mined with `ast` from the train
 # split's functions of at most 800 characters (short answers teach the model to finish its code) -> LoRA on the default model (configs/chat-tiny.yaml, 10-25 min on 2 CPU cores) -> `dsv3 merge` ->
 # src/dsv3/data/default-chat/. The fine-tune resumes from runs/chat-tiny/checkpoints; delete runs/chat-tiny after

@@ -10,8 +10,8 @@ Parts (one run, this machine, fp32, everything through dsv3's engine):
   long-ppl  bits/byte of held-out long code (`dsv3 data packages --split heldout`: whole packages no model
             trained on; the 4 longest of at most 150K characters) at sliding windows 512-16K, both models (the default one with YaRN
             stretched to each window)
-  speed     each in a fresh process: prefill of a real L-token prompt (seconds, peak RSS) then 32 greedy decode
-            steps (ms/token), L = 1K and 128K (and 1M with --million); cache bytes per token of both models
+  speed     each in a fresh process, one request: prefill of a real L-token prompt (seconds, peak RSS) then 32
+            greedy decode steps (ms/token, median), L = 1K and 128K (and 1M with --million); cache bytes per token of both models
   fim       single-line infill exact match and edit similarity on held-out lines, both models, and the
             in-process 20-token infill latency
 Prints each goal as met / NOT met with its figure, writes results.json and goals.png to --out.
@@ -131,7 +131,9 @@ def _task(result) -> dict:
 
 @torch.inference_mode()
 def prefill_child(model_dir: str, length: int) -> dict:
-    """In a fresh process: prefill `length` tokens of real code, then 32 greedy decode steps; peak RSS."""
+    """In a fresh process: one request of `length` tokens of real code and 32 more generated. The prefill lasts
+    until the step that yields the first token; decode is the median of the 32 steps after it. Peak RSS is the
+    process's (model, cache, prompt), taken after the run."""
     from dsv3 import LLM, SamplingParams
     from dsv3.eval.needle import default_haystack
 
@@ -139,33 +141,23 @@ def prefill_child(model_dir: str, length: int) -> dict:
     llm = LLM(model_dir, dtype="float32", max_model_len=length + 40, max_num_seqs=1, enable_prefix_caching=False,
               kv_cache_memory=int(budget * 1.25) + (64 << 20))
     tok = llm.tokenizer
-    text = default_haystack()
+    text = default_haystack()[: 8 * length]  # ~3.3 characters per token: enough, without tokenizing all of it
     ids = tok.encode(text, add_special_tokens=False)
     while len(ids) < length:  # 1M tokens is more than the stdlib: repeat it
         ids = ids + ids
     prompt = [tok.bos_token_id] + ids[: length - 1]
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.perf_counter()
-    llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
-    prefill = time.perf_counter() - t
-    rss_prefill = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # decode: a fresh request over the same prompt with prefix caching off costs another prefill; time the steps
-    # through the engine's per-step clock instead: generate 33 tokens and take the time after the first
-    t = time.perf_counter()
-    stamps = []
-    eng = llm.engine
-    eng.add_request("d", prompt, SamplingParams(max_tokens=33, temperature=0, ignore_eos=True))
+    eng, decode_steps = llm.engine, 32
+    eng.add_request("d", prompt, SamplingParams(max_tokens=decode_steps + 1, temperature=0, ignore_eos=True))
+    start, stamps = time.perf_counter(), []
     while eng.has_unfinished_requests():
         eng.step()
         stamps.append(time.perf_counter())
-    steps = [b - a for a, b in zip(stamps, stamps[1:])]
-    steps = steps[-32:]
-    specs = llm.model.cache_specs()
-    cache = round(sum(s.bytes_per_sequence(torch.float32, length) for s in specs) / length)
-    return {"length": length, "prefill_s": prefill, "prefill_tok_s": length / prefill,
-            "peak_rss_gb": rss_prefill / 2**20, "rss_before_gb": rss0 / 2**20,
-            "decode_ms": 1000 * sorted(steps)[len(steps) // 2], "cache_bytes_per_token": cache,
-            "total_s": time.perf_counter() - t + prefill}
+    first = stamps[-(decode_steps + 1)]  # each step after the prefill's last chunk yields one token
+    steps = sorted(b - a for a, b in zip(stamps[-(decode_steps + 1):], stamps[-decode_steps:]))
+    cache = round(sum(s.bytes_per_sequence(torch.float32, length) for s in llm.model.cache_specs()) / length)
+    return {"length": length, "prefill_s": first - start, "prefill_tok_s": length / (first - start),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "decode_ms": 1000 * steps[len(steps) // 2], "cache_bytes_per_token": cache}
 
 
 def _specs(model_dir: str | Path) -> list:

@@ -170,9 +170,9 @@ def make_backend(args: argparse.Namespace):
 
         # the embedded default model (its chat variant for extraction, asked in a chat turn), or a one-line error
         args.model = str(default_model_dir(chat=args.task == "extraction"))
-    from dsv3.io.paths import ALIASES, EMBEDDED, model_path
+    from dsv3.io.paths import EMBEDDED, embedded_name, model_path
 
-    if not Path(args.model).is_dir() and ALIASES.get(args.model, args.model) not in EMBEDDED:
+    if not Path(args.model).is_dir() and embedded_name(args.model) is None:
         raise DSV3Error(f"--model {args.model} is not a model directory or an embedded model ({', '.join(EMBEDDED)}); "
                         f"to name a served model, add --base-url.")
     args.model = str(model_path(args.model))

@@ -50,19 +50,22 @@ def default_model_dir(chat: bool = False) -> Path:
     return path
 
 
-EMBEDDED = {"default": "default", "chat": "default-chat", "long": "default-long"}
-ALIASES = {"default-chat": "chat", "default-long": "long"}
+EMBEDDED = {"default": "default", "chat": "default-chat", "long": "default-long"}  # name -> directory in PACKAGE_DATA
+
+
+def embedded_name(text: str | Path) -> str | None:
+    """The shipped model `text` names (a name, or its directory's name: default-chat, default-long), else None."""
+    text = str(text)
+    return text if text in EMBEDDED else next((k for k, d in EMBEDDED.items() if d == text), None)
 
 
 def embedded_model_dir(name: str) -> Path:
     """The shipped model called `name` (default | chat | long, or its directory name default-chat | default-long)."""
-    key = ALIASES.get(name, name)
-    if key not in EMBEDDED:
+    key = embedded_name(name)
+    if key is None:
         raise DSV3Error(f"no embedded model named {name!r} (embedded: {', '.join(EMBEDDED)})")
-    if key == "default":
-        return default_model_dir()
-    if key == "chat":
-        return default_model_dir(chat=True)
+    if key in ("default", "chat"):  # these two follow DSV3_DEFAULT_MODEL / DSV3_DEFAULT_CHAT_MODEL
+        return default_model_dir(chat=key == "chat")
     path = PACKAGE_DATA / EMBEDDED[key]
     if not (path / "config.json").is_file():
         raise DSV3Error(f"the embedded {key!r} model is not present at {path}; build it with `make default-{key}`")
@@ -74,7 +77,6 @@ def model_path(text: str | Path) -> Path:
     path = Path(text)
     if path.is_dir():
         return path
-    name = str(text)
-    if ALIASES.get(name, name) in EMBEDDED:
-        return embedded_model_dir(name)
-    raise DSV3Error(f"model directory {name!r} does not exist (or name an embedded model: {', '.join(EMBEDDED)})")
+    if embedded_name(text) is not None:
+        return embedded_model_dir(str(text))
+    raise DSV3Error(f"model directory {str(text)!r} does not exist (or name an embedded model: {', '.join(EMBEDDED)})")

@@ -156,7 +156,7 @@ def _read_config(src: Path, why: str) -> dict[str, Any]:
 
 def _overlay(src: Path, config: dict[str, Any]) -> Path:
     """A temporary directory of links to `src`'s files with `config` as its config.json (removed at exit)."""
-    root = Path(tempfile.mkdtemp(prefix="dsv3-rope-"))
+    root = Path(tempfile.mkdtemp(prefix="dsv3-config-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     overlay = root / src.name
     overlay.mkdir()

@@ -55,6 +55,12 @@ def main() -> None:
     ap.add_argument("--anchors", default="hf,llama-f32,llama-f16", help="comma list of hf, llama-f32, llama-f16, llama-q8_0")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dsv3-bench")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--mtp-model", type=Path, default=None, help="model with MTP weights for the spec test "
+                    "(default: the embedded default model)")
+    ap.add_argument("--mtp-threads", default="2,1", help="thread counts the spec test runs at")
+    ap.add_argument("--mtp-prompts", type=int, default=8)
+    ap.add_argument("--mtp-tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3, help="spec test: alternating runs per system, the best kept")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = args.model or make_bench_model(args.cache / "bench73m")
@@ -115,21 +121,58 @@ def main() -> None:
         rows.append(("cache bytes per token (fp32)", "MHA cache of the same model", mha, "B"))
         rows.append(("cache bytes per token (int8 latent)", "dsv3 --kv-cache-dtype int8", engine(model, tok, kv_cache_dtype="int8").runner.cache.bytes_per_token(), "B"))
 
-    if "spec" in tests and len(model.model.mtp):
-        prompts = [rand(32) for _ in range(4)]
-        base_eng = engine(model, tok)
-        base = dsv3_generate(base_eng, prompts[:1], [128])
-        ref = [o.outputs[0].token_ids for o in base_eng.generate(prompts, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))]
-        for k in (1, 2):
-            eng = engine(model, tok, num_speculative_tokens=k)
-            t = dsv3_generate(eng, prompts[:1], [128])
-            same = [o.outputs[0].token_ids for o in eng.generate(prompts, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))] == ref
-            acc = ", ".join(f"{r:.2f}" for r in eng.drafter.stats.acceptance_rate)
-            rows.append((f"MTP speculative k={k} (acceptance {acc}; greedy identical: {same})", "dsv3", base / t, "x speed-up"))
-    elif "spec" in tests:
-        rows.append(("MTP speculative decoding", "skipped: the model has no MTP weights", 0.0, ""))
+    if "spec" in tests:
+        rows += mtp_rows(args)
 
     report(rows, args.out)
+
+
+def mtp_rows(args) -> list[tuple[str, str, float, str]]:
+    """Batch-1 greedy decoding with MTP drafts (k = 1, 2) against plain decoding and llama.cpp F32 on the same model,
+    prompts and token ids, at each thread count: best of `rounds` alternating runs; MTP's output must equal plain."""
+    from dsv3.io.paths import default_model_dir
+
+    model_dir = args.mtp_model or default_model_dir()
+    model = load_model(model_dir, dtype=torch.float32, progress=False)
+    if not len(model.model.mtp):
+        return [("MTP speculative decoding", "skipped: the model has no MTP weights", 0.0, "")]
+    tok = Tokenizer.from_dir(model_dir)
+    starts = ["def ", "class ", "import os\n", "    return ", "for i in range(", "if __name__", "# ", "with open("]
+    prompts = [tok.encode(starts[i % len(starts)], add_special_tokens=True) for i in range(args.mtp_prompts)]
+    n = args.mtp_tokens
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    rows = []
+    for threads in (int(t) for t in args.mtp_threads.split(",")):
+        torch.set_num_threads(threads)
+        systems = {"plain": engine(model, tok), "MTP k=1": engine(model, tok, num_speculative_tokens=1),
+                   "MTP k=2": engine(model, tok, num_speculative_tokens=2)}
+        try:
+            systems["llama.cpp F32"] = LlamaCppRunner(model_dir, "f32", args.cache, threads)
+        except Exception as e:  # reported, never silently dropped
+            print(f"[anchor llama.cpp F32 skipped: {type(e).__name__}: {e}]", file=sys.stderr)
+        outs, best = {}, {}
+        for _ in range(args.rounds):
+            for name, system in systems.items():
+                if isinstance(system, LlamaCppRunner):
+                    secs = system.generate(prompts, n)
+                else:
+                    t = time.perf_counter()
+                    outs[name] = [[o.outputs[0].token_ids for o in system.generate([p], params)][0] for p in prompts]
+                    secs = time.perf_counter() - t
+                best[name] = max(best.get(name, 0.0), len(prompts) * n / secs)
+        test = f"batch-1 greedy decode, {model_dir.name} model, {threads} thread(s)"
+        for name, value in best.items():
+            note = ""
+            if name.startswith("MTP"):
+                st = systems[name].drafter.stats
+                note = (f" (acceptance {', '.join(f'{r:.1%}' for r in st.acceptance_rate)}; "
+                        f"output {'identical to' if outs[name] == outs['plain'] else 'DIFFERS from'} plain)")
+            rows.append((test, ("dsv3 " if name != "llama.cpp F32" else "") + name + note, value, "tok/s"))
+        for name in ("MTP k=1", "MTP k=2"):
+            rows.append((test + f": {name} / plain", "dsv3", best[name] / best["plain"], "x"))
+            if "llama.cpp F32" in best:
+                rows.append((test + f": {name} / llama.cpp F32", "dsv3", best[name] / best["llama.cpp F32"], "x"))
+    return rows
 
 
 def report(rows: list[tuple[str, str, float, str]], out: Path) -> None:
@@ -144,7 +187,7 @@ def report(rows: list[tuple[str, str, float, str]], out: Path) -> None:
     for t, s, v, u in rows:
         ratio = f"{ours[t] / v:.2f}x" if t in ours and s != "dsv3" and v and u == "tok/s" else (
             f"{v / ours[t]:.2f}x" if t in ours and s != "dsv3" and u == "ms" and ours[t] else "")
-        print(f"{t:<58}{s:<34}{v:>12.1f}  {u:<6} {ratio}")
+        print(f"{t:<58}{s:<34}{v:>12.{2 if u == 'x' else 1}f}  {u:<6} {ratio}")
     (out / "engine_bench.json").write_text(json.dumps([dict(test=t, system=s, value=v, unit=u) for t, s, v, u in rows], indent=1))
     tests = [t for t in dict.fromkeys(t for t, _, _, u in rows if u == "tok/s")]
     fig, axes = plt.subplots(1, max(1, len(tests)), figsize=(6 * max(1, len(tests)), 4))

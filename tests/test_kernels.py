@@ -44,7 +44,8 @@ def per_module(monkeypatch) -> None:
 def count_native(monkeypatch) -> collections.Counter:
     """Calls of the native `dsv3::` ops, by name."""
     calls = collections.Counter()
-    for name in ("rms_norm", "route_noaux", "linear", "mlp", "moe", "mla_decode", "decode_layers", "decode_step"):
+    for name in ("rms_norm", "route_noaux", "linear", "mlp", "moe", "mla_decode", "decode_layers", "decode_step",
+                 "mtp_step"):
         real = getattr(torch.ops.dsv3, name)
         monkeypatch.setattr(torch.ops.dsv3, name, lambda *a, _n=name, _r=real, **k: calls.update([_n]) or _r(*a, **k))
     return calls
@@ -152,8 +153,8 @@ def test_mla_kernel_matches_pytorch_with_padding_and_several_tokens(monkeypatch,
 
 @pytest.mark.parametrize("spec", [0, 2])
 def test_engine_steps_take_the_mla_kernel(monkeypatch, parts, spec):
-    """Decode steps, and with MTP drafting the short verification and drafting chunks, run natively;
-    the tokens are those of the PyTorch path."""
+    """Decode steps, and with MTP drafting the short verification and drafting chunks, run natively (a drafted
+    greedy decode step as one `mtp_step` call); the tokens and the accepted drafts are those of the PyTorch path."""
     from dsv3.engine import EngineConfig, LLMEngine
     from dsv3.engine.sampling import SamplingParams
 
@@ -169,9 +170,10 @@ def test_engine_steps_take_the_mla_kernel(monkeypatch, parts, spec):
         return out, (engine.drafter.stats.accepted, engine.drafter.stats.drafted) if spec else None
 
     fast = run()
-    assert native["decode_step"] >= 10  # the main model's steps
+    assert native["decode_step"] + native["mtp_step"] >= 10  # the main model's steps
     if spec:
-        assert native["decode_layers"] >= 10  # the MTP module's block
+        assert native["mtp_step"] >= 5  # steady decoding: verify, accept and draft in one call
+        assert native["decode_layers"] >= 2  # the MTP module's block catching up after each prompt
     per_module(monkeypatch)
     calls = count_mla_calls(monkeypatch)
     assert fast == run()

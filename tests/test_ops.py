@@ -158,6 +158,83 @@ def test_whole_step_matches_the_reference_op():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@native_only
+@torch.no_grad()
+@pytest.mark.parametrize("K", [1, 2])
+def test_mtp_step_matches_the_reference_op(K):
+    """`dsv3::mtp_step` against its reference: verified logits, accepted tokens, next drafts and every cache layer
+    (the MTP layer's included), with one sequence accepting all its drafts, one none; paged block tables."""
+    from dsv3.ops import plan
+
+    assert kernels.load()
+    model = _model()
+    cfg = model.config
+    p, t = plan.model_plan(model), plan.mtp_plan(model)
+    assert p is not None and t is not None and t.layers == [cfg.num_hidden_layers]
+    B, bs = 2, 4
+    starts = torch.tensor([9, 14])
+    tables = torch.tensor([[5, 2, 7, 0, 0], [1, 3, 4, 6, 8]])  # sequence 0 uses 3 blocks, 1 all 5
+    kv0 = torch.randn(cfg.num_hidden_layers + 1, 9 * bs, cfg.latent_dim, generator=torch.Generator().manual_seed(0))
+
+    def run(fn, ids):
+        kv, M1 = kv0.clone(), B * (K + 1)
+        hidden, logits = torch.empty(M1, cfg.hidden_size), torch.empty(M1, cfg.vocab_size)
+        tokens, drafts = torch.empty(B, K + 1, dtype=torch.long), torch.empty(B, K, dtype=torch.long)
+        assert fn(p.weights, p.meta, p.fmeta, t.weights, t.meta, t.fmeta, kv, p.layers, t.layers[0], ids, starts, tables,
+                  bs, K, hidden, logits, tokens, drafts) == 0
+        return hidden, logits, tokens, drafts, kv
+
+    ids = torch.tensor([[5] + [7] * (2 * K - 1), [8] + [9] * (2 * K - 1)])
+    # the target's own greedy continuation of sequence 0, found one verified row at a time, is accepted in full
+    for j in range(K):
+        ids[0, j + 1] = run(torch.ops.dsv3.mtp_step, ids)[2][0, j]
+    ids[1, 1] = (run(torch.ops.dsv3.mtp_step, ids)[2][1, 0] + 1) % cfg.vocab_size  # sequence 1's first draft is wrong
+    native, ref = run(torch.ops.dsv3.mtp_step, ids), run(reference.mtp_step, ids)
+    tokens = native[2]
+    assert tokens[0].tolist() == ids[0, 1:K + 1].tolist() + [tokens[0, K].item()] and tokens[0, K] >= 0
+    assert tokens[1, 0] >= 0 and (tokens[1, 1:] == -1).all()
+    for a, b in zip(native, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # the main layers wrote positions n .. n+K, the MTP layer n .. n+a+K-1 (a accepted drafts), nothing else
+    changed = (native[4] != kv0).any(-1)
+    L = cfg.num_hidden_layers
+    for layer, rows in ((0, [K + 1, K + 1]), (L, [K + K, 0 + K])):
+        want = torch.zeros_like(changed[0])
+        for b in range(B):
+            for pos in range(int(starts[b]), int(starts[b]) + rows[b]):
+                want[tables[b, pos // bs] * bs + pos % bs] = True
+        assert torch.equal(changed[layer], want)
+
+
+@native_only
+@torch.no_grad()
+def test_mtp_step_refuses_bad_input_with_a_message():
+    from dsv3.ops import plan
+
+    assert kernels.load()
+    model = _model()
+    cfg = model.config
+    p, t = plan.model_plan(model), plan.mtp_plan(model)
+    kv = torch.zeros(cfg.num_hidden_layers + 1, 16, cfg.latent_dim)
+
+    def call(ids, starts=(3,), tables=((0, 1),), drafts=None):
+        return torch.ops.dsv3.mtp_step(p.weights, p.meta, p.fmeta, t.weights, t.meta, t.fmeta, kv, p.layers, t.layers[0],
+                                       ids, torch.tensor(starts), torch.tensor(tables), 4, 1,
+                                       torch.empty(2, cfg.hidden_size), torch.empty(2, cfg.vocab_size),
+                                       torch.empty(1, 2, dtype=torch.long),
+                                       torch.empty(1, 1, dtype=torch.long) if drafts is None else drafts)
+
+    assert call(torch.tensor([[3, cfg.vocab_size]])) == 2  # 1 + the row of the id outside the vocabulary
+    with pytest.raises(RuntimeError, match=r"ids must be contiguous int64 \[B, 2K\]"):
+        call(torch.tensor([[3, 4, 5]]))
+    with pytest.raises(RuntimeError, match="drafts"):
+        call(torch.tensor([[3, 4]]), drafts=torch.empty(1, 3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="outside the cache's 4 blocks"):
+        call(torch.tensor([[3, 4]]), tables=((0, 4),))
+    with pytest.raises(RuntimeError, match="must hold positions up to start"):
+        call(torch.tensor([[3, 4]]), starts=(7,))
+
+
 def test_ops_run_their_reference_where_no_native_kernel_is_registered():
     """The reference kernels are the ops' CompositeExplicitAutograd kernels: meta tensors get shapes (fake)."""
     x = torch.empty(3, 64, device="meta")

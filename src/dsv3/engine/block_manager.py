@@ -114,7 +114,8 @@ class BlockManager:
         """Register the hashes of blocks that became full now that their tokens are computed."""
         if not self.enable_prefix_caching:
             return
-        for i, h in enumerate(self._hashes(seq, seq.num_computed_tokens)):
+        # a verified draft counts as computed before the engine appends it: hash only tokens the sequence holds
+        for i, h in enumerate(self._hashes(seq, min(seq.num_computed_tokens, seq.num_tokens))):
             block = seq.block_table[i]
             if self.block_hashes[block] is None:
                 self.block_hashes[block] = h

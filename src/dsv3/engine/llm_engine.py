@@ -65,6 +65,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     kv_cache_dtype: str = "auto"  # auto | int8
     num_speculative_tokens: int = 0  # MTP drafts per step (needs a model with MTP weights)
+    spec_min_acceptance: float = 0.3  # a request accepting fewer of its drafts stops drafting (the break-even, bench/mtp_bound.py)
     seed: int = 0
     lora_adapters: dict[str, str] | None = None  # name -> PEFT adapter dir, served side by side (adapter id = index + 1)
 
@@ -116,7 +117,8 @@ class LLMEngine:
         if c.num_speculative_tokens:
             if not model.num_mtp_layers:
                 raise RequestError("speculative decoding needs a model loaded with its MTP module (num_nextn_predict_layers > 0)")
-            self.drafter = MTPDrafter(self.runner, self.block_manager, c.num_speculative_tokens, self.max_model_len)
+            self.drafter = MTPDrafter(self.runner, self.block_manager, c.num_speculative_tokens, self.max_model_len,
+                                      c.spec_min_acceptance)
             self.stats.update(spec_draft_tokens=0, spec_accepted_tokens=0)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
@@ -257,6 +259,31 @@ class LLMEngine:
         touched: dict[str, None] = {}
         if self.runner.state is not None:
             self.runner.begin_step()
+        new_tokens = self._spec_step(chunks, touched) if self.drafter else None
+        if new_tokens is None:
+            new_tokens = self._general_step(chunks, touched)
+        now = time.monotonic()
+        for seq, toks in new_tokens.items():
+            if seq.is_finished:
+                continue
+            try:
+                seq.first_token_time = seq.first_token_time or now
+                for tok in toks:
+                    seq.token_ids.append(tok)
+                    seq.output.append(tok)
+                    self.stats["generation_tokens"] += 1
+                    if seq.output.finish_reason:
+                        self.scheduler.remove(seq)
+                        seq.status = SequenceStatus.FINISHED
+                        break
+            except Exception as e:
+                self._fail(seq, e, touched)
+            touched[seq.request_id] = None
+        return [self._request_output(self.requests[r]) for r in touched if r in self.requests]
+
+    def _general_step(self, chunks: list, touched: dict[str, None]) -> dict[Sequence, list[int]]:
+        """Any step: MTP drafts (the Python path), one model forward over every chunk, then sampling or verification.
+        Returns the tokens each sequence gained."""
         drafts = self._draft(chunks, touched)
         items = [StepItem(c.seq.token_ids[c.start:c.start + c.num_tokens] + (drafts[c.seq].tokens if c.seq in drafts else []),
                           c.start, c.seq.block_table, sample=c.completes and c.seq.pooler is None, all_logits=c.seq in drafts,
@@ -284,7 +311,7 @@ class LLMEngine:
                 if it.all_logits:
                     draft = drafts[seq]
                     accepted = verify(seq, draft, logits[rows])
-                    self.drafter.stats.record(len(draft.tokens), len(accepted) - 1)
+                    self.drafter.record(seq, len(draft.tokens), len(accepted) - 1)
                     self.stats["spec_draft_tokens"] += len(draft.tokens)
                     self.stats["spec_accepted_tokens"] += len(accepted) - 1
                     new_tokens[seq] = accepted
@@ -311,24 +338,49 @@ class LLMEngine:
             rows = logits if len(sample_rows) == logits.shape[0] else logits[sample_rows]
             for seq, tok in self._sample(to_sample, rows, touched).items():
                 new_tokens[seq] = [tok]
-        now = time.monotonic()
-        for seq, toks in new_tokens.items():
-            if seq.is_finished:
-                continue
-            try:
-                seq.first_token_time = seq.first_token_time or now
-                for tok in toks:
-                    seq.token_ids.append(tok)
-                    seq.output.append(tok)
-                    self.stats["generation_tokens"] += 1
-                    if seq.output.finish_reason:
-                        self.scheduler.remove(seq)
-                        seq.status = SequenceStatus.FINISHED
-                        break
-            except Exception as e:
-                self._fail(seq, e, touched)
-            touched[seq.request_id] = None
-        return [self._request_output(self.requests[r]) for r in touched if r in self.requests]
+        return new_tokens
+
+    def _spec_step(self, chunks: list, touched: dict[str, None]) -> dict[Sequence, list[int]] | None:
+        """A pure greedy decode step with MTP as one native call (verify, accept, draft the next step), or None when
+        the step does not qualify or the model has no native form (the general step runs instead)."""
+        d, k = self.drafter, self.drafter.k
+        if not d.fusable(chunks):
+            return None
+        try:
+            d.catch_up(chunks)
+        except EngineDeadError:
+            raise
+        except Exception:
+            return None  # the general step drafts again, chunk by chunk, and fails the sequence that raises
+        if any(c.seq.spec_draft is None for c in chunks):
+            return None
+        items = [StepItem([c.seq.token_ids[c.start]] + c.seq.spec_draft, c.start, c.seq.block_table) for c in chunks]
+        try:
+            out = self.runner.execute_spec(items, k)
+        except EngineDeadError:
+            raise
+        except Exception as e:  # the general step re-runs it (the drafts stay ready) and isolates the culprit
+            log.warning("native speculative step failed (%s: %s); taking the general path", type(e).__name__, e)
+            return None
+        if out is None:
+            return None
+        tokens, drafts = out[0].tolist(), out[1].tolist()
+        self.stats["steps"] += 1
+        new_tokens: dict[Sequence, list[int]] = {}
+        for c, toks, nxt in zip(chunks, tokens, drafts):
+            seq = c.seq
+            toks = toks[:toks.index(-1)] if -1 in toks else toks
+            accepted = len(toks) - 1
+            d.record(seq, k, accepted)
+            self.stats["spec_draft_tokens"] += k
+            self.stats["spec_accepted_tokens"] += accepted
+            seq.num_computed_tokens += 1 + accepted
+            seq.mtp_done, seq.mtp_pending = c.start + 1 + accepted, None
+            if not seq.spec_off:
+                seq.spec_draft = nxt
+            self.block_manager.commit(seq)
+            new_tokens[seq] = toks
+        return new_tokens
 
     # ---- fault isolation ----------------------------------------------------------------
     def _fail(self, seq: Sequence, exc: BaseException, touched: dict[str, None]) -> None:

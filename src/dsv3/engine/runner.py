@@ -11,6 +11,7 @@ from dsv3.attention.backend import backend_for
 from dsv3.attention.context import PagedContext, SequenceStates
 from dsv3.attention.kv_cache import KVCache
 from dsv3.attention.metadata import StepMetadata
+from dsv3 import ops
 from dsv3.engine import cuda_graphs
 from dsv3.lora.apply import lora_modules, set_slot_ids
 from dsv3.lora.slots import SlotBatch
@@ -105,6 +106,21 @@ class ModelRunner:
             if self.multi_lora:  # other users of the model (LLM.score, the generator) see the base model
                 set_slot_ids(self.model, None)
         return hidden, logits.float()
+
+    @torch.inference_mode()
+    def execute_spec(self, items: list[StepItem], k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A greedy speculative step in one native call (`dsv3.ops.mtp_step`): each item is a sequence's last token
+        and its k drafts (token_ids, k + 1 of them) at `start`, with blocks for 2k positions. Returns (tokens [B, k+1]:
+        the accepted drafts and the target's next token, -1 after them; drafts [B, k] for the next step), or None
+        when the model or step has no native form (the caller takes the general path)."""
+        if self.state is not None or self.multi_lora or self.cache is None or self.cache.native() is None:
+            return None
+        width = max(len(it.block_table) for it in items)
+        tables = torch.tensor([it.block_table + [0] * (width - len(it.block_table)) for it in items])
+        ids = torch.tensor([it.token_ids + [it.token_ids[-1]] * (2 * k - len(it.token_ids)) for it in items])
+        starts = torch.tensor([it.start for it in items])
+        out = ops.mtp_step(self.model, ids, starts, tables, self.block_size, k, self.cache.native())
+        return None if out is None else (out[2], out[3])
 
     # ---- per-sequence state (DeepSeek-V4) -------------------------------------------------------
     def begin_step(self) -> None:

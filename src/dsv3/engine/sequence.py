@@ -46,6 +46,10 @@ class Sequence:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     mtp_done: int = 0  # MTP pairs (h_i, x_{i+1}) already in the MTP layer's cache
     mtp_pending: torch.Tensor | None = None  # main hidden states h_mtp_done .. not yet fed to MTP
+    spec_draft: list[int] | None = None  # drafts for the next step, made by the native speculative step
+    spec_drafted: int = 0  # this request's drafted and accepted tokens (its own acceptance)
+    spec_accepted: int = 0
+    spec_off: bool = False  # acceptance fell below the break-even: no more drafts for this request
     pooler: Any = None  # a pooling request's dsv3.engine.pooling.Pooler (nothing is sampled)
 
     @property
@@ -71,7 +75,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table = []
         self.restore_state = None
-        self.mtp_done, self.mtp_pending = 0, None
+        self.mtp_done, self.mtp_pending, self.spec_draft = 0, None, None
         if self.pooler is not None:
             self.pooler.reset()
         self.status = SequenceStatus.WAITING

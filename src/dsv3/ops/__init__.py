@@ -166,6 +166,34 @@ def decode_step(model: torch.nn.Module, input_ids: torch.Tensor, positions: torc
     return hidden.view(B, T, p.hidden_size), out
 
 
+def mtp_step(model: torch.nn.Module, ids: torch.Tensor, starts: torch.Tensor, block_tables: torch.Tensor,
+             block_size: int, K: int, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor] | None:
+    """A greedy MTP speculative step in one call (`dsv3::mtp_step`), or None when the model or step has no native
+    form: ids [B, 2K] (row 0 the last token at position starts[b], rows 1..K its drafts, the rest only lend their
+    positions to chained drafts), block_tables [B, W] over `cache` (every layer's latent entries). Returns
+    (hidden [B(K+1), D], logits [B(K+1), V] of the verified rows, tokens [B, K+1]: accepted drafts and the target's
+    next token, -1 after them, drafts [B, K] for the next step)."""
+    from dsv3.ops import plan
+
+    B, R = ids.shape
+    if cache is None or R != 2 * K or not _steps_ok(ids, B * (K + 1)):
+        return None
+    p, t = plan.model_plan(model), plan.mtp_plan(model)
+    if p is None or t is None or not p.head or p.observed() or t.observed():
+        return None
+    M1 = B * (K + 1)
+    hidden, logits = torch.empty(M1, p.hidden_size), torch.empty(M1, p.vocab)
+    tokens, drafts = torch.empty(B, K + 1, dtype=torch.int64), torch.empty(B, K, dtype=torch.int64)
+    bad = torch.ops.dsv3.mtp_step(p.weights, p.meta, p.fmeta, t.weights, t.meta, t.fmeta, cache, p.layers, t.layers[0],
+                                  ids, starts, block_tables, block_size, K, hidden, logits, tokens, drafts)
+    if bad:
+        rows = torch.arange(B)[:, None] * R + torch.arange(K + 1)[None]
+        raise IndexError(f"token id {int(ids.reshape(-1)[rows.reshape(-1)][bad - 1])} is out of range for the "
+                         f"vocabulary of {p.vocab}")
+    return hidden, logits, tokens, drafts
+
+
 def decode_layers(owner: torch.nn.Module, blocks: list[torch.nn.Module], x: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, cache: torch.Tensor | None, keys: tuple | None) -> torch.Tensor | None:
     """x [B, T, D] through `blocks` (the residual stream, no final norm) in one call, or None. The MTP module's

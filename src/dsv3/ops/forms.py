@@ -109,3 +109,21 @@ class NativeModel(NamedTuple):
     final_norm: torch.Tensor
     final_eps: float
     head: NativeLinear | None
+
+
+class NativeMTP(NamedTuple):
+    """The MTP module as a greedy drafter (`dsv3::mtp_step`): enorm / hnorm over the next token's embedding and the
+    hidden state, eh_proj, one block (cache layer `layer_id`), its output norm, and the draft head, whose rows are
+    the tokens `draft_ids` (None: the whole vocabulary, the LM head itself)."""
+
+    block: NativeBlock
+    layer_id: int
+    enorm: torch.Tensor
+    hnorm: torch.Tensor
+    e_eps: float
+    h_eps: float
+    eh: NativeLinear
+    final_norm: torch.Tensor
+    final_eps: float
+    head: NativeLinear
+    draft_ids: torch.Tensor | None = None

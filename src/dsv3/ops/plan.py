@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
 
-from dsv3.ops.forms import NativeBlock, NativeLinear, NativeModel
+from dsv3.ops.forms import NativeBlock, NativeLinear, NativeModel, NativeMTP
 from dsv3.ops.layout import LAYER_FLOATS, LAYER_INTS, LAYER_WEIGHTS
 
 _EMPTY = [None, None, None]
@@ -154,6 +154,28 @@ def blocks_plan(owner: nn.Module, blocks: list[nn.Module]) -> Plan | None:
             _PLANS[owner] = (_epoch[0], Plan(weights, meta, fmeta, [b.layer_idx for b in blocks], mods, _moes(*blocks),
                                              hidden_size=forms[0].in_norm.numel()))
     return _PLANS[owner][1]
+
+
+_MTP_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, Plan | None]]" = weakref.WeakKeyDictionary()
+
+
+def mtp_plan(model: nn.Module) -> Plan | None:
+    """The MTP drafter plan of `model` (`model.native_mtp()`: MTP module 0 with its draft head), or None."""
+    entry = _MTP_PLANS.get(model)
+    if entry is None or entry[0] != _epoch[0]:
+        get = getattr(model, "native_mtp", None)
+        form: NativeMTP | None = get() if callable(get) else None
+        plan = None
+        if form is not None:
+            ew, em = _lin(form.eh)
+            hw, hm = _lin(form.head)
+            weights, meta, fmeta = _pack([form.block], [form.enorm, form.hnorm, *ew, form.final_norm, *hw, form.draft_ids],
+                                         [*em, *hm], [form.e_eps, form.h_eps, form.final_eps])
+            mods = list(model.model.mtp.modules()) if hasattr(model, "model") else []
+            plan = Plan(weights, meta, fmeta, [form.layer_id], mods, _moes(*mods[:1]), vocab=form.head.weight.shape[0],
+                        head=True, hidden_size=form.enorm.numel())
+        _MTP_PLANS[model] = entry = (_epoch[0], plan)
+    return entry[1]
 
 
 def _moes(*roots: nn.Module) -> list[nn.Module]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv3.ops.layout import LAYER_FLOATS, LAYER_INTS, LAYER_WEIGHTS, MODEL_FLOATS, MODEL_INTS, MODEL_WEIGHTS
+from dsv3.ops.layout import (LAYER_FLOATS, LAYER_INTS, LAYER_WEIGHTS, MODEL_FLOATS, MODEL_INTS, MODEL_WEIGHTS, MTP_FLOATS,
+                             MTP_INTS, MTP_WEIGHTS)
 
 
 def unpack_int4(packed: torch.Tensor, K: int) -> torch.Tensor:
@@ -193,6 +194,80 @@ def decode_step(weights: list, meta: torch.Tensor, fmeta: torch.Tensor, cache: t
         logits.copy_((h @ dequant(weights[3], weights[4], weights[5], head_kind, head_group, h.shape[-1]).T).view_as(logits))
     return 0
 
+
+
+def mtp_step(weights: list, meta: torch.Tensor, fmeta: torch.Tensor, mtp_weights: list, mtp_meta: torch.Tensor,
+             mtp_fmeta: torch.Tensor, cache: torch.Tensor, layers: list[int], mtp_layer: int, ids: torch.Tensor,
+             starts: torch.Tensor, block_tables: torch.Tensor, block_size: int, K: int, hidden: torch.Tensor,
+             logits: torch.Tensor, tokens: torch.Tensor, drafts: torch.Tensor) -> int:
+    """A greedy MTP speculative step for B sequences, each its ids at positions n .. n+2K-1 (row 0 the last token,
+    rows 1..K the drafts, the rest places for chained drafts) and its block table (position p in slot
+    table[p // block_size] · block_size + p % block_size; row j attends to positions 0 .. n+j): the main model
+    verifies rows 0..K (hidden, logits [B(K+1), ...]); tokens [B, K+1] gets the accepted drafts and the target's
+    next token (-1 after them); the MTP module takes in the exact pairs (hidden of row j, token j) for j <= a and
+    drafts K tokens for the next step (drafts [B, K]), chaining on its own output at rows a+1 .. a+K-1."""
+    B, R = ids.shape
+    K1 = K + 1
+    S = block_tables.shape[1] * block_size
+    q = torch.arange(S)
+    table_slots = block_tables[:, q // block_size] * block_size + q % block_size  # [B, S]
+    positions = starts[:, None] + torch.arange(R)  # [B, R]
+    slot_mapping = table_slots.gather(1, positions).reshape(-1)
+    key_slots = table_slots.repeat_interleave(R, 0)
+    key_mask = q[None] <= positions.reshape(-1, 1)
+    main = torch.arange(B)[:, None] * R + torch.arange(K1)[None]  # [B, K+1] flat rows the main model reads
+    rows = main.reshape(-1)
+    bad = decode_step(weights, meta, fmeta, cache, layers, ids.reshape(-1)[rows], positions.reshape(-1)[rows], 0, 1,
+                      slot_mapping[rows], key_slots[rows], key_mask[rows], hidden, logits)
+    if bad:
+        return bad
+    mi, mf, ti, tf = meta.tolist(), fmeta.tolist(), mtp_meta.tolist(), mtp_fmeta.tolist()
+    embed, inv_freq, attn_factor = weights[0], weights[1].float(), mf[0]
+    enorm, hnorm, eh_w, eh_s, eh_b, fnorm, hd_w, hd_s, hd_b, draft_ids = mtp_weights[:MTP_WEIGHTS]
+    D = embed.shape[1]
+    eh = dequant(eh_w, eh_s, eh_b, ti[0], ti[1], 2 * D)
+    head = dequant(hd_w, hd_s, hd_b, ti[2], ti[3], D)
+    (w, m, f), = _layers(mtp_weights, MTP_WEIGHTS, ti[MTP_INTS:], tf[MTP_FLOATS:], 1)
+    W = cache.shape[-1]
+    mcache = cache[mtp_layer].view(-1, W)
+
+    def mtp(h: torch.Tensor, tok: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        angle = positions.reshape(-1)[src].float()[:, None] * inv_freq[None]
+        x = torch.cat([rms_norm(embed[tok].float(), enorm, tf[0]), rms_norm(h, hnorm, tf[1])], -1) @ eh.T
+        x = _block(x, w, m, f, mcache, angle.cos() * attn_factor, angle.sin() * attn_factor, slot_mapping[src],
+                   key_slots[src], key_mask[src])
+        return rms_norm(x, fnorm, tf[2])
+
+    def greedy(x: torch.Tensor) -> torch.Tensor:  # a NaN is never chosen
+        return torch.nan_to_num(x, nan=float("-inf")).argmax(-1)
+
+    def draft(g: torch.Tensor) -> torch.Tensor:
+        r = greedy(g @ head.T)
+        return draft_ids[r] if draft_ids is not None else r
+
+    target = greedy(logits.view(B, K1, -1))  # [B, K+1]
+    h_rows, t_rows, src_rows, accepted, last = [], [], [], [], []
+    tokens.fill_(-1)
+    for b in range(B):
+        a = 0
+        while a < K and int(ids[b, a + 1]) == int(target[b, a]):
+            a += 1
+        tokens[b, :a + 1] = target[b, :a + 1]
+        for j in range(a + 1):
+            h_rows.append(hidden.view(B, K1, -1)[b, j])
+            t_rows.append(target[b, j])
+            src_rows.append(b * R + j)
+        accepted.append(a)
+        last.append(len(src_rows) - 1)
+    g = mtp(torch.stack(h_rows), torch.stack(t_rows), torch.tensor(src_rows))[torch.tensor(last)]
+    d = draft(g)
+    drafts[:, 0] = d
+    for j in range(1, K):
+        src = torch.tensor([b * R + accepted[b] + j for b in range(B)])
+        g = mtp(g, d, src)
+        d = draft(g)
+        drafts[:, j] = d
+    return 0
 
 
 def mla_attend(q: torch.Tensor, cache: torch.Tensor, key_slots: torch.Tensor, key_lens: torch.Tensor | None,

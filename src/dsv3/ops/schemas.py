@@ -30,6 +30,10 @@ SCHEMAS = {
     "decode_step": "decode_step(Tensor?[] weights, Tensor meta, Tensor fmeta, Tensor(a!) cache, int[] layers, Tensor ids, "
                    "Tensor? positions, int start, int T, Tensor slot_mapping, Tensor key_slots, Tensor? key_mask, "
                    "Tensor(b!) hidden, Tensor(c!)? logits) -> int",
+    "mtp_step": "mtp_step(Tensor?[] weights, Tensor meta, Tensor fmeta, Tensor?[] mtp_weights, Tensor mtp_meta, "
+                "Tensor mtp_fmeta, Tensor(a!) cache, int[] layers, int mtp_layer, Tensor ids, Tensor starts, "
+                "Tensor block_tables, int block_size, int K, Tensor(b!) hidden, Tensor(c!) logits, Tensor(d!) tokens, "
+                "Tensor(e!) drafts) -> int",
 }
 
 # Ops with GPU kernels only (dsv3.ops.triton registers their CUDA implementations); the references run elsewhere.
@@ -89,6 +93,12 @@ def _(weights, meta, fmeta, cache, layers, x, cos, sin, slot_mapping, key_slots,
 
 @torch.library.register_fake("dsv3::decode_step")
 def _(weights, meta, fmeta, cache, layers, ids, positions, start, T, slot_mapping, key_slots, key_mask, hidden, logits):
+    return 0
+
+
+@torch.library.register_fake("dsv3::mtp_step")
+def _(weights, meta, fmeta, mtp_weights, mtp_meta, mtp_fmeta, cache, layers, mtp_layer, ids, starts, block_tables,
+      block_size, K, hidden, logits, tokens, drafts):
     return 0
 
 

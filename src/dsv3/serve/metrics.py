@@ -49,6 +49,12 @@ class _EngineCollector:
                                           value=engine.stats["spec_accepted_tokens"])
                 yield CounterMetricFamily("dsv3:spec_decode_num_draft_tokens", "Speculative tokens proposed",
                                           value=engine.stats.get("spec_draft_tokens", 0))
+                drafter = engine.drafter
+                yield GaugeMetricFamily("dsv3:spec_decode_num_drafting_requests", "Running requests that draft "
+                                        f"{drafter.k} token(s) per step (the others' acceptance fell below the break-even "
+                                        "and they draft none)", value=sum(not s.spec_off for s in sched.running))
+                yield CounterMetricFamily("dsv3:spec_decode_requests_switched_off", "Requests that stopped drafting: "
+                                          "acceptance below spec_min_acceptance", value=drafter.switched_off)
         if cache is not None:
             yield CounterMetricFamily("dsv3:response_cache_queries", "Deterministic requests looked up in the response cache",
                                       value=cache.hits + cache.misses)

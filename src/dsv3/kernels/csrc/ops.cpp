@@ -14,6 +14,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -435,17 +436,9 @@ void op_decode_layers(const c10::List<optional<Tensor>> &weights, const Tensor &
                   k.slot_mapping, k.key_slots, k.key_mask, k.S, buf, at::get_num_threads());
 }
 
-int64_t op_decode_step(const c10::List<optional<Tensor>> &weights, const Tensor &meta, const Tensor &fmeta, Tensor &cache,
-                    c10::IntArrayRef layers, const Tensor &ids, const optional<Tensor> &positions, int64_t start,
-                    int64_t T, const Tensor &slot_mapping, const Tensor &key_slots, const optional<Tensor> &key_mask,
-                    Tensor &hidden, const optional<Tensor> &logits) {
-  const char *op = "dsv3::decode_step";
-  const int64_t L = (int64_t)layers.size();
-  check_plan(weights, meta, fmeta, kModelWeights, kModelInts, kModelFloats, L, op);
-  const int64_t *mi = meta.data_ptr<int64_t>();
-  const double *mf = fmeta.data_ptr<double>();
-  std::vector<LayerPlan> lp = make_layers(weights, kModelWeights, mi + kModelInts, mf + kModelFloats, L, op);
-  const MLADims &d = lp[0].mla;
+// The model's part of a whole-model plan (the embedding, rotary, final norm and, with `head`, the LM head).
+ModelPlan make_model(const c10::List<optional<Tensor>> &weights, const int64_t *mi, const double *mf, const MLADims &d,
+                     bool head, const char *op) {
   ModelPlan mp{};
   const optional<Tensor> embed = weights.get(0), inv_freq = weights.get(1), final_norm = weights.get(2);
   TORCH_CHECK(embed && inv_freq && final_norm, op, ": the plan lacks the embedding, rotary or final norm");
@@ -458,43 +451,142 @@ int64_t op_decode_step(const c10::List<optional<Tensor>> &weights, const Tensor 
   mp.final_eps = (float)mf[1];
   TORCH_CHECK(embed->dim() == 2 && embed->size(0) == mp.vocab && embed->size(1) == d.D, op, ": embed must be [vocab, D]");
   TORCH_CHECK(inv_freq->numel() == mp.half && 2 * mp.half == d.dr, op, ": inv_freq must be [dr/2]");
-  const bool want_logits = logits.has_value();
-  if (want_logits) {
-    const auto head = slice(weights, 3, 3);
+  if (head) {
+    const auto hw = slice(weights, 3, 3);
     const int64_t hm[2] = {mi[0], mi[1]};
-    mp.head = make_lin(head, hm, 0, d.D, false, op);
-    TORCH_CHECK(out_rows(head, 0) == mp.vocab, op, ": the head must give vocab logits");
+    mp.head = make_lin(hw, hm, 0, d.D, false, op);
+    TORCH_CHECK(out_rows(hw, 0) == mp.vocab, op, ": the head must give vocab logits");
   }
+  return mp;
+}
+
+const int64_t *opt_positions(const optional<Tensor> &positions, int64_t M, const char *op) {
+  if (!positions.has_value()) return nullptr;
+  TORCH_CHECK(positions->scalar_type() == at::kLong && positions->is_contiguous() && positions->numel() == M &&
+                  positions->device().is_cpu(),
+              op, ": positions must be contiguous int64 like ids");
+  return positions->data_ptr<int64_t>();
+}
+
+float *out_f32(const Tensor &t, int64_t numel, const char *op, const char *what) {
+  check_f32(t, op, what);
+  check_contig(t, op, what);
+  TORCH_CHECK(t.numel() == numel, op, ": ", what, " must hold ", numel, " values, got ", t.numel());
+  return t.data_ptr<float>();
+}
+
+int64_t op_decode_step(const c10::List<optional<Tensor>> &weights, const Tensor &meta, const Tensor &fmeta, Tensor &cache,
+                    c10::IntArrayRef layers, const Tensor &ids, const optional<Tensor> &positions, int64_t start,
+                    int64_t T, const Tensor &slot_mapping, const Tensor &key_slots, const optional<Tensor> &key_mask,
+                    Tensor &hidden, const optional<Tensor> &logits) {
+  const char *op = "dsv3::decode_step";
+  const int64_t L = (int64_t)layers.size();
+  check_plan(weights, meta, fmeta, kModelWeights, kModelInts, kModelFloats, L, op);
+  const int64_t *mi = meta.data_ptr<int64_t>();
+  const double *mf = fmeta.data_ptr<double>();
+  std::vector<LayerPlan> lp = make_layers(weights, kModelWeights, mi + kModelInts, mf + kModelFloats, L, op);
+  const MLADims &d = lp[0].mla;
+  ModelPlan mp = make_model(weights, mi, mf, d, logits.has_value(), op);
   check_cpu(ids, op, "ids");
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous(), op, ": ids must be contiguous int64");
   const int64_t M = ids.numel();
   TORCH_CHECK(T >= 1 && M % T == 0, op, ": ids must hold whole rows of T tokens");
-  const int64_t *pos = nullptr;
-  if (positions.has_value()) {
-    TORCH_CHECK(positions->scalar_type() == at::kLong && positions->is_contiguous() && positions->numel() == M, op,
-                ": positions must be contiguous int64 like ids");
-    pos = positions->data_ptr<int64_t>();
-  }
+  const int64_t *pos = opt_positions(positions, M, op);
   Keys k = check_keys(slot_mapping, key_slots, key_mask, M, op);
-  check_f32(hidden, op, "hidden");
-  check_contig(hidden, op, "hidden");
-  TORCH_CHECK(hidden.numel() == M * d.D, op, ": hidden must hold [M, D]");
-  float *out = nullptr;
-  if (want_logits) {
-    check_f32(*logits, op, "logits");
-    check_contig(*logits, op, "logits");
-    TORCH_CHECK(logits->numel() == M * mp.vocab, op, ": logits must hold [M, vocab]");
-    out = logits->data_ptr<float>();
-  }
+  float *h = out_f32(hidden, M * d.D, op, "hidden");
+  float *out = logits.has_value() ? out_f32(*logits, M * mp.vocab, op, "logits") : nullptr;
   std::vector<float *> caches = layer_caches(cache, layers, d.C + d.dr, op);
   float *buf = scratch(decode_step_scratch(&mp, lp.data(), L, M, k.S));
   return ::decode_step(&mp, lp.data(), L, caches.data(), ids.data_ptr<int64_t>(), pos, start, T, M, k.slot_mapping,
-                       k.key_slots, k.key_mask, k.S, hidden.data_ptr<float>(), out, buf, at::get_num_threads());
+                       k.key_slots, k.key_mask, k.S, h, out, buf, at::get_num_threads());
+}
+
+// An MTP drafter plan (`mtp_step`): weights enorm hnorm eh_proj (3) final_norm head (3) draft_ids, then the block's
+// 37; ints: eh kind, eh group, head kind, head group, then the block's 33; floats: e_eps h_eps final_eps, then 5.
+constexpr size_t kMtpWeights = 10, kMtpInts = 4, kMtpFloats = 3;
+
+int64_t op_mtp_step(const c10::List<optional<Tensor>> &weights, const Tensor &meta, const Tensor &fmeta,
+                    const c10::List<optional<Tensor>> &mtp_weights, const Tensor &mtp_meta, const Tensor &mtp_fmeta,
+                    Tensor &cache, c10::IntArrayRef layers, int64_t mtp_layer, const Tensor &ids, const Tensor &starts,
+                    const Tensor &block_tables, int64_t block_size, int64_t K, Tensor &hidden, Tensor &logits,
+                    Tensor &tokens, Tensor &drafts) {
+  const char *op = "dsv3::mtp_step";
+  const int64_t L = (int64_t)layers.size();
+  check_plan(weights, meta, fmeta, kModelWeights, kModelInts, kModelFloats, L, op);
+  check_plan(mtp_weights, mtp_meta, mtp_fmeta, kMtpWeights, kMtpInts, kMtpFloats, 1, op);
+  const int64_t *mi = meta.data_ptr<int64_t>(), *ti = mtp_meta.data_ptr<int64_t>();
+  const double *mf = fmeta.data_ptr<double>(), *tf = mtp_fmeta.data_ptr<double>();
+  std::vector<LayerPlan> lp = make_layers(weights, kModelWeights, mi + kModelInts, mf + kModelFloats, L, op);
+  const MLADims &d = lp[0].mla;
+  ModelPlan mp = make_model(weights, mi, mf, d, true, op);
+  MTPPlan tp{};
+  tp.block = make_layers(mtp_weights, kMtpWeights, ti + kMtpInts, tf + kMtpFloats, 1, op)[0];
+  TORCH_CHECK(tp.block.mla.D == d.D && tp.block.mla.C == d.C && tp.block.mla.dr == d.dr, op,
+              ": the MTP block must have the model's hidden size and latent width");
+  const optional<Tensor> enorm = mtp_weights.get(0), hnorm = mtp_weights.get(1), fnorm = mtp_weights.get(5),
+                         draft_ids = mtp_weights.get(9);
+  TORCH_CHECK(enorm && hnorm && fnorm && enorm->numel() == d.D && hnorm->numel() == d.D && fnorm->numel() == d.D, op,
+              ": the MTP module needs enorm, hnorm and its output norm, [D] each");
+  tp.enorm = opt_f32(enorm, op, "enorm");
+  tp.hnorm = opt_f32(hnorm, op, "hnorm");
+  tp.final_norm = opt_f32(fnorm, op, "the MTP output norm");
+  tp.e_eps = (float)tf[0];
+  tp.h_eps = (float)tf[1];
+  tp.final_eps = (float)tf[2];
+  const auto eh = slice(mtp_weights, 2, 3), head = slice(mtp_weights, 6, 3);
+  const int64_t ehm[2] = {ti[0], ti[1]}, hdm[2] = {ti[2], ti[3]};
+  tp.eh = make_lin(eh, ehm, 0, 2 * d.D, false, op);
+  TORCH_CHECK(out_rows(eh, 0) == d.D, op, ": eh_proj must be [D, 2D]");
+  tp.head = make_lin(head, hdm, 0, d.D, false, op);
+  tp.vocab = out_rows(head, 0);
+  if (draft_ids.has_value()) {
+    check_cpu(*draft_ids, op, "draft_ids");
+    TORCH_CHECK(draft_ids->scalar_type() == at::kLong && draft_ids->is_contiguous() && draft_ids->numel() == tp.vocab,
+                op, ": draft_ids must be int64 [the draft head's rows]");
+    tp.draft_ids = draft_ids->data_ptr<int64_t>();
+    const auto [lo, hi] = at::aminmax(*draft_ids);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < mp.vocab, op, ": draft_ids must be token ids");
+  } else {
+    TORCH_CHECK(tp.vocab == mp.vocab, op, ": a draft head without draft_ids must cover the vocabulary");
+  }
+  TORCH_CHECK(K >= 1, op, ": K (drafts per sequence) must be at least 1");
+  check_cpu(ids, op, "ids");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.dim() == 2 && ids.size(1) == 2 * K, op,
+              ": ids must be contiguous int64 [B, 2K]");
+  const int64_t B = ids.size(0), M1 = B * (K + 1);
+  for (const Tensor *t : {&starts, &block_tables, (const Tensor *)&tokens, (const Tensor *)&drafts}) {
+    check_cpu(*t, op, "starts, block_tables, tokens and drafts");
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), op,
+                ": starts, block_tables, tokens and drafts must be contiguous int64");
+  }
+  TORCH_CHECK(starts.numel() == B && block_tables.dim() == 2 && block_tables.size(0) == B, op,
+              ": starts must be [B] and block_tables [B, W]");
+  TORCH_CHECK(block_size >= 1, op, ": block_size must be positive");
+  const int64_t W = block_tables.size(1), S = W * block_size, W_cache = d.C + d.dr;
+  std::vector<float *> caches = layer_caches(cache, layers, W_cache, op);
+  std::vector<float *> mcache = layer_caches(cache, {mtp_layer}, W_cache, op);
+  const int64_t blocks = cache.numel() / cache.size(0) / W_cache / block_size;
+  const int64_t *st = starts.data_ptr<int64_t>(), *bt = block_tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; b++)
+    TORCH_CHECK(st[b] >= 0 && st[b] + 2 * K <= S, op, ": sequence ", b, " starts at ", st[b],
+                ": its block table must hold positions up to start + 2K");
+  for (int64_t i = 0; i < B * W; i++)
+    TORCH_CHECK(bt[i] >= 0 && bt[i] < blocks, op, ": block ", bt[i], " is outside the cache's ", blocks, " blocks");
+  float *h = out_f32(hidden, M1 * d.D, op, "hidden");
+  float *out = out_f32(logits, M1 * mp.vocab, op, "logits");
+  TORCH_CHECK(tokens.numel() == M1 && drafts.numel() == B * K, op, ": tokens must be [B, K+1] and drafts [B, K]");
+  float *buf = scratch(mtp_step_scratch(&mp, lp.data(), L, &tp, B, K, S));
+  const int64_t r = ::mtp_step(&mp, lp.data(), L, caches.data(), &tp, mcache[0], ids.data_ptr<int64_t>(), st, bt, W,
+                               block_size, B, K, h, out, tokens.data_ptr<int64_t>(), drafts.data_ptr<int64_t>(), buf,
+                               at::get_num_threads());
+  TORCH_CHECK(r >= 0, op, ": out of memory");
+  return r;
 }
 
 std::vector<int64_t> plan_layout() {
   return {(int64_t)kLayerWeights, (int64_t)kLayerInts, (int64_t)kLayerFloats,
-          (int64_t)kModelWeights, (int64_t)kModelInts,  (int64_t)kModelFloats};
+          (int64_t)kModelWeights, (int64_t)kModelInts,  (int64_t)kModelFloats,
+          (int64_t)kMtpWeights,   (int64_t)kMtpInts,    (int64_t)kMtpFloats};
 }
 
 }  // namespace
@@ -511,4 +603,5 @@ TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
   m.impl("mla_decode", &op_mla_decode);
   m.impl("decode_layers", &op_decode_layers);
   m.impl("decode_step", &op_decode_step);
+  m.impl("mtp_step", &op_mtp_step);
 }

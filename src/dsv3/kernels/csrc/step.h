@@ -41,6 +41,23 @@ long decode_step(const ModelPlan *mp, const LayerPlan *layers, long L, float *co
                  const int64_t *positions, long start, long T, long M, const int64_t *slot_mapping,
                  const int64_t *key_slots, const uint8_t *key_mask, long S, float *hidden, float *logits,
                  float *scratch, int threads);
+
+/* The MTP module as a greedy drafter (spec.c): enorm/hnorm, eh_proj, one block, its output norm, a draft head. */
+typedef struct {
+    LayerPlan block;
+    const float *enorm, *hnorm, *final_norm;
+    float e_eps, h_eps, final_eps;
+    Lin eh;                     /* eh_proj [D, 2D] */
+    Lin head;                   /* the draft head [vocab, D]: the LM head, or its rows for a reduced vocabulary */
+    const int64_t *draft_ids;   /* token id of each head row (NULL: row r is token r) */
+    long vocab;                 /* the draft head's rows */
+} MTPPlan;
+
+long mtp_step_scratch(const ModelPlan *mp, const LayerPlan *layers, long L, const MTPPlan *tp, long B, long K, long S);
+long mtp_step(const ModelPlan *mp, const LayerPlan *layers, long L, float *const *caches, const MTPPlan *tp,
+              float *mcache, const int64_t *ids, const int64_t *starts, const int64_t *block_tables, long W, long bs,
+              long B, long K, float *hidden, float *logits, int64_t *tokens, int64_t *drafts, float *scratch,
+              int threads);
 #ifdef __cplusplus
 }
 #endif

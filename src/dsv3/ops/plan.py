@@ -159,8 +159,23 @@ def blocks_plan(owner: nn.Module, blocks: list[nn.Module]) -> Plan | None:
 _MTP_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, Plan | None]]" = weakref.WeakKeyDictionary()
 
 
+def int8_rows(lin: NativeLinear) -> NativeLinear:
+    """An fp32 linear as int8 with one scale per row (symmetric, round to nearest); other kinds as they are."""
+    if lin.kind != 0:
+        return lin
+    w = lin.weight.detach().float()
+    amax = w.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return NativeLinear(1, torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(),
+                        scale.contiguous())
+
+
 def mtp_plan(model: nn.Module) -> Plan | None:
-    """The MTP drafter plan of `model` (`model.native_mtp()`: MTP module 0 with its draft head), or None."""
+    """The MTP drafter plan of `model` (`model.native_mtp()`: MTP module 0 with its draft head), or None.
+
+    An fp32 draft head is packed as an int8 copy (a quarter of its bytes, re-made with every new plan): a draft is
+    only an argmax, and the main model verifies each one in fp32, so the output is exact whatever the copy rounds.
+    """
     entry = _MTP_PLANS.get(model)
     if entry is None or entry[0] != _epoch[0]:
         get = getattr(model, "native_mtp", None)
@@ -168,7 +183,7 @@ def mtp_plan(model: nn.Module) -> Plan | None:
         plan = None
         if form is not None:
             ew, em = _lin(form.eh)
-            hw, hm = _lin(form.head)
+            hw, hm = _lin(int8_rows(form.head))
             weights, meta, fmeta = _pack([form.block], [form.enorm, form.hnorm, *ew, form.final_norm, *hw, form.draft_ids],
                                          [*em, *hm], [form.e_eps, form.h_eps, form.final_eps])
             mods = list(model.model.mtp.modules()) if hasattr(model, "model") else []

@@ -21,7 +21,7 @@ from dsv3.layers.moe import MoE
 from dsv3.layers.norm import RMSNorm
 from dsv3.layers.rope import RotaryEmbedding, rope_inv_freq
 from dsv3.models.deepseek_v3.mtp import MTPLayer
-from dsv3.ops.forms import NativeBlock, NativeLinear, NativeModel, NativeMTP, f32_cpu
+from dsv3.ops.forms import NativeBlock, NativeModel, NativeMTP, f32_cpu
 
 
 class Block(nn.Module):
@@ -111,19 +111,13 @@ class DeepseekV3ForCausalLM(nn.Module):
                            [b.layer_idx for b in m.layers], m.norm.weight, m.norm.eps, native_form(self.lm_head))
 
     def native_mtp(self) -> NativeMTP | None:
-        """MTP module 0 as the native greedy drafter (`dsv3.ops.mtp_step`); None without an MTP module or when a part
-        has no native form. It drafts over the whole vocabulary with an int8 copy of an fp32 LM head (a quarter of
-        the head's bytes, re-made whenever a plan is: `dsv3.ops.invalidate`): a draft is only an argmax, and the
-        main model verifies every one in fp32, so the output is exact whatever the copy rounds."""
+        """MTP module 0 as the native greedy drafter (`dsv3.ops.mtp_step`), drafting over the whole vocabulary with
+        the LM head (the plan drafts with an int8 copy of an fp32 head); None without an MTP module or when a part
+        has no native form."""
         if not self.num_mtp_layers:
             return None
         mtp = self.model.mtp[0]
         block, eh, head = mtp.block.native_form(), native_form(mtp.eh_proj), native_form(self.lm_head)
-        if head is not None and head.kind == 0:
-            from dsv3.quant.schemes import quantize_int8
-
-            q, scale = quantize_int8(head.weight.detach())
-            head = NativeLinear(1, q.contiguous(), scale.float().contiguous())
         norms = (mtp.enorm.weight, mtp.hnorm.weight, mtp.shared_head.norm.weight)
         if block is None or eh is None or head is None or not f32_cpu(*norms):
             return None

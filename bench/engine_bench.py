@@ -49,7 +49,7 @@ def dsv3_ttft(eng: LLMEngine, prompt: list[int]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--tests", default="batch1,throughput,ttft,spec")
+    ap.add_argument("--tests", default="batch1,throughput,decode,ttft,spec")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--anchors", default="hf,llama-f32,llama-f16", help="comma list of hf, llama-f32, llama-f16, llama-q8_0")
@@ -101,6 +101,9 @@ def main() -> None:
             else:
                 rows.append((f"throughput, {N} requests", a.name + " (sequential)", useful / a.generate(prompts, outs), "tok/s"))
 
+    if "decode" in tests:
+        rows += decode_rows(model, tok, args.requests, args.threads, rng)
+
     if "ttft" in tests:
         prefix = rand(1000)
         a_prompt, b_prompt = prefix + rand(16), prefix + rand(16)
@@ -125,6 +128,56 @@ def main() -> None:
         rows += mtp_rows(args)
 
     report(rows, args.out)
+
+
+def gemm_rate(model, rows: int, threads: int, rounds: int = 20) -> tuple[float, str]:
+    """The best fp32 GEMM rate (FLOP/s) PyTorch reaches on this machine at `rows` rows over the model's own linear
+    shapes (attention, MLP, expert and head matrices), and the shape it was reached at."""
+    import torch.nn.functional as F
+
+    shapes = {tuple(p.shape[-2:]) for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n}
+    torch.set_num_threads(threads)
+    best, where = 0.0, ""
+    for N, K in sorted(shapes):
+        x, w = torch.randn(rows, K), torch.randn(N, K)
+        for _ in range(3):
+            F.linear(x, w)
+        t = time.perf_counter()
+        for _ in range(rounds):
+            F.linear(x, w)
+        rate = 2 * rows * N * K * rounds / (time.perf_counter() - t)
+        if rate > best:
+            best, where = rate, f"[{rows}, {K}] x [{K}, {N}]"
+    return best, where
+
+
+def decode_rows(model, tok, n: int, threads: int, rng: random.Random) -> list[tuple[str, str, float, str]]:
+    """Decode throughput of `n` concurrent greedy requests (prompts 16-256 tokens, 128 new tokens each), timed from
+    the step after every request has its first token to the end, next to the compute bound: the machine's fp32
+    GEMM rate over 2 x the active parameters a token multiplies (the LM head included, the embedding lookup not)."""
+    from roofline import decode_weight_bytes
+
+    prompts = [[rng.randrange(3, min(model.config.vocab_size, tok.vocab_size)) for _ in range(rng.randint(16, 256))]
+               for _ in range(n)]
+    params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    best = 0.0
+    for _ in range(2):
+        eng = engine(model, tok)
+        for i, p in enumerate(prompts):
+            eng.add_request(str(i), p, params)
+        while any(not r.seqs[0].output.token_ids for r in eng.requests.values()):
+            eng.step()
+        before, t = eng.stats["generation_tokens"], time.perf_counter()
+        while eng.has_unfinished_requests():
+            eng.step()
+        best = max(best, (eng.stats["generation_tokens"] - before) / (time.perf_counter() - t))
+    flops = 2 * decode_weight_bytes(model) / model.model.embed_tokens.weight.element_size()
+    rate, where = gemm_rate(model, n, threads)
+    bound = rate / flops
+    test = f"decode throughput, {n} requests"
+    return [(test, "dsv3", best, "tok/s"),
+            (test, f"bound: {flops / 2e6:.1f}M active params at {rate / 1e9:.0f} GFLOP/s ({where})", bound, "tok/s"),
+            (test + ": dsv3 / compute bound", "dsv3", best / bound, "x")]
 
 
 def mtp_rows(args) -> list[tuple[str, str, float, str]]:

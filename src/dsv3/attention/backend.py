@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from dsv3 import ops
+
 
 class MLA(Protocol):
     """What the MLA math reads from its layer (`dsv3.layers.mla.MLA`): shapes, the softmax scale, kv_b."""
@@ -90,6 +92,22 @@ class TorchBackend:
             out[rows] += s * torch.einsum("bhtr,hdr->bthd", torch.einsum("bhtc,rc->bhtr", o_lat[rows], a.to(o_lat.dtype)), b_uv)
         return out
 
+    def reads_slots(self, cache: torch.Tensor) -> bool:
+        """Whether `decode_slots` runs a kernel that reads this cache in place (the native CPU `dsv3::mla_attend`);
+        otherwise decode attention gathers the keys and runs `absorbed`."""
+        return cache.is_cpu and cache.dtype == torch.float32 and ops.backend(cache.device) == "native-cpu"
+
+    def decode_slots(self, layer: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                     key_slots: torch.Tensor, key_lens: torch.Tensor | None) -> torch.Tensor:
+        """Absorbed decode straight from a cache layer [slots, C + dr] (no gathered copy): q_* [B, 1, H, *],
+        key_slots [B, S] (-1: none; the first key_lens[b] count when given) -> [B, 1, H, dv]."""
+        w = layer.kv_b_weight()
+        w_uk, w_uv = w[:, : layer.nope_dim], w[:, layer.nope_dim:]  # [H, dn, C], [H, dv, C]
+        q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1).to(w.dtype), w_uk).transpose(0, 1)  # [B, H, C]
+        q = torch.cat([q_lat, q_pe[:, 0].to(q_lat.dtype)], dim=-1).to(cache.dtype).contiguous()
+        o_lat = torch.ops.dsv3.mla_attend(q, cache, key_slots, key_lens, layer.kv_lora_rank, layer.scale)
+        out = torch.bmm(o_lat.transpose(0, 1).to(w.dtype), w_uv.transpose(1, 2))  # [H, B, dv]
+        return out.transpose(0, 1)[:, None]
 
     # ---- DeepSeek Sparse Attention (V3.2): the indexer's scores and the top-k choice ----------------------
     def index_scores(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -142,25 +160,15 @@ class TritonBackend(TorchBackend):
 
     name = "triton"
 
+    def reads_slots(self, cache: torch.Tensor) -> bool:
+        return cache.is_cuda and _gpu_ops()
+
     def absorbed(self, layer: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                  mask: torch.Tensor | None, slots=None) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
         if not (kv.is_cuda and T == 1 and layer._kv_b_lora(slots, B) is None and _gpu_ops()):
             return super().absorbed(layer, q_nope, q_pe, kv, mask, slots)
         return self.decode_slots(layer, q_nope, q_pe, kv.reshape(B * kv.shape[1], -1), gathered_slots(kv, mask), None)
-
-    def decode_slots(self, layer: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
-                     key_slots: torch.Tensor, key_lens: torch.Tensor | None) -> torch.Tensor:
-        """Absorbed decode straight from a cache layer [slots, C + dr] (no gathered copy): q_* [B, 1, H, *],
-        key_slots [B, S] (-1: none; the first key_lens[b] count when given) -> [B, 1, H, dv]."""
-        w = layer.kv_b_weight()
-        w_uk, w_uv = w[:, : layer.nope_dim], w[:, layer.nope_dim:]  # [H, dn, C], [H, dv, C]
-        q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1).to(w.dtype), w_uk).transpose(0, 1)  # [B, H, C]
-        q = torch.cat([q_lat, q_pe[:, 0].to(q_lat.dtype)], dim=-1).to(cache.dtype).contiguous()
-        o_lat = torch.ops.dsv3.mla_attend(q, cache, key_slots, key_lens, layer.kv_lora_rank, layer.scale)
-        out = torch.bmm(o_lat.transpose(0, 1).to(w.dtype), w_uv.transpose(1, 2))  # [H, B, dv]
-        return out.transpose(0, 1)[:, None]
-
 
 def gathered_slots(kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Gathered keys kv [B, S, W] as slots of kv.view(B·S, W): [B, S], -1 where `mask` ([B or 1, 1, 1, S]) is False."""

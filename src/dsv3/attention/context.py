@@ -229,8 +229,14 @@ class PagedContext(AttentionContext):
                 scores = be.index_scores(index.q[0, d, None], index.weights[0, d, None], self.cache.read_index(i, slots))
                 idx, ok = be.topk_select(scores, mask[:, 0], index.topk)  # [Bd, 1, k]
                 slots, mask = slots.gather(1, idx[:, 0]), ok[:, None]
-            kv = self.cache.read(i, slots)  # [Bd, S or k, W]
-            out[d] = be.absorbed(layer, q_nope[0, d, None], q_pe[0, d, None], kv, mask, m.decode_adapters)[:, 0]
+            cache = self.cache.native()
+            if (index is None and cache is not None and d.numel() > 1 and be.reads_slots(cache)
+                    and layer._kv_b_lora(m.decode_adapters, d.numel()) is None):
+                # batched decode: attention reads the cache in place (dsv3::mla_attend), no gathered copy
+                out[d] = be.decode_slots(layer, q_nope[0, d, None], q_pe[0, d, None], cache[i], slots, m.decode_lens)[:, 0]
+            else:
+                kv = self.cache.read(i, slots)  # [Bd, S or k, W]
+                out[d] = be.absorbed(layer, q_nope[0, d, None], q_pe[0, d, None], kv, mask, m.decode_adapters)[:, 0]
         for p in m.prefills:
             kv = self.cache.read(i, p.context_slots)[None]
             n = p.token_slice.stop - p.token_slice.start

@@ -33,6 +33,7 @@ class StepMetadata:
     decode_mask: torch.Tensor  # [Nd, 1, 1, S] bool: which of them are real
     prefills: list[PrefillChunk] = field(default_factory=list)
     decode_adapters: list[int] | None = None  # LoRA slot per decode row, or None
+    decode_lens: torch.Tensor | None = None  # [Nd] int64: how many of its decode_slots each decode token reads
 
     @classmethod
     def build(cls, sequences: list[tuple[int, int, list[int], int]], block_size: int, device: torch.device,
@@ -60,10 +61,12 @@ class StepMetadata:
         width = max((len(t) for t in decode_tables), default=0)
         tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long).view(len(decode_tables), width)
         decode_slots = (tables[:, :, None] * bs + torch.arange(bs)).flatten(1).to(device)
-        decode_mask = (torch.arange(width * bs)[None] < torch.tensor(decode_lens, dtype=torch.long)[:, None]).to(device)
+        lens = torch.tensor(decode_lens, dtype=torch.long)
+        decode_mask = (torch.arange(width * bs)[None] < lens[:, None]).to(device)
         return cls(torch.tensor(slot_mapping, dtype=torch.long, device=device),
                    torch.tensor(decode_rows, dtype=torch.long, device=device), decode_slots, decode_mask[:, None, None],
-                   prefills, decode_adapters if adapters is not None and decode_adapters else None)
+                   prefills, decode_adapters if adapters is not None and decode_adapters else None,
+                   lens.to(device))
 
     def native_layout(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(key_slots [N, S], key_mask [N, S]) per token for the native MLA kernel, or None.

@@ -147,7 +147,7 @@ def run_experts(experts: ExpertWeights, x: torch.Tensor, idx: torch.Tensor, weig
     x [N, D], idx / weights [N, K] -> [N, D] (summed over ranks when the experts are sharded). `swiglu_limit` > 0
     clamps the gate pre-activation to <= limit and the up one to [-limit, limit] (DeepSeek-V4)."""
     sharded = experts.all_reduce is not None
-    if not sharded and not swiglu_limit and ops.native(x):  # a decode step: one fused native call
+    if not sharded and not swiglu_limit and x.is_cpu and not torch.is_grad_enabled():  # decode: one native call
         y = ops.experts(x, idx, weights, experts.native_form())
         if y is not None:
             return y

@@ -75,8 +75,13 @@ def native(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and kernels.load()
 
 
+NORM_ROWS = 256  # rows up to which RMSNorm runs its native kernel (a batched decode step's; PyTorch's is slower there)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    if not native(x) or weight.dtype != torch.float32 or not weight.is_cpu:
+    rows = x.numel() // max(1, x.shape[-1])
+    if (rows > NORM_ROWS or not x.is_cpu or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or not weight.is_cpu or torch.is_grad_enabled() or torch.compiler.is_compiling() or not kernels.load()):
         return None
     return torch.ops.dsv3.rms_norm(x, weight, eps)
 
@@ -102,10 +107,19 @@ def mlp(x: torch.Tensor, gate: NativeLinear | None, up: NativeLinear | None, dow
     return torch.ops.dsv3.mlp(x, *lins_meta([gate, up, down]))
 
 
+GROUPED_ROWS = 512  # tokens up to which fp32 experts run natively past MAX_ROWS (sorted by expert: a batched decode)
+
+
 def experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, form: NativeExperts | None) -> torch.Tensor | None:
-    """Σ_k weights[:, k] · expert_{idx[:, k]}(x) over stacked experts in one call, or None."""
-    if form is None or not native(x):
+    """Σ_k weights[:, k] · expert_{idx[:, k]}(x) over stacked experts in one call, or None: a decode step's few
+    tokens (any weight kind), or up to GROUPED_ROWS tokens of fp32 experts (a batched decode step)."""
+    if form is None:
         return None
+    if not native(x):
+        rows = x.numel() // max(1, x.shape[-1])
+        if (rows > GROUPED_ROWS or not x.is_cpu or x.dtype != torch.float32 or torch.is_grad_enabled()
+                or torch.compiler.is_compiling() or any(f.kind for f in form) or not kernels.load()):
+            return None
     return torch.ops.dsv3.moe(x, idx.to(torch.int64), weights.to(torch.float32), *lins_meta([form.gate, form.up, form.down]))
 
 

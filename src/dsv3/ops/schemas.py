@@ -25,6 +25,8 @@ SCHEMAS = {
     "mla_decode": "mla_decode(Tensor x, Tensor?[] lins, int[] meta, Tensor? q_norm, Tensor kv_norm, Tensor w_kvb, "
                   "Tensor cos, Tensor sin, Tensor(a!) cache, Tensor slot_mapping, Tensor key_slots, Tensor? key_mask, "
                   "int[] dims, float[] fdims) -> Tensor",
+    "mla_attend": "mla_attend(Tensor q, Tensor cache, Tensor key_slots, Tensor? key_lens, int kv_lora_rank, "
+                  "float scale) -> Tensor",
     "decode_layers": "decode_layers(Tensor?[] weights, Tensor meta, Tensor fmeta, Tensor(a!) cache, int[] layers, "
                      "Tensor(b!) x, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor key_slots, Tensor? key_mask) -> ()",
     "decode_step": "decode_step(Tensor?[] weights, Tensor meta, Tensor fmeta, Tensor(a!) cache, int[] layers, Tensor ids, "
@@ -37,9 +39,8 @@ SCHEMAS = {
 }
 
 # Ops with GPU kernels only (dsv3.ops.triton registers their CUDA implementations); the references run elsewhere.
+# (`mla_attend` has both: a native CPU kernel here, a Triton one in dsv3.ops.triton.)
 GPU_SCHEMAS = {
-    "mla_attend": "mla_attend(Tensor q, Tensor cache, Tensor key_slots, Tensor? key_lens, int kv_lora_rank, "
-                  "float scale) -> Tensor",
     "fused_moe": "fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights) -> Tensor",
     "fp8_gemm": "fp8_gemm(Tensor x, Tensor weight, Tensor scale_inv) -> Tensor",
 }

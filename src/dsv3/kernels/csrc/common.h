@@ -89,6 +89,103 @@ static inline float dot_u4(const float *restrict x, const uint8_t *restrict p, c
 }
 #endif
 
+/* e^x to ~2e-7 relative for |x| < 87, in plain arithmetic (no libm call), so loops over it vectorize:
+ * 2^t with t = x log2(e) split into n + f, |f| <= 1/2, 2^f a degree-6 polynomial, 2^n built in the exponent. */
+static inline float exp_fast(float x) {
+    x = x < -87.f ? -87.f : (x > 87.f ? 87.f : x);
+    const float t = x * 1.44269504f;
+    const int n = (int)(t + (t >= 0.f ? 0.5f : -0.5f));
+    const float f = t - (float)n;
+    float p = 1.5403530e-4f;
+    p = p * f + 1.3333558e-3f;
+    p = p * f + 9.6181291e-3f;
+    p = p * f + 5.5504109e-2f;
+    p = p * f + 2.4022651e-1f;
+    p = p * f + 6.9314718e-1f;
+    p = p * f + 1.f;
+    union { int32_t i; float f; } u = {.i = (n + 127) << 23};
+    return p * u.f;
+}
+
+#if defined(__AVX512F__)
+/* exp_fast on 16 lanes. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(87.f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5403530e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* C[r, c] = sum_k A[r, k] B[c, k] for r < R, c < N: rows of A and B contiguous in k (a linear layer's weight as
+ * B), in 4x4 blocks of dot products, each weight row read once per 4 rows of A. */
+#if defined(__AVX512F__)
+/* 16 accumulators -> one vector of their 16 sums (lane 4i + j: accumulator 4i + j), in ~45 shuffles and adds
+ * instead of 16 separate reductions. */
+static inline __m512 sum16(const __m512 *v) {
+    __m512 u[8], w[4];
+    for (int i = 0; i < 8; i++)
+        u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(u[2 * i]), _mm512_castps_pd(u[2 * i + 1]))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(u[2 * i]), _mm512_castps_pd(u[2 * i + 1]))));
+    /* each 128-bit lane of w[i] holds that lane's partial sums of accumulators 4i .. 4i+3, in order; add the lanes */
+    const __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+    const __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+}
+#endif
+
+static inline void gemm_nt(const float *restrict A, long lda, const float *restrict B, long ldb, float *restrict C,
+                           long ldc, long R, long N, long K) {
+    long c = 0, R4 = R - R % 4;
+#if defined(__AVX512F__)
+    /* columns outer: a block's 4 weight rows stay in L1 while every 4-row group of A passes over them */
+    for (; c + 4 <= N; c += 4)
+        for (long r = 0; r < R4; r += 4) {
+            __m512 acc[16];
+            for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+            long k = 0;
+            for (; k + 16 <= K; k += 16) {
+                const __m512 a0 = _mm512_loadu_ps(A + r * lda + k), a1 = _mm512_loadu_ps(A + (r + 1) * lda + k),
+                             a2 = _mm512_loadu_ps(A + (r + 2) * lda + k), a3 = _mm512_loadu_ps(A + (r + 3) * lda + k);
+                for (int j = 0; j < 4; j++) {
+                    const __m512 b = _mm512_loadu_ps(B + (c + j) * ldb + k);
+                    acc[j] = _mm512_fmadd_ps(a0, b, acc[j]);
+                    acc[4 + j] = _mm512_fmadd_ps(a1, b, acc[4 + j]);
+                    acc[8 + j] = _mm512_fmadd_ps(a2, b, acc[8 + j]);
+                    acc[12 + j] = _mm512_fmadd_ps(a3, b, acc[12 + j]);
+                }
+            }
+            if (k < K) {
+                const __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+                for (int i = 0; i < 4; i++) {
+                    const __m512 a = _mm512_maskz_loadu_ps(m, A + (r + i) * lda + k);
+                    for (int j = 0; j < 4; j++)
+                        acc[4 * i + j] = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m, B + (c + j) * ldb + k), acc[4 * i + j]);
+                }
+            }
+            float out[16];
+            _mm512_storeu_ps(out, sum16(acc));
+            for (int i = 0; i < 4; i++) memcpy(C + (r + i) * ldc + c, out + 4 * i, 4 * sizeof(float));
+        }
+#else
+    R4 = 0;
+#endif
+    for (long r = 0; r < R4; r++) /* the columns past the last block of 4 */
+        for (long cc = c; cc < N; cc++) C[r * ldc + cc] = dot_f32(A + r * lda, B + cc * ldb, K);
+    for (long r = R4; r < R; r++)
+        for (long cc = 0; cc < N; cc++) C[r * ldc + cc] = dot_f32(A + r * lda, B + cc * ldb, K);
+}
+
 /* A linear layer's weight as the kernels read it:
  *   kind 0: fp32 [N, K];  kind 1: int8 [N, K] with a scale per row;
  *   kind 2: int4 [N, K/2] bytes in blocks of 32 values (byte j of a block holds value j in its low
@@ -133,6 +230,12 @@ void route_noaux(const float *x, const float *w, const float *bias, long N, long
                  long topk_group, long top_k, int norm, float scale, int64_t *idx, float *wt, float *scores);
 void rms_norm_f32(const float *x, const float *w, float *y, long M, long D, float eps);
 void linear_lin(const Lin *L, const float *x, float *y, long M, long N, long K, int threads);
+long moe_grouped_scratch(long M, long K, long D, long I, long E);
+void moe_grouped(const float *x, const int64_t *idx, const float *wt, const float *gate, const float *up, long gstride,
+                 const float *down, long dstride, float *y, long M, long K, long D, long I, long E, float *scratch,
+                 int threads);
+void mla_attend(const float *q, long M, long H, long W, long C, const float *cache, const int64_t *key_slots, long S,
+                const int64_t *key_lens, float scale, float *out, int threads);
 #ifdef __cplusplus
 }
 #endif

@@ -26,6 +26,7 @@ using c10::optional;
 namespace {
 
 constexpr int64_t kMaxExperts = 1024, kMaxGroups = 64;  // route_noaux's stack arrays
+constexpr int64_t kGroupedRows = 8;  // `moe` with more tokens sorts them by expert (grouped.c), fewer go token by token
 
 void check_cpu(const Tensor &t, const char *op, const char *what) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor, got ", t.device());
@@ -243,6 +244,12 @@ Tensor op_moe(const Tensor &x, const Tensor &idx, const Tensor &weights, const c
   const int64_t *ids = ic.data_ptr<int64_t>();
   for (int64_t j = 0; j < M * K; j++) TORCH_CHECK(ids[j] >= 0 && ids[j] < E, op, ": expert ids must be in [0, ", E, ")");
   Tensor y = at::empty({M, D}, x.options());
+  if (M > kGroupedRows && gate.kind == 0 && up.kind == 0 && down.kind == 0) {  // many tokens: expert by expert
+    ::moe_grouped(xc.data_ptr<float>(), ids, wc.data_ptr<float>(), (const float *)gate.w, (const float *)up.w,
+                  gate.ew / 4, (const float *)down.w, down.ew / 4, y.data_ptr<float>(), M, K, D, I, E,
+                  scratch(moe_grouped_scratch(M, K, D, I, E)), at::get_num_threads());
+    return y;
+  }
   moe_lin(xc.data_ptr<float>(), ids, wc.data_ptr<float>(), &gate, &up, &down, scratch(M * K * I),
           y.data_ptr<float>(), M, K, D, I, at::get_num_threads());
   return y;
@@ -293,6 +300,39 @@ Tensor op_mla_decode(const Tensor &x, const c10::List<optional<Tensor>> &lins, c
                c.data_ptr<float>(), s.data_ptr<float>(), cache.data_ptr<float>(), k.slot_mapping, k.key_slots, k.key_mask,
                k.S, scratch(floats), y.data_ptr<float>(), at::get_num_threads());
   return y;
+}
+
+Tensor op_mla_attend(const Tensor &q, const Tensor &cache, const Tensor &key_slots, const optional<Tensor> &key_lens,
+                     int64_t kv_lora_rank, double scale) {
+  const char *op = "dsv3::mla_attend";
+  check_f32(q, op, "q");
+  check_f32(cache, op, "cache");
+  check_contig(q, op, "q");
+  check_contig(cache, op, "cache");
+  TORCH_CHECK(q.dim() == 3 && cache.dim() == 2 && q.size(2) == cache.size(1) && kv_lora_rank > 0 &&
+                  kv_lora_rank <= cache.size(1),
+              op, ": q must be [M, H, C + dr] and cache [slots, C + dr]");
+  const int64_t M = q.size(0), H = q.size(1), W = q.size(2);
+  TORCH_CHECK(H <= 256, op, ": at most 256 heads");
+  check_cpu(key_slots, op, "key_slots");
+  TORCH_CHECK(key_slots.scalar_type() == at::kLong && key_slots.is_contiguous() && key_slots.dim() == 2 &&
+                  key_slots.size(0) == M,
+              op, ": key_slots must be contiguous int64 [M, S]");
+  const int64_t S = key_slots.size(1);
+  const int64_t *lens = nullptr;
+  if (key_lens.has_value()) {
+    check_cpu(*key_lens, op, "key_lens");
+    TORCH_CHECK(key_lens->scalar_type() == at::kLong && key_lens->is_contiguous() && key_lens->numel() == M, op,
+                ": key_lens must be contiguous int64 [M]");
+    lens = key_lens->data_ptr<int64_t>();
+  }
+  const auto [lo, hi] = at::aminmax(key_slots);
+  TORCH_CHECK(!key_slots.numel() || (lo.item<int64_t>() >= -1 && hi.item<int64_t>() < cache.size(0)), op,
+              ": key_slots must be -1 or slots of the cache");
+  Tensor out = at::empty({M, H, kv_lora_rank}, q.options());
+  ::mla_attend(q.data_ptr<float>(), M, H, W, kv_lora_rank, cache.data_ptr<float>(), key_slots.data_ptr<int64_t>(), S,
+               lens, (float)scale, out.data_ptr<float>(), at::get_num_threads());
+  return out;
 }
 
 // ---- whole steps -----------------------------------------------------------------------------
@@ -601,6 +641,7 @@ TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
   m.impl("mlp", &op_mlp);
   m.impl("moe", &op_moe);
   m.impl("mla_decode", &op_mla_decode);
+  m.impl("mla_attend", &op_mla_attend);
   m.impl("decode_layers", &op_decode_layers);
   m.impl("decode_step", &op_decode_step);
   m.impl("mtp_step", &op_mtp_step);

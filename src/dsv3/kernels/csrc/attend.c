@@ -1,0 +1,111 @@
+/* Absorbed MLA attention for many decode rows, read straight from the paged latent cache.
+ *
+ * With more rows than the whole-step kernels take (a batched decode step), PyTorch ran MLA's
+ * attention as a gather of every row's cached latents into a padded copy, two batched matmuls,
+ * a mask and a softmax: the copy alone moved each row's whole context once more per layer.
+ * Here each row walks its key slots in the cache itself, 16 keys at a time: the scores of all
+ * heads for those keys are one small GEMM (`gemm_nt`, the keys as read from the cache when their
+ * slots are consecutive, as a paged block's are), an online softmax per head keeps one pass
+ * (no score buffer over the context), and o += p c accumulates the latent part c of each entry
+ * [c | k_pe]. The projections around it (q_nope W_UK, o W_UV) stay batched GEMMs.
+ */
+#include "common.h"
+
+#define KEYS 16
+
+/* One head's scores p[0..n) of a block: scaled, folded into the running max / sum (online softmax), turned into
+ * weights in place. Returns the factor the head's accumulated output must be rescaled by (0 on its first block). */
+static inline float softmax_block(float *p, long n, float scale, float *mx, float *sum) {
+    float top = *mx;
+    for (long j = 0; j < n; j++) {
+        p[j] *= scale;
+        top = p[j] > top ? p[j] : top;
+    }
+    const float r = exp_fast(*mx - top);
+    float add = 0.f;
+#if defined(__AVX512F__)
+    const __mmask16 m = (__mmask16)((1u << n) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p), _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(p, m, e);
+    add = _mm512_mask_reduce_add_ps(m, e);
+#else
+    for (long j = 0; j < n; j++) {
+        p[j] = exp_fast(p[j] - top);
+        add += p[j];
+    }
+#endif
+    *sum = *sum * r + add;
+    *mx = top;
+    return r;
+}
+
+/* q [M, H, W] (W = C + dr: q_nope W_UK | q_pe), cache [slots, W], key_slots [M, S] (-1: no key), key_lens [M]
+ * (NULL: all S; else only the first key_lens[m] slots count) -> out [M, H, C]; a row without keys gets zeros.
+ * H <= 256. */
+void mla_attend(const float *q, long M, long H, long W, long C, const float *cache, const int64_t *key_slots, long S,
+                const int64_t *key_lens, float scale, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (long m = 0; m < M; m++) {
+        const long n = key_lens ? (key_lens[m] < S ? key_lens[m] : S) : S;
+        const float *qm = q + m * H * W;
+        const int64_t *ks = key_slots + m * S;
+        float *o = out + m * H * C, mx[256], sum[256], sc[256 * KEYS], tile[KEYS * 1024];
+        const int copy_ok = W <= 1024;
+        for (long h = 0; h < H; h++) {
+            mx[h] = -INFINITY;
+            sum[h] = 0.f;
+        }
+        for (long i = 0; i < H * C; i++) o[i] = 0.f;
+        for (long s = 0; s < n;) {
+            long slot[KEYS], nb = 0;
+            for (; s < n && nb < KEYS; s++)
+                if (ks[s] >= 0) slot[nb++] = ks[s];
+            if (!nb) break;
+            int run = 1; /* consecutive slots: read the block where it lies */
+            for (long j = 1; j < nb; j++) run &= slot[j] == slot[0] + j;
+            const float *keys = cache + slot[0] * W;
+            if (!run) {
+                if (!copy_ok) { /* very wide entries: key by key */
+                    for (long j = 0; j < nb; j++)
+                        for (long h = 0; h < H; h++) sc[h * KEYS + j] = dot_f32(qm + h * W, cache + slot[j] * W, W);
+                    keys = NULL;
+                } else {
+                    for (long j = 0; j < nb; j++) memcpy(tile + j * W, cache + slot[j] * W, W * sizeof(float));
+                    keys = tile;
+                }
+            }
+            if (keys) gemm_nt(qm, W, keys, W, sc, KEYS, H, nb, W);
+            const float *kv[KEYS];
+            for (long j = 0; j < nb; j++) kv[j] = keys ? keys + j * W : cache + slot[j] * W;
+            for (long h = 0; h < H; h++) {
+                float *p = sc + h * KEYS, *oh = o + h * C;
+                const float r = softmax_block(p, nb, scale, mx + h, sum + h);
+                long c0 = 0;
+#if defined(__AVX512F__)
+                /* 128 outputs at a time in registers; each key's weight broadcast once per 128 */
+                for (; c0 + 128 <= C; c0 += 128) {
+                    const __m512 rv = _mm512_set1_ps(r);
+                    __m512 acc[8];
+                    for (int i = 0; i < 8; i++) acc[i] = _mm512_mul_ps(_mm512_loadu_ps(oh + c0 + 16 * i), rv);
+                    for (long j = 0; j < nb; j++) {
+                        const __m512 pj = _mm512_set1_ps(p[j]);
+                        const float *row = kv[j] + c0;
+                        for (int i = 0; i < 8; i++) acc[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(row + 16 * i), acc[i]);
+                    }
+                    for (int i = 0; i < 8; i++) _mm512_storeu_ps(oh + c0 + 16 * i, acc[i]);
+                }
+#endif
+                for (long c = c0; c < C; c++) {
+                    float acc = oh[c] * r;
+                    for (long j = 0; j < nb; j++) acc += p[j] * kv[j][c];
+                    oh[c] = acc;
+                }
+            }
+        }
+        for (long h = 0; h < H; h++)
+            if (sum[h] > 0.f) {
+                const float inv = 1.f / sum[h];
+                for (long c = 0; c < C; c++) o[h * C + c] *= inv;
+            }
+    }
+}

@@ -235,6 +235,28 @@ def test_mtp_step_refuses_bad_input_with_a_message():
         call(torch.tensor([[3, 4]]), starts=(7,))
 
 
+@native_only
+@pytest.mark.parametrize("M,H,C,dr", [(5, 4, 32, 8), (64, 8, 128, 32), (2, 128, 512, 64)])
+def test_mla_attend_matches_the_reference(M, H, C, dr):
+    """The CPU kernel of `dsv3::mla_attend` (batched decode attention read from the cache): runs of consecutive
+    slots (a paged block) and scattered ones, -1 holes, key_lens cutting rows short (0: no keys), int32 slots."""
+    assert kernels.load()
+    g = torch.Generator().manual_seed(M)
+    W = C + dr
+    cache, q = torch.randn(400, W, generator=g), torch.randn(M, H, W, generator=g)
+    slots = torch.randint(0, 400, (M, 70), generator=g)
+    slots[0, :48] = torch.arange(100, 148)
+    slots[1, 3] = -1
+    lens = torch.randint(0, 71, (M,), generator=g)
+    lens[-1] = 0
+    for ks, kl in ((slots, lens), (slots, None), (slots.int(), lens.int())):
+        got = torch.ops.dsv3.mla_attend(q, cache, ks, kl, C, 0.1)
+        torch.testing.assert_close(got, reference.mla_attend(q, cache, ks, kl, C, 0.1), atol=2e-5, rtol=1e-4)
+    assert (torch.ops.dsv3.mla_attend(q, cache, slots, lens, C, 0.1)[-1] == 0).all()
+    with pytest.raises(RuntimeError, match="slots of the cache"):
+        torch.ops.dsv3.mla_attend(q, cache, slots + 400, None, C, 0.1)
+
+
 def test_ops_run_their_reference_where_no_native_kernel_is_registered():
     """The reference kernels are the ops' CompositeExplicitAutograd kernels: meta tensors get shapes (fake)."""
     x = torch.empty(3, 64, device="meta")

@@ -233,7 +233,10 @@ class PagedContext(AttentionContext):
             if (index is None and cache is not None and d.numel() > 1 and be.reads_slots(cache)
                     and layer._kv_b_lora(m.decode_adapters, d.numel()) is None):
                 # batched decode: attention reads the cache in place (dsv3::mla_attend), no gathered copy
-                out[d] = be.decode_slots(layer, q_nope[0, d, None], q_pe[0, d, None], cache[i], slots, m.decode_lens)[:, 0]
+                lens = m.decode_lens
+                if lens is None:  # metadata built elsewhere (CUDA graphs' static buffer): the mask says which count
+                    slots = slots.masked_fill(~mask.reshape(slots.shape), -1)
+                out[d] = be.decode_slots(layer, q_nope[0, d, None], q_pe[0, d, None], cache[i], slots, lens)[:, 0]
             else:
                 kv = self.cache.read(i, slots)  # [Bd, S or k, W]
                 out[d] = be.absorbed(layer, q_nope[0, d, None], q_pe[0, d, None], kv, mask, m.decode_adapters)[:, 0]

@@ -315,22 +315,27 @@ Tensor op_mla_attend(const Tensor &q, const Tensor &cache, const Tensor &key_slo
   const int64_t M = q.size(0), H = q.size(1), W = q.size(2);
   TORCH_CHECK(H <= 256, op, ": at most 256 heads");
   check_cpu(key_slots, op, "key_slots");
-  TORCH_CHECK(key_slots.scalar_type() == at::kLong && key_slots.is_contiguous() && key_slots.dim() == 2 &&
+  TORCH_CHECK((key_slots.scalar_type() == at::kLong || key_slots.scalar_type() == at::kInt) && key_slots.dim() == 2 &&
                   key_slots.size(0) == M,
-              op, ": key_slots must be contiguous int64 [M, S]");
-  const int64_t S = key_slots.size(1);
+              op, ": key_slots must be int64 or int32 [M, S]");
+  const Tensor slots = key_slots.to(at::kLong).contiguous();  // a no-op for contiguous int64
+  const int64_t S = slots.size(1);
   const int64_t *lens = nullptr;
+  Tensor lens_t;
   if (key_lens.has_value()) {
     check_cpu(*key_lens, op, "key_lens");
-    TORCH_CHECK(key_lens->scalar_type() == at::kLong && key_lens->is_contiguous() && key_lens->numel() == M, op,
-                ": key_lens must be contiguous int64 [M]");
-    lens = key_lens->data_ptr<int64_t>();
+    TORCH_CHECK((key_lens->scalar_type() == at::kLong || key_lens->scalar_type() == at::kInt) && key_lens->numel() == M,
+                op, ": key_lens must be int64 or int32 [M]");
+    lens_t = key_lens->to(at::kLong).contiguous();
+    lens = lens_t.data_ptr<int64_t>();
   }
-  const auto [lo, hi] = at::aminmax(key_slots);
-  TORCH_CHECK(!key_slots.numel() || (lo.item<int64_t>() >= -1 && hi.item<int64_t>() < cache.size(0)), op,
-              ": key_slots must be -1 or slots of the cache");
+  if (slots.numel()) {
+    const auto [lo, hi] = at::aminmax(slots);
+    TORCH_CHECK(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < cache.size(0), op,
+                ": key_slots must be -1 or slots of the cache");
+  }
   Tensor out = at::empty({M, H, kv_lora_rank}, q.options());
-  ::mla_attend(q.data_ptr<float>(), M, H, W, kv_lora_rank, cache.data_ptr<float>(), key_slots.data_ptr<int64_t>(), S,
+  ::mla_attend(q.data_ptr<float>(), M, H, W, kv_lora_rank, cache.data_ptr<float>(), slots.data_ptr<int64_t>(), S,
                lens, (float)scale, out.data_ptr<float>(), at::get_num_threads());
   return out;
 }

@@ -82,6 +82,8 @@ CASES = [
     ("generate missing adapter", ["generate", "--model", "{model}", "--lora", "{missing}", "x"], "adapter directory"),
     ("generate bad flag", ["generate", "--model", "{model}", "--max-tokens", "0", "x"], "positive integer"),
     ("generate bad rope scaling", ["generate", "--rope-scaling", "linear:factor=2", "x"], "only yarn"),
+    ("generate bad spec acceptance", ["generate", "--model", "{model}", "--num-speculative-tokens", "1",
+                                      "--spec-min-acceptance", "1.5", "x"], "between 0 and 1"),
     ("chat missing model", ["chat", "--model", "{missing}"], "does not exist"),
     ("chat bad flag", ["chat", "--temperature", "hot"], "invalid float value"),
     # serve: missing model, unwritable / directory outputs, bad flags

@@ -106,6 +106,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=positive_int, default=None, help="longest prompt + output, in tokens")
     p.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto", help="latent cache storage (int8: per-token scales)")
     p.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0 = off)")
+    p.add_argument("--spec-min-acceptance", type=float, default=0.3,
+                   help="a request accepting fewer of its MTP drafts than this (after 32) stops drafting (0 = never)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
     p.add_argument("--quantization", choices=("int8", "int4", "fp8", "awq", "gptq", "compressed-tensors"), default=None,  # dsv3.io.load.QUANTIZATION_CHOICES
                    help="int8/int4/fp8: quantize the weights on load; awq/gptq/compressed-tensors: the checkpoint holds that "
@@ -138,8 +140,11 @@ def engine_config(args: argparse.Namespace, **extra):
 
     if args.num_speculative_tokens < 0:
         raise DSV3Error("--num-speculative-tokens must be >= 0")
+    if not 0 <= args.spec_min_acceptance <= 1:
+        raise DSV3Error(f"--spec-min-acceptance must be between 0 and 1, got {args.spec_min_acceptance}")
     return EngineConfig(max_model_len=args.max_model_len, kv_cache_dtype=args.kv_cache_dtype,
                         num_speculative_tokens=args.num_speculative_tokens,
+                        spec_min_acceptance=args.spec_min_acceptance,
                         enable_prefix_caching=not args.no_prefix_caching, **extra)
 
 

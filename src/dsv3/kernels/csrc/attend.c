@@ -39,6 +39,70 @@ static inline float softmax_block(float *p, long n, float scale, float *mx, floa
     return r;
 }
 
+/* One row's attention: qm [H, W] over keys ks[0..n) (-1, or mask[s] == 0: not a key) of cache [slots, W] ->
+ * o [H, C]. H <= 256. */
+void attend_row(const float *qm, long H, long W, long C, const float *cache, const int64_t *ks, const uint8_t *mask,
+                long n, float scale, float *o) {
+    float mx[256], sum[256], sc[256 * KEYS], tile[KEYS * 1024];
+    const int copy_ok = W <= 1024;
+    for (long h = 0; h < H; h++) {
+        mx[h] = -INFINITY;
+        sum[h] = 0.f;
+    }
+    for (long i = 0; i < H * C; i++) o[i] = 0.f;
+    for (long s = 0; s < n;) {
+        long slot[KEYS], nb = 0;
+        for (; s < n && nb < KEYS; s++)
+            if (ks[s] >= 0 && (!mask || mask[s])) slot[nb++] = ks[s];
+        if (!nb) break;
+        int run = 1; /* consecutive slots: read the block where it lies */
+        for (long j = 1; j < nb; j++) run &= slot[j] == slot[0] + j;
+        const float *keys = cache + slot[0] * W;
+        if (!run) {
+            if (!copy_ok) { /* very wide entries: key by key */
+                for (long j = 0; j < nb; j++)
+                    for (long h = 0; h < H; h++) sc[h * KEYS + j] = dot_f32(qm + h * W, cache + slot[j] * W, W);
+                keys = NULL;
+            } else {
+                for (long j = 0; j < nb; j++) memcpy(tile + j * W, cache + slot[j] * W, W * sizeof(float));
+                keys = tile;
+            }
+        }
+        if (keys) gemm_nt(qm, W, keys, W, sc, KEYS, H, nb, W);
+        const float *kv[KEYS];
+        for (long j = 0; j < nb; j++) kv[j] = keys ? keys + j * W : cache + slot[j] * W;
+        for (long h = 0; h < H; h++) {
+            float *p = sc + h * KEYS, *oh = o + h * C;
+            const float r = softmax_block(p, nb, scale, mx + h, sum + h);
+            long c0 = 0;
+#if defined(__AVX512F__)
+            /* 128 outputs at a time in registers; each key's weight broadcast once per 128 */
+            for (; c0 + 128 <= C; c0 += 128) {
+                const __m512 rv = _mm512_set1_ps(r);
+                __m512 acc[8];
+                for (int i = 0; i < 8; i++) acc[i] = _mm512_mul_ps(_mm512_loadu_ps(oh + c0 + 16 * i), rv);
+                for (long j = 0; j < nb; j++) {
+                    const __m512 pj = _mm512_set1_ps(p[j]);
+                    const float *row = kv[j] + c0;
+                    for (int i = 0; i < 8; i++) acc[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(row + 16 * i), acc[i]);
+                }
+                for (int i = 0; i < 8; i++) _mm512_storeu_ps(oh + c0 + 16 * i, acc[i]);
+            }
+#endif
+            for (long c = c0; c < C; c++) {
+                float acc = oh[c] * r;
+                for (long j = 0; j < nb; j++) acc += p[j] * kv[j][c];
+                oh[c] = acc;
+            }
+        }
+    }
+    for (long h = 0; h < H; h++)
+        if (sum[h] > 0.f) {
+            const float inv = 1.f / sum[h];
+            for (long c = 0; c < C; c++) o[h * C + c] *= inv;
+        }
+}
+
 /* q [M, H, W] (W = C + dr: q_nope W_UK | q_pe), cache [slots, W], key_slots [M, S] (-1: no key), key_lens [M]
  * (NULL: all S; else only the first key_lens[m] slots count) -> out [M, H, C]; a row without keys gets zeros.
  * H <= 256. */
@@ -47,65 +111,6 @@ void mla_attend(const float *q, long M, long H, long W, long C, const float *cac
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (long m = 0; m < M; m++) {
         const long n = key_lens ? (key_lens[m] < S ? key_lens[m] : S) : S;
-        const float *qm = q + m * H * W;
-        const int64_t *ks = key_slots + m * S;
-        float *o = out + m * H * C, mx[256], sum[256], sc[256 * KEYS], tile[KEYS * 1024];
-        const int copy_ok = W <= 1024;
-        for (long h = 0; h < H; h++) {
-            mx[h] = -INFINITY;
-            sum[h] = 0.f;
-        }
-        for (long i = 0; i < H * C; i++) o[i] = 0.f;
-        for (long s = 0; s < n;) {
-            long slot[KEYS], nb = 0;
-            for (; s < n && nb < KEYS; s++)
-                if (ks[s] >= 0) slot[nb++] = ks[s];
-            if (!nb) break;
-            int run = 1; /* consecutive slots: read the block where it lies */
-            for (long j = 1; j < nb; j++) run &= slot[j] == slot[0] + j;
-            const float *keys = cache + slot[0] * W;
-            if (!run) {
-                if (!copy_ok) { /* very wide entries: key by key */
-                    for (long j = 0; j < nb; j++)
-                        for (long h = 0; h < H; h++) sc[h * KEYS + j] = dot_f32(qm + h * W, cache + slot[j] * W, W);
-                    keys = NULL;
-                } else {
-                    for (long j = 0; j < nb; j++) memcpy(tile + j * W, cache + slot[j] * W, W * sizeof(float));
-                    keys = tile;
-                }
-            }
-            if (keys) gemm_nt(qm, W, keys, W, sc, KEYS, H, nb, W);
-            const float *kv[KEYS];
-            for (long j = 0; j < nb; j++) kv[j] = keys ? keys + j * W : cache + slot[j] * W;
-            for (long h = 0; h < H; h++) {
-                float *p = sc + h * KEYS, *oh = o + h * C;
-                const float r = softmax_block(p, nb, scale, mx + h, sum + h);
-                long c0 = 0;
-#if defined(__AVX512F__)
-                /* 128 outputs at a time in registers; each key's weight broadcast once per 128 */
-                for (; c0 + 128 <= C; c0 += 128) {
-                    const __m512 rv = _mm512_set1_ps(r);
-                    __m512 acc[8];
-                    for (int i = 0; i < 8; i++) acc[i] = _mm512_mul_ps(_mm512_loadu_ps(oh + c0 + 16 * i), rv);
-                    for (long j = 0; j < nb; j++) {
-                        const __m512 pj = _mm512_set1_ps(p[j]);
-                        const float *row = kv[j] + c0;
-                        for (int i = 0; i < 8; i++) acc[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(row + 16 * i), acc[i]);
-                    }
-                    for (int i = 0; i < 8; i++) _mm512_storeu_ps(oh + c0 + 16 * i, acc[i]);
-                }
-#endif
-                for (long c = c0; c < C; c++) {
-                    float acc = oh[c] * r;
-                    for (long j = 0; j < nb; j++) acc += p[j] * kv[j][c];
-                    oh[c] = acc;
-                }
-            }
-        }
-        for (long h = 0; h < H; h++)
-            if (sum[h] > 0.f) {
-                const float inv = 1.f / sum[h];
-                for (long c = 0; c < C; c++) o[h * C + c] *= inv;
-            }
+        attend_row(q + m * H * W, H, W, C, cache, key_slots + m * S, NULL, n, scale, out + m * H * C);
     }
 }

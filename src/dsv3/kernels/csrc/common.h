@@ -236,6 +236,8 @@ void moe_grouped(const float *x, const int64_t *idx, const float *wt, const floa
                  int threads);
 void mla_attend(const float *q, long M, long H, long W, long C, const float *cache, const int64_t *key_slots, long S,
                 const int64_t *key_lens, float scale, float *out, int threads);
+void attend_row(const float *qm, long H, long W, long C, const float *cache, const int64_t *ks, const uint8_t *mask,
+                long n, float scale, float *o);
 #ifdef __cplusplus
 }
 #endif

@@ -221,7 +221,7 @@ def mtp_step(weights: list, meta: torch.Tensor, fmeta: torch.Tensor, mtp_weights
                       slot_mapping[rows], key_slots[rows], key_mask[rows], hidden, logits)
     if bad:
         return bad
-    mi, mf, ti, tf = meta.tolist(), fmeta.tolist(), mtp_meta.tolist(), mtp_fmeta.tolist()
+    mf, ti, tf = fmeta.tolist(), mtp_meta.tolist(), mtp_fmeta.tolist()
     embed, inv_freq, attn_factor = weights[0], weights[1].float(), mf[0]
     enorm, hnorm, eh_w, eh_s, eh_b, fnorm, hd_w, hd_s, hd_b, draft_ids = mtp_weights[:MTP_WEIGHTS]
     D = embed.shape[1]

@@ -137,6 +137,14 @@ def test_a_request_below_the_break_even_stops_drafting(parts, workload):
     assert engine.drafter.stats.drafted[0] == MIN_DRAFTS  # not one draft after the switch
     text = "\n".join(f"{m.name} {s.value}" for m in _EngineCollector(lambda: SimpleNamespace(engine=engine, cache=None)).collect() for s in m.samples)
     assert "dsv3:spec_decode_requests_switched_off 1" in text
+    # a switched-off request keeps no hidden states for the MTP module (nothing would consume them)
+    engine.add_request("again", prompt, params)
+    seq = engine.requests["again"].seqs[0]
+    while engine.has_unfinished_requests():
+        engine.step()
+        if seq.spec_off:
+            assert seq.mtp_pending is None or seq.mtp_pending.shape[0] <= 1
+    assert seq.spec_off and seq.num_output_tokens == MIN_DRAFTS + 40
 
 
 def test_a_failing_native_step_falls_back_to_the_general_path(parts, monkeypatch):

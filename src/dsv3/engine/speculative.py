@@ -127,8 +127,9 @@ class MTPDrafter:
             self.switched_off += 1
 
     def keep_hidden(self, seq: Sequence, start: int, hidden: torch.Tensor) -> None:
-        """Remember main-model hidden states of newly computed positions for the MTP module."""
-        if not supports_speculation(seq.params):
+        """Remember main-model hidden states of newly computed positions for the MTP module (not for a request that
+        no longer drafts: nothing would consume them)."""
+        if seq.spec_off or not supports_speculation(seq.params):
             return
         if seq.mtp_pending is None:
             seq.mtp_done, seq.mtp_pending = start, hidden

@@ -65,7 +65,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     kv_cache_dtype: str = "auto"  # auto | int8
     num_speculative_tokens: int = 0  # MTP drafts per step (needs a model with MTP weights)
-    spec_min_acceptance: float = 0.3  # a request accepting fewer of its drafts stops drafting (the break-even, bench/mtp_bound.py)
+    spec_min_acceptance: float = 0.3  # a request accepting fewer of its drafts stops drafting (above the 0.21 break-even
+    # bench/mtp_bound.py measures for k=1 on the embedded model: the native call's cost in plain forwards, minus one)
     seed: int = 0
     lora_adapters: dict[str, str] | None = None  # name -> PEFT adapter dir, served side by side (adapter id = index + 1)
 
@@ -311,9 +312,7 @@ class LLMEngine:
                 if it.all_logits:
                     draft = drafts[seq]
                     accepted = verify(seq, draft, logits[rows])
-                    self.drafter.record(seq, len(draft.tokens), len(accepted) - 1)
-                    self.stats["spec_draft_tokens"] += len(draft.tokens)
-                    self.stats["spec_accepted_tokens"] += len(accepted) - 1
+                    self._record_draft(seq, len(draft.tokens), len(accepted) - 1)
                     new_tokens[seq] = accepted
                     computed += len(accepted) - 1
                     if self.runner.state is not None and len(accepted) - 1 < len(draft.tokens):
@@ -344,7 +343,7 @@ class LLMEngine:
         """A pure greedy decode step with MTP as one native call (verify, accept, draft the next step), or None when
         the step does not qualify or the model has no native form (the general step runs instead)."""
         d, k = self.drafter, self.drafter.k
-        if not d.fusable(chunks):
+        if not self.runner.native_spec or not d.fusable(chunks):
             return None
         try:
             d.catch_up(chunks)
@@ -371,9 +370,7 @@ class LLMEngine:
             seq = c.seq
             toks = toks[:toks.index(-1)] if -1 in toks else toks
             accepted = len(toks) - 1
-            d.record(seq, k, accepted)
-            self.stats["spec_draft_tokens"] += k
-            self.stats["spec_accepted_tokens"] += accepted
+            self._record_draft(seq, k, accepted)
             seq.num_computed_tokens += 1 + accepted
             seq.mtp_done, seq.mtp_pending = c.start + 1 + accepted, None
             if not seq.spec_off:
@@ -381,6 +378,12 @@ class LLMEngine:
             self.block_manager.commit(seq)
             new_tokens[seq] = toks
         return new_tokens
+
+    def _record_draft(self, seq: Sequence, drafted: int, accepted: int) -> None:
+        """One verified draft: the drafter's per-position and per-request counts, the engine's token counters."""
+        self.drafter.record(seq, drafted, accepted)
+        self.stats["spec_draft_tokens"] += drafted
+        self.stats["spec_accepted_tokens"] += accepted
 
     # ---- fault isolation ----------------------------------------------------------------
     def _fail(self, seq: Sequence, exc: BaseException, touched: dict[str, None]) -> None:

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
+from dsv3 import ops
 from dsv3.attention.backend import backend_for
 from dsv3.attention.context import PagedContext, SequenceStates
 from dsv3.attention.kv_cache import KVCache
 from dsv3.attention.metadata import StepMetadata
-from dsv3 import ops
 from dsv3.engine import cuda_graphs
 from dsv3.lora.apply import lora_modules, set_slot_ids
 from dsv3.lora.slots import SlotBatch
@@ -40,6 +40,7 @@ class ModelRunner:
         self.multi_lora = bool(lora_modules(model))  # stacked adapters (dsv3.lora.load_stacked): slots per token
         self.attn_backend = backend_for(self.device)  # Triton decode attention on CUDA
         self.state = None
+        self.native_spec = False  # greedy speculative steps may run as one native call (`execute_spec`)
         if num_state_slots:  # the model keeps per-sequence state (DeepSeek-V4) and pages it itself
             self.state = model.paged_state(num_state_slots, num_blocks, block_size, max_snapshots)
             self.checkpoints: dict[int, tuple] = {}  # slot -> its state before this engine step (`rewind`)
@@ -49,6 +50,7 @@ class ModelRunner:
         self.cache = KVCache(model.cache_specs(), (num_blocks + extra) * block_size, model.dtype, self.device,
                              quantized=kv_cache_dtype == "int8")
         self.graphs = cuda_graphs.DecodeGraphs(self, scratch_block=num_blocks) if extra else None
+        self.native_spec = not self.multi_lora and self.cache.native() is not None
 
     def prepare(self, items: list[StepItem], lora: bool = True) -> tuple[torch.Tensor, torch.Tensor, PagedContext | SequenceStates, list[int]]:
         """Flatten the step into (input_ids [1, N], positions [1, N], context, rows whose logits are needed).
@@ -113,7 +115,7 @@ class ModelRunner:
         and its k drafts (token_ids, k + 1 of them) at `start`, with blocks for 2k positions. Returns (tokens [B, k+1]:
         the accepted drafts and the target's next token, -1 after them; drafts [B, k] for the next step), or None
         when the model or step has no native form (the caller takes the general path)."""
-        if self.state is not None or self.multi_lora or self.cache is None or self.cache.native() is None:
+        if not self.native_spec:
             return None
         width = max(len(it.block_table) for it in items)
         tables = torch.tensor([it.block_table + [0] * (width - len(it.block_table)) for it in items])

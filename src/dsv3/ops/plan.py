@@ -186,9 +186,9 @@ def mtp_plan(model: nn.Module) -> Plan | None:
             hw, hm = _lin(int8_rows(form.head))
             weights, meta, fmeta = _pack([form.block], [form.enorm, form.hnorm, *ew, form.final_norm, *hw, form.draft_ids],
                                          [*em, *hm], [form.e_eps, form.h_eps, form.final_eps])
-            mods = list(model.model.mtp.modules()) if hasattr(model, "model") else []
-            plan = Plan(weights, meta, fmeta, [form.layer_id], mods, _moes(*mods[:1]), vocab=form.head.weight.shape[0],
-                        head=True, hidden_size=form.enorm.numel())
+            mtp = model.model.mtp  # every module a hook on which must send the step through the modules
+            plan = Plan(weights, meta, fmeta, [form.layer_id], list(mtp.modules()), _moes(mtp),
+                        vocab=form.head.weight.shape[0], head=True, hidden_size=form.enorm.numel())
         _MTP_PLANS[model] = entry = (_epoch[0], plan)
     return entry[1]
 

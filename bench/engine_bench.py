@@ -155,7 +155,7 @@ def decode_rows(model, tok, n: int, threads: int, rng: random.Random) -> list[tu
     """Decode throughput of `n` concurrent greedy requests (prompts 16-256 tokens, 128 new tokens each), timed from
     the step after every request has its first token to the end, next to the compute bound: the machine's fp32
     GEMM rate over 2 x the active parameters a token multiplies (the LM head included, the embedding lookup not)."""
-    from roofline import decode_weight_bytes
+    from roofline import decode_weight_bytes, stream_bandwidth
 
     prompts = [[rng.randrange(3, min(model.config.vocab_size, tok.vocab_size)) for _ in range(rng.randint(16, 256))]
                for _ in range(n)]
@@ -174,10 +174,19 @@ def decode_rows(model, tok, n: int, threads: int, rng: random.Random) -> list[tu
     flops = 2 * decode_weight_bytes(model) / model.model.embed_tokens.weight.element_size()
     rate, where = gemm_rate(model, n, threads)
     bound = rate / flops
+    # What the compute bound leaves out: at this batch every expert's weights are read each step (not just a token's
+    # active ones), and each sequence's cached latents (mean context over the decode) per layer.
+    mtp = sum(p.numel() for p in model.model.mtp.parameters())
+    weights = (sum(p.numel() for n_, p in model.named_parameters() if "embed_tokens" not in n_) - mtp) * 4
+    context = sum(len(p) for p in prompts) / n + params.max_tokens / 2
+    cache = n * context * model.config.num_hidden_layers * (model.config.kv_lora_rank + model.config.qk_rope_head_dim) * 4
+    bw = stream_bandwidth(threads)
     test = f"decode throughput, {n} requests"
     return [(test, "dsv3", best, "tok/s"),
             (test, f"bound: {flops / 2e6:.1f}M active params at {rate / 1e9:.0f} GFLOP/s ({where})", bound, "tok/s"),
-            (test + ": dsv3 / compute bound", "dsv3", best / bound, "x")]
+            (test + ": dsv3 / compute bound", "dsv3", best / bound, "x"),
+            (test, f"memory bound: {(weights + cache) / 1e6:.0f} MB/step (all weights, {cache / 1e6:.0f} MB of cache) "
+                   f"at {bw:.1f} GB/s", bw * 1e9 * n / (weights + cache), "tok/s")]
 
 
 def mtp_rows(args) -> list[tuple[str, str, float, str]]:

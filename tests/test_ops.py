@@ -160,6 +160,75 @@ def test_whole_step_matches_the_reference_op():
 
 @native_only
 @torch.no_grad()
+@pytest.mark.parametrize("packed", [False, True], ids=["head", "packed-head"])
+def test_batched_whole_step_matches_the_reference_op(packed):
+    """Past MAX_ROWS rows an fp32 plan's step runs batch.c (each projection, each expert's rows and the head one BLAS
+    GEMM, attention in place over the cache): against the reference op for 24 sequences whose left padding differs
+    (per-row key masks), with the head as stored and packed by `dsv3::pack_linear`."""
+    from dsv3.attention import DenseLatentCache
+    from dsv3.ops import plan
+
+    model = _model()
+    cfg = model.config
+    p = plan.model_plan(model)
+    assert p is not None and p.batched and kernels.load()
+    B, T = 24, 9
+    assert B > ops.MAX_ROWS
+    g = torch.Generator().manual_seed(1)
+    cache = DenseLatentCache(cfg.num_hidden_layers, B, 16, cfg.latent_dim, torch.float32)
+    pad = torch.arange(T)[None] >= torch.randint(0, 5, (B, 1), generator=g)  # each row's first tokens are padding
+    cache.set_padding(pad.long())
+    model(torch.randint(3, cfg.vocab_size, (B, T), generator=g), ctx=cache)
+    cache.begin_step(1)
+    ids = torch.randint(3, cfg.vocab_size, (B, 1), generator=g)
+    slot_mapping, key_slots, key_mask = cache.native_slots()
+    assert key_mask is not None and not bool(key_mask.all())
+    weights = list(p.weights)
+    if packed:
+        weights[layout.MODEL_WEIGHTS - 1] = torch.ops.dsv3.pack_linear(weights[3])
+        if torch.backends.mkl.is_available():
+            assert weights[layout.MODEL_WEIGHTS - 1].numel() > 0  # MKL: the head really is packed
+    outs = []
+    for fn in (torch.ops.dsv3.decode_step, reference.decode_step):
+        kv = cache.kv.clone()
+        hidden, logits = torch.empty(B, cfg.hidden_size), torch.empty(B, cfg.vocab_size)
+        assert fn(weights, p.meta, p.fmeta, kv, p.layers, ids, None, cache.length, 1, slot_mapping, key_slots,
+                  key_mask, hidden, logits) == 0
+        outs.append((hidden, logits, kv))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@native_only
+def test_pack_linear_refuses_what_it_cannot_pack():
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.dsv3.pack_linear(torch.zeros(4, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"\[N, K\]"):
+        torch.ops.dsv3.pack_linear(torch.zeros(4))
+
+
+@native_only
+def test_greedy_op_matches_the_reference():
+    """`dsv3::greedy` (one vector pass per row) against argmax over NaN-as--inf, at a vocabulary's width and one
+    that is no multiple of 16: ties, NaN, +inf, rows of only -inf or NaN, the maximum in the last columns."""
+    g = torch.Generator().manual_seed(0)
+    for V in (32000, 1003):
+        x = torch.randint(-4, 4, (40, V), generator=g).float()
+        x[1, 7] = float("nan")
+        x[2] = float("nan")
+        x[3] = float("-inf")
+        x[4, ::3] = float("nan")
+        x[5, 100] = float("inf")
+        x[6, -1] = 99.0
+        x[7, :] = float("-inf")
+        x[7, 500] = float("nan")
+        x[8, 17] = x[8, 33] = 50.0
+        torch.testing.assert_close(torch.ops.dsv3.greedy(x), reference.greedy(x), rtol=0, atol=0)
+        assert torch.equal(ops.greedy(x), torch.nan_to_num(x, nan=float("-inf"), posinf=float("inf")).argmax(-1))
+
+
+@native_only
+@torch.no_grad()
 @pytest.mark.parametrize("K", [1, 2])
 def test_mtp_step_matches_the_reference_op(K):
     """`dsv3::mtp_step` against its reference: verified logits, accepted tokens, next drafts and every cache layer

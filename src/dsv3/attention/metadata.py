@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_NATIVE_TOKENS = 8  # steps up to this many tokens get a layout for the native MLA kernel (= dsv3.ops.MAX_ROWS)
+MAX_NATIVE_DECODES = 256  # pure decode steps up to this many tokens get one too (= dsv3.ops.BATCH_ROWS)
 
 
 @dataclass
@@ -72,10 +73,11 @@ class StepMetadata:
         """(key_slots [N, S], key_mask [N, S]) per token for the native MLA kernel, or None.
 
         Steps of at most MAX_NATIVE_TOKENS tokens qualify: decodes, and the short chunks of speculative
-        verification and MTP drafting (token t of a chunk starting at `start` sees slots [0, start + t]).
-        Not with LoRA adapters."""
+        verification and MTP drafting (token t of a chunk starting at `start` sees slots [0, start + t]);
+        pure decode steps up to MAX_NATIVE_DECODES (a batched decode). Not with LoRA adapters."""
         n = self.slot_mapping.numel()
-        if (n == 0 or n > MAX_NATIVE_TOKENS or self.decode_adapters is not None or not self.slot_mapping.is_cpu
+        limit = MAX_NATIVE_TOKENS if self.prefills else MAX_NATIVE_DECODES
+        if (n == 0 or n > limit or self.decode_adapters is not None or not self.slot_mapping.is_cpu
                 or any(p.adapter is not None for p in self.prefills)):
             return None
         if not self.prefills:  # a pure decode step: rows are the tokens, in order

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from dsv3 import ops
 from dsv3.errors import DSV3Error
 
 
@@ -125,6 +126,9 @@ def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
     host sync."""
     if logits.device.type != "cpu":
         return torch.nan_to_num(logits, nan=float("-inf")).argmax(-1)
+    native = ops.greedy(logits) if logits.dim() == 2 else None  # fp32: one pass per row in C
+    if native is not None:
+        return native
     values, choice = logits.max(-1)
     bad = values.isnan()
     if bool(bad.any()):

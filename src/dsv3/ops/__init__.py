@@ -21,10 +21,11 @@ from dsv3.ops.forms import NativeBlock, NativeExperts, NativeLinear, NativeMLA, 
 
 MAX_ROWS = 8  # tokens per call up to which the native kernels run (decode, MTP verification); more go to PyTorch
 MAX_EXPERTS, MAX_GROUPS = 1024, 64  # the native router's stack arrays (V3: 256 experts in 8 groups)
+BATCH_ROWS = 256  # rows up to which a whole fp32 decode step runs natively as GEMMs (batch.c: a batched decode)
 WHOLE_STEPS = True  # False: each layer runs its own kernel (the path under LoRA or a hook); tests compare the two
 
 __all__ = ["MAX_ROWS", "NativeBlock", "NativeExperts", "NativeLinear", "NativeMLA", "NativeRouter", "backend", "experts",
-           "experts_gpu", "gpu", "invalidate", "linear", "mla_decode", "mlp", "native", "rms_norm", "route_gpu", "route_noaux"]
+           "experts_gpu", "gpu", "greedy", "invalidate", "linear", "mla_decode", "mlp", "native", "rms_norm", "route_gpu", "route_noaux"]
 
 
 def backend(device: torch.device | str = "cpu") -> str:
@@ -84,6 +85,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
             or not weight.is_cpu or torch.is_grad_enabled() or torch.compiler.is_compiling() or not kernels.load()):
         return None
     return torch.ops.dsv3.rms_norm(x, weight, eps)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor | None:
+    """Each row's argmax, NaN never chosen (`dsv3::greedy`), or None off the native CPU path."""
+    if (logits.dim() != 2 or not logits.is_cpu or logits.dtype != torch.float32 or not logits.shape[1]
+            or torch.compiler.is_compiling() or not kernels.load()):
+        return None
+    return torch.ops.dsv3.greedy(logits)
 
 
 def route_noaux(x: torch.Tensor, form: NativeRouter | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -146,8 +155,8 @@ def invalidate(model: torch.nn.Module | None = None) -> None:
             reset()
 
 
-def _steps_ok(ids_or_x: torch.Tensor, rows: int) -> bool:
-    return (WHOLE_STEPS and rows <= MAX_ROWS and ids_or_x.is_cpu and not torch.is_grad_enabled()
+def _steps_ok(ids_or_x: torch.Tensor, rows: int, limit: int = MAX_ROWS) -> bool:
+    return (WHOLE_STEPS and rows <= limit and ids_or_x.is_cpu and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and kernels.load())
 
 
@@ -163,11 +172,13 @@ def decode_step(model: torch.nn.Module, input_ids: torch.Tensor, positions: torc
 
     B, T = input_ids.shape
     M = B * T
-    if cache is None or keys is None or not _steps_ok(input_ids, M):
+    if cache is None or keys is None or not _steps_ok(input_ids, M, BATCH_ROWS):
         return None
     p = plan.model_plan(model)
-    if p is None or p.observed():
+    if p is None or p.observed() or (M > MAX_ROWS and not p.batched):
         return None
+    if M > MAX_ROWS and logits:
+        p.pack_head()
     slot_mapping, key_slots, key_mask = keys
     ids = input_ids if input_ids.dtype == torch.int64 and input_ids.is_contiguous() else input_ids.to(torch.int64).contiguous()
     pos = None if positions is None else positions.to(torch.int64).contiguous()

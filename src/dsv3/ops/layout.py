@@ -10,14 +10,15 @@ Layer weights (37): q_a q_b kv_a o (weight, scale, bias each), q_norm kv_norm w_
 Layer ints (33):    D H dn dr dv C Rq | kind, group of q_a q_b kv_a o | inter | E n_group topk_group top_k
                     norm_topk | kind, group of gate up down | kind, group of egate eup edown
 Layer floats (5):   q_eps kv_eps scale eps route_scale
-Model weights (6):  embed inv_freq final_norm head (3);  ints (4): head kind, head group, vocab, dr/2;
+Model weights (7):  embed inv_freq final_norm head (3) head_packed (the head packed for the BLAS, `dsv3::pack_linear`,
+                    which steps of many rows use; or None);  ints (4): head kind, head group, vocab, dr/2;
 Model floats (2):   attn_factor final_eps
 MTP drafter weights (10): enorm hnorm eh_proj (3) final_norm head (3) draft_ids;  ints (4): eh kind, eh group,
                     head kind, head group;  floats (3): e_eps h_eps final_eps  (then one block, `dsv3::mtp_step`)
 """
 
 LAYER_WEIGHTS, LAYER_INTS, LAYER_FLOATS = 37, 33, 5
-MODEL_WEIGHTS, MODEL_INTS, MODEL_FLOATS = 6, 4, 2
+MODEL_WEIGHTS, MODEL_INTS, MODEL_FLOATS = 7, 4, 2
 MTP_WEIGHTS, MTP_INTS, MTP_FLOATS = 10, 4, 3
 LAYOUT = (LAYER_WEIGHTS, LAYER_INTS, LAYER_FLOATS, MODEL_WEIGHTS, MODEL_INTS, MODEL_FLOATS, MTP_WEIGHTS, MTP_INTS,
           MTP_FLOATS)

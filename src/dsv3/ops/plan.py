@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 
 from dsv3.ops.forms import NativeBlock, NativeLinear, NativeModel, NativeMTP
-from dsv3.ops.layout import LAYER_FLOATS, LAYER_INTS, LAYER_WEIGHTS
+from dsv3.ops.layout import LAYER_FLOATS, LAYER_INTS, LAYER_WEIGHTS, MODEL_WEIGHTS
 
 _EMPTY = [None, None, None]
 
@@ -84,12 +84,24 @@ class Plan:
         # every module's hook dicts, gathered once: PyTorch adds and removes hooks in these dicts in place, so a
         # step checks them all in ~1 µs (a pass over the modules' attributes took ~9 µs, 1.5 % of a step)
         self._hook_dicts = [d for m in self.modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+        # every weight fp32: a step of more than MAX_ROWS rows runs batch.c's GEMM form (int8/int4 plans do not)
+        self.batched = all(w.dtype == torch.float32 for w in self.weights if isinstance(w, torch.Tensor))
+        self._head_packed = False
 
     def observed(self) -> bool:
         """A forward hook, or a MoE recording expert loads, wants the modules to run this step."""
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return True
         return any(self._hook_dicts) or any(map(_TRACKING, self.moes))
+
+    def pack_head(self) -> None:
+        """Give a batched step the fp32 head packed for the BLAS (`dsv3::pack_linear`; MODEL_WEIGHTS' last slot),
+        made on the first such step: a batch-1 server never holds the copy (MKL's layout: 1.36x the head's bytes on
+        the bench model's 32,000 x 512 head)."""
+        if self.head and not self._head_packed:
+            self._head_packed = True
+            if self.weights[3].dtype == torch.float32:
+                self.weights[MODEL_WEIGHTS - 1] = torch.ops.dsv3.pack_linear(self.weights[3])
 
     def hidden(self, M: int) -> torch.Tensor:
         """A reused [M, D] buffer (per thread) for hidden states nobody keeps (the step returns logits)."""
@@ -134,7 +146,7 @@ def model_plan(model: nn.Module) -> Plan | None:
         else:
             head = form.head
             hw, hm = _lin(head)
-            weights, meta, fmeta = _pack(form.blocks, [form.embed, form.inv_freq, form.final_norm, *hw],
+            weights, meta, fmeta = _pack(form.blocks, [form.embed, form.inv_freq, form.final_norm, *hw, None],
                                          [*hm, form.embed.shape[0], form.inv_freq.numel()],
                                          [form.attn_factor, form.final_eps])
             _PLANS[model] = (_epoch[0], Plan(weights, meta, fmeta, list(form.layer_ids), list(model.modules()), _moes(model),

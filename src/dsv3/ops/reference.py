@@ -195,6 +195,16 @@ def decode_step(weights: list, meta: torch.Tensor, fmeta: torch.Tensor, cache: t
     return 0
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's largest value, NaN counted as -inf (never chosen over a number)."""
+    return logits.masked_fill(logits.isnan(), float("-inf")).argmax(-1)
+
+
+def pack_linear(weight: torch.Tensor) -> torch.Tensor:
+    """A weight packed for the BLAS's GEMM: PyTorch has no packed form, so no bytes (steps then multiply the weight
+    as it is; the native op packs it with MKL where PyTorch links MKL)."""
+    return weight.new_empty(0, dtype=torch.uint8)
+
 
 def mtp_step(weights: list, meta: torch.Tensor, fmeta: torch.Tensor, mtp_weights: list, mtp_meta: torch.Tensor,
              mtp_fmeta: torch.Tensor, cache: torch.Tensor, layers: list[int], mtp_layer: int, ids: torch.Tensor,

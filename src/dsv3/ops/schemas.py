@@ -32,6 +32,8 @@ SCHEMAS = {
     "decode_step": "decode_step(Tensor?[] weights, Tensor meta, Tensor fmeta, Tensor(a!) cache, int[] layers, Tensor ids, "
                    "Tensor? positions, int start, int T, Tensor slot_mapping, Tensor key_slots, Tensor? key_mask, "
                    "Tensor(b!) hidden, Tensor(c!)? logits) -> int",
+    "pack_linear": "pack_linear(Tensor weight) -> Tensor",
+    "greedy": "greedy(Tensor logits) -> Tensor",
     "mtp_step": "mtp_step(Tensor?[] weights, Tensor meta, Tensor fmeta, Tensor?[] mtp_weights, Tensor mtp_meta, "
                 "Tensor mtp_fmeta, Tensor(a!) cache, int[] layers, int mtp_layer, Tensor ids, Tensor starts, "
                 "Tensor block_tables, int block_size, int K, Tensor(b!) hidden, Tensor(c!) logits, Tensor(d!) tokens, "
@@ -95,6 +97,16 @@ def _(weights, meta, fmeta, cache, layers, x, cos, sin, slot_mapping, key_slots,
 @torch.library.register_fake("dsv3::decode_step")
 def _(weights, meta, fmeta, cache, layers, ids, positions, start, T, slot_mapping, key_slots, key_mask, hidden, logits):
     return 0
+
+
+@torch.library.register_fake("dsv3::greedy")
+def _(logits):
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
+@torch.library.register_fake("dsv3::pack_linear")
+def _(weight):
+    return weight.new_empty(0, dtype=torch.uint8)
 
 
 @torch.library.register_fake("dsv3::mtp_step")

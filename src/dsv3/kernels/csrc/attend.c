@@ -7,7 +7,7 @@
  * heads for those keys are one small GEMM (`gemm_nt`, the keys as read from the cache when their
  * slots are consecutive, as a paged block's are), an online softmax per head keeps one pass
  * (no score buffer over the context), and o += p c accumulates the latent part c of each entry
- * [c | k_pe]. The projections around it (q_nope W_UK, o W_UV) stay batched GEMMs.
+ * [c | k_pe], four heads at a time (each key's latent loaded once for the four). The projections around it (q_nope W_UK, o W_UV) stay batched GEMMs.
  */
 #include "common.h"
 
@@ -71,26 +71,40 @@ void attend_row(const float *qm, long H, long W, long C, const float *cache, con
         if (keys) gemm_nt(qm, W, keys, W, sc, KEYS, H, nb, W);
         const float *kv[KEYS];
         for (long j = 0; j < nb; j++) kv[j] = keys ? keys + j * W : cache + slot[j] * W;
-        for (long h = 0; h < H; h++) {
-            float *p = sc + h * KEYS, *oh = o + h * C;
-            const float r = softmax_block(p, nb, scale, mx + h, sum + h);
-            long c0 = 0;
+        float r[256];
+        for (long h = 0; h < H; h++) r[h] = softmax_block(sc + h * KEYS, nb, scale, mx + h, sum + h);
+        long h0 = 0, tail = 0;
 #if defined(__AVX512F__)
-            /* 128 outputs at a time in registers; each key's weight broadcast once per 128 */
-            for (; c0 + 128 <= C; c0 += 128) {
-                const __m512 rv = _mm512_set1_ps(r);
-                __m512 acc[8];
-                for (int i = 0; i < 8; i++) acc[i] = _mm512_mul_ps(_mm512_loadu_ps(oh + c0 + 16 * i), rv);
-                for (long j = 0; j < nb; j++) {
-                    const __m512 pj = _mm512_set1_ps(p[j]);
-                    const float *row = kv[j] + c0;
-                    for (int i = 0; i < 8; i++) acc[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(row + 16 * i), acc[i]);
+        /* o += p c for 4 heads x 64 outputs at a time: each key's 4 vectors are loaded once for 4 heads */
+        tail = C - C % 64;
+        for (; h0 + 4 <= H; h0 += 4)
+            for (long c0 = 0; c0 < tail; c0 += 64) {
+                __m512 acc[16];
+                for (int a = 0; a < 4; a++) {
+                    const __m512 rv = _mm512_set1_ps(r[h0 + a]);
+                    for (int i = 0; i < 4; i++) acc[4 * a + i] = _mm512_mul_ps(_mm512_loadu_ps(o + (h0 + a) * C + c0 + 16 * i), rv);
                 }
-                for (int i = 0; i < 8; i++) _mm512_storeu_ps(oh + c0 + 16 * i, acc[i]);
+                for (long j = 0; j < nb; j++) {
+                    const float *row = kv[j] + c0;
+                    const __m512 k0 = _mm512_loadu_ps(row), k1 = _mm512_loadu_ps(row + 16), k2 = _mm512_loadu_ps(row + 32),
+                                 k3 = _mm512_loadu_ps(row + 48);
+                    for (int a = 0; a < 4; a++) {
+                        const __m512 pj = _mm512_set1_ps(sc[(h0 + a) * KEYS + j]);
+                        acc[4 * a] = _mm512_fmadd_ps(pj, k0, acc[4 * a]);
+                        acc[4 * a + 1] = _mm512_fmadd_ps(pj, k1, acc[4 * a + 1]);
+                        acc[4 * a + 2] = _mm512_fmadd_ps(pj, k2, acc[4 * a + 2]);
+                        acc[4 * a + 3] = _mm512_fmadd_ps(pj, k3, acc[4 * a + 3]);
+                    }
+                }
+                for (int a = 0; a < 4; a++)
+                    for (int i = 0; i < 4; i++) _mm512_storeu_ps(o + (h0 + a) * C + c0 + 16 * i, acc[4 * a + i]);
             }
 #endif
-            for (long c = c0; c < C; c++) {
-                float acc = oh[c] * r;
+        for (long h = 0; h < H; h++) { /* what the blocks above left: columns past `tail` of their heads, other heads whole */
+            const float *p = sc + h * KEYS;
+            float *oh = o + h * C;
+            for (long c = h < h0 ? tail : 0; c < C; c++) {
+                float acc = oh[c] * r[h];
                 for (long j = 0; j < nb; j++) acc += p[j] * kv[j][c];
                 oh[c] = acc;
             }

@@ -154,7 +154,11 @@ static inline void gemm_nt(const float *restrict A, long lda, const float *restr
             __m512 acc[16];
             for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
             long k = 0;
+            /* one weight row of the block after next per pass of 4 rows, a line per step: the weights stream from
+             * L3 or memory (a row of experts' weights is read by one block only), spread over the block's work */
+            const float *next = c + 12 <= N ? B + (c + 8 + (r / 4) % 4) * ldb : NULL;
             for (; k + 16 <= K; k += 16) {
+                if (next) _mm_prefetch((const char *)(next + k), _MM_HINT_T1);
                 const __m512 a0 = _mm512_loadu_ps(A + r * lda + k), a1 = _mm512_loadu_ps(A + (r + 1) * lda + k),
                              a2 = _mm512_loadu_ps(A + (r + 2) * lda + k), a3 = _mm512_loadu_ps(A + (r + 3) * lda + k);
                 for (int j = 0; j < 4; j++) {
@@ -212,6 +216,39 @@ static inline void lin(const Lin *L, const float *x, long M, long K, float *y, l
         for (long m = 0; m < M; m++) y[m * N + n] = lin_row(L, n, x + m * K, K);
 }
 
+/* RMSNorm of one row in place; interleaved-pair rotary (x[2i], x[2i+1]) of one head's rope part. */
+static inline void rms_inplace(float *x, long n, const float *w, float eps) {
+    float r = 1.f / sqrtf(dot_f32(x, x, n) / (float)n + eps);
+    for (long i = 0; i < n; i++) x[i] = w[i] * (x[i] * r);
+}
+
+static inline void rope_pairs(float *x, const float *cos, const float *sin, long half) {
+    for (long i = 0; i < half; i++) {
+        float a = x[2 * i], b = x[2 * i + 1];
+        x[2 * i] = a * cos[i] - b * sin[i];
+        x[2 * i + 1] = b * cos[i] + a * sin[i];
+    }
+}
+
+/* The BLAS PyTorch was built with (ops.cpp: its Fortran sgemm_, else at::mm), column-major as BLAS: c[m, n] =
+ * alpha op(a) op(b) + beta c, op transposing when ta / tb. Called outside OpenMP regions it uses PyTorch's
+ * threads, inside one a single thread. */
+void dsv3_sgemm(int ta, int tb, long m, long n, long k, float alpha, const float *a, long lda, const float *b, long ldb,
+                float beta, float *c, long ldc);
+
+/* y[M, N] = x[M, K] · Wᵀ for a weight packed by the op `dsv3::pack_linear` (MKL's packed GEMM; ops.cpp). */
+void dsv3_sgemm_packed(long M, long N, long K, const float *x, const void *packed, float *y);
+
+/* Row-major products on `dsv3_sgemm`: y[M, N] (row stride ldy) = x[M, K] (ldx) · W[N, K]ᵀ (ldw), a linear layer;
+ * and y = x · B[K, N] (ldb). */
+static inline void mm_nt(const float *x, long ldx, const float *w, long ldw, float *y, long ldy, long M, long N, long K) {
+    dsv3_sgemm(1, 0, N, M, K, 1.f, w, ldw, x, ldx, 0.f, y, ldy);
+}
+
+static inline void mm_nn(const float *x, long ldx, const float *b, long ldb, float *y, long ldy, long M, long N, long K) {
+    dsv3_sgemm(0, 0, N, M, K, 1.f, b, ldb, x, ldx, 0.f, y, ldy);
+}
+
 /* MLA shapes (mla.c) and the kernels a whole decode step (step.c) calls. */
 typedef struct {
     long D, H, dn, dr, dv, C, Rq; /* hidden, heads, nope/rope/value head dims, kv_lora_rank, q_lora_rank (0: q_proj) */
@@ -229,6 +266,7 @@ void moe_lin(const float *x, const int64_t *idx, const float *wt, const Lin *gat
 void route_noaux(const float *x, const float *w, const float *bias, long N, long D, long E, long n_group,
                  long topk_group, long top_k, int norm, float scale, int64_t *idx, float *wt, float *scores);
 void rms_norm_f32(const float *x, const float *w, float *y, long M, long D, float eps);
+void argmax_rows(const float *x, long M, long N, int64_t *out, int threads);
 void linear_lin(const Lin *L, const float *x, float *y, long M, long N, long K, int threads);
 long moe_grouped_scratch(long M, long K, long D, long I, long E);
 void moe_grouped(const float *x, const int64_t *idx, const float *wt, const float *gate, const float *up, long gstride,

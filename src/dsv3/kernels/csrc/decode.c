@@ -116,3 +116,45 @@ void rms_norm_f32(const float *x, const float *w, float *y, long M, long D, floa
         for (long d = 0; d < D; d++) y[m * D + d] = w[d] * (xm[d] * r);
     }
 }
+
+/* Greedy choice: out[m] = the first index of the largest value of row m of x [M, N], NaN never chosen (a row
+ * without a number gives 0). A batched decode's logits are rows of tens of thousands: PyTorch's max(-1) took
+ * ~0.6 ms for 64 rows of 32000 here, a few percent of the step. */
+void argmax_rows(const float *x, long M, long N, int64_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long m = 0; m < M; m++) {
+        const float *r = x + m * N;
+        float best = -INFINITY;
+        long at = -1, n = 0;
+#if defined(__AVX512F__)
+        /* one pass: per lane the largest value and the first block it appeared in (a later block must be larger) */
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        __m512i mi = _mm512_set1_epi32(-1), cur = _mm512_setzero_si512();
+        const __m512i step = _mm512_set1_epi32(1);
+        for (; n + 16 <= N && N < (1L << 31); n += 16, cur = _mm512_add_epi32(cur, step)) {
+            const __m512 v = _mm512_loadu_ps(r + n);
+            const __mmask16 gt = _mm512_cmp_ps_mask(v, mv, _CMP_GT_OQ); /* NaN compares false */
+            mv = _mm512_mask_mov_ps(mv, gt, v);
+            mi = _mm512_mask_mov_epi32(mi, gt, cur);
+        }
+        float vals[16];
+        int32_t blocks[16];
+        _mm512_storeu_ps(vals, mv);
+        _mm512_storeu_si512(blocks, mi);
+        for (int j = 0; j < 16; j++) /* the largest; on a tie the smaller index */
+            if (blocks[j] >= 0) {
+                const long idx = (long)blocks[j] * 16 + j;
+                if (vals[j] > best || (vals[j] == best && (at < 0 || idx < at))) {
+                    best = vals[j];
+                    at = idx;
+                }
+            }
+#endif
+        for (; n < N; n++)
+            if (r[n] > best) {
+                best = r[n];
+                at = n;
+            }
+        out[m] = at < 0 ? 0 : at; /* nothing above -inf: index 0, as argmax over NaN-as--inf gives */
+    }
+}

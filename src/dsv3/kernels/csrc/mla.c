@@ -10,19 +10,6 @@
  */
 #include "common.h"
 
-static void rms(float *x, long n, const float *w, float eps) {
-    float r = 1.f / sqrtf(dot_f32(x, x, n) / (float)n + eps);
-    for (long i = 0; i < n; i++) x[i] = w[i] * (x[i] * r);
-}
-
-static void rope(float *x, const float *cos, const float *sin, long half) { /* pairs (x[2i], x[2i+1]) */
-    for (long i = 0; i < half; i++) {
-        float a = x[2 * i], b = x[2 * i + 1];
-        x[2 * i] = a * cos[i] - b * sin[i];
-        x[2 * i + 1] = b * cos[i] + a * sin[i];
-    }
-}
-
 /* x [M, D] (after the input RMSNorm); cos/sin [M, dr/2]; w_kvb = kv_b_proj as [H, dn+dv, C];
  * cache [slots, C+dr]: token m's latent goes to slot_mapping[m], then it attends to the slots
  * key_slots[m, 0..S) where key_mask[m, s] (NULL: all). scratch: see `mla_scratch_floats`. y [M, D]. */
@@ -38,7 +25,7 @@ void mla_decode(const MLADims *d, const float *x, long M, const Lin *q_a, const 
         if (d->Rq) {
             lin(q_a, x, M, d->D, qa, d->Rq);
 #pragma omp for schedule(static)
-            for (long m = 0; m < M; m++) rms(qa + m * d->Rq, d->Rq, q_norm, d->q_eps);
+            for (long m = 0; m < M; m++) rms_inplace(qa + m * d->Rq, d->Rq, q_norm, d->q_eps);
             lin(q_b, qa, M, d->Rq, q, H * dq);
         } else {
             lin(q_b, x, M, d->D, q, H * dq);
@@ -46,9 +33,9 @@ void mla_decode(const MLADims *d, const float *x, long M, const Lin *q_a, const 
 #pragma omp for schedule(static)
         for (long m = 0; m < M; m++) {
             float *lat = kva + m * W;
-            rms(lat, C, kv_norm, d->kv_eps);
-            rope(lat + C, cos + m * half, sin + m * half, half);
-            for (long h = 0; h < H; h++) rope(q + (m * H + h) * dq + d->dn, cos + m * half, sin + m * half, half);
+            rms_inplace(lat, C, kv_norm, d->kv_eps);
+            rope_pairs(lat + C, cos + m * half, sin + m * half, half);
+            for (long h = 0; h < H; h++) rope_pairs(q + (m * H + h) * dq + d->dn, cos + m * half, sin + m * half, half);
             memcpy(cache + slot_mapping[m] * W, lat, W * sizeof(float));
         }
 #pragma omp for schedule(static)

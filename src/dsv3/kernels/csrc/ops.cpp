@@ -13,6 +13,9 @@
 #include "step.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <dlfcn.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
@@ -22,6 +25,67 @@
 
 using at::Tensor;
 using c10::optional;
+
+// The C kernels' GEMM (common.h): the Fortran `sgemm_` of the BLAS this PyTorch build links (MKL on x86 wheels),
+// found in libtorch_cpu's dependency tree at first use; without one, at::mm on views of the same memory.
+using SgemmFn = void (*)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+
+static void *blas_symbol(const char *name) {
+  Dl_info info;
+  if (!dladdr((void *)&at::get_num_threads, &info) || !info.dli_fname) return nullptr;
+  void *lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+  return lib ? dlsym(lib, name) : nullptr;
+}
+
+static SgemmFn find_sgemm() { return (SgemmFn)blas_symbol("sgemm_"); }
+
+// MKL's packed GEMM (cblas_sgemm_pack / _compute; CBLAS enums: row-major 101, no-trans 111, trans 112, B 162,
+// packed 151): a weight packed once into the kernel's own panel layout is not re-packed by every call, which cost
+// the 64-row LM head a third of its time. Other BLAS builds have none of the three: `pack_linear` gives no bytes.
+struct PackedGemm {
+  size_t (*size)(int, int, int, int) = nullptr;
+  void (*pack)(int, int, int, int, int, int, float, const float *, int, float *) = nullptr;
+  void (*compute)(int, int, int, int, int, int, const float *, int, const float *, int, float, float *, int) = nullptr;
+  bool ok() const { return size && pack && compute; }
+};
+
+static const PackedGemm &packed_gemm() {
+  static const PackedGemm g = [] {
+    PackedGemm p;
+    p.size = (decltype(p.size))blas_symbol("cblas_sgemm_pack_get_size");
+    p.pack = (decltype(p.pack))blas_symbol("cblas_sgemm_pack");
+    p.compute = (decltype(p.compute))blas_symbol("cblas_sgemm_compute");
+    return p;
+  }();
+  return g;
+}
+
+constexpr int kPackRows = 64;  // the row count packs are made for (MKL's layout does not depend on it; tests check)
+
+// y[M, N] = x[M, K] · Wᵀ for W packed by `pack_linear` (row-major, as `mm_nt`).
+extern "C" void dsv3_sgemm_packed(long M, long N, long K, const float *x, const void *packed, float *y) {
+  packed_gemm().compute(101, 111, 151, (int)M, (int)N, (int)K, x, (int)K, (const float *)packed, (int)K, 0.f, y,
+                        (int)N);
+}
+
+extern "C" void dsv3_sgemm(int ta, int tb, long m, long n, long k, float alpha, const float *a, long lda,
+                           const float *b, long ldb, float beta, float *c, long ldc) {
+  static const SgemmFn sgemm = find_sgemm();
+  if (m <= 0 || n <= 0) return;
+  if (sgemm && m < INT32_MAX && n < INT32_MAX && k < INT32_MAX && lda < INT32_MAX && ldb < INT32_MAX && ldc < INT32_MAX) {
+    const int M = (int)m, N = (int)n, K = (int)k, LA = (int)lda, LB = (int)ldb, LC = (int)ldc;
+    sgemm(ta ? "T" : "N", tb ? "T" : "N", &M, &N, &K, &alpha, a, &LA, b, &LB, &beta, c, &LC);
+    return;
+  }
+  const auto f = at::TensorOptions().dtype(at::kFloat);
+  Tensor A = ta ? at::from_blob((void *)a, {m, k}, {lda, 1}, f) : at::from_blob((void *)a, {m, k}, {1, lda}, f);
+  Tensor B = tb ? at::from_blob((void *)b, {k, n}, {ldb, 1}, f) : at::from_blob((void *)b, {k, n}, {1, ldb}, f);
+  Tensor C = at::from_blob(c, {m, n}, {1, ldc}, f);
+  Tensor r = at::mm(A, B);
+  if (beta == 0.f) C.copy_(r.mul_(alpha));
+  else C.mul_(beta).add_(r, alpha);
+}
 
 namespace {
 
@@ -163,6 +227,16 @@ Tensor op_rms_norm(const Tensor &x, const Tensor &weight, double eps) {
   const int64_t D = xc.size(-1);
   rms_norm_f32(xc.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), xc.numel() / D, D, (float)eps);
   return y;
+}
+
+Tensor op_greedy(const Tensor &logits) {
+  const char *op = "dsv3::greedy";
+  check_f32(logits, op, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, op, ": logits must be [rows, vocab]");
+  Tensor xc = logits.contiguous();
+  Tensor out = at::empty({xc.size(0)}, xc.options().dtype(at::kLong));
+  argmax_rows(xc.data_ptr<float>(), xc.size(0), xc.size(1), out.data_ptr<int64_t>(), at::get_num_threads());
+  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> op_route_noaux(const Tensor &x, const Tensor &weight, const optional<Tensor> &bias,
@@ -351,10 +425,10 @@ Tensor op_mla_attend(const Tensor &q, const Tensor &cache, const Tensor &key_slo
 // Layer ints (33):    D H dn dr dv C Rq | kind, group of q_a q_b kv_a o | inter | E n_group topk_group top_k
 //                     norm_topk | kind, group of gate up down | kind, group of egate eup edown
 // Layer floats (5):   q_eps kv_eps scale eps route_scale
-// Model weights (6):  embed inv_freq final_norm head (3)
+// Model weights (7):  embed inv_freq final_norm head (3) head_packed (`pack_linear`'s bytes, or None)
 // Model ints (4):     head kind, head group, vocab, dr/2;   model floats (2): attn_factor final_eps
 constexpr size_t kLayerWeights = 37, kLayerInts = 33, kLayerFloats = 5;
-constexpr size_t kModelWeights = 6, kModelInts = 4, kModelFloats = 2;
+constexpr size_t kModelWeights = 7, kModelInts = 4, kModelFloats = 2;
 
 c10::List<optional<Tensor>> slice(const c10::List<optional<Tensor>> &ws, size_t from, size_t n) {
   c10::List<optional<Tensor>> out;
@@ -501,6 +575,14 @@ ModelPlan make_model(const c10::List<optional<Tensor>> &weights, const int64_t *
     const int64_t hm[2] = {mi[0], mi[1]};
     mp.head = make_lin(hw, hm, 0, d.D, false, op);
     TORCH_CHECK(out_rows(hw, 0) == mp.vocab, op, ": the head must give vocab logits");
+    const optional<Tensor> packed = weights.get(6);
+    if (packed.has_value() && packed->numel()) {
+      TORCH_CHECK(mp.head.kind == 0 && packed->scalar_type() == at::kByte && packed->is_contiguous() &&
+                      packed->device().is_cpu() && packed_gemm().ok() &&
+                      (size_t)packed->numel() == packed_gemm().size(162, kPackRows, (int)mp.vocab, (int)d.D),
+                  op, ": head_packed must be `pack_linear` of the fp32 head");
+      mp.head_packed = packed->data_ptr();
+    }
   }
   return mp;
 }
@@ -628,6 +710,20 @@ int64_t op_mtp_step(const c10::List<optional<Tensor>> &weights, const Tensor &me
   return r;
 }
 
+// An fp32 weight [N, K] packed for y = x Wᵀ by the BLAS (uint8 bytes), or an empty tensor when it has no packed GEMM.
+Tensor op_pack_linear(const Tensor &weight) {
+  const char *op = "dsv3::pack_linear";
+  check_f32(weight, op, "weight");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [N, K]");
+  const PackedGemm &g = packed_gemm();
+  const int64_t N = weight.size(0), K = weight.size(1);
+  if (!g.ok() || N >= INT32_MAX || K >= INT32_MAX || N == 0 || K == 0) return at::empty({0}, weight.options().dtype(at::kByte));
+  Tensor w = weight.contiguous();
+  Tensor out = at::empty({(int64_t)g.size(162, kPackRows, (int)N, (int)K)}, weight.options().dtype(at::kByte));
+  g.pack(101, 162, 112, kPackRows, (int)N, (int)K, 1.f, w.data_ptr<float>(), (int)K, (float *)out.data_ptr());
+  return out;
+}
+
 std::vector<int64_t> plan_layout() {
   return {(int64_t)kLayerWeights, (int64_t)kLayerInts, (int64_t)kLayerFloats,
           (int64_t)kModelWeights, (int64_t)kModelInts,  (int64_t)kModelFloats,
@@ -641,6 +737,7 @@ TORCH_LIBRARY_FRAGMENT(dsv3_native, m) { m.def("plan_layout() -> int[]", &plan_l
 
 TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
   m.impl("rms_norm", &op_rms_norm);
+  m.impl("greedy", &op_greedy);
   m.impl("route_noaux", &op_route_noaux);
   m.impl("linear", &op_linear);
   m.impl("mlp", &op_mlp);
@@ -649,5 +746,6 @@ TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
   m.impl("mla_attend", &op_mla_attend);
   m.impl("decode_layers", &op_decode_layers);
   m.impl("decode_step", &op_decode_step);
+  m.impl("pack_linear", &op_pack_linear);
   m.impl("mtp_step", &op_mtp_step);
 }

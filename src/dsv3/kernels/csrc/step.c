@@ -4,7 +4,8 @@
  * in Python is glue: module calls, descriptor lookups, residual adds, ~15 small tensors per layer.
  * On a small model that glue costs more than the arithmetic. Here the layer loop runs in C over a
  * plan of descriptors built once (dsv3/kernels/step.py), calling the same kernels the modules
- * call, in the same order, so results equal the per-module path bit for bit.
+ * call, in the same order, so results equal the per-module path bit for bit. Past BATCH_ROWS
+ * rows with fp32 weights the layers run batch.c's GEMM form instead.
  */
 #include "step.h"
 
@@ -19,7 +20,8 @@ long decode_layers_scratch(const LayerPlan *layers, long L, long M, long S) {
         most = mla > most ? mla : most;
         most = ffn > most ? ffn : most;
     }
-    return 3 * M * layers[0].mla.D + most;
+    const long per_row = 3 * M * layers[0].mla.D + most, batched = M > BATCH_ROWS ? batch_layers_scratch(layers, L, M) : 0;
+    return per_row > batched ? per_row : batched;
 }
 
 /* x [M, D] (the embeddings, updated in place to the last block's output); caches[i]: layer i's latent
@@ -27,6 +29,10 @@ long decode_layers_scratch(const LayerPlan *layers, long L, long M, long S) {
 void decode_layers(const LayerPlan *layers, long L, float *const *caches, float *x, long M, const float *cos,
                    const float *sin, const int64_t *slot_mapping, const int64_t *key_slots, const uint8_t *key_mask,
                    long S, float *scratch, int threads) {
+    if (M > BATCH_ROWS && batch_ok(layers, L, NULL)) {
+        batch_layers(layers, L, caches, x, M, cos, sin, slot_mapping, key_slots, key_mask, S, scratch, threads);
+        return;
+    }
     const long D = layers[0].mla.D;
     float *h = scratch, *a = h + M * D, *b = a + M * D, *work = b + M * D;
     for (long i = 0; i < L; i++) {
@@ -81,7 +87,12 @@ long decode_step(const ModelPlan *mp, const LayerPlan *layers, long L, float *co
     }
     decode_layers(layers, L, caches, x, M, cos, sin, slot_mapping, key_slots, key_mask, S, rest, threads);
     rms_norm_f32(x, mp->final_norm, hidden, M, D, mp->final_eps);
-    if (logits) {
+    if (logits && M > BATCH_ROWS && mp->head.kind == 0) {
+        if (mp->head_packed)
+            dsv3_sgemm_packed(M, mp->vocab, D, hidden, mp->head_packed, logits);
+        else
+            mm_nt(hidden, D, (const float *)mp->head.w, D, logits, mp->vocab, M, mp->vocab, D);
+    } else if (logits) {
 #pragma omp parallel num_threads(threads)
         lin(&mp->head, hidden, M, D, logits, mp->vocab);
     }

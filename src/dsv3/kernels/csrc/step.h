@@ -29,9 +29,16 @@ typedef struct {
     float attn_factor, final_eps;
     const float *final_norm;
     Lin head;                          /* the LM head (any kind) */
+    const void *head_packed;           /* fp32 head packed for the BLAS (batched steps), or NULL */
     long vocab, half;
 } ModelPlan;
 
+#define BATCH_ROWS 8 /* steps of more rows (fp32 weights) run batch.c: every projection a BLAS GEMM */
+int batch_ok(const LayerPlan *layers, long L, const Lin *head);
+long batch_layers_scratch(const LayerPlan *layers, long L, long M);
+void batch_layers(const LayerPlan *layers, long L, float *const *caches, float *x, long M, const float *cos,
+                  const float *sin, const int64_t *slot_mapping, const int64_t *key_slots, const uint8_t *key_mask,
+                  long S, float *scratch, int threads);
 long decode_layers_scratch(const LayerPlan *layers, long L, long M, long S);
 void decode_layers(const LayerPlan *layers, long L, float *const *caches, float *x, long M, const float *cos,
                    const float *sin, const int64_t *slot_mapping, const int64_t *key_slots, const uint8_t *key_mask,

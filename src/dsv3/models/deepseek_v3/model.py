@@ -160,7 +160,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         reading the head's weights once dominates); otherwise the head runs on `rows` only."""
         hidden, out = self._run(input_ids, positions, ctx, logits=True, fresh_hidden=True)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        return flat, out.reshape(-1, out.shape[-1])[rows] if out is not None else self.lm_head(flat[rows])
+        if out is None:
+            return flat, self.lm_head(flat[rows])
+        out = out.reshape(-1, out.shape[-1])
+        return flat, out if len(rows) == out.shape[0] else out[rows]  # every row, in order: no copy (rows ascend)
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor | None, ctx: AttentionContext | None,
              logits: bool, fresh_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -11,6 +11,8 @@
 
 /* Floats of scratch `decode_layers` needs for M tokens attending to S keys. */
 long decode_layers_scratch(const LayerPlan *layers, long L, long M, long S) {
+    if (M > BATCH_ROWS && batch_ok(layers, L, NULL)) /* batch.c: no per-row score buffer over the S keys */
+        return batch_layers_scratch(layers, L, M);
     long most = 0;
     for (long i = 0; i < L; i++) {
         const LayerPlan *l = layers + i;
@@ -20,8 +22,7 @@ long decode_layers_scratch(const LayerPlan *layers, long L, long M, long S) {
         most = mla > most ? mla : most;
         most = ffn > most ? ffn : most;
     }
-    const long per_row = 3 * M * layers[0].mla.D + most, batched = M > BATCH_ROWS ? batch_layers_scratch(layers, L, M) : 0;
-    return per_row > batched ? per_row : batched;
+    return 3 * M * layers[0].mla.D + most;
 }
 
 /* x [M, D] (the embeddings, updated in place to the last block's output); caches[i]: layer i's latent

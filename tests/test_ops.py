@@ -158,20 +158,14 @@ def test_whole_step_matches_the_reference_op():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@native_only
-@torch.no_grad()
-@pytest.mark.parametrize("packed", [False, True], ids=["head", "packed-head"])
-def test_batched_whole_step_matches_the_reference_op(packed):
-    """Past MAX_ROWS rows an fp32 plan's step runs batch.c (each projection, each expert's rows and the head one BLAS
-    GEMM, attention in place over the cache): against the reference op for 24 sequences whose left padding differs
-    (per-row key masks), with the head as stored and packed by `dsv3::pack_linear`."""
+def _batched_step_vs_reference(model, weights: list) -> None:
+    """A 24-row decode step of `model` through `dsv3::decode_step` with these plan weights (batch.c) against the
+    reference op: sequences whose left padding differs (per-row key masks); hidden, logits and cache agree."""
     from dsv3.attention import DenseLatentCache
     from dsv3.ops import plan
 
-    model = _model()
     cfg = model.config
     p = plan.model_plan(model)
-    assert p is not None and p.batched and kernels.load()
     B, T = 24, 9
     assert B > ops.MAX_ROWS
     g = torch.Generator().manual_seed(1)
@@ -183,13 +177,6 @@ def test_batched_whole_step_matches_the_reference_op(packed):
     ids = torch.randint(3, cfg.vocab_size, (B, 1), generator=g)
     slot_mapping, key_slots, key_mask = cache.native_slots()
     assert key_mask is not None and not bool(key_mask.all())
-    weights = list(p.weights)
-    if packed:
-        weights[layout.MODEL_WEIGHTS - 1] = torch.ops.dsv3.pack_linear(weights[3])
-        if os.environ.get("DSV3_BLAS") == "0":  # as a build without MKL: no bytes, the head runs unpacked
-            assert weights[layout.MODEL_WEIGHTS - 1].numel() == 0
-        elif torch.backends.mkl.is_available():
-            assert weights[layout.MODEL_WEIGHTS - 1].numel() > 0  # MKL: the head really is packed
     outs = []
     for fn in (torch.ops.dsv3.decode_step, reference.decode_step):
         kv = cache.kv.clone()
@@ -199,6 +186,58 @@ def test_batched_whole_step_matches_the_reference_op(packed):
         outs.append((hidden, logits, kv))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@native_only
+@torch.no_grad()
+@pytest.mark.parametrize("packed", [False, True], ids=["as-stored", "packed"])
+def test_batched_whole_step_matches_the_reference_op(packed):
+    """Past MAX_ROWS rows an fp32 plan's step runs batch.c (each projection, each expert's rows and the head one BLAS
+    GEMM, attention in place over the cache): against the reference op, with the weights as stored and with the
+    projections and head packed by `dsv3::pack_linear` (`Plan.pack_batched`)."""
+    from dsv3.ops import plan
+
+    model = _model()
+    p = plan.model_plan(model)
+    assert p is not None and p.batched and kernels.load()
+    p.pack_batched(head=True)
+    weights = list(p.weights)
+    slots = [layout.MODEL_WEIGHTS - 1] + [b + plan._PACKED0 + j for b in range(layout.MODEL_WEIGHTS, len(weights), layout.LAYER_WEIGHTS)
+                                          for j, i in enumerate(plan.PACKABLE) if weights[b + i] is not None]
+    assert len(slots) > 1 + 4 * model.config.num_hidden_layers  # the head, every attention projection, the MLPs
+    for s in slots:
+        if not packed:
+            weights[s] = None
+        elif os.environ.get("DSV3_BLAS") == "0":  # as a build without MKL: no bytes, the weights run as stored
+            assert weights[s].numel() == 0
+        elif torch.backends.mkl.is_available():
+            assert weights[s].numel() > 0  # MKL: really packed
+    _batched_step_vs_reference(model, weights)
+
+
+@native_only
+@torch.no_grad()
+def test_packed_copies_follow_a_weight_changed_in_place_or_given_new_storage():
+    """A plan's packed copies are re-made for a weight modified in place or whose `.data` was swapped since they were
+    packed (the step then equals the reference on the new weights), and kept otherwise (not re-packed every step)."""
+    from dsv3.ops import plan
+
+    model = _model()
+    p = plan.model_plan(model)
+    p.pack_batched(head=True)
+    q_b, q_b_slot = layout.MODEL_WEIGHTS + 3, layout.MODEL_WEIGHTS + plan._PACKED0 + 1
+    head_slot = layout.MODEL_WEIGHTS - 1
+    kept = p.weights[q_b_slot], p.weights[head_slot]
+    p.pack_batched(head=True)
+    assert p.weights[q_b_slot] is kept[0] and p.weights[head_slot] is kept[1]
+    p.weights[q_b].mul_(2.0)  # in place: the version counter moves
+    p.pack_batched(head=True)
+    assert p.weights[q_b_slot] is not kept[0] and p.weights[head_slot] is kept[1]
+    head = p.weights[3]
+    head.data = head.data * 0.5  # new storage
+    p.pack_batched(head=True)
+    assert p.weights[head_slot] is not kept[1]
+    _batched_step_vs_reference(model, p.weights)
 
 
 @native_only

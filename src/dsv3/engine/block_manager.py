@@ -43,6 +43,7 @@ class BlockManager:
         self.hash_to_block: dict[bytes, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.seq_hashes: dict[int, list[bytes]] = {}  # seq_id -> hashes of its full blocks
+        self.seq_committed: dict[int, int] = {}  # seq_id -> how many of its blocks `commit` has registered
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -114,12 +115,16 @@ class BlockManager:
         """Register the hashes of blocks that became full now that their tokens are computed."""
         if not self.enable_prefix_caching:
             return
-        # a verified draft counts as computed before the engine appends it: hash only tokens the sequence holds
-        for i, h in enumerate(self._hashes(seq, min(seq.num_computed_tokens, seq.num_tokens))):
-            block = seq.block_table[i]
+        # a verified draft counts as computed before the engine appends it: hash only tokens the sequence holds.
+        # Blocks registered by an earlier commit keep their hash while the sequence holds them: only new ones are
+        # looked at (a step of 64 sequences walked every full block of each).
+        hashes = self._hashes(seq, min(seq.num_computed_tokens, seq.num_tokens))
+        for i in range(self.seq_committed.get(seq.seq_id, 0), len(hashes)):
+            block, h = seq.block_table[i], hashes[i]
             if self.block_hashes[block] is None:
                 self.block_hashes[block] = h
                 self.hash_to_block.setdefault(h, block)
+        self.seq_committed[seq.seq_id] = len(hashes)
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's references; unreferenced blocks join the free list (most recent last)."""
@@ -129,6 +134,7 @@ class BlockManager:
                 self.free[block] = None
         seq.block_table = []
         self.seq_hashes.pop(seq.seq_id, None)
+        self.seq_committed.pop(seq.seq_id, None)
         if seq.state_slot >= 0:
             self.free_state_slots.append(seq.state_slot)
             seq.state_slot = -1

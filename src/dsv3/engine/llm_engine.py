@@ -298,14 +298,18 @@ class LLMEngine:
         new_tokens: dict[Sequence, list[int]] = {}
         to_sample, sample_rows = [], []
         row = offset = 0
+        # a sequence's hidden states are sliced out only for what reads them (a tensor view per sequence per step)
+        needs_hidden = self.drafter is not None or any(c.seq.pooler is not None or c.seq.params.prompt_logprobs is not None
+                                                       for c in chunks)
         for c, it in zip(chunks, items):
             seq, n_rows = c.seq, (len(it.token_ids) if it.all_logits else int(it.sample))
-            h = hidden[offset:offset + len(it.token_ids)]
+            h = hidden[offset:offset + len(it.token_ids)] if needs_hidden else None
             offset += len(it.token_ids)
             rows = slice(row, row + n_rows)
             row += n_rows
             try:
-                collect_prompt_logprobs(self.model, [c], [it], h)
+                if seq.params.prompt_logprobs is not None:
+                    collect_prompt_logprobs(self.model, [c], [it], h)
                 if seq.pooler is not None:
                     seq.pooler.add(c.start, h[:c.num_tokens])
                 computed = c.num_tokens

@@ -177,8 +177,8 @@ def decode_step(model: torch.nn.Module, input_ids: torch.Tensor, positions: torc
     p = plan.model_plan(model)
     if p is None or p.observed() or (M > MAX_ROWS and not p.batched):
         return None
-    if M > MAX_ROWS and logits:
-        p.pack_head()
+    if M > MAX_ROWS:
+        p.pack_batched(head=logits)
     slot_mapping, key_slots, key_mask = keys
     ids = input_ids if input_ids.dtype == torch.int64 and input_ids.is_contiguous() else input_ids.to(torch.int64).contiguous()
     pos = None if positions is None else positions.to(torch.int64).contiguous()

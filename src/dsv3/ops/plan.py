@@ -57,10 +57,17 @@ def pack_block(b: NativeBlock) -> tuple[list, list[int], list[float]]:
         w, m = _lin(lin)
         weights += w
         ints += m
+    weights += [None] * len(PACKABLE)  # their packed copies: made by `Plan.pack_batched` when a batched step needs them
     floats = [*a.fdims, b.eps, r.scale if r else 0.0]
     assert (len(weights), len(ints), len(floats)) == (LAYER_WEIGHTS, LAYER_INTS, LAYER_FLOATS)
     return weights, ints, floats
 
+
+# The fp32 projections a batched step (batch.c) multiplies by a packed copy when the BLAS has packed GEMMs: their
+# weight's index in a layer's LAYER_WEIGHTS (q_a q_b kv_a o, then the dense MLP's or shared experts' gate up down);
+# the copies follow at _PACKED0 + j.
+PACKABLE = (0, 3, 6, 9, 17, 20, 23)
+_PACKED0 = LAYER_WEIGHTS - len(PACKABLE)
 
 _TRACKING = operator.attrgetter("track_load")
 
@@ -78,6 +85,7 @@ class Plan:
     vocab: int = 0
     head: bool = False
     hidden_size: int = 0
+    layer_base: int | None = None  # where the layers' weights start, for a plan whose steps may be batched
     _hidden: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -86,7 +94,7 @@ class Plan:
         self._hook_dicts = [d for m in self.modules for d in (m._forward_hooks, m._forward_pre_hooks)]
         # every weight fp32: a step of more than MAX_ROWS rows runs batch.c's GEMM form (int8/int4 plans do not)
         self.batched = all(w.dtype == torch.float32 for w in self.weights if isinstance(w, torch.Tensor))
-        self._head_packed = False
+        self._packed: dict[int, tuple] = {}  # slot of a packed copy -> (its source tensor, data_ptr, version)
 
     def observed(self) -> bool:
         """A forward hook, or a MoE recording expert loads, wants the modules to run this step."""
@@ -94,14 +102,27 @@ class Plan:
             return True
         return any(self._hook_dicts) or any(map(_TRACKING, self.moes))
 
-    def pack_head(self) -> None:
-        """Give a batched step the fp32 head packed for the BLAS (`dsv3::pack_linear`; MODEL_WEIGHTS' last slot),
-        made on the first such step: a batch-1 server never holds the copy (MKL's layout: 1.36x the head's bytes on
-        the bench model's 32,000 x 512 head)."""
-        if self.head and not self._head_packed:
-            self._head_packed = True
-            if self.weights[3].dtype == torch.float32:
-                self.weights[MODEL_WEIGHTS - 1] = torch.ops.dsv3.pack_linear(self.weights[3])
+    def pack_batched(self, head: bool) -> None:
+        """Give a batched step packed copies (`dsv3::pack_linear`) of the fp32 projections, and of the head when
+        `head`: MKL's packed GEMM skips the re-packing of every weight that each plain call does (its copies were
+        8 % of a 64-row step; packed, the bench model's projections ran 20-30 % faster). Made on the first such step,
+        so a batch-1 server never holds them, and re-made for a weight changed in place or given new storage since.
+        Each copy is about its weight's bytes resident: MKL reserves a larger buffer (~8 MB for a 160 x 512 weight)
+        but writes only the panels it fills. A BLAS without packed GEMMs gives no bytes: the steps multiply the
+        weights as stored."""
+        slots: list[tuple[int, int]] = [(3, MODEL_WEIGHTS - 1)] if head and self.head else []
+        if self.layer_base is not None:
+            for base in range(self.layer_base, len(self.weights), LAYER_WEIGHTS):
+                slots += [(base + i, base + _PACKED0 + j) for j, i in enumerate(PACKABLE)]
+        for src, dst in slots:
+            w = self.weights[src]
+            if not isinstance(w, torch.Tensor) or w.dtype != torch.float32:
+                continue
+            key = (w, w.data_ptr(), _version(w))
+            old = self._packed.get(dst)
+            if old is None or old[0] is not w or old[1:] != key[1:]:
+                self.weights[dst] = torch.ops.dsv3.pack_linear(w.detach())
+                self._packed[dst] = key
 
     def hidden(self, M: int) -> torch.Tensor:
         """A reused [M, D] buffer (per thread) for hidden states nobody keeps (the step returns logits)."""
@@ -109,6 +130,14 @@ class Plan:
         if key not in self._hidden:
             self._hidden[key] = torch.empty(M, self.hidden_size)
         return self._hidden[key]
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place version counter; -1 for an inference tensor, which has none (its storage is checked)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 def _pack(blocks: list[NativeBlock], head: list | None = None, head_ints: list[int] | None = None,
@@ -150,7 +179,8 @@ def model_plan(model: nn.Module) -> Plan | None:
                                          [*hm, form.embed.shape[0], form.inv_freq.numel()],
                                          [form.attn_factor, form.final_eps])
             _PLANS[model] = (_epoch[0], Plan(weights, meta, fmeta, list(form.layer_ids), list(model.modules()), _moes(model),
-                                             vocab=form.embed.shape[0], head=head is not None, hidden_size=form.embed.shape[1]))
+                                             vocab=form.embed.shape[0], head=head is not None, hidden_size=form.embed.shape[1],
+                                             layer_base=MODEL_WEIGHTS))
     return _PLANS[model][1]
 
 

@@ -131,7 +131,7 @@ def mla_decode(x: torch.Tensor, lins: list, meta: list[int], q_norm: torch.Tenso
 
 
 def _layers(weights: list, w0: int, meta: list[int], fmeta: list[float], L: int):
-    """Per layer: (its 37 weights, 33 ints, 5 floats) of a plan (see dsv3.ops.layout)."""
+    """Per layer: (its 44 weights, 33 ints, 5 floats) of a plan (see dsv3.ops.layout)."""
     for i in range(L):
         yield (weights[w0 + i * LAYER_WEIGHTS:w0 + (i + 1) * LAYER_WEIGHTS], meta[i * LAYER_INTS:(i + 1) * LAYER_INTS],
                fmeta[i * LAYER_FLOATS:(i + 1) * LAYER_FLOATS])

@@ -39,6 +39,40 @@ static inline float softmax_block(float *p, long n, float scale, float *mx, floa
     return r;
 }
 
+/* softmax_block for the H heads of a block at once (scores sc[h * KEYS + j], j < n), r[h] each head's factor:
+ * with AVX-512 each head's scores are one vector, and the running maxima and their factors are vectors of 16 heads
+ * (the per-head scalar loops were a third of the attention's time). */
+static void softmax_heads(float *sc, long H, long n, float scale, float *mx, float *sum, float *r) {
+#if defined(__AVX512F__)
+    const __mmask16 m = (__mmask16)((1u << n) - 1);
+    const __m512 s = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+    float top[256];
+    for (long h = 0; h < H; h++) {
+        const __m512 v = _mm512_mul_ps(_mm512_mask_loadu_ps(ninf, m, sc + h * KEYS), s);
+        _mm512_storeu_ps(sc + h * KEYS, v);
+        top[h] = _mm512_reduce_max_ps(v);
+    }
+    long h = 0;
+    for (; h + 16 <= H; h += 16) { /* new maxima and old-to-new factors, 16 heads at a time */
+        const __m512 old = _mm512_loadu_ps(mx + h), t = _mm512_max_ps(old, _mm512_loadu_ps(top + h));
+        _mm512_storeu_ps(r + h, exp16(_mm512_sub_ps(old, t)));
+        _mm512_storeu_ps(mx + h, t);
+    }
+    for (; h < H; h++) {
+        const float t = top[h] > mx[h] ? top[h] : mx[h];
+        r[h] = exp_fast(mx[h] - t);
+        mx[h] = t;
+    }
+    for (h = 0; h < H; h++) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + h * KEYS), _mm512_set1_ps(mx[h])));
+        _mm512_mask_storeu_ps(sc + h * KEYS, m, e);
+        sum[h] = sum[h] * r[h] + _mm512_mask_reduce_add_ps(m, e);
+    }
+#else
+    for (long h = 0; h < H; h++) r[h] = softmax_block(sc + h * KEYS, n, scale, mx + h, sum + h);
+#endif
+}
+
 /* One row's attention: qm [H, W] over keys ks[0..n) (-1, or mask[s] == 0: not a key) of cache [slots, W] ->
  * o [H, C]. H <= 256. */
 void attend_row(const float *qm, long H, long W, long C, const float *cache, const int64_t *ks, const uint8_t *mask,
@@ -72,7 +106,7 @@ void attend_row(const float *qm, long H, long W, long C, const float *cache, con
         const float *kv[KEYS];
         for (long j = 0; j < nb; j++) kv[j] = keys ? keys + j * W : cache + slot[j] * W;
         float r[256];
-        for (long h = 0; h < H; h++) r[h] = softmax_block(sc + h * KEYS, nb, scale, mx + h, sum + h);
+        softmax_heads(sc, H, nb, scale, mx, sum, r);
         long h0 = 0, tail = 0;
 #if defined(__AVX512F__)
         /* o += p c for 4 heads x 64 outputs at a time: each key's 4 vectors are loaded once for 4 heads */

@@ -60,14 +60,14 @@ static void batch_mla(const LayerPlan *l, const float *x, long M, const float *c
     const long D = d->D, H = d->H, C = d->C, dn = d->dn, dq = d->dn + d->dr, W = C + d->dr, half = d->dr / 2;
     float *qa = scratch, *q = qa + M * d->Rq, *kva = q + M * H * dq, *ql = kva + M * W, *ol = ql + M * H * W,
           *attn = ol + M * H * C;
-    mm_nt(x, D, (const float *)l->kv_a.w, D, kva, W, M, W, D);
+    lin_mm(&l->kv_a, x, D, kva, W, M, W, D);
     if (d->Rq) {
-        mm_nt(x, D, (const float *)l->q_a.w, D, qa, d->Rq, M, d->Rq, D);
+        lin_mm(&l->q_a, x, D, qa, d->Rq, M, d->Rq, D);
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (long m = 0; m < M; m++) rms_inplace(qa + m * d->Rq, d->Rq, l->q_norm, d->q_eps);
-        mm_nt(qa, d->Rq, (const float *)l->q_b.w, d->Rq, q, H * dq, M, H * dq, d->Rq);
+        lin_mm(&l->q_b, qa, d->Rq, q, H * dq, M, H * dq, d->Rq);
     } else {
-        mm_nt(x, D, (const float *)l->q_b.w, D, q, H * dq, M, H * dq, D);
+        lin_mm(&l->q_b, x, D, q, H * dq, M, H * dq, D);
     }
 #pragma omp parallel num_threads(threads)
     {
@@ -95,18 +95,18 @@ static void batch_mla(const LayerPlan *l, const float *x, long M, const float *c
             mm_nt(ol + h * C, H * C, l->w_kvb + (h * (dn + d->dv) + dn) * C, C, attn + h * d->dv, H * d->dv, M,
                   d->dv, C);
     }
-    mm_nt(attn, H * d->dv, (const float *)l->o.w, H * d->dv, y, D, M, D, H * d->dv);
+    lin_mm(&l->o, attn, H * d->dv, y, D, M, D, H * d->dv);
 }
 
 /* The dense SwiGLU MLP (or the shared experts) for M rows: x [M, D] -> y [M, D]; scratch 2 M I floats. */
 static void batch_mlp(const LayerPlan *l, const float *x, long M, float *scratch, float *y, int threads) {
     const long D = l->mla.D, I = l->inter;
     float *g = scratch, *u = g + M * I;
-    mm_nt(x, D, (const float *)l->gate.w, D, g, I, M, I, D);
-    mm_nt(x, D, (const float *)l->up.w, D, u, I, M, I, D);
+    lin_mm(&l->gate, x, D, g, I, M, I, D);
+    lin_mm(&l->up, x, D, u, I, M, I, D);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long j = 0; j < M * I; j++) g[j] = g[j] / (1.f + exp_fast(-g[j])) * u[j];
-    mm_nt(g, I, (const float *)l->down.w, I, y, D, M, D, I);
+    for (long m = 0; m < M; m++) swiglu_row(g + m * I, u + m * I, I);
+    lin_mm(&l->down, g, I, y, D, M, D, I);
 }
 
 /* `decode_layers` for many rows (see batch_ok): x [M, D] updated in place to the last block's output. */

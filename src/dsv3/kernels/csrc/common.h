@@ -125,6 +125,18 @@ static inline __m512 exp16(__m512 x) {
 }
 #endif
 
+/* g[i] = silu(g[i]) u[i] = g u / (1 + e^-g) for i < n: SwiGLU's gating, 16 at a time. */
+static inline void swiglu_row(float *restrict g, const float *restrict u, long n) {
+    long i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+        const __m512 a = _mm512_loadu_ps(g + i), ex = exp16(_mm512_sub_ps(_mm512_setzero_ps(), a));
+        _mm512_storeu_ps(g + i, _mm512_div_ps(_mm512_mul_ps(a, _mm512_loadu_ps(u + i)), _mm512_add_ps(_mm512_set1_ps(1.f), ex)));
+    }
+#endif
+    for (; i < n; i++) g[i] = g[i] / (1.f + exp_fast(-g[i])) * u[i];
+}
+
 /* C[r, c] = sum_k A[r, k] B[c, k] for r < R, c < N: rows of A and B contiguous in k (a linear layer's weight as
  * B), in 4x4 blocks of dot products, each weight row read once per 4 rows of A. */
 #if defined(__AVX512F__)
@@ -144,50 +156,89 @@ static inline __m512 sum16(const __m512 *v) {
 }
 #endif
 
+#if defined(__AVX512F__)
+/* One block of gemm_nt: C[i, j] for i < rows, j < cols (both <= 4, constants where it is inlined), the k loop
+ * prefetching one line per step of each row in pf[0..np) (weight rows of a later block). */
+static inline __attribute__((always_inline)) void gemm_block(const float *restrict A, long lda, const float *restrict B,
+                                                             long ldb, float *restrict C, long ldc, long K, const int rows,
+                                                             const int cols, const float *const *pf, int np) {
+    __m512 acc[16];
+    const float *a[4], *b[4];
+    for (int i = 0; i < 4; i++) { /* rows / columns past the block's repeat its first (computed, not stored) */
+        a[i] = A + (i < rows ? i : 0) * lda;
+        b[i] = B + (i < cols ? i : 0) * ldb;
+    }
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        for (int q = 0; q < np; q++) _mm_prefetch((const char *)(pf[q] + k), _MM_HINT_T1);
+        __m512 av[4];
+        for (int i = 0; i < rows; i++) av[i] = _mm512_loadu_ps(a[i] + k);
+        for (int j = 0; j < cols; j++) {
+            const __m512 bv = _mm512_loadu_ps(b[j] + k);
+            for (int i = 0; i < rows; i++) acc[4 * i + j] = _mm512_fmadd_ps(av[i], bv, acc[4 * i + j]);
+        }
+    }
+    if (k < K) {
+        const __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+        for (int i = 0; i < rows; i++) {
+            const __m512 av = _mm512_maskz_loadu_ps(m, a[i] + k);
+            for (int j = 0; j < cols; j++)
+                acc[4 * i + j] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, b[j] + k), acc[4 * i + j]);
+        }
+    }
+    float out[16];
+    _mm512_storeu_ps(out, sum16(acc));
+    for (int i = 0; i < rows; i++) memcpy(C + i * ldc, out + 4 * i, cols * sizeof(float));
+}
+
+/* gemm_block with `rows` rows (1-4) made a constant: each count its own unrolled loop. */
+static inline void gemm_rows(const float *A, long lda, const float *B, long ldb, float *C, long ldc, long K, int rows,
+                             int cols, const float *const *pf, int np) {
+    if (cols == 4) {
+        switch (rows) {
+        case 4: gemm_block(A, lda, B, ldb, C, ldc, K, 4, 4, pf, np); break;
+        case 3: gemm_block(A, lda, B, ldb, C, ldc, K, 3, 4, pf, np); break;
+        case 2: gemm_block(A, lda, B, ldb, C, ldc, K, 2, 4, pf, np); break;
+        default: gemm_block(A, lda, B, ldb, C, ldc, K, 1, 4, pf, np);
+        }
+    } else { /* the last 1-3 columns: rare, one code for them */
+        switch (rows) {
+        case 4: gemm_block(A, lda, B, ldb, C, ldc, K, 4, cols, pf, np); break;
+        case 3: gemm_block(A, lda, B, ldb, C, ldc, K, 3, cols, pf, np); break;
+        case 2: gemm_block(A, lda, B, ldb, C, ldc, K, 2, cols, pf, np); break;
+        default: gemm_block(A, lda, B, ldb, C, ldc, K, 1, cols, pf, np);
+        }
+    }
+}
+#endif
+
 static inline void gemm_nt(const float *restrict A, long lda, const float *restrict B, long ldb, float *restrict C,
                            long ldc, long R, long N, long K) {
-    long c = 0, R4 = R - R % 4;
 #if defined(__AVX512F__)
-    /* columns outer: a block's 4 weight rows stay in L1 while every 4-row group of A passes over them */
-    for (; c + 4 <= N; c += 4)
-        for (long r = 0; r < R4; r += 4) {
-            __m512 acc[16];
-            for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-            long k = 0;
-            /* one weight row of the block after next per pass of 4 rows, a line per step: the weights stream from
-             * L3 or memory (a row of experts' weights is read by one block only), spread over the block's work */
-            const float *next = c + 12 <= N ? B + (c + 8 + (r / 4) % 4) * ldb : NULL;
-            for (; k + 16 <= K; k += 16) {
-                if (next) _mm_prefetch((const char *)(next + k), _MM_HINT_T1);
-                const __m512 a0 = _mm512_loadu_ps(A + r * lda + k), a1 = _mm512_loadu_ps(A + (r + 1) * lda + k),
-                             a2 = _mm512_loadu_ps(A + (r + 2) * lda + k), a3 = _mm512_loadu_ps(A + (r + 3) * lda + k);
-                for (int j = 0; j < 4; j++) {
-                    const __m512 b = _mm512_loadu_ps(B + (c + j) * ldb + k);
-                    acc[j] = _mm512_fmadd_ps(a0, b, acc[j]);
-                    acc[4 + j] = _mm512_fmadd_ps(a1, b, acc[4 + j]);
-                    acc[8 + j] = _mm512_fmadd_ps(a2, b, acc[8 + j]);
-                    acc[12 + j] = _mm512_fmadd_ps(a3, b, acc[12 + j]);
-                }
+    /* columns outer: a block's 4 weight rows stay in L1 while every group of 4 rows of A passes over them (the last
+     * group 1-3 rows, as its own unrolled block). Each group prefetches, a line per k step, weight rows of the block
+     * after next: the weights stream from L3 or memory (a row of experts' weights is read by one block only), the
+     * four rows spread over the groups (a few groups take several). */
+    const long G = (R + 3) / 4;
+    for (long c = 0; c < N; c += 4) {
+        const int cols = N - c < 4 ? (int)(N - c) : 4;
+        const float *pf[4];
+        for (long g = 0; g < G; g++) {
+            int np = 0;
+            if (c + 12 <= N) { /* the last of fewer than 4 groups takes the rows left */
+                const long j0 = g % 4, j1 = G < 4 && g == G - 1 ? 4 : j0 + 1;
+                for (long j = j0; j < j1; j++) pf[np++] = B + (c + 8 + j) * ldb;
             }
-            if (k < K) {
-                const __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
-                for (int i = 0; i < 4; i++) {
-                    const __m512 a = _mm512_maskz_loadu_ps(m, A + (r + i) * lda + k);
-                    for (int j = 0; j < 4; j++)
-                        acc[4 * i + j] = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m, B + (c + j) * ldb + k), acc[4 * i + j]);
-                }
-            }
-            float out[16];
-            _mm512_storeu_ps(out, sum16(acc));
-            for (int i = 0; i < 4; i++) memcpy(C + (r + i) * ldc + c, out + 4 * i, 4 * sizeof(float));
+            const long r = 4 * g;
+            gemm_rows(A + r * lda, lda, B + c * ldb, ldb, C + r * ldc + c, ldc, K, R - r < 4 ? (int)(R - r) : 4, cols,
+                      pf, np);
         }
+    }
 #else
-    R4 = 0;
-#endif
-    for (long r = 0; r < R4; r++) /* the columns past the last block of 4 */
-        for (long cc = c; cc < N; cc++) C[r * ldc + cc] = dot_f32(A + r * lda, B + cc * ldb, K);
-    for (long r = R4; r < R; r++)
+    for (long r = 0; r < R; r++)
         for (long cc = 0; cc < N; cc++) C[r * ldc + cc] = dot_f32(A + r * lda, B + cc * ldb, K);
+#endif
 }
 
 /* A linear layer's weight as the kernels read it:
@@ -196,7 +247,13 @@ static inline void gemm_nt(const float *restrict A, long lda, const float *restr
  *           nibble and value j+16 in its high one), with per-(row, group) scale and bias:
  *           w = u * scale + bias for u in 0..15 (bias = -zero_point * scale).
  * ew / es: the offset of expert e's weight (bytes) and scales (floats), for stacked experts. */
-typedef struct { const void *w; const float *scale; const float *bias; long kind, group, ew, es; } Lin;
+typedef struct {
+    const void *w;
+    const float *scale;
+    const float *bias;
+    long kind, group, ew, es;
+    const void *packed; /* kind 0: the weight packed for the BLAS (`dsv3::pack_linear`), which batched steps use; or NULL */
+} Lin;
 
 /* Row n of expert e's weight times x (K inputs). */
 static inline float lin_row_e(const Lin *L, long e, long n, const float *x, long K) {
@@ -247,6 +304,13 @@ static inline void mm_nt(const float *x, long ldx, const float *w, long ldw, flo
 
 static inline void mm_nn(const float *x, long ldx, const float *b, long ldb, float *y, long ldy, long M, long N, long K) {
     dsv3_sgemm(0, 0, N, M, K, 1.f, b, ldb, x, ldx, 0.f, y, ldy);
+}
+
+/* y[M, N] = x[M, K] · Wᵀ for an fp32 linear (row strides ldx / ldy): its packed copy when it has one and the rows
+ * are dense, else `mm_nt` on the weight. */
+static inline void lin_mm(const Lin *L, const float *x, long ldx, float *y, long ldy, long M, long N, long K) {
+    if (L->packed && ldx == K && ldy == N) dsv3_sgemm_packed(M, N, K, x, L->packed, y);
+    else mm_nt(x, ldx, (const float *)L->w, K, y, ldy, M, N, K);
 }
 
 /* MLA shapes (mla.c) and the kernels a whole decode step (step.c) calls. */

@@ -12,8 +12,6 @@
  */
 #include "common.h"
 
-static inline float silu_f(float v) { return v / (1.f + exp_fast(-v)); }
-
 /* Floats of scratch `moe_grouped` needs. */
 long moe_grouped_scratch(long M, long K, long D, long I, long E) {
     const long P = M * K;
@@ -53,18 +51,7 @@ void moe_grouped(const float *x, const int64_t *idx, const float *wt, const floa
             float *ge = gu + off[e] * ldg;
             gemm_nt(xs + off[e] * ldx, ldx, gate + e * gstride, D, ge, ldg, n, I, D);
             gemm_nt(xs + off[e] * ldx, ldx, up + e * gstride, D, ge + I, ldg, n, I, D);
-            for (long p = 0; p < n; p++) {
-                float *g = ge + p * ldg;
-                long i = 0;
-#if defined(__AVX512F__)
-                for (; i + 16 <= I; i += 16) { /* silu(g) u = g u / (1 + e^-g), 16 at a time */
-                    const __m512 a = _mm512_loadu_ps(g + i), ex = exp16(_mm512_sub_ps(_mm512_setzero_ps(), a));
-                    _mm512_storeu_ps(g + i, _mm512_div_ps(_mm512_mul_ps(a, _mm512_loadu_ps(g + I + i)),
-                                                          _mm512_add_ps(_mm512_set1_ps(1.f), ex)));
-                }
-#endif
-                for (; i < I; i++) g[i] = silu_f(g[i]) * g[I + i];
-            }
+            for (long p = 0; p < n; p++) swiglu_row(ge + p * ldg, ge + p * ldg + I, I);
             gemm_nt(ge, ldg, down + e * dstride, I, ys + off[e] * ldy, ldy, n, D, I);
         }
 #pragma omp for schedule(static)

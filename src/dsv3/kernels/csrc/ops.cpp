@@ -424,15 +424,16 @@ Tensor op_mla_attend(const Tensor &q, const Tensor &cache, const Tensor &key_slo
 // A plan crosses as `weights` (Tensor?[]) and `meta` (int64) / `fmeta` (float64) tensors, built once
 // by dsv3/ops/plan.py in the order below; a whole-model plan puts the model's part first.
 //
-// Layer weights (37): q_a q_b kv_a o (3 each), q_norm kv_norm w_kvb in_norm post_norm,
+// Layer weights (44): q_a q_b kv_a o (3 each), q_norm kv_norm w_kvb in_norm post_norm,
 //                     gate up down (3 each; the dense MLP or the shared experts), router router_bias,
-//                     egate eup edown (3 each; stacked routed experts)
+//                     egate eup edown (3 each; stacked routed experts),
+//                     q_a q_b kv_a o gate up down packed (`pack_linear`'s bytes of the fp32 weight, or None)
 // Layer ints (33):    D H dn dr dv C Rq | kind, group of q_a q_b kv_a o | inter | E n_group topk_group top_k
 //                     norm_topk | kind, group of gate up down | kind, group of egate eup edown
 // Layer floats (5):   q_eps kv_eps scale eps route_scale
 // Model weights (7):  embed inv_freq final_norm head (3) head_packed (`pack_linear`'s bytes, or None)
 // Model ints (4):     head kind, head group, vocab, dr/2;   model floats (2): attn_factor final_eps
-constexpr size_t kLayerWeights = 37, kLayerInts = 33, kLayerFloats = 5;
+constexpr size_t kLayerWeights = 44, kLayerInts = 33, kLayerFloats = 5;
 constexpr size_t kModelWeights = 7, kModelInts = 4, kModelFloats = 2;
 
 c10::List<optional<Tensor>> slice(const c10::List<optional<Tensor>> &ws, size_t from, size_t n) {
@@ -440,6 +441,16 @@ c10::List<optional<Tensor>> slice(const c10::List<optional<Tensor>> &ws, size_t 
   out.reserve(n);
   for (size_t j = 0; j < n; j++) out.push_back(ws.get(from + j));
   return out;
+}
+
+// A linear's packed copy (slot `p` of the plan, None or empty: none): the bytes `pack_linear` made of its fp32
+// [N, K] weight, which batched steps multiply by instead of the weight.
+void attach_packed(Lin &L, const optional<Tensor> &p, int64_t N, int64_t K, const char *op, const char *what) {
+  if (!p.has_value() || !p->numel()) return;
+  TORCH_CHECK(L.kind == 0 && p->scalar_type() == at::kByte && p->is_contiguous() && p->device().is_cpu() &&
+                  packed_gemm().ok() && (size_t)p->numel() == packed_gemm().size(162, kPackRows, (int)N, (int)K),
+              op, ": ", what, "_packed must be `pack_linear` of the fp32 ", what, " weight");
+  L.packed = p->data_ptr();
 }
 
 std::vector<LayerPlan> make_layers(const c10::List<optional<Tensor>> &ws, size_t w0, const int64_t *mi,
@@ -466,6 +477,10 @@ std::vector<LayerPlan> make_layers(const c10::List<optional<Tensor>> &ws, size_t
     TORCH_CHECK(out_rows(attn, 2) == d.C + d.dr, op, ": kv_a must give C+dr outputs");
     lp.o = make_lin(attn, am, 3, d.H * d.dv, false, op);
     TORCH_CHECK(out_rows(attn, 3) == d.D, op, ": o must give D outputs");
+    if (d.Rq) attach_packed(lp.q_a, ws.get(wb + 37), d.Rq, d.D, op, "q_a");
+    attach_packed(lp.q_b, ws.get(wb + 38), d.H * (d.dn + d.dr), d.Rq ? d.Rq : d.D, op, "q_b");
+    attach_packed(lp.kv_a, ws.get(wb + 39), d.C + d.dr, d.D, op, "kv_a");
+    attach_packed(lp.o, ws.get(wb + 40), d.D, d.H * d.dv, op, "o");
     const optional<Tensor> q_norm = ws.get(wb + 12), kv_norm = ws.get(wb + 13), w_kvb = ws.get(wb + 14),
                            in_norm = ws.get(wb + 15), post_norm = ws.get(wb + 16);
     lp.q_norm = opt_f32(q_norm, op, "q_norm");
@@ -488,6 +503,9 @@ std::vector<LayerPlan> make_layers(const c10::List<optional<Tensor>> &ws, size_t
       lp.down = make_lin(mlp, mm, 2, lp.inter, false, op);
       TORCH_CHECK(out_rows(mlp, 0) == lp.inter && out_rows(mlp, 1) == lp.inter && out_rows(mlp, 2) == d.D, op,
                   ": MLP shapes do not match inter");
+      attach_packed(lp.gate, ws.get(wb + 41), lp.inter, d.D, op, "gate");
+      attach_packed(lp.up, ws.get(wb + 42), lp.inter, d.D, op, "up");
+      attach_packed(lp.down, ws.get(wb + 43), d.D, lp.inter, op, "down");
     } else {
       TORCH_CHECK(lp.E, op, ": layer ", i, " has neither an MLP nor experts");
     }
@@ -634,7 +652,7 @@ int64_t op_decode_step(const c10::List<optional<Tensor>> &weights, const Tensor 
 }
 
 // An MTP drafter plan (`mtp_step`): weights enorm hnorm eh_proj (3) final_norm head (3) draft_ids, then the block's
-// 37; ints: eh kind, eh group, head kind, head group, then the block's 33; floats: e_eps h_eps final_eps, then 5.
+// 44; ints: eh kind, eh group, head kind, head group, then the block's 33; floats: e_eps h_eps final_eps, then 5.
 constexpr size_t kMtpWeights = 10, kMtpInts = 4, kMtpFloats = 3;
 
 int64_t op_mtp_step(const c10::List<optional<Tensor>> &weights, const Tensor &meta, const Tensor &fmeta,

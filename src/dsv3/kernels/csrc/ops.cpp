@@ -464,6 +464,7 @@ std::vector<LayerPlan> make_layers(const c10::List<optional<Tensor>> &ws, size_t
     lp.mla = MLADims{m[0], m[1], m[2], m[3], m[4], m[5], m[6], (float)f[0], (float)f[1], (float)f[2]};
     const MLADims &d = lp.mla;
     TORCH_CHECK(i == 0 || d.D == out[0].mla.D, op, ": every layer must have the same hidden size");
+    TORCH_CHECK(d.H >= 1 && d.H <= 256, op, ": 1 to 256 heads (the attention kernels' per-head arrays)");
     const auto attn = slice(ws, wb, 12);
     const c10::IntArrayRef am(m + 7, 8);
     if (d.Rq) {

@@ -217,6 +217,24 @@ def test_batched_whole_step_matches_the_reference_op(packed):
 
 @native_only
 @torch.no_grad()
+def test_whole_step_refuses_more_heads_than_its_kernels_hold():
+    """batch.c's attention keeps per-head arrays of 256: a plan claiming more heads is refused before any kernel."""
+    from dsv3.ops import plan
+
+    assert kernels.load()
+    model = _model()
+    p = plan.model_plan(model)
+    meta = p.meta.clone()
+    meta[layout.MODEL_INTS + 1] = 300  # layer 0's H
+    ids = torch.tensor([[5]])
+    with pytest.raises(RuntimeError, match="256 heads"):
+        torch.ops.dsv3.decode_step(p.weights, meta, p.fmeta, torch.zeros(1, 1, 1), p.layers, ids, None, 0, 1,
+                                   torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), None,
+                                   torch.empty(1, model.config.hidden_size), None)
+
+
+@native_only
+@torch.no_grad()
 def test_packed_copies_follow_a_weight_changed_in_place_or_given_new_storage():
     """A plan's packed copies are re-made for a weight modified in place or whose `.data` was swapped since they were
     packed (the step then equals the reference on the new weights), and kept otherwise (not re-packed every step)."""

@@ -190,14 +190,15 @@ def _batched_step_vs_reference(model, weights: list) -> None:
 
 @native_only
 @torch.no_grad()
-@pytest.mark.parametrize("packed", [False, True], ids=["as-stored", "packed"])
-def test_batched_whole_step_matches_the_reference_op(packed):
+@pytest.mark.parametrize("packed,q_lora", [(False, 32), (True, 32), (True, 0)], ids=["as-stored", "packed", "packed-q-proj"])
+def test_batched_whole_step_matches_the_reference_op(packed, q_lora):
     """Past MAX_ROWS rows an fp32 plan's step runs batch.c (each projection, each expert's rows and the head one BLAS
     GEMM, attention in place over the cache): against the reference op, with the weights as stored and with the
-    projections and head packed by `dsv3::pack_linear` (`Plan.pack_batched`)."""
+    projections and head packed by `dsv3::pack_linear` (`Plan.pack_batched`); also a model whose query is one
+    projection (V2-Lite's q_proj: no q_a, q_b takes the hidden state)."""
     from dsv3.ops import plan
 
-    model = _model()
+    model = _model(q_lora_rank=q_lora)
     p = plan.model_plan(model)
     assert p is not None and p.batched and kernels.load()
     p.pack_batched(head=True)
@@ -266,7 +267,7 @@ def test_batched_step_without_the_blas_symbols_takes_at_mm():
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops.py", "-k",
                           "test_batched_whole_step_matches_the_reference_op"], env=env, capture_output=True, text=True,
                          cwd=ROOT)
-    assert out.returncode == 0 and "2 passed" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.returncode == 0 and "3 passed" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
 @native_only

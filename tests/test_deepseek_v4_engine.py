@@ -30,7 +30,7 @@ def parts(tmp_path_factory):
     torch.manual_seed(0)
     model = DeepseekV4ForCausalLM(ModelConfig.from_dict({**RELEASED, "vocab_size": 8192}))  # the tokenizer's
     model.reset_buffers()
-    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(1))
+    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(1), every_tensor=True)
     path = tmp_path_factory.mktemp("v4_engine")
     save_model(model, path, tokenizer_from=DEFAULT)
     return load_model(path, dtype="fp32", progress=False), Tokenizer.from_dir(path), path

@@ -56,7 +56,7 @@ def tiny_v4():
     torch.manual_seed(0)
     model = DeepseekV4ForCausalLM(cfg)
     model.reset_buffers()
-    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(1))
+    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(1), every_tensor=True)
     return model
 
 
@@ -258,3 +258,34 @@ def test_training_speed_bench_runs_both_sides(tmp_path):
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["dsv3_tok_s"] > 0 and r["hf_tok_s"] > 0 and r["ratio"] == pytest.approx(r["dsv3_tok_s"] / r["hf_tok_s"])
     assert r["bound_tok_s"] == pytest.approx(r["gemm_flop_s"] / r["train_flops_per_token"])
+
+
+def test_training_init_is_transformers_and_every_tensor_random_for_tests():
+    """`init_weights` (what `dsv3 pretrain` starts from) sets sinks, mHC bases, compressor position biases and router
+    biases to 0 and mHC scales to 1, as transformers' `_init_weights`; `every_tensor=True` draws them at random."""
+    cfg = ModelConfig.from_dict(RELEASED)
+    model = DeepseekV4ForCausalLM(cfg)
+    model.reset_buffers()
+
+    def special(m):
+        out = {}
+        for name, p in m.named_parameters():
+            last = name.rsplit(".", 1)[-1]
+            if last == "attn_sink" or last == "ape" or (last.startswith("hc_") and last.endswith(("_base", "_scale"))):
+                out[name] = p.detach().clone()
+        out.update({n: b.clone() for n, b in m.named_buffers() if n.endswith("e_score_correction_bias")})
+        return out
+
+    model.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
+    got = special(model)
+    assert any(n.endswith("attn_sink") for n in got) and any(n.endswith("ape") for n in got)
+    assert any(n.endswith("e_score_correction_bias") for n in got) and any(n.endswith("_scale") for n in got)
+    for name, t in got.items():
+        assert bool((t == (1.0 if name.endswith("_scale") else 0.0)).all()), name
+    wkv = model.model.layers[0].attn.wkv.weight
+    assert abs(float(wkv.std()) - 0.02) < 0.004
+    for gate in (m for m in model.modules() if hasattr(m, "tid2eid")):  # distinct experts per token
+        assert bool((gate.tid2eid.sort(-1).values.diff(dim=-1) > 0).all())
+    model.init_weights(std=0.02, generator=torch.Generator().manual_seed(0), every_tensor=True)
+    for name, t in special(model).items():
+        assert t.numel() == 1 or float(t.float().std()) > 0.01, name  # ape: N(0, std); the 1-D ones N(0, 0.5)

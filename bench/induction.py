@@ -47,12 +47,11 @@ def tiny(which: str, v4_init: str, kv_gain: float = 1.0) -> torch.nn.Module:
         model.reset_buffers()
     if which == "v4":
         model.init_weights(std=0.02, every_tensor=v4_init == "random")
-    else:
-        model.init_weights(std=0.02)
-    if which == "v4":
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.attn.kv_norm.weight.fill_(kv_gain)
+    else:
+        model.init_weights(std=0.02)
     return model.train()
 
 

@@ -687,30 +687,28 @@ class DeepseekV4ForCausalLM(nn.Module):
         """Initialisation for training, as transformers' `DeepseekV4PreTrainedModel._init_weights`: N(0, std)
         matrices, unit norms, sinks, mHC bases, compressor position biases and router biases at 0, mHC scales at 1,
         and a hash table of distinct experts per token. Why not random: two-layer models trained from scratch to
-        copy a repeated random sequence (`bench/induction.py`) learned it at step ~600 from this init and ~1,000
-        with every one of those tensors random. `every_tensor=True` keeps that random init (sinks, mHC bases and
-        scales, position biases, router biases from N(0, 0.5), N(0, 0.1)) for tests, where a tensor left at 0 or 1
-        could hide a mistake in how it is used."""
+        copy a repeated random sequence (`bench/induction.py`) began to copy at step ~550 from this init and ~900
+        with those tensors random. `every_tensor=True` keeps that random init (every 1-D tensor N(0, 0.5), position
+        biases N(0, std), router biases N(0, 0.1)) for tests, where a tensor left at 0 or 1 could hide a mistake in
+        how it is used."""
         std = self.config.initializer_range if std is None else std
         for name, p in self.named_parameters():
             last = name.rsplit(".", 1)[-1]
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif every_tensor and p.dim() < 2:
-                p.normal_(0.0, 0.5, generator=generator)
-            elif every_tensor or (p.dim() >= 2 and last != "ape"):
-                p.normal_(0.0, std, generator=generator)
+            elif every_tensor:
+                p.normal_(0.0, std if p.dim() >= 2 else 0.5, generator=generator)
+            elif last in ("attn_sink", "ape") or (last.startswith("hc_") and last.endswith("_base")):
+                p.zero_()
             elif last.startswith("hc_") and last.endswith("_scale"):
                 p.fill_(1.0)
-            else:  # attn_sink, hc_*_base, ape
-                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
         E = self.config.n_routed_experts
         for m in self.modules():
             if isinstance(m, Gate) and m.e_score_correction_bias is not None:
-                if every_tensor:
-                    m.e_score_correction_bias.normal_(0.0, 0.1, generator=generator)
-                else:
-                    m.e_score_correction_bias.zero_()
+                bias = m.e_score_correction_bias
+                bias.normal_(0.0, 0.1, generator=generator) if every_tensor else bias.zero_()
             elif isinstance(m, HashGate):
                 m.tid2eid.copy_(torch.rand(m.tid2eid.shape[0], E, generator=generator).argsort(-1)[:, : m.top_k])
 

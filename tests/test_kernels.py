@@ -45,7 +45,7 @@ def count_native(monkeypatch) -> collections.Counter:
     """Calls of the native `dsv3::` ops, by name."""
     calls = collections.Counter()
     for name in ("rms_norm", "route_noaux", "linear", "mlp", "moe", "mla_decode", "decode_layers", "decode_step",
-                 "mtp_step"):
+                 "mtp_step", "screened_greedy"):
         real = getattr(torch.ops.dsv3, name)
         monkeypatch.setattr(torch.ops.dsv3, name, lambda *a, _n=name, _r=real, **k: calls.update([_n]) or _r(*a, **k))
     return calls
@@ -80,13 +80,15 @@ def test_moe_f32_matches_reference(M):
 def test_batched_decode_runs_natively_with_the_same_tokens(monkeypatch, parts, path):
     """16 requests decoding together (more rows than the per-row kernels take): each step one `decode_step` call
     (batch.c), or per module (LoRA, hooks) routed experts in one sorted call per layer and attention read from the
-    paged cache (`mla_attend`); either way the tokens of PyTorch's path."""
+    paged cache (`mla_attend`); either way the greedy tokens picked by the bf16-screened head
+    (`screened_greedy`), and the tokens of PyTorch's path."""
     from dsv3.engine import EngineConfig, LLMEngine
     from dsv3.engine.sampling import SamplingParams
 
     model, tok = parts
     prompts = [[3 + (5 * i + j) % 40 for j in range(2 + i)] for i in range(16)]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    monkeypatch.setattr(ops, "bf16_arithmetic", lambda: True)  # the op runs anywhere; the engine asks the CPU
     if path == "modules":
         per_module(monkeypatch)
     native = count_native(monkeypatch)
@@ -98,8 +100,36 @@ def test_batched_decode_runs_natively_with_the_same_tokens(monkeypatch, parts, p
         assert native["decode_step"] >= 9 and native["moe"] <= 1 and not native["mla_attend"]
     else:
         assert native["moe"] >= 9 and native["mla_attend"] >= 9 * model.config.num_hidden_layers
+    assert native["screened_greedy"] >= 10  # the prefill step's 16 rows too
     kernels_off(monkeypatch)
     assert fast == [o.outputs[0].token_ids for o in LLMEngine(model, tok, EngineConfig()).generate(prompts, params)]
+
+
+@pytest.mark.parametrize("other", ["logprobs", "repetition_penalty", "temperature", "min_tokens"])
+def test_a_step_with_a_request_that_reads_or_changes_logits_is_not_screened(monkeypatch, parts, other):
+    """The screened head gives tokens, not logits: a step with one request that reads them (logprobs) or changes
+    them (penalties, sampling, EOS banned below min_tokens) computes the fp32 logits of every row, and the greedy
+    requests' tokens are those of a screened run."""
+    from dsv3.engine import EngineConfig, LLMEngine
+    from dsv3.engine.sampling import SamplingParams
+
+    model, tok = parts
+    monkeypatch.setattr(ops, "bf16_arithmetic", lambda: True)
+    prompts = [[3 + (5 * i + j) % 40 for j in range(2 + i)] for i in range(12)]
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    odd = SamplingParams(max_tokens=8, **{"logprobs": dict(temperature=0, logprobs=2),
+                                          "repetition_penalty": dict(temperature=0, repetition_penalty=1.3),
+                                          "temperature": dict(temperature=0.8, seed=1),
+                                          "min_tokens": dict(temperature=0, min_tokens=8)}[other])
+    native = count_native(monkeypatch)
+    alone = [o.outputs[0].token_ids for o in LLMEngine(model, tok, EngineConfig()).generate(prompts, greedy)]
+    assert native["screened_greedy"] >= 8
+    native.clear()
+    outs = LLMEngine(model, tok, EngineConfig()).generate(prompts, [odd] + [greedy] * 11)
+    assert not native["screened_greedy"]
+    assert [o.outputs[0].token_ids for o in outs[1:]] == alone[1:]
+    if other == "logprobs":
+        assert len(outs[0].outputs[0].logprobs) == 8 and outs[0].outputs[0].token_ids == alone[0]
 
 
 def test_linear_int8_and_moe_int8_match_dequantized_math():

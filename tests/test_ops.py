@@ -260,6 +260,78 @@ def test_packed_copies_follow_a_weight_changed_in_place_or_given_new_storage():
 
 
 @native_only
+@pytest.mark.parametrize("V, K", [(32000, 512), (1003, 40)])
+def test_screened_greedy_is_the_fp32_heads_argmax(V, K):
+    """`dsv3::screened_greedy` (a bf16 screen, then fp32 for every column within its error bound of a row's best)
+    gives the fp32 head's argmax. The head is crowded (every row a common vector plus 2 % noise), so that in some
+    rows the bf16 product ranks the fp32 winner below another column (checked: a screen recomputing only the bf16
+    maximum fails there); also rows it cannot bound (NaN or inf hidden states: recomputed whole) or that tie
+    everywhere (zeros). A vocabulary's width and one no multiple of 16."""
+    assert kernels.load(), kernels.status()
+    g = torch.Generator().manual_seed(V)
+    h = torch.randn(128, K, generator=g)
+    w = torch.randn(K, generator=g) * 0.05 + torch.randn(V, K, generator=g) * 0.001
+    exact = (h.double() @ w.double().T).argmax(1)
+    bf16 = torch.mm(h.bfloat16(), w.bfloat16().T).float()
+    assert (bf16.gather(1, exact[:, None])[:, 0] < bf16.amax(1)).any()  # the bf16 maximum alone would be wrong
+    h[10, 3] = float("nan")
+    h[11, 5] = float("inf")
+    h[12] = 0.0
+    norm = float(w.norm(dim=1).max())
+    out = torch.ops.dsv3.screened_greedy(h, w, w.bfloat16(), norm)
+    assert torch.equal(out, reference.screened_greedy(h, w, w.bfloat16(), norm))
+    keep = torch.ones(128, dtype=torch.bool)
+    keep[10:13] = False
+    assert torch.equal(out[keep], exact[keep])
+    assert int(out[10]) == 0 and int(out[12]) == 0  # all NaN: 0, as `dsv3::greedy`; all zero: the first
+    assert float(h[11] @ w[int(out[11])]) == float("inf")
+    assert torch.equal(torch.ops.dsv3.screened_greedy(h[:0], w, w.bfloat16(), norm), torch.empty(0, dtype=torch.int64))
+
+
+@native_only
+def test_screened_greedy_refuses_bad_input_with_a_message():
+    assert kernels.load(), kernels.status()
+    w, h = torch.randn(50, 16), torch.randn(9, 16)
+    with pytest.raises(RuntimeError, match="weight_bf16 must be a contiguous bf16"):
+        torch.ops.dsv3.screened_greedy(h, w, w, 1.0)
+    with pytest.raises(RuntimeError, match="weight_bf16 must be"):
+        torch.ops.dsv3.screened_greedy(h, w, w[:49].bfloat16(), 1.0)
+    with pytest.raises(RuntimeError, match=r"hidden \[M, K\], weight \[V, K\]"):
+        torch.ops.dsv3.screened_greedy(h[:, :8], w, w.bfloat16(), 1.0)
+    with pytest.raises(RuntimeError, match="weight_norm must be >= 0"):
+        torch.ops.dsv3.screened_greedy(h, w, w.bfloat16(), -1.0)
+
+
+@native_only
+def test_screened_head_follows_the_model_and_steps_aside(monkeypatch):
+    """`ops.screened_greedy(model, hidden)`: the fp32 head's argmax past MAX_ROWS rows (None at or below, or under a
+    forward hook on the head, or without bf16 arithmetic); its bf16 copy is re-made after the head changes in place
+    or gets new storage, and kept otherwise."""
+    from dsv3.ops import plan
+
+    monkeypatch.setattr(ops, "bf16_arithmetic", lambda: True)  # the op runs anywhere; the engine asks the CPU
+    model = _model()
+    h = torch.randn(ops.MAX_ROWS + 4, model.config.hidden_size)
+    with torch.inference_mode():
+        assert torch.equal(ops.screened_greedy(model, h), model.lm_head(h).argmax(-1))
+        kept = plan.model_plan(model).screen_head()[0]
+        ops.screened_greedy(model, h)
+        assert plan.model_plan(model).screen_head()[0] is kept
+        assert ops.screened_greedy(model, h[:ops.MAX_ROWS]) is None
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # in place
+    with torch.inference_mode():
+        assert torch.equal(ops.screened_greedy(model, h), model.lm_head(h).argmax(-1))
+        model.lm_head.weight.data = model.lm_head.weight.data.flip(0)  # new storage
+        assert torch.equal(ops.screened_greedy(model, h), model.lm_head(h).argmax(-1))
+        hook = model.lm_head.register_forward_hook(lambda *a: None)
+        assert ops.screened_greedy(model, h) is None
+        hook.remove()
+        monkeypatch.setattr(ops, "bf16_arithmetic", lambda: False)
+        assert ops.screened_greedy(model, h) is None
+
+
+@native_only
 def test_batched_step_without_the_blas_symbols_takes_at_mm():
     """A PyTorch whose BLAS exports no `sgemm_` / packed GEMM (DSV3_BLAS=0 stands in for one): batch.c's GEMMs run
     `at::mm` on views of the same memory, `pack_linear` gives no bytes, and the step still equals the reference."""

@@ -69,6 +69,8 @@ class EngineConfig:
     # bench/mtp_bound.py measures for k=1 on the embedded model: the native call's cost in plain forwards, minus one)
     seed: int = 0
     lora_adapters: dict[str, str] | None = None  # name -> PEFT adapter dir, served side by side (adapter id = index + 1)
+    screened_head: bool = True  # plain greedy steps of > 8 sampled rows pick tokens with the bf16-screened fp32 head
+    # (the same argmax: dsv3.ops.screened_greedy); False computes every row's fp32 logits
 
 
 @dataclass
@@ -293,7 +295,10 @@ class LLMEngine:
         chunks = [c for c in chunks if not c.seq.is_finished]
         for c in chunks:
             c.seq.restore_state = None  # the runner loads it into the slot this step
-        chunks, items, hidden, logits = self._execute(chunks, items, touched)
+        # every sampled row plain greedy: the runner may pick their tokens itself (`execute_greedy`)
+        sampled = [c.seq for c, it in zip(chunks, items) if it.sample]
+        greedy = not drafts and bool(sampled) and all(map(self._plain_greedy, sampled))
+        chunks, items, hidden, logits, tokens = self._execute(chunks, items, touched, greedy)
         self.stats["steps"] += 1
         new_tokens: dict[Sequence, list[int]] = {}
         to_sample, sample_rows = [], []
@@ -338,10 +343,21 @@ class LLMEngine:
             except Exception as e:
                 self._fail(seq, e, touched)
         if to_sample:  # sample_rows are distinct rows in order: all of them (a pure decode step) needs no copy
-            rows = logits if len(sample_rows) == logits.shape[0] else logits[sample_rows]
-            for seq, tok in self._sample(to_sample, rows, touched).items():
-                new_tokens[seq] = [tok]
+            if tokens is not None:
+                picked = (tokens if len(sample_rows) == tokens.shape[0] else tokens[sample_rows]).tolist()
+                new_tokens.update((seq, [tok]) for seq, tok in zip(to_sample, picked) if not seq.is_finished)
+            else:
+                rows = logits if len(sample_rows) == logits.shape[0] else logits[sample_rows]
+                for seq, tok in self._sample(to_sample, rows, touched).items():
+                    new_tokens[seq] = [tok]
         return new_tokens
+
+    @staticmethod
+    def _plain_greedy(seq: Sequence) -> bool:
+        """The sequence's next token is the argmax of its raw logits: nothing reads or changes them first."""
+        p = seq.params
+        return (p.greedy and p.logprobs is None and not p.logits_processors and p.repetition_penalty == 1
+                and not p.presence_penalty and not p.frequency_penalty and not seq.output.banned_ids)
 
     def _spec_step(self, chunks: list, touched: dict[str, None]) -> dict[Sequence, list[int]] | None:
         """A pure greedy decode step with MTP as one native call (verify, accept, draft the next step), or None when
@@ -435,29 +451,34 @@ class LLMEngine:
                 self._fail(c.seq, e, touched)
         return drafts
 
-    def _execute(self, chunks: list, items: list[StepItem], touched: dict[str, None]):
+    def _execute(self, chunks: list, items: list[StepItem], touched: dict[str, None], greedy: bool = False):
         """The model forward over `items`; on an error, bisect until the chunks that raise are found and failed.
 
-        Returns the surviving (chunks, items) with their hidden states and logits, laid out as one run would.
+        Returns the surviving (chunks, items) with their hidden states, the logits of the sampled rows and None,
+        laid out as one run would; or, when `greedy` (every sampled row plain greedy) and the runner picks those
+        rows' tokens itself (`execute_greedy`), None and the tokens.
         """
         if not items:
-            return [], [], torch.empty(0), torch.empty(0)
+            return [], [], torch.empty(0), torch.empty(0), None
         try:
+            out = self.runner.execute_greedy(items) if greedy and self.config.screened_head else None
+            if out is not None:
+                return chunks, items, out[0], None, out[1]
             hidden, logits = self.runner.execute(items)
-            return chunks, items, hidden, logits
+            return chunks, items, hidden, logits, None
         except EngineDeadError:
             raise
         except Exception as e:
             if len(items) == 1:
                 self._fail(chunks[0].seq, e, touched)
-                return [], [], torch.empty(0), torch.empty(0)
-        mid = len(items) // 2
+                return [], [], torch.empty(0), torch.empty(0), None
+        mid = len(items) // 2  # the halves compute logits: one layout to join
         parts = [self._execute(chunks[:mid], items[:mid], touched), self._execute(chunks[mid:], items[mid:], touched)]
         parts = [p for p in parts if p[1]]
         if not parts:
-            return [], [], torch.empty(0), torch.empty(0)
+            return [], [], torch.empty(0), torch.empty(0), None
         return ([c for p in parts for c in p[0]], [it for p in parts for it in p[1]],
-                torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts]))
+                torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts]), None)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, touched: dict[str, None]) -> dict[Sequence, int]:
         """One token per sequence; a sequence whose processors or sampling raise is failed, the rest sampled."""

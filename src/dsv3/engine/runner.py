@@ -13,6 +13,7 @@ from dsv3.attention.context import PagedContext, SequenceStates
 from dsv3.attention.kv_cache import KVCache
 from dsv3.attention.metadata import StepMetadata
 from dsv3.engine import cuda_graphs
+from dsv3.engine.sampling import greedy_choice
 from dsv3.lora.apply import lora_modules, set_slot_ids
 from dsv3.lora.slots import SlotBatch
 from dsv3.models.interface import CausalLM
@@ -108,6 +109,26 @@ class ModelRunner:
             if self.multi_lora:  # other users of the model (LLM.score, the generator) see the base model
                 set_slot_ids(self.model, None)
         return hidden, logits.float()
+
+    @torch.inference_mode()
+    def execute_greedy(self, items: list[StepItem]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A step whose sampled rows are all plain greedy: (hidden states [N, D] of every token, the greedy token of
+        each requested row), the LM head screened in bf16 and recomputed in fp32 where it matters
+        (`dsv3.ops.screened_greedy`: the fp32 head's argmax at a third of its cost). None, before running anything,
+        when the step has no such form (few rows, drafts, adapters, per-sequence state, a CUDA graph, a head that
+        is not fp32): the caller runs `execute`."""
+        n_rows = sum(it.sample for it in items)
+        if (n_rows <= ops.MAX_ROWS or any(it.all_logits for it in items) or self.graphs is not None
+                or self.state is not None or self.multi_lora or ops.screen_head(self.model) is None):
+            return None
+        input_ids, positions, ctx, rows = self.prepare(items)
+        hidden = self.model.hidden_states(input_ids, positions, ctx)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        picked = hidden[rows]
+        tokens = ops.screened_greedy(self.model, picked)
+        if tokens is None:  # an observer was added since the check: the head runs as a module
+            tokens = greedy_choice(self.model.lm_head(picked).float())
+        return hidden, tokens
 
     @torch.inference_mode()
     def execute_spec(self, items: list[StepItem], k: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -13,6 +13,8 @@ Whole decode steps run through a plan (`dsv3.ops.plan`), built once from the mod
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dsv3 import kernels
@@ -25,7 +27,8 @@ BATCH_ROWS = 256  # rows up to which a whole fp32 decode step runs natively as G
 WHOLE_STEPS = True  # False: each layer runs its own kernel (the path under LoRA or a hook); tests compare the two
 
 __all__ = ["MAX_ROWS", "NativeBlock", "NativeExperts", "NativeLinear", "NativeMLA", "NativeRouter", "backend", "experts",
-           "experts_gpu", "gpu", "greedy", "invalidate", "linear", "mla_decode", "mlp", "native", "rms_norm", "route_gpu", "route_noaux"]
+           "experts_gpu", "gpu", "greedy", "invalidate", "linear", "mla_decode", "mlp", "native", "rms_norm", "route_gpu", "route_noaux",
+           "screen_head", "screened_greedy"]
 
 
 def backend(device: torch.device | str = "cpu") -> str:
@@ -93,6 +96,37 @@ def greedy(logits: torch.Tensor) -> torch.Tensor | None:
             or torch.compiler.is_compiling() or not kernels.load()):
         return None
     return torch.ops.dsv3.greedy(logits)
+
+
+def screen_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(the fp32 head weight, its bf16 copy, its largest row norm) when `model`'s greedy batched steps can screen
+    their head (`screened_greedy`): a native plan with an fp32 head, on a CPU with bf16 arithmetic; else None."""
+    from dsv3.ops import plan
+
+    if torch.compiler.is_compiling() or not bf16_arithmetic() or not kernels.load():
+        return None
+    p = plan.model_plan(model)
+    screen = p.screen_head() if p is not None and p.head and not p.observed() else None
+    return None if screen is None else (p.weights[3], *screen)
+
+
+def screened_greedy(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The greedy tokens of post-norm hidden states [M, D] under `model`'s fp32 LM head, screened in bf16 and
+    recomputed in fp32 where it matters (`dsv3::screened_greedy`, csrc/screen.c): the fp32 head's argmax at a
+    third of its cost. For batched steps (more than MAX_ROWS rows); None otherwise or without `screen_head` (the
+    caller computes logits), including when an observer wants the head to run."""
+    if (hidden.dim() != 2 or hidden.shape[0] <= MAX_ROWS or hidden.dtype != torch.float32 or not hidden.is_cpu
+            or torch.is_grad_enabled()):
+        return None
+    head = screen_head(model)
+    return None if head is None else torch.ops.dsv3.screened_greedy(hidden, *head)
+
+
+@functools.cache
+def bf16_arithmetic() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): elsewhere a bf16 GEMM is emulated, slower
+    than fp32."""
+    return bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_features())
 
 
 def route_noaux(x: torch.Tensor, form: NativeRouter | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -95,6 +95,7 @@ class Plan:
         # every weight fp32: a step of more than MAX_ROWS rows runs batch.c's GEMM form (int8/int4 plans do not)
         self.batched = all(w.dtype == torch.float32 for w in self.weights if isinstance(w, torch.Tensor))
         self._packed: dict[int, tuple] = {}  # slot of a packed copy -> (its source tensor, data_ptr, version)
+        self._screen: tuple | None = None  # (head, data_ptr, version, bf16 copy, largest row norm): `screen_head`
 
     def observed(self) -> bool:
         """A forward hook, or a MoE recording expert loads, wants the modules to run this step."""
@@ -123,6 +124,19 @@ class Plan:
             if old is None or old[0] is not w or old[1:] != key[1:]:
                 self.weights[dst] = torch.ops.dsv3.pack_linear(w.detach())
                 self._packed[dst] = key
+
+    def screen_head(self) -> tuple[torch.Tensor, float] | None:
+        """(a bf16 copy of the fp32 head, the largest norm of its rows) for `dsv3::screened_greedy`, or None when the
+        head is not fp32. Made on first use, so only an engine that decodes batches greedily holds it (half the
+        head's bytes), and re-made for a head changed in place or given new storage since."""
+        w = self.weights[3] if self.head else None
+        if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or self.weights[4] is not None:
+            return None
+        key = (w, w.data_ptr(), _version(w))
+        if self._screen is None or self._screen[0] is not w or self._screen[1:3] != key[1:]:
+            d = w.detach()
+            self._screen = (*key, d.to(torch.bfloat16).contiguous(), float(d.norm(dim=1).max()))
+        return self._screen[3], self._screen[4]
 
     def hidden(self, M: int) -> torch.Tensor:
         """A reused [M, D] buffer (per thread) for hidden states nobody keeps (the step returns logits)."""

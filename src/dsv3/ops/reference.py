@@ -200,6 +200,13 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits.isnan(), float("-inf")).argmax(-1)
 
 
+def screened_greedy(hidden: torch.Tensor, weight: torch.Tensor, weight_bf16: torch.Tensor,
+                    weight_norm: float) -> torch.Tensor:
+    """The greedy tokens of hidden [M, K] under the fp32 head weight [V, K]: the argmax of the fp32 logits (the native
+    op screens them with the bf16 copy `weight_bf16` and recomputes only the columns that could be largest)."""
+    return greedy(hidden.float() @ weight.T)
+
+
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:
     """A weight packed for the BLAS's GEMM: PyTorch has no packed form, so no bytes (steps then multiply the weight
     as it is; the native op packs it with MKL where PyTorch links MKL)."""

@@ -34,6 +34,7 @@ SCHEMAS = {
                    "Tensor(b!) hidden, Tensor(c!)? logits) -> int",
     "pack_linear": "pack_linear(Tensor weight) -> Tensor",
     "greedy": "greedy(Tensor logits) -> Tensor",
+    "screened_greedy": "screened_greedy(Tensor hidden, Tensor weight, Tensor weight_bf16, float weight_norm) -> Tensor",
     "mtp_step": "mtp_step(Tensor?[] weights, Tensor meta, Tensor fmeta, Tensor?[] mtp_weights, Tensor mtp_meta, "
                 "Tensor mtp_fmeta, Tensor(a!) cache, int[] layers, int mtp_layer, Tensor ids, Tensor starts, "
                 "Tensor block_tables, int block_size, int K, Tensor(b!) hidden, Tensor(c!) logits, Tensor(d!) tokens, "
@@ -102,6 +103,11 @@ def _(weights, meta, fmeta, cache, layers, ids, positions, start, T, slot_mappin
 @torch.library.register_fake("dsv3::greedy")
 def _(logits):
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
+@torch.library.register_fake("dsv3::screened_greedy")
+def _(hidden, weight, weight_bf16, weight_norm):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.int64)
 
 
 @torch.library.register_fake("dsv3::pack_linear")

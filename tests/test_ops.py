@@ -304,8 +304,8 @@ def test_screened_greedy_refuses_bad_input_with_a_message():
 
 @native_only
 def test_screened_head_follows_the_model_and_steps_aside(monkeypatch):
-    """`ops.screened_greedy(model, hidden)`: the fp32 head's argmax past MAX_ROWS rows (None at or below, or under a
-    forward hook on the head, or without bf16 arithmetic); its bf16 copy is re-made after the head changes in place
+    """`ops.screened_greedy(model, hidden)`: the fp32 head's argmax past MAX_ROWS rows (None at or below, under a
+    forward hook on the head, without bf16 arithmetic, or for a quantized head); its bf16 copy is re-made after the head changes in place
     or gets new storage, and kept otherwise."""
     from dsv3.ops import plan
 
@@ -329,6 +329,10 @@ def test_screened_head_follows_the_model_and_steps_aside(monkeypatch):
         hook.remove()
         monkeypatch.setattr(ops, "bf16_arithmetic", lambda: False)
         assert ops.screened_greedy(model, h) is None
+    monkeypatch.setattr(ops, "bf16_arithmetic", lambda: True)
+    quantize_model(model, "int8", include_lm_head=True, progress=False)  # an int8 head: its logits, not a screen
+    with torch.inference_mode():
+        assert ops.screen_head(model) is None and ops.screened_greedy(model, h) is None
 
 
 @native_only

@@ -127,10 +127,11 @@ class Plan:
 
     def screen_head(self) -> tuple[torch.Tensor, float] | None:
         """(a bf16 copy of the fp32 head, the largest norm of its rows) for `dsv3::screened_greedy`, or None when the
-        head is not fp32. Made on first use, so only an engine that decodes batches greedily holds it (half the
+        head is not a plain fp32 matrix. Made on first use, so only an engine that decodes batches greedily holds it (half the
         head's bytes), and re-made for a head changed in place or given new storage since."""
         w = self.weights[3] if self.head else None
-        if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or self.weights[4] is not None:
+        if (not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or self.weights[4] is not None
+                or self.weights[5] is not None):  # a quantized head (scale) or one with a bias
             return None
         key = (w, w.data_ptr(), _version(w))
         if self._screen is None or self._screen[0] is not w or self._screen[1:3] != key[1:]:

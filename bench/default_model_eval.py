@@ -119,17 +119,28 @@ def fim_prompts(tok, files, a, n) -> list[tuple[completion.FimItem, str, str]]:
 
 
 def run_fim(llm, tok, prompts, a, progress) -> dict:
+    """Each held-out line infilled from its prefix and suffix, and (what the suffix adds to) the same line written
+    left to right from the prefix alone: the prefix-only figures say what the model knows of the line without it."""
+    params = SamplingParams(max_tokens=48, temperature=0, stop=["\n"])
     ids = [{"prompt_token_ids": completion.fim_prompt_ids(tok, pre, suf)} for _, pre, suf in prompts]
-    outs = llm.generate(ids, SamplingParams(max_tokens=48, temperature=0, stop=["\n"]), use_tqdm=progress)
-    rows = [{"path": it.path, "line": it.lineno, "expected": it.middle, "got": completion.first_line(o.outputs[0].text)}
-            for (it, _, _), o in zip(prompts, outs)]
+    outs = llm.generate(ids, params, use_tqdm=progress)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    plain = llm.generate([{"prompt_token_ids": bos + tok.encode(pre, add_special_tokens=False)} for _, pre, _ in prompts],
+                         params, use_tqdm=progress)
+    rows = [{"path": it.path, "line": it.lineno, "expected": it.middle, "got": completion.first_line(o.outputs[0].text),
+             "prefix_only": completion.first_line(p.outputs[0].text)} for (it, _, _), o, p in zip(prompts, outs, plain)]
     for r in rows:
-        r["exact"] = r["got"] == r["expected"].rstrip()
-        r["edit_similarity"] = completion.edit_similarity(r["got"], r["expected"].rstrip())
+        want = r["expected"].rstrip()
+        r["exact"] = r["got"] == want
+        r["edit_similarity"] = completion.edit_similarity(r["got"], want)
+        r["prefix_only_exact"] = r["prefix_only"] == want
+        r["prefix_only_edit_similarity"] = completion.edit_similarity(r["prefix_only"], want)
     k = len(rows)
     return {"n": k, "exact_match": sum(r["exact"] for r in rows) / k,
-            "edit_similarity": sum(r["edit_similarity"] for r in rows) / k, "prefix_token_budget": a.fim_prefix_tokens,
-            "suffix_token_budget": a.fim_suffix_tokens,
+            "edit_similarity": sum(r["edit_similarity"] for r in rows) / k,
+            "prefix_only_exact_match": sum(r["prefix_only_exact"] for r in rows) / k,
+            "prefix_only_edit_similarity": sum(r["prefix_only_edit_similarity"] for r in rows) / k,
+            "prefix_token_budget": a.fim_prefix_tokens, "suffix_token_budget": a.fim_suffix_tokens,
             "examples": [r for r in rows if r["exact"]][:3] + [r for r in rows if not r["exact"]][:3]}
 
 

@@ -188,6 +188,7 @@ def test_quick_run_end_to_end(setup, capsys):
     # 2 functions per file, but `Shape{k}.scaled` has the same head in every file, train files included: left out
     assert f["n"] == min(6, len(held)) and 0 <= f["parse_rate_with_body"] <= f["parse_rate"] <= 1
     assert r["fim"]["n"] == 6 and 0 <= r["fim"]["exact_match"] <= 1
+    assert 0 <= r["fim"]["prefix_only_exact_match"] <= 1 and 0 <= r["fim"]["prefix_only_edit_similarity"] <= 1
     for k in ("1", "2"):
         row = r["mtp"]["by_k"][k]
         assert row["identical_outputs"] and len(row["acceptance_per_position"]) == int(k) and row["drafted"][0] > 0

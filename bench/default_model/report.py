@@ -32,6 +32,10 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
         out.append((f"single-line FIM exact match (n={r['fim']['n']})", f"{r['fim']['exact_match']:.1%}", ">= 15%"))
         if "edit_similarity" in r["fim"]:
             out.append(("single-line FIM edit similarity", f"{r['fim']['edit_similarity']:.1%}", "reported"))
+        if "prefix_only_exact_match" in r["fim"]:
+            out.append(("the same lines left to right, prefix only: exact / edit similarity",
+                        f"{r['fim']['prefix_only_exact_match']:.1%} / {r['fim']['prefix_only_edit_similarity']:.1%}",
+                        "reported"))
     if "mtp" in r:
         for k, row in r["mtp"]["by_k"].items():
             if k == "0":

@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shards", default="build/shards", help="shards whose held-out split gives the FIM lines")
     p.add_argument("--only", default=",".join(PARTS))
     p.add_argument("--quick", action="store_true", help="short lengths and few samples: a smoke test")
-    p.add_argument("--million", action="store_true", help="also prefill and decode a 1M-token context (~15 min)")
+    p.add_argument("--million", action="store_true", help="also prefill and decode a 1M-token context (did not finish in 56 min on 2 cores)")
     p.add_argument("--ppl-files", type=int, default=4, help="long-ppl scores the N longest held-out documents ... (default 4)")
     p.add_argument("--ppl-max-chars", type=int, default=150_000, help="... of at most this many characters (default 150000)")
     p.add_argument("--trials", type=int, default=2, help="needle trials per (length, depth) cell up to 32K")

@@ -295,9 +295,9 @@ class LLMEngine:
         chunks = [c for c in chunks if not c.seq.is_finished]
         for c in chunks:
             c.seq.restore_state = None  # the runner loads it into the slot this step
-        # every sampled row plain greedy: the runner may pick their tokens itself (`execute_greedy`)
+        # every sampled row plain greedy (and the screened head on): the runner may pick their tokens itself
         sampled = [c.seq for c, it in zip(chunks, items) if it.sample]
-        greedy = not drafts and bool(sampled) and all(map(self._plain_greedy, sampled))
+        greedy = self.config.screened_head and not drafts and bool(sampled) and all(map(self._plain_greedy, sampled))
         chunks, items, hidden, logits, tokens = self._execute(chunks, items, touched, greedy)
         self.stats["steps"] += 1
         new_tokens: dict[Sequence, list[int]] = {}
@@ -461,7 +461,7 @@ class LLMEngine:
         if not items:
             return [], [], torch.empty(0), torch.empty(0), None
         try:
-            out = self.runner.execute_greedy(items) if greedy and self.config.screened_head else None
+            out = self.runner.execute_greedy(items) if greedy else None
             if out is not None:
                 return chunks, items, out[0], None, out[1]
             hidden, logits = self.runner.execute(items)

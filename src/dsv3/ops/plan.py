@@ -95,7 +95,7 @@ class Plan:
         # every weight fp32: a step of more than MAX_ROWS rows runs batch.c's GEMM form (int8/int4 plans do not)
         self.batched = all(w.dtype == torch.float32 for w in self.weights if isinstance(w, torch.Tensor))
         self._packed: dict[int, tuple] = {}  # slot of a packed copy -> (its source tensor, data_ptr, version)
-        self._screen: tuple | None = None  # (head, data_ptr, version, bf16 copy, largest row norm): `screen_head`
+        self._screen: tuple | None = None  # (the head's `_key`, bf16 copy, largest row norm): `screen_head`
 
     def observed(self) -> bool:
         """A forward hook, or a MoE recording expert loads, wants the modules to run this step."""
@@ -119,11 +119,9 @@ class Plan:
             w = self.weights[src]
             if not isinstance(w, torch.Tensor) or w.dtype != torch.float32:
                 continue
-            key = (w, w.data_ptr(), _version(w))
-            old = self._packed.get(dst)
-            if old is None or old[0] is not w or old[1:] != key[1:]:
+            if _stale(self._packed.get(dst), w):
                 self.weights[dst] = torch.ops.dsv3.pack_linear(w.detach())
-                self._packed[dst] = key
+                self._packed[dst] = _key(w)
 
     def screen_head(self) -> tuple[torch.Tensor, float] | None:
         """(a bf16 copy of the fp32 head, the largest norm of its rows) for `dsv3::screened_greedy`, or None when the
@@ -133,11 +131,10 @@ class Plan:
         if (not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or self.weights[4] is not None
                 or self.weights[5] is not None):  # a quantized head (scale) or one with a bias
             return None
-        key = (w, w.data_ptr(), _version(w))
-        if self._screen is None or self._screen[0] is not w or self._screen[1:3] != key[1:]:
+        if self._screen is None or _stale(self._screen[0], w):
             d = w.detach()
-            self._screen = (*key, d.to(torch.bfloat16).contiguous(), float(d.norm(dim=1).max()))
-        return self._screen[3], self._screen[4]
+            self._screen = (_key(w), d.to(torch.bfloat16).contiguous(), float(d.norm(dim=1).max()))
+        return self._screen[1], self._screen[2]
 
     def hidden(self, M: int) -> torch.Tensor:
         """A reused [M, D] buffer (per thread) for hidden states nobody keeps (the step returns logits)."""
@@ -145,6 +142,16 @@ class Plan:
         if key not in self._hidden:
             self._hidden[key] = torch.empty(M, self.hidden_size)
         return self._hidden[key]
+
+
+def _key(w: torch.Tensor) -> tuple:
+    """What a copy made of `w` was made from: the tensor, its storage and its in-place version."""
+    return w, w.data_ptr(), _version(w)
+
+
+def _stale(key: tuple | None, w: torch.Tensor) -> bool:
+    """A copy made from `key` no longer stands for `w`: none yet, another tensor, new storage or changed in place."""
+    return key is None or key[0] is not w or key[1:] != _key(w)[1:]
 
 
 def _version(t: torch.Tensor) -> int:

@@ -331,7 +331,7 @@ void route_noaux(const float *x, const float *w, const float *bias, long N, long
                  long topk_group, long top_k, int norm, float scale, int64_t *idx, float *wt, float *scores);
 void rms_norm_f32(const float *x, const float *w, float *y, long M, long D, float eps);
 void argmax_rows(const float *x, long M, long N, int64_t *out, int threads);
-long screened_argmax(const float *h, long M, long K, const float *w, long V, const uint16_t *approx, const float *eps,
+void screened_argmax(const float *h, long M, long K, const float *w, long V, const uint16_t *approx, const float *eps,
                      int64_t *out, int threads);
 void linear_lin(const Lin *L, const float *x, float *y, long M, long N, long K, int threads);
 long moe_grouped_scratch(long M, long K, long D, long I, long E);

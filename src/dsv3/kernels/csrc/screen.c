@@ -20,13 +20,21 @@ static inline __m512 ld_bf16(const uint16_t *p) {
 }
 #endif
 
+/* Take column c into the running best (the first of equal values; NaN compares false, never chosen over a number). */
+static inline void consider(const float *x, const float *w, long K, long c, float *best, long *at) {
+    const float v = dot_f32(x, w + c * K, K);
+    if (v > *best || (*at < 0 && !isnan(v))) {
+        *best = v;
+        *at = c;
+    }
+}
+
 /* out[m] = the first column of the largest fp32 h[m] . W[n] among the columns whose approx[m, n] >= (the row's
  * largest approx) - 2 eps[m]; NaN never chosen. A row whose approx or eps is not finite (an overflowing or NaN
- * hidden state, a non-finite weight) is recomputed whole, as the fp32 head would be. Returns the columns recomputed. */
-long screened_argmax(const float *h, long M, long K, const float *w, long V, const uint16_t *approx, const float *eps,
+ * hidden state, a non-finite weight) is recomputed whole, as the fp32 head would be. */
+void screened_argmax(const float *h, long M, long K, const float *w, long V, const uint16_t *approx, const float *eps,
                      int64_t *out, int threads) {
-    long total = 0;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : total)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (long m = 0; m < M; m++) {
         const uint16_t *a16 = approx + m * V;
         const float *x = h + m * K;
@@ -55,34 +63,17 @@ long screened_argmax(const float *h, long M, long K, const float *w, long V, con
         const int finite = !nan && isfinite(top) && isfinite(low) && isfinite(eps[m]);
         const float floor_ = finite ? top - 2.f * eps[m] : -INFINITY;
         float best = -INFINITY;
-        long at = -1, seen = 0;
+        long at = -1;
         n = 0;
 #if defined(__AVX512F__)
         const __m512 vf = _mm512_set1_ps(floor_);
         for (; finite && n + 16 <= V; n += 16) {
             __mmask16 hit = _mm512_cmp_ps_mask(ld_bf16(a16 + n), vf, _CMP_GE_OQ);
-            for (; hit; hit &= hit - 1) {
-                const long c = n + __builtin_ctz(hit);
-                const float v = dot_f32(x, w + c * K, K);
-                seen++;
-                if (v > best || (at < 0 && !isnan(v))) {
-                    best = v;
-                    at = c;
-                }
-            }
+            for (; hit; hit &= hit - 1) consider(x, w, K, n + __builtin_ctz(hit), &best, &at);
         }
 #endif
-        for (; n < V; n++) { /* the tail; every column of a row that is not finite */
-            if (finite && !(bf16_f32(a16[n]) >= floor_)) continue;
-            const float v = dot_f32(x, w + n * K, K);
-            seen++;
-            if (v > best || (at < 0 && !isnan(v))) { /* the first of equal values; NaN compares false */
-                best = v;
-                at = n;
-            }
-        }
+        for (; n < V; n++) /* the tail; every column of a row that is not finite */
+            if (!finite || bf16_f32(a16[n]) >= floor_) consider(x, w, K, n, &best, &at);
         out[m] = at < 0 ? 0 : at;
-        total += seen;
     }
-    return total;
 }

@@ -10,8 +10,12 @@ attention only for V4 (the window, 128, covers the sequence), so the difference 
 residual (V4: one shared key-value head, attention sinks, grouped output projection, mHC). `v4` starts from
 `init_weights` (what `dsv3 pretrain` uses: transformers' training init, sinks, mHC bases and position biases at
 0, mHC scales at 1), `v4-random` from `init_weights(every_tensor=True)` (those tensors random, the init the
-shipped long model was trained from). Prints the halves' losses every 50 steps; writes results.json and
-induction.png (second-half loss by step, one curve a model).
+first long model was trained from). `v4:G` starts V4's K=V norms at gain G (`init_weights(kv_gain=G)`, pretrain's
+`kv_norm_init`): V4 normalises its queries without a gain, so the attention logits are capped at sqrt(head_dim)·G
+(8·G for these 64-wide heads). Prints the halves' losses every 50 steps; writes results.json and induction.png
+(second-half loss by step, one curve a model).
+
+    python bench/induction.py --models v3,v4,v4:3,v4:8 --steps 800
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def tiny(which: str, v4_init: str, kv_gain: float = 1.0) -> torch.nn.Module:
         model.reset_buffers()
     if which == "v4":
         model.init_weights(std=0.02, every_tensor=v4_init == "random")
-        with torch.no_grad():
+        with torch.no_grad():  # after the init: every_tensor=True would draw the norms too
             for layer in model.model.layers:
                 layer.attn.kv_norm.weight.fill_(kv_gain)
     else:
@@ -81,22 +85,28 @@ def train(which: str, steps: int, lr: float, v4_init: str, kv_gain: float = 1.0,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="v3,v4,v4-random", help="v3, v4 or v4-random (every tensor random at init)")
+    ap.add_argument("--models", default="v3,v4,v4-random,v4:8",
+                    help="v3, v4, v4-random (every tensor random at init) or v4:G (K=V norm gain G at init)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--v4-kv-gain", type=float, default=1.0,
-                    help="V4's K=V norm gain at init: the queries are normalised without a gain, so it caps the logits")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/induction")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = args.models.split(",")
-    bad = [m for m in names if m not in ("v3", "v4", "v4-random")]
+    def gain(m: str) -> float | None:
+        try:
+            return float(m[3:]) if m.startswith("v4:") and float(m[3:]) > 0 else None
+        except ValueError:
+            return None
+
+    bad = [m for m in names if m not in ("v3", "v4", "v4-random") and gain(m) is None]
     if bad:
-        ap.error(f"unknown model {bad[0]!r}: use v3, v4 or v4-random")
+        ap.error(f"unknown model {bad[0]!r}: use v3, v4, v4-random or v4:G with a positive gain G")
     rows = []
     for m in names:
-        rows += train(m.split("-")[0], args.steps, args.lr, "random" if m.endswith("-random") else "training", args.v4_kv_gain,
+        which = "v3" if m == "v3" else "v4"
+        rows += train(which, args.steps, args.lr, "random" if m.endswith("-random") else "training", gain(m) or 1.0,
                       label=m)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -289,3 +289,26 @@ def test_training_init_is_transformers_and_every_tensor_random_for_tests():
     model.init_weights(std=0.02, generator=torch.Generator().manual_seed(0), every_tensor=True)
     for name, t in special(model).items():
         assert t.numel() == 1 or float(t.float().std()) > 0.01, name  # ape: N(0, std); the 1-D ones N(0, 0.5)
+
+
+def test_kv_norm_init_sets_the_key_value_norm_gains_only(shards, tmp_path):
+    """`kv_gain` (pretrain's `kv_norm_init`) starts the attention's K=V norms -- window keys and compressed entries --
+    at that gain, and leaves every other norm at 1 (the indexer's keys included); a config asking it of a model whose
+    queries carry a gain is refused in one line."""
+    from dsv3.train.pretrain import pretrain
+
+    cfg = ModelConfig.from_dict(RELEASED)
+    model = DeepseekV4ForCausalLM(cfg)
+    model.init_weights(std=0.02, kv_gain=8.0)
+    norms = {n: p for n, p in model.named_parameters() if n.endswith("norm.weight")}
+    gained = {n for n in norms if n.endswith(("attn.kv_norm.weight", "attn.compressor.norm.weight"))}
+    assert any("compressor" in n for n in gained) and any("kv_norm" in n for n in gained)
+    assert any("indexer.compressor.norm" in n for n in norms)
+    for name, p in norms.items():
+        assert bool((p == (8.0 if name in gained else 1.0)).all()), name
+    from test_pretrain import MODEL as V3_MODEL
+
+    raw = _config(shards, tmp_path / "v3").to_dict()
+    raw.update(model=V3_MODEL, kv_norm_init=4.0, doc_mask=True)
+    with pytest.raises(PretrainConfigError, match="kv_norm_init applies"):
+        pretrain(PretrainConfig.from_dict(raw))

@@ -13,10 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 def test_both_models_train_on_repeated_random_tokens_and_the_json_matches_the_print(tmp_path, capsys):
     from induction import VOCAB, main
 
-    assert main(["--models", "v3,v4-random", "--steps", "4", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert main(["--models", "v3,v4-random,v4:8", "--steps", "4", "--threads", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     printed = capsys.readouterr().out
-    assert [(r["model"], r["step"]) for r in rows] == [("v3", 4), ("v4-random", 4)]
+    assert [(r["model"], r["step"]) for r in rows] == [("v3", 4), ("v4-random", 4), ("v4:8", 4)]
     for r in rows:
         # four steps from N(0, 0.02) weights: both halves still near a uniform guess over the 8,192-token vocabulary,
         # above the ln 256 a model that learned the token range would reach
@@ -25,9 +25,18 @@ def test_both_models_train_on_repeated_random_tokens_and_the_json_matches_the_pr
     assert (tmp_path / "induction.png").stat().st_size > 0
 
 
-def test_an_unknown_model_is_refused_with_one_line(capsys):
+def test_a_v4_gain_starts_the_key_value_norms_there():
+    from induction import tiny
+
+    for gain in (1.0, 8.0):
+        norms = [layer.attn.kv_norm.weight for layer in tiny("v4", "training", gain).model.layers]
+        assert all(bool((w == gain).all()) for w in norms)
+
+
+@pytest.mark.parametrize("name", ["v5", "v4:0", "v4:x"])
+def test_an_unknown_model_is_refused_with_one_line(capsys, name):
     from induction import main
 
     with pytest.raises(SystemExit) as e:
-        main(["--models", "v5"])
-    assert e.value.code == 2 and "unknown model 'v5'" in capsys.readouterr().err
+        main(["--models", name])
+    assert e.value.code == 2 and f"unknown model {name!r}" in capsys.readouterr().err

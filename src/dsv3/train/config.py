@@ -53,6 +53,7 @@ class PretrainConfig:
     fim_level: str = "document"         # document: FIM whole files before packing | context: each file piece of a window
                                         # | line: as context, cut at lines of the text, parts tokenized apart
     init_std: float | None = None       # default: model.initializer_range
+    kv_norm_init: float = 1.0           # deepseek_v4: initial gain of the K=V norms, which caps the attention logits
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     compile: bool = False
     threads: int | None = None          # torch CPU threads
@@ -121,6 +122,8 @@ class PretrainConfig:
         for key in ("fim_rate", "min_lr_ratio", "beta1", "beta2"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise PretrainConfigError(f"{key} {getattr(self, key)} must be in [0, 1].")
+        if not self.kv_norm_init > 0:
+            raise PretrainConfigError(f"kv_norm_init {self.kv_norm_init} must be positive.")
         if self.stop_after is not None and self.stop_after < 1:
             raise PretrainConfigError(f"stop_after {self.stop_after} must be a positive integer.")
         if self.save_dtype not in ("float32", "bfloat16"):

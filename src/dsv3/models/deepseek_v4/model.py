@@ -683,18 +683,26 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None, generator: torch.Generator | None = None,
-                     every_tensor: bool = False) -> None:
+                     every_tensor: bool = False, kv_gain: float = 1.0) -> None:
         """Initialisation for training, as transformers' `DeepseekV4PreTrainedModel._init_weights`: N(0, std)
         matrices, unit norms, sinks, mHC bases, compressor position biases and router biases at 0, mHC scales at 1,
         and a hash table of distinct experts per token. Why not random: two-layer models trained from scratch to
         copy a repeated random sequence (`bench/induction.py`) began to copy at step ~550 from this init and ~900
         with those tensors random. `every_tensor=True` keeps that random init (every 1-D tensor N(0, 0.5), position
         biases N(0, std), router biases N(0, 0.1)) for tests, where a tensor left at 0 or 1 could hide a mistake in
-        how it is used."""
+        how it is used.
+
+        `kv_gain` is the initial gain of the attention's K=V norms (`attn.kv_norm`, `attn.compressor.norm`: window
+        keys and compressed entries meet in one softmax). The queries are normalised per head without a gain, so a
+        logit is at most sqrt(head_dim)·gain: 22.6 at init for the released head_dim 512, 8 for a 64-wide head. In
+        `bench/induction.py` a two-layer V4 of the embedded widths began to copy by step 200-400 with gain 8, not by
+        600 with gain 3, and with gain 1 at ~550 and only partly (~2 nats/token from 700 to 1,000 steps)."""
         std = self.config.initializer_range if std is None else std
         for name, p in self.named_parameters():
             last = name.rsplit(".", 1)[-1]
-            if name.endswith("norm.weight"):
+            if name.endswith(("attn.kv_norm.weight", "attn.compressor.norm.weight")):
+                p.fill_(kv_gain)
+            elif name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif every_tensor:
                 p.normal_(0.0, std if p.dim() >= 2 else 0.5, generator=generator)

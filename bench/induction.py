@@ -50,10 +50,7 @@ def tiny(which: str, v4_init: str, kv_gain: float = 1.0) -> torch.nn.Module:
     if hasattr(model, "reset_buffers"):
         model.reset_buffers()
     if which == "v4":
-        model.init_weights(std=0.02, every_tensor=v4_init == "random")
-        with torch.no_grad():  # after the init: every_tensor=True would draw the norms too
-            for layer in model.model.layers:
-                layer.attn.kv_norm.weight.fill_(kv_gain)
+        model.init_weights(std=0.02, every_tensor=v4_init == "random", kv_gain=kv_gain)
     else:
         model.init_weights(std=0.02)
     return model.train()
@@ -83,6 +80,18 @@ def train(which: str, steps: int, lr: float, v4_init: str, kv_gain: float = 1.0,
     return rows
 
 
+def parse_model(name: str) -> tuple[str, str, float] | None:
+    """(architecture, init, K=V gain) of a --models entry, or None for an unknown one."""
+    fixed = {"v3": ("v3", "training", 1.0), "v4": ("v4", "training", 1.0), "v4-random": ("v4", "random", 1.0)}
+    if name in fixed:
+        return fixed[name]
+    try:
+        gain = float(name.removeprefix("v4:")) if name.startswith("v4:") else 0.0
+    except ValueError:
+        return None
+    return ("v4", "training", gain) if gain > 0 else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="v3,v4,v4-random,v4:8",
@@ -94,20 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = args.models.split(",")
-    def gain(m: str) -> float | None:
-        try:
-            return float(m[3:]) if m.startswith("v4:") and float(m[3:]) > 0 else None
-        except ValueError:
-            return None
-
-    bad = [m for m in names if m not in ("v3", "v4", "v4-random") and gain(m) is None]
+    bad = [m for m in names if parse_model(m) is None]
     if bad:
         ap.error(f"unknown model {bad[0]!r}: use v3, v4, v4-random or v4:G with a positive gain G")
     rows = []
     for m in names:
-        which = "v3" if m == "v3" else "v4"
-        rows += train(which, args.steps, args.lr, "random" if m.endswith("-random") else "training", gain(m) or 1.0,
-                      label=m)
+        which, init, gain = parse_model(m)
+        rows += train(which, args.steps, args.lr, init, gain, label=m)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 import sys
 from pathlib import Path
@@ -30,13 +29,13 @@ ASK = re.compile(r'^assert (\w+) == "(\d{5})"', re.M)
 
 
 def documents(texts: list[str], n: int, needles: int, min_chars: int, max_chars: int, seed: int) -> list[str]:
-    from dsv3.data.long_docs import passkey_document
+    """`n` passkey documents, drawn as `dsv3 data passkey` draws its training ones."""
+    from dsv3.data.long_docs import passkey_documents
 
-    pool = [t for t in texts if len(t) >= max_chars]
-    if not pool:
-        raise SystemExit(f"no haystack text holds {max_chars} characters")
-    rng = random.Random(seed)
-    return [passkey_document(rng.choice(pool), rng, min_chars, max_chars, needles) for _ in range(n)]
+    try:
+        return list(passkey_documents(texts, n, min_chars, max_chars, seed, needles))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def spans(tok, doc: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

@@ -119,13 +119,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                   "token positions of one sequence): set doc_mask: false, packing documents without "
                                   "cross-document attention masking, as DeepSeek-V3 pretrained.")
     model = fam.model_class()(mc)
-    if cfg.kv_norm_init != 1.0:
-        if "kv_gain" not in inspect.signature(model.init_weights).parameters:
-            raise PretrainConfigError(f"kv_norm_init applies to models whose queries are normalised without a gain "
-                                      f"(deepseek_v4), not to {mc.model_type}: leave it at 1.0.")
-        model.init_weights(cfg.init_std, kv_gain=cfg.kv_norm_init)
-    else:
-        model.init_weights(cfg.init_std)
+    init = {"kv_gain": cfg.kv_norm_init} if cfg.kv_norm_init != 1.0 else {}
+    if init and "kv_gain" not in inspect.signature(model.init_weights).parameters:
+        raise PretrainConfigError(f"kv_norm_init applies to models whose queries are normalised without a gain "
+                                  f"(deepseek_v4), not to {mc.model_type}: leave it at 1.0.")
+    model.init_weights(cfg.init_std, **init)
     if cfg.init_from:
         init_weights_from(model, cfg.init_from)
     model.to(device)

@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=256, help="new tokens scored per window after the first")
     p.add_argument("--fim-prefix-tokens", type=int, default=384)
     p.add_argument("--fim-suffix-tokens", type=int, default=128)
+    p.add_argument("--fim-samples", type=int, default=20,
+                   help="sampled infills per line for the pass@k exact match (0: greedy only)")
+    p.add_argument("--fim-temperature", type=float, default=0.8)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0, help="seed of every sample of functions, lines and instructions")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a busy machine")
@@ -136,12 +139,36 @@ def run_fim(llm, tok, prompts, a, progress) -> dict:
         r["prefix_only_exact"] = r["prefix_only"] == want
         r["prefix_only_edit_similarity"] = completion.edit_similarity(r["prefix_only"], want)
     k = len(rows)
-    return {"n": k, "exact_match": sum(r["exact"] for r in rows) / k,
+    sampled = {}
+    if getattr(a, "fim_samples", 0) > 0:
+        plain_ids = [{"prompt_token_ids": bos + tok.encode(pre, add_special_tokens=False)} for _, pre, _ in prompts]
+        sampled = {**sampled_fim(llm, ids, rows, a, progress),
+                   **{f"prefix_only_{k}": v for k, v in sampled_fim(llm, plain_ids, rows, a, progress, "prefix_only_").items()
+                      if k.startswith("pass")}}
+    return {"n": k, "exact_match": sum(r["exact"] for r in rows) / k, **sampled,
             "edit_similarity": sum(r["edit_similarity"] for r in rows) / k,
             "prefix_only_exact_match": sum(r["prefix_only_exact"] for r in rows) / k,
             "prefix_only_edit_similarity": sum(r["prefix_only_edit_similarity"] for r in rows) / k,
             "prefix_token_budget": a.fim_prefix_tokens, "suffix_token_budget": a.fim_suffix_tokens,
             "examples": [r for r in rows if r["exact"]][:3] + [r for r in rows if not r["exact"]][:3]}
+
+
+def sampled_fim(llm, ids, rows, a, progress, key: str = "") -> dict:
+    """pass@k exact match: the share of lines that any of k sampled answers (temperature `fim_temperature`) writes
+    exactly. No way of choosing among those k answers -- reranking, voting, a verifier -- can match more lines than
+    that, so it bounds what decoding alone can add to the greedy figure. `ids` are the FIM prompts, or with `key`
+    "prefix_only_" the prefixes alone (the line written left to right)."""
+    k = a.fim_samples
+    params = SamplingParams(n=k, max_tokens=48, temperature=a.fim_temperature, stop=["\n"], seed=a.seed)
+    outs = llm.generate(ids, params, use_tqdm=progress)
+    hits = []
+    for r, o in zip(rows, outs):
+        want = r["expected"].rstrip()
+        got = [completion.first_line(c.text) for c in o.outputs]
+        r[key + "samples_exact"] = sum(g == want for g in got)
+        hits.append(r[key + "samples_exact"] > 0)
+    return {"pass_at_k_exact_match": sum(hits) / len(hits), "samples": k, "sample_temperature": a.fim_temperature,
+            "sampled_exact_share": sum(r[key + "samples_exact"] for r in rows) / (k * len(rows))}
 
 
 def main(argv=None) -> int:

@@ -12,10 +12,12 @@ residual (V4: one shared key-value head, attention sinks, grouped output project
 0, mHC scales at 1), `v4-random` from `init_weights(every_tensor=True)` (those tensors random, the init the
 first long model was trained from). `v4:G` starts V4's K=V norms at gain G (`init_weights(kv_gain=G)`, pretrain's
 `kv_norm_init`): V4 normalises its queries without a gain, so the attention logits are capped at sqrt(head_dim)·G
-(8·G for these 64-wide heads). Prints the halves' losses every 50 steps; writes results.json and induction.png
-(second-half loss by step, one curve a model).
+(8·G for these 64-wide heads). `v4:G/rR` also rotates the last R of each head's 64 values (the embedded model
+rotates 16, `qk_rope_head_dim`; R = 64 is full rotary). Prints the halves' losses every 50 steps; writes
+results.json and induction.png (second-half loss by step, one curve a model).
 
     python bench/induction.py --models v3,v4,v4:3,v4:8 --steps 800
+    python bench/induction.py --models v4:8,v4:8/r32,v4:8/r64 --steps 500 --out bench/results/induction_rope
 """
 
 from __future__ import annotations
@@ -36,12 +38,15 @@ from dsv3.models.registry import family
 N, VOCAB, BATCH = 32, 256, 16
 
 
-def tiny(which: str, v4_init: str, kv_gain: float = 1.0) -> torch.nn.Module:
+def tiny(which: str, v4_init: str, kv_gain: float = 1.0, rope: int = 0) -> torch.nn.Module:
     base = json.loads((model_path("long" if which == "v4" else "default") / "config.json").read_text())
     base.update(num_hidden_layers=2, num_nextn_predict_layers=0, rope_scaling=None, max_position_embeddings=4096)
     if which == "v4":
         base.update(layer_types=["sliding_attention"] * 2, compress_ratios=[0, 0, 0], mlp_layer_types=["moe", "moe"],
                     num_hash_layers=0)
+        if rope:
+            base.update(qk_rope_head_dim=rope, partial_rotary_factor=rope / base["head_dim"],
+                        index_head_dim=max(base["index_head_dim"], rope))
     else:
         base.update(first_k_dense_replace=2)
     cfg = ModelConfig.from_dict(base)
@@ -57,8 +62,8 @@ def tiny(which: str, v4_init: str, kv_gain: float = 1.0) -> torch.nn.Module:
 
 
 def train(which: str, steps: int, lr: float, v4_init: str, kv_gain: float = 1.0, every: int = 50,
-          label: str | None = None) -> list[dict]:
-    model = tiny(which, v4_init, kv_gain)
+          label: str | None = None, rope: int = 0) -> list[dict]:
+    model = tiny(which, v4_init, kv_gain, rope)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     rows, t0 = [], time.perf_counter()
@@ -80,22 +85,27 @@ def train(which: str, steps: int, lr: float, v4_init: str, kv_gain: float = 1.0,
     return rows
 
 
-def parse_model(name: str) -> tuple[str, str, float] | None:
-    """(architecture, init, K=V gain) of a --models entry, or None for an unknown one."""
-    fixed = {"v3": ("v3", "training", 1.0), "v4": ("v4", "training", 1.0), "v4-random": ("v4", "random", 1.0)}
+def parse_model(name: str) -> tuple[str, str, float, int] | None:
+    """(architecture, init, K=V gain, rotated values per head or 0 for the model's own) of a --models entry, or None
+    for an unknown one."""
+    fixed = {"v3": ("v3", "training", 1.0, 0), "v4": ("v4", "training", 1.0, 0), "v4-random": ("v4", "random", 1.0, 0)}
     if name in fixed:
         return fixed[name]
+    head, _, rot = name.partition("/r")
     try:
-        gain = float(name.removeprefix("v4:")) if name.startswith("v4:") else 0.0
+        gain = float(head.removeprefix("v4:")) if head.startswith("v4:") else 0.0
+        rope = int(rot) if rot else 0
     except ValueError:
         return None
-    return ("v4", "training", gain) if gain > 0 else None
+    ok = gain > 0 and (not rot or (rope > 0 and rope % 2 == 0 and rope <= 64))
+    return ("v4", "training", gain, rope) if ok else None
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="v3,v4,v4-random,v4:8",
-                    help="v3, v4, v4-random (every tensor random at init) or v4:G (K=V norm gain G at init)")
+                    help="v3, v4, v4-random (every tensor random at init), v4:G (K=V norm gain G at init) or v4:G/rR "
+                         "(and R rotated values per head)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
@@ -105,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     names = args.models.split(",")
     bad = [m for m in names if parse_model(m) is None]
     if bad:
-        ap.error(f"unknown model {bad[0]!r}: use v3, v4, v4-random or v4:G with a positive gain G")
+        ap.error(f"unknown model {bad[0]!r}: use v3, v4, v4-random, v4:G with a positive gain G or v4:G/rR with an "
+                 "even R of 2 to 64")
     rows = []
     for m in names:
-        which, init, gain = parse_model(m)
-        rows += train(which, args.steps, args.lr, init, gain, label=m)
+        which, init, gain, rope = parse_model(m)
+        rows += train(which, args.steps, args.lr, init, gain, label=m, rope=rope)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

@@ -189,6 +189,8 @@ def test_quick_run_end_to_end(setup, capsys):
     assert f["n"] == min(6, len(held)) and 0 <= f["parse_rate_with_body"] <= f["parse_rate"] <= 1
     assert r["fim"]["n"] == 6 and 0 <= r["fim"]["exact_match"] <= 1
     assert 0 <= r["fim"]["prefix_only_exact_match"] <= 1 and 0 <= r["fim"]["prefix_only_edit_similarity"] <= 1
+    assert r["fim"]["samples"] == 20 and 0 <= r["fim"]["pass_at_k_exact_match"] <= 1
+    assert 0 <= r["fim"]["prefix_only_pass_at_k_exact_match"] <= 1
     for k in ("1", "2"):
         row = r["mtp"]["by_k"][k]
         assert row["identical_outputs"] and len(row["acceptance_per_position"]) == int(k) and row["drafted"][0] > 0
@@ -204,3 +206,24 @@ def test_edit_similarity_is_one_minus_normalised_levenshtein():
     assert completion.edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)  # the textbook distance 3
     assert completion.edit_similarity("", "abcd") == 0.0
     assert completion.edit_similarity("return x", "return y") == pytest.approx(1 - 1 / 8)
+
+
+def test_pass_at_k_counts_a_line_any_sample_writes_exactly():
+    from default_model_eval import sampled_fim
+
+    answers = [["x = 1\ny = 2", "x = 2", "x = 1  "], ["retur", "return  z", "return"]]
+    seen = []
+
+    def generate(ids, params, use_tqdm=False):
+        seen.append(params)
+        return [SimpleNamespace(outputs=[SimpleNamespace(text=t) for t in a]) for a in answers]
+
+    rows = [{"expected": "x = 1"}, {"expected": "return z  "}]
+    a = SimpleNamespace(fim_samples=3, fim_temperature=0.8, seed=7)
+    r = sampled_fim(SimpleNamespace(generate=generate), [[1], [2]], rows, a, False)
+    # line 1: "x = 1" (cut at the newline) and "x = 1  " (trailing spaces ignored); line 2: none ("return  z" differs)
+    assert r["pass_at_k_exact_match"] == 0.5 and r["sampled_exact_share"] == pytest.approx(2 / 6)
+    assert [row["samples_exact"] for row in rows] == [2, 0]
+    assert seen[0].n == 3 and seen[0].temperature == 0.8 and seen[0].stop == ["\n"] and seen[0].seed == 7
+    sampled_fim(SimpleNamespace(generate=generate), [[1], [2]], rows, a, False, "prefix_only_")
+    assert [row["prefix_only_samples_exact"] for row in rows] == [2, 0]

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -33,7 +34,23 @@ def test_a_v4_gain_starts_the_key_value_norms_there():
         assert all(bool((w == gain).all()) for w in norms)
 
 
-@pytest.mark.parametrize("name", ["v5", "v4:0", "v4:x"])
+def test_a_rope_suffix_rotates_that_many_values_of_every_head():
+    from induction import parse_model, tiny
+
+    assert parse_model("v4:8/r64") == ("v4", "training", 8.0, 64)
+    model = tiny("v4", "training", 8.0, rope=64)
+    assert model.config.qk_rope_head_dim == 64
+    assert tiny("v4", "training", 8.0).config.qk_rope_head_dim == 16  # the embedded model's own
+    # the same token at positions 0 and 5: with all 64 values rotated its two keys differ in the first 48 too
+    x = torch.randn(1, 1, model.config.hidden_size).expand(1, 6, -1).contiguous()
+    for m, changed in ((model, True), (tiny("v4", "training", 8.0), False)):
+        cos, sin = m._rope(torch.arange(6)[None]).main
+        _, _, kv = m.model.layers[0].attn._qkv(x, cos, sin)
+        assert torch.allclose(kv[0, 0, :48], kv[0, 5, :48]) is not changed
+        assert not torch.allclose(kv[0, 0, 48:], kv[0, 5, 48:])
+
+
+@pytest.mark.parametrize("name", ["v5", "v4:0", "v4:x", "v4:8/r0", "v4:8/r3", "v4:8/r128", "v4:8/rx"])
 def test_an_unknown_model_is_refused_with_one_line(capsys, name):
     from induction import main
 

@@ -129,3 +129,28 @@ def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(shards,
     sa = torch.load(tmp_path / "ddp/checkpoints/step-00000003/state.pt", weights_only=True)["model"]
     sb = torch.load(tmp_path / "one/checkpoints/step-00000003/state.pt", weights_only=True)["model"]
     assert all(torch.allclose(sa[n], sb[n], atol=1e-4) for n in sa)
+
+
+def test_export_every_writes_model_directories_of_the_weights_at_that_step(shards, tmp_path):
+    from dsv3.io.load import load_model
+    from dsv3.train.pretrain import pretrain
+
+    s = pretrain(run_config(shards, tmp_path / "x", export_every=2, ckpt_every=2, keep_checkpoints=3))
+    out = tmp_path / "x"
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-2"]  # the last step is final/ itself
+    exported = load_model(out / "step-2", dtype=torch.float32, progress=False).state_dict()
+    state = torch.load(out / "checkpoints/step-00000002/state.pt", weights_only=True)["model"]
+    for name, t in state.items():  # the step-2 weights, not the final ones, and training went on unchanged
+        assert torch.equal(exported[name], t), name
+    final = load_model(s["final"], dtype=torch.float32, progress=False).state_dict()
+    assert any(not torch.equal(final[n], t) for n, t in state.items() if t.is_floating_point())
+    plain = pretrain(run_config(shards, tmp_path / "y"))
+    assert plain["loss"] == s["loss"] and plain["heldout_loss"] == s["heldout_loss"]
+    assert (out / "step-2" / "tokenizer.json").is_file() and (out / "step-2" / "pretrain.yaml").is_file()
+
+
+def test_export_every_must_not_be_negative(tmp_path):
+    from dsv3.train.config import PretrainConfigError
+
+    with pytest.raises(PretrainConfigError, match="export_every -1"):
+        PretrainConfig.from_dict({"model": MODEL, "data": "d", "out": str(tmp_path), "export_every": -1})

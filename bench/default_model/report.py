@@ -36,6 +36,11 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
             out.append(("the same lines left to right, prefix only: exact / edit similarity",
                         f"{r['fim']['prefix_only_exact_match']:.1%} / {r['fim']['prefix_only_edit_similarity']:.1%}",
                         "reported"))
+        if "pass_at_k_exact_match" in r["fim"]:
+            out.append((f"  any of {r['fim']['samples']} samples at T={r['fim']['sample_temperature']} exact (pass@k: no "
+                        "choice among them can do better); from the prefix alone",
+                        f"{r['fim']['pass_at_k_exact_match']:.1%}; {r['fim']['prefix_only_pass_at_k_exact_match']:.1%}",
+                        "reported"))
     if "mtp" in r:
         for k, row in r["mtp"]["by_k"].items():
             if k == "0":

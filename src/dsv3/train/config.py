@@ -59,6 +59,7 @@ class PretrainConfig:
     threads: int | None = None          # torch CPU threads
     ckpt_every: int = 200
     keep_checkpoints: int = 2
+    export_every: int = 0               # also write OUT/step-N/, a model directory like final/, every N steps (0: off)
     eval_every: int = 100
     eval_batches: int = 16
     log_every: int = 1
@@ -116,6 +117,8 @@ class PretrainConfig:
                     "eval_batches", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise PretrainConfigError(f"{key} {getattr(self, key)} must be a positive integer.")
+        if self.export_every < 0:
+            raise PretrainConfigError(f"export_every {self.export_every} must be 0 (off) or a positive number of steps.")
         for key in ("lr", "weight_decay", "grad_clip", "bias_update_rate", "seq_aux_alpha", "warmup_steps"):
             if getattr(self, key) < 0:
                 raise PretrainConfigError(f"{key} {getattr(self, key)} must not be negative.")

@@ -10,6 +10,7 @@ head's fused cross-entropy can run its matmuls in bf16 (`head_dtype`), which AMX
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import math
@@ -210,6 +211,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                         tok_s=f"{row['tokens_per_s']:.0f}", load=f"{max(loads, default=1.0):.2f}")
         if dp.is_main and (done % cfg.ckpt_every == 0 or done == end):
             save_checkpoint(out, done, model, optimizer, scheduler, data.state_dict(), mc.to_dict(), cfg.keep_checkpoints)
+        if dp.is_main and cfg.export_every and done % cfg.export_every == 0 and done < cfg.max_steps:
+            save_final(cpu_copy(model), cfg, out, tokenizer_dir, name=f"step-{done}")
     bar.close()
     dp.barrier()
     if not dp.is_main:
@@ -257,13 +260,27 @@ def mtp_count(model: CausalLM) -> int:
     return model.num_mtp_layers
 
 
-def save_final(model: CausalLM, cfg: PretrainConfig, out: Path, tokenizer_dir: str) -> Path:
-    """`OUT/final`: an HF-layout model directory (with tokenizer and the training config) for `dsv3 generate`."""
+def cpu_copy(model: CausalLM) -> CausalLM:
+    """The weights as they are now in a model of their own on the CPU, built on the meta device (no second copy on
+    the training device), for `export_every`: saving moves and casts the model it is given."""
+    with torch.device("meta"):
+        snap = type(model)(copy.deepcopy(model.config), with_mtp=bool(model.num_mtp_layers))
+    snap.to_empty(device="cpu")
+    snap.tie_weights()
+    snap.reset_buffers()
+    with torch.no_grad():
+        snap.load_state_dict({k: v.detach() for k, v in model.state_dict().items()})  # copies, onto the CPU
+    return snap.eval()
+
+
+def save_final(model: CausalLM, cfg: PretrainConfig, out: Path, tokenizer_dir: str, name: str = "final") -> Path:
+    """`OUT/final` (or `OUT/<name>`): an HF-layout model directory (with tokenizer and the training config) for
+    `dsv3 generate` and the evals."""
     model = model.to("cpu")
     if cfg.save_dtype == "bfloat16":
         model = model.cast(torch.bfloat16)
     model.config.torch_dtype = cfg.save_dtype
     model.config.extra[TRAINED_KEY] = cfg.seq_len  # what `dsv3.models.context_length` warns past (config.json `training_seq_len`)
-    final = save_model(model, out / "final", tokenizer_from=tokenizer_dir)
+    final = save_model(model, out / name, tokenizer_from=tokenizer_dir)
     (final / "pretrain.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return final

@@ -40,6 +40,7 @@ from dsv3.io.paths import default_chat_model_dir, default_model_dir  # noqa: E40
 from dsv3.engine.sampling import SamplingParams  # noqa: E402
 
 UNSEEN = ", whose signature + docstring is in no train file"
+FIM_SAMPLES, FIM_TEMPERATURE = 20, 0.8  # pass@k of the FIM part, here and in long_model_goals.py
 PARTS = ("bpb", "functions", "fim", "mtp", "latency", "chat")
 # fit: draw only functions / instructions whose reference fits the token budget (None: any length)
 FULL = dict(bpb_files=None, functions=100, function_tokens=128, fim=200, mtp_prompts=16, mtp_tokens=64, latency=30, chat=50,
@@ -63,9 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=256, help="new tokens scored per window after the first")
     p.add_argument("--fim-prefix-tokens", type=int, default=384)
     p.add_argument("--fim-suffix-tokens", type=int, default=128)
-    p.add_argument("--fim-samples", type=int, default=20,
+    p.add_argument("--fim-samples", type=int, default=FIM_SAMPLES,
                    help="sampled infills per line for the pass@k exact match (0: greedy only)")
-    p.add_argument("--fim-temperature", type=float, default=0.8)
+    p.add_argument("--fim-temperature", type=float, default=FIM_TEMPERATURE)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0, help="seed of every sample of functions, lines and instructions")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a busy machine")
@@ -140,11 +141,11 @@ def run_fim(llm, tok, prompts, a, progress) -> dict:
         r["prefix_only_edit_similarity"] = completion.edit_similarity(r["prefix_only"], want)
     k = len(rows)
     sampled = {}
-    if getattr(a, "fim_samples", 0) > 0:
+    if a.fim_samples > 0:
+        sampled = sampled_fim(llm, ids, rows, a, progress)
         plain_ids = [{"prompt_token_ids": bos + tok.encode(pre, add_special_tokens=False)} for _, pre, _ in prompts]
-        sampled = {**sampled_fim(llm, ids, rows, a, progress),
-                   **{f"prefix_only_{k}": v for k, v in sampled_fim(llm, plain_ids, rows, a, progress, "prefix_only_").items()
-                      if k.startswith("pass")}}
+        sampled["prefix_only_pass_at_k_exact_match"] = sampled_fim(
+            llm, plain_ids, rows, a, progress, "prefix_only_")["pass_at_k_exact_match"]
     return {"n": k, "exact_match": sum(r["exact"] for r in rows) / k, **sampled,
             "edit_similarity": sum(r["edit_similarity"] for r in rows) / k,
             "prefix_only_exact_match": sum(r["prefix_only_exact"] for r in rows) / k,

@@ -192,15 +192,15 @@ def _million(model: Path) -> Path:
 
 
 def run_fim(long_dir: Path, v3_dir: Path, a) -> dict:
-    from default_model_eval import fim_prompts, run_fim as score_fim
+    from default_model_eval import FIM_SAMPLES, FIM_TEMPERATURE, fim_prompts, run_fim as score_fim
 
     from dsv3.data.instructions import split_files
     from dsv3.llm import LLM
 
     files = split_files(a.shards, "heldout", None)
     n = 6 if a.quick else a.fim
-    ns = argparse.Namespace(seed=0, fim_prefix_tokens=384, fim_suffix_tokens=128, fim_samples=0 if a.quick else 20,
-                            fim_temperature=0.8)
+    ns = argparse.Namespace(seed=0, fim_prefix_tokens=384, fim_suffix_tokens=128, fim_samples=0 if a.quick else FIM_SAMPLES,
+                            fim_temperature=FIM_TEMPERATURE)
     res = {}
     for name, d in (("long", long_dir), ("default", v3_dir)):
         llm = LLM(d, dtype="float32", max_model_len=1024, max_num_seqs=64)

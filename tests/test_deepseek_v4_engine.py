@@ -90,6 +90,33 @@ def test_engine_equals_the_full_forward(parts, cfg):
     assert bm.num_free_blocks == bm.num_blocks and len(bm.free_state_slots) == bm.num_state_slots
 
 
+def test_native_indexer_selects_what_the_reference_selects(parts, monkeypatch):
+    """CSA's indexer top-k runs as `dsv3::index_topk` (csrc/index.c) in the engine's prefill and decode when the
+    native library is loaded; its tokens and log-probabilities equal full forwards with the library off, where the
+    indexer is the PyTorch reference (scores, then `topk_select`)."""
+    from dsv3 import kernels
+
+    model, tok, _ = parts
+    if not kernels.load():
+        pytest.skip("no native library (no C compiler)")
+    calls = []
+    real = torch.ops.dsv3.index_topk
+    monkeypatch.setattr(torch.ops.dsv3, "index_topk", lambda *a: calls.append(a[0].shape[1]) or real(*a))
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 256) for _ in range(n)] for n in (40, 70, 9)]
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0) for _ in prompts]
+    outs = LLMEngine(model, tok, EngineConfig(max_model_len=128)).generate(prompts, params)
+    assert any(t > 1 for t in calls) and 1 in calls  # prefill chunks and decode steps
+    monkeypatch.setattr(kernels, "load", lambda: False)
+    n = len(calls)
+    for p, sp, o in zip(prompts, params, outs):
+        want, want_lp, _ = _greedy(model, p, sp.max_tokens)
+        got = o.outputs[0].token_ids
+        assert got == want
+        assert max(abs(e[t] - w) for e, t, w in zip(o.outputs[0].logprobs, got, want_lp)) < 1e-4
+    assert len(calls) == n  # the reference forwards did not call the native op
+
+
 def test_prefix_cache_resumes_from_saved_states(parts):
     """A conversation's next turn (its prompt = the last prompt + the answer + a new message) and a repeated prompt
     resume from the slot state saved at the last cached block end -- prompt ends and decode steps save it -- and

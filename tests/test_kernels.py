@@ -356,3 +356,73 @@ def test_whole_step_rejects_token_ids_outside_the_vocabulary():
     cache = DenseLatentCache(model.config.num_hidden_layers, 1, 8, model.config.latent_dim, torch.float32)
     with torch.inference_mode(), pytest.raises(IndexError, match="out of range"):
         model(torch.tensor([[97]]), ctx=cache)
+
+
+def _index_inputs(B, T, H, D, S, seed, integer=True):
+    """Indexer inputs; small integers make every score exact in any summation order, with many ties."""
+    g = torch.Generator().manual_seed(seed)
+    if integer:
+        q, w = torch.randint(-3, 4, (B, T, H, D), generator=g).float(), torch.randint(-2, 3, (B, T, H), generator=g).float()
+        keys = torch.randint(-3, 4, (B, S, D), generator=g).float()
+    else:
+        q, w, keys = torch.randn(B, T, H, D, generator=g), torch.randn(B, T, H, generator=g), torch.randn(B, S, D, generator=g)
+    n_visible = torch.randint(0, S + 1, (B, T), generator=g)
+    n_visible[-1, -1] = 0  # one query sees nothing, one everything
+    n_visible[0, 0] = S
+    return q, w, keys, n_visible
+
+
+def _check_index_topk(q, w, keys, n_visible, k):
+    from dsv3.ops import reference
+
+    idx, ok = torch.ops.dsv3.index_topk(q, w, keys, n_visible, k)
+    ridx, rok = reference.index_topk(q, w, keys, n_visible, k)
+    assert idx.shape == ridx.shape == (*q.shape[:2], min(k, keys.shape[1])) and idx.dtype == torch.int64
+    assert ok.dtype == torch.bool and torch.equal(ok, rok)  # the chosen entries first, as many as the reference's
+    assert torch.equal(torch.where(ok, idx, -1).sort(-1).values, torch.where(rok, ridx, -1).sort(-1).values)
+    assert ((idx >= 0) & (idx < keys.shape[1])).all()  # every slot indexes an entry, chosen or not
+    scores = reference.index_scores(q, w, keys).gather(-1, idx)
+    rank = torch.where(ok, scores, float("-inf"))  # best first; equal scores in entry order
+    assert (rank[..., :-1] >= rank[..., 1:]).all()
+    same = (rank[..., :-1] == rank[..., 1:]) & ok[..., 1:]
+    assert (idx[..., :-1][same] < idx[..., 1:][same]).all()
+    return idx, ok
+
+
+@pytest.mark.parametrize("B,T,H,D,S,k", [(1, 1, 4, 32, 1000, 64), (2, 37, 5, 16, 300, 64), (1, 3, 4, 8, 10, 64),
+                                         (3, 5, 8, 24, 700, 7), (1, 260, 4, 32, 600, 64)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_index_topk_is_the_reference_selection_with_ties_to_the_earliest(B, T, H, D, S, k, threads):
+    """`dsv3::index_topk` (csrc/index.c) against `topk_select(index_scores(...))`: on integer inputs every score is
+    exact, so the chosen sets must be equal, ties at the k-th score included; decode (T = 1), odd heads (padded to
+    blocks of 4), fewer entries than k, a query that sees none, entries split between threads (B < threads)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, w, keys, n_visible = _index_inputs(B, T, H, D, S, seed=S + T)
+        _, ok = _check_index_topk(q, w, keys, n_visible, k)
+    finally:
+        torch.set_num_threads(old)
+    assert ok[0, 0].sum() == min(k, S) and (B * T == 1 or not ok[-1, -1].any())
+
+
+def test_index_topk_on_float_and_bf16_inputs():
+    """Random fp32 scores (no ties to hide behind) over 5,000 entries, and bf16 inputs scored in fp32."""
+    q, w, keys, n_visible = _index_inputs(2, 9, 4, 32, 5000, seed=3, integer=False)
+    _check_index_topk(q, w, keys, n_visible, 64)
+    _check_index_topk(q.bfloat16(), w.bfloat16(), keys.bfloat16(), n_visible, 64)
+    _check_index_topk(q[:, :, :, ::2], w, keys[:, :, ::2], n_visible.int(), 64)  # strided q and keys, int32 n_visible
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda q, w, k, n: (q[0], w, k, n, 4), "q \\[B, T, H, D\\]"),
+    (lambda q, w, k, n: (q, w, k[:, :, :3], n, 4), "disagree"),
+    (lambda q, w, k, n: (q, w, k, n + 100, 4), "n_visible must lie in"),
+    (lambda q, w, k, n: (q, w, k, n.float(), 4), "n_visible must be int64 or int32"),
+    (lambda q, w, k, n: (q, w, k, n, 0), "k must be >= 1"),
+    (lambda q, w, k, n: (q.long(), w, k, n, 4), "floating point"),
+])
+def test_index_topk_refuses_bad_arguments_by_name(bad, match):
+    q, w, keys, n_visible = _index_inputs(1, 4, 4, 8, 20, seed=0)
+    with pytest.raises(RuntimeError, match="dsv3::index_topk: .*" + match):
+        torch.ops.dsv3.index_topk(*bad(q, w, keys, n_visible))

@@ -226,8 +226,11 @@ class PagedContext(AttentionContext):
             slots, mask = m.decode_slots, m.decode_mask  # [Bd, S], [Bd, 1, 1, S]
             if index is not None and slots.shape[1] > index.topk:
                 # DSA decode: score every past token by its index key, then read only the chosen tokens' entries
-                scores = be.index_scores(index.q[0, d, None], index.weights[0, d, None], self.cache.read_index(i, slots))
-                idx, ok = be.topk_select(scores, mask[:, 0], index.topk)  # [Bd, 1, k]
+                iq, iw, keys = index.q[0, d, None], index.weights[0, d, None], self.cache.read_index(i, slots)
+                if m.decode_lens is not None:  # each row sees a prefix of its slots: one fused pass
+                    idx, ok = be.index_topk(iq, iw, keys, m.decode_lens[:, None], index.topk)  # [Bd, 1, k]
+                else:
+                    idx, ok = be.topk_select(be.index_scores(iq, iw, keys), mask[:, 0], index.topk)
                 slots, mask = slots.gather(1, idx[:, 0]), ok[:, None]
             cache = self.cache.native()
             if (index is None and cache is not None and d.numel() > 1 and be.reads_slots(cache)

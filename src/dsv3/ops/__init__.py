@@ -27,7 +27,7 @@ BATCH_ROWS = 256  # rows up to which a whole fp32 decode step runs natively as G
 WHOLE_STEPS = True  # False: each layer runs its own kernel (the path under LoRA or a hook); tests compare the two
 
 __all__ = ["MAX_ROWS", "NativeBlock", "NativeExperts", "NativeLinear", "NativeMLA", "NativeRouter", "backend", "experts",
-           "experts_gpu", "gpu", "greedy", "invalidate", "linear", "mla_decode", "mlp", "native", "rms_norm", "route_gpu", "route_noaux",
+           "experts_gpu", "gpu", "greedy", "index_topk", "invalidate", "linear", "mla_decode", "mlp", "native", "rms_norm", "route_gpu", "route_noaux",
            "screen_head", "screened_greedy"]
 
 
@@ -88,6 +88,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
             or not weight.is_cpu or torch.is_grad_enabled() or torch.compiler.is_compiling() or not kernels.load()):
         return None
     return torch.ops.dsv3.rms_norm(x, weight, eps)
+
+
+def index_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """DSA's indexer scores and each query's top-k in one native pass (`dsv3::index_topk`, csrc/index.c), or None
+    off the native CPU path (any float dtype; no autograd: the selection has no gradient)."""
+    if (not (q.is_cpu and keys.is_cpu) or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or not kernels.load()):
+        return None
+    return torch.ops.dsv3.index_topk(q, w, keys, n_visible, k)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor | None:

@@ -340,3 +340,50 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> 
     w = weight.float() * scale_inv.float().repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]
     out_dtype = x.dtype if x.is_floating_point() and x.dtype != torch.float8_e4m3fn else torch.bfloat16
     return (a @ w.T).to(out_dtype).view(*x.shape[:-1], N)
+
+
+def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """DSA's lightning indexer: Σ_h w[b,t,h] · relu(q[b,t,h] · keys[b,s]) for q [B, T, Hi, Di], w [B, T, Hi],
+    keys [B, S, Di] -> [B, T, S] fp32, computed a few queries at a time so prefill never holds [T, Hi, S] at once."""
+    B, T, Hi, Di = q.shape
+    S = keys.shape[1]
+    kt = keys.float().transpose(1, 2)  # [B, Di, S]
+    out = torch.empty(B, T, S, dtype=torch.float32, device=q.device)
+    step = max(1, (1 << 24) // max(1, Hi * S))
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        dots = torch.bmm(q[:, t0:t1].float().reshape(B, (t1 - t0) * Hi, Di), kt).relu_()  # [B, t·Hi, S]
+        out[:, t0:t1] = torch.matmul(w[:, t0:t1, None].float(), dots.view(B, t1 - t0, Hi, S)).squeeze(2)
+    return out
+
+
+def topk_select(scores: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k keys per query among the valid ones: (indices [..., k'], selected-and-valid [..., k']),
+    k' = min(k, S). Ties at the k-th score go to the earliest positions, so a query chooses the same keys
+    whether it is scored in a full forward or in a decode step (`torch.topk` alone breaks ties by layout)."""
+    S = scores.shape[-1]
+    scores = scores.masked_fill(~valid, float("-inf"))
+    if S <= k:
+        idx = torch.arange(S, device=scores.device).expand(scores.shape)
+        return idx, valid.expand(scores.shape)
+    vals, idx = scores.topk(k, dim=-1)
+    kth = vals[..., -1:]
+    tied = (scores == kth).sum(-1) > (vals == kth).sum(-1)
+    tied &= torch.isfinite(kth[..., 0])
+    if tied.any():  # re-choose those rows with a stable sort: equal scores keep position order
+        rows = scores[tied]
+        idx[tied] = rows.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    return idx, torch.isfinite(scores.gather(-1, idx))  # scores are finite: -inf marks the invalid keys
+
+
+def index_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's top-k entries by the indexer's score among those it sees (entries 0 .. n_visible[b, t] - 1):
+    (idx int64, ok bool) [B, T, min(k, S)], ties to the earliest entry, ok False where a slot holds no visible entry
+    with a finite score. The native kernel lists the chosen entries best first and fills the other slots with
+    entries past the visible ones; only the ok entries are specified."""
+    if k < 1:
+        raise ValueError(f"dsv3::index_topk: k must be >= 1, got {k}")
+    valid = torch.arange(keys.shape[1], device=keys.device) < n_visible[..., None]
+    idx, ok = topk_select(index_scores(q, w, keys), valid, k)
+    return idx.contiguous(), ok.contiguous()

@@ -35,6 +35,7 @@ SCHEMAS = {
     "pack_linear": "pack_linear(Tensor weight) -> Tensor",
     "greedy": "greedy(Tensor logits) -> Tensor",
     "screened_greedy": "screened_greedy(Tensor hidden, Tensor weight, Tensor weight_bf16, float weight_norm) -> Tensor",
+    "index_topk": "index_topk(Tensor q, Tensor w, Tensor keys, Tensor n_visible, int k) -> (Tensor, Tensor)",
     "mtp_step": "mtp_step(Tensor?[] weights, Tensor meta, Tensor fmeta, Tensor?[] mtp_weights, Tensor mtp_meta, "
                 "Tensor mtp_fmeta, Tensor(a!) cache, int[] layers, int mtp_layer, Tensor ids, Tensor starts, "
                 "Tensor block_tables, int block_size, int K, Tensor(b!) hidden, Tensor(c!) logits, Tensor(d!) tokens, "
@@ -119,6 +120,13 @@ def _(weight):
 def _(weights, meta, fmeta, mtp_weights, mtp_meta, mtp_fmeta, cache, layers, mtp_layer, ids, starts, block_tables,
       block_size, K, hidden, logits, tokens, drafts):
     return 0
+
+
+@torch.library.register_fake("dsv3::index_topk")
+def _(q, w, keys, n_visible, k):
+    kk = min(k, keys.shape[1])
+    shape = (q.shape[0], q.shape[1], kk)
+    return q.new_empty(shape, dtype=torch.int64), q.new_empty(shape, dtype=torch.bool)
 
 
 @torch.library.register_fake("dsv3::mla_attend")

@@ -800,6 +800,41 @@ std::vector<int64_t> plan_layout() {
 // `plan_layout` takes no tensor, so the dispatcher cannot pick a backend kernel for it: CatchAll.
 TORCH_LIBRARY_FRAGMENT(dsv3_native, m) { m.def("plan_layout() -> int[]", &plan_layout); }
 
+// DSA's indexer and top-k fused (index.c says why): q [B, T, H, D], w [B, T, H], keys [B, S, D] (any float dtype,
+// scored in fp32), n_visible [B, T] (query t sees entries 0 .. n_visible - 1) -> (idx int64, ok bool) [B, T, min(k, S)].
+std::tuple<Tensor, Tensor> op_index_topk(const Tensor &q, const Tensor &w, const Tensor &keys, const Tensor &n_visible,
+                                         int64_t k) {
+  const char *op = "dsv3::index_topk";
+  check_cpu(q, op, "q");
+  check_cpu(w, op, "w");
+  check_cpu(keys, op, "keys");
+  check_cpu(n_visible, op, "n_visible");
+  TORCH_CHECK(q.is_floating_point() && w.is_floating_point() && keys.is_floating_point(), op,
+              ": q, w and keys must be floating point");
+  TORCH_CHECK(q.dim() == 4 && w.dim() == 3 && keys.dim() == 3, op, ": q [B, T, H, D], w [B, T, H], keys [B, S, D]");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), S = keys.size(1);
+  TORCH_CHECK(w.size(0) == B && w.size(1) == T && w.size(2) == H && keys.size(0) == B && keys.size(2) == D, op,
+              ": q [B, T, H, D], w [B, T, H], keys [B, S, D] disagree: q ", q.sizes(), ", w ", w.sizes(), ", keys ",
+              keys.sizes());
+  TORCH_CHECK((n_visible.scalar_type() == at::kLong || n_visible.scalar_type() == at::kInt) && n_visible.dim() == 2 &&
+                  n_visible.size(0) == B && n_visible.size(1) == T,
+              op, ": n_visible must be int64 or int32 [B, T]");
+  TORCH_CHECK(k >= 1, op, ": k must be >= 1, got ", k);
+  TORCH_CHECK(H >= 1 && D >= 1, op, ": q needs at least one head of at least one value");
+  const int64_t kk = k < S ? k : S;
+  Tensor idx = at::empty({B, T, kk}, q.options().dtype(at::kLong));
+  Tensor ok = at::empty({B, T, kk}, q.options().dtype(at::kBool));
+  if (B * T * kk == 0) return {idx, ok};
+  const Tensor vis = n_visible.to(at::kLong).contiguous();
+  const auto [lo, hi] = at::aminmax(vis);
+  TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() <= S, op, ": n_visible must lie in [0, ", S, "]");
+  const Tensor qc = q.to(at::kFloat).contiguous(), wc = w.to(at::kFloat).contiguous(),
+               kc = keys.to(at::kFloat).contiguous();
+  index_topk_f32(qc.data_ptr<float>(), wc.data_ptr<float>(), kc.data_ptr<float>(), vis.data_ptr<int64_t>(), B, T, H, D,
+                 S, kk, idx.data_ptr<int64_t>(), (uint8_t *)ok.data_ptr<bool>(), at::get_num_threads());
+  return {idx, ok};
+}
+
 TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
   m.impl("rms_norm", &op_rms_norm);
   m.impl("greedy", &op_greedy);
@@ -814,4 +849,5 @@ TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
   m.impl("decode_step", &op_decode_step);
   m.impl("pack_linear", &op_pack_linear);
   m.impl("mtp_step", &op_mtp_step);
+  m.impl("index_topk", &op_index_topk);
 }

@@ -259,11 +259,10 @@ class Attention(nn.Module):
             if self.indexer is not None and n:
                 ipool = d.state.index_keys[self.layer_idx]
                 self._compress_rows(self.indexer.compressor, x, st.index_carry_kv, st.index_carry_score, ipool, d, rope)
-                iq, iw = self.indexer.queries(x, qr, cos, sin)
-                be = backend_for(dev)
-                scores = be.index_scores(iq, iw, ipool[rows])  # [B, 1, n]
-                idx, ok = be.topk_select(scores, valid[:, None], self.indexer.topk)
-                rows, valid = rows.gather(1, idx[:, 0]), ok[:, 0]
+                if n > self.indexer.topk:  # else every visible entry is among the top k
+                    iq, iw = self.indexer.queries(x, qr, cos, sin)
+                    idx, ok = backend_for(dev).index_topk(iq, iw, ipool[rows], visible[:, None], self.indexer.topk)
+                    rows, valid = rows.gather(1, idx[:, 0]), ok[:, 0]  # [B, k]
             elif self.indexer is not None:  # no entry visible yet: the indexer's compressor still advances
                 ipool = d.state.index_keys[self.layer_idx]
                 self._compress_rows(self.indexer.compressor, x, st.index_carry_kv, st.index_carry_score, ipool, d, rope)
@@ -336,17 +335,18 @@ class Attention(nn.Module):
             keys = keys_w[:, lo - first: start + c1 - first]
             if r:
                 ev = (start + c1) // r  # entries the chunk's last query may see
-                vis = visible_entries(pos, ev, r)[None].expand(B, -1, -1)
                 if sparse and ev > self.indexer.topk:
                     with torch.no_grad():  # a choice: no gradient, so no graph kept in training (`_index_kl` trains it)
-                        scores = be.index_scores(iq[:, c0:c1], iw[:, c0:c1], index_keys[:, :ev])
-                        idx, ok = be.topk_select(scores, vis, self.indexer.topk)  # [B, c, k]
+                        n_visible = ((pos + 1) // r)[None].expand(B, -1)  # the entries `visible_entries` allows
+                        idx, ok = be.index_topk(iq[:, c0:c1], iw[:, c0:c1], index_keys[:, :ev], n_visible,
+                                                self.indexer.topk)  # [B, c, k]
                     ents = entries[:, :ev]
                     flat = (idx + torch.arange(B, device=dev)[:, None, None] * ev).flatten()
                     picked = ents.reshape(B * ev, -1)[flat].view(*idx.shape, -1).to(q.dtype)
                     out[:, c0:c1] = sink_attention_gathered(q[:, c0:c1], keys.to(q.dtype), mask, picked, ok,
                                                             self.attn_sink, self.scale)
                     continue
+                vis = visible_entries(pos, ev, r)[None].expand(B, -1, -1)
                 if iq is not None and ev:
                     with torch.no_grad():
                         vis = be.sparse_mask(iq[:, c0:c1], iw[:, c0:c1], index_keys[:, :ev], vis, self.indexer.topk)

@@ -92,29 +92,30 @@ def test_engine_equals_the_full_forward(parts, cfg):
 
 def test_native_indexer_selects_what_the_reference_selects(parts, monkeypatch):
     """CSA's indexer top-k runs as `dsv3::index_topk` (csrc/index.c) in the engine's prefill and decode when the
-    native library is loaded; its tokens and log-probabilities equal full forwards with the library off, where the
-    indexer is the PyTorch reference (scores, then `topk_select`)."""
+    native library is loaded, and mHC's Sinkhorn as `dsv3::hc_sinkhorn` (csrc/hyper.c); the tokens and
+    log-probabilities equal full forwards with the library off, where both are the PyTorch references."""
     from dsv3 import kernels
 
     model, tok, _ = parts
     if not kernels.load():
         pytest.skip("no native library (no C compiler)")
-    calls = []
-    real = torch.ops.dsv3.index_topk
+    calls, mixes = [], []
+    real, real_hc = torch.ops.dsv3.index_topk, torch.ops.dsv3.hc_sinkhorn
     monkeypatch.setattr(torch.ops.dsv3, "index_topk", lambda *a: calls.append(a[0].shape[1]) or real(*a))
+    monkeypatch.setattr(torch.ops.dsv3, "hc_sinkhorn", lambda *a: mixes.append(1) or real_hc(*a))
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 256) for _ in range(n)] for n in (40, 70, 9)]
     params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0) for _ in prompts]
     outs = LLMEngine(model, tok, EngineConfig(max_model_len=128)).generate(prompts, params)
-    assert any(t > 1 for t in calls) and 1 in calls  # prefill chunks and decode steps
+    assert any(t > 1 for t in calls) and 1 in calls and mixes  # prefill chunks and decode steps
     monkeypatch.setattr(kernels, "load", lambda: False)
-    n = len(calls)
+    n, m = len(calls), len(mixes)
     for p, sp, o in zip(prompts, params, outs):
         want, want_lp, _ = _greedy(model, p, sp.max_tokens)
         got = o.outputs[0].token_ids
         assert got == want
         assert max(abs(e[t] - w) for e, t, w in zip(o.outputs[0].logprobs, got, want_lp)) < 1e-4
-    assert len(calls) == n  # the reference forwards did not call the native op
+    assert len(calls) == n and len(mixes) == m  # the reference forwards did not call the native ops
 
 
 def test_prefix_cache_resumes_from_saved_states(parts):

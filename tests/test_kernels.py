@@ -426,3 +426,36 @@ def test_index_topk_refuses_bad_arguments_by_name(bad, match):
     q, w, keys, n_visible = _index_inputs(1, 4, 4, 8, 20, seed=0)
     with pytest.raises(RuntimeError, match="dsv3::index_topk: .*" + match):
         torch.ops.dsv3.index_topk(*bad(q, w, keys, n_visible))
+
+
+@pytest.mark.parametrize("n,lead", [(1, (3,)), (2, (1, 1)), (4, (2, 7)), (4, (0, 5))])
+def test_hc_sinkhorn_is_the_reference_split(n, lead):
+    """`dsv3::hc_sinkhorn` (csrc/hyper.c) against the official kernel's order of operations in PyTorch
+    (`reference.hc_sinkhorn`): pre, post and a comb whose columns sum to 1 after the last round; bf16 scale and base
+    are read as fp32, as the reference reads them."""
+    from dsv3.ops import reference
+
+    g = torch.Generator().manual_seed(n)
+    mixes = torch.randn(*lead, (2 + n) * n, generator=g) * 3
+    scale, base = torch.rand(3, generator=g) + 0.5, torch.randn((2 + n) * n, generator=g)
+    for s, b in ((scale, base), (scale.bfloat16(), base.bfloat16())):
+        got, want = torch.ops.dsv3.hc_sinkhorn(mixes, s, b, n, 20, 1e-6), reference.hc_sinkhorn(mixes, s, b, n, 20, 1e-6)
+        assert [t.shape for t in got] == [(*lead, n), (*lead, n), (*lead, n, n)]
+        for a, r in zip(got, want):
+            torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-5)
+        if mixes.numel():
+            torch.testing.assert_close(got[2].sum(-2), torch.ones(*lead, n), atol=1e-4, rtol=0)
+    one = torch.ops.dsv3.hc_sinkhorn(mixes, scale, base, n, 1, 1e-6)[2]  # one round: the column normalisation only
+    torch.testing.assert_close(one, reference.hc_sinkhorn(mixes, scale, base, n, 1, 1e-6)[2], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("args,match", [
+    (lambda m, s, b: (m[..., :-1], s, b, 2, 20, 1e-6), "mixes must be"),
+    (lambda m, s, b: (m, s[:2], b, 2, 20, 1e-6), "scale must hold 3 values"),
+    (lambda m, s, b: (m, s, b, 2, 0, 1e-6), "iters must be >= 1"),
+    (lambda m, s, b: (m.double(), s, b, 2, 20, 1e-6), "must be float32"),
+])
+def test_hc_sinkhorn_refuses_bad_arguments_by_name(args, match):
+    mixes, scale, base = torch.randn(3, 8), torch.ones(3), torch.zeros(8)
+    with pytest.raises(RuntimeError, match="dsv3::hc_sinkhorn: .*" + match):
+        torch.ops.dsv3.hc_sinkhorn(*args(mixes, scale, base))

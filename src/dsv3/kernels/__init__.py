@@ -37,7 +37,7 @@ from pathlib import Path
 log = logging.getLogger("dsv3.kernels")
 
 CSRC = Path(__file__).parent / "csrc"
-C_SOURCES = ("attend.c", "batch.c", "decode.c", "grouped.c", "mla.c", "step.c", "spec.c", "screen.c", "index.c")
+C_SOURCES = ("attend.c", "batch.c", "decode.c", "grouped.c", "mla.c", "step.c", "spec.c", "screen.c", "index.c", "hyper.c")
 CXX_SOURCES = ("ops.cpp",)
 HEADERS = ("common.h", "step.h")
 BASE_FLAGS = ("-O3", "-fPIC", "-ffp-contract=fast")

@@ -27,7 +27,7 @@ BATCH_ROWS = 256  # rows up to which a whole fp32 decode step runs natively as G
 WHOLE_STEPS = True  # False: each layer runs its own kernel (the path under LoRA or a hook); tests compare the two
 
 __all__ = ["MAX_ROWS", "NativeBlock", "NativeExperts", "NativeLinear", "NativeMLA", "NativeRouter", "backend", "experts",
-           "experts_gpu", "gpu", "greedy", "index_topk", "invalidate", "linear", "mla_decode", "mlp", "native", "rms_norm", "route_gpu", "route_noaux",
+           "experts_gpu", "gpu", "greedy", "hc_sinkhorn", "index_topk", "invalidate", "linear", "mla_decode", "mlp", "native", "rms_norm", "route_gpu", "route_noaux",
            "screen_head", "screened_greedy"]
 
 
@@ -98,6 +98,16 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_visible: 
             or not kernels.load()):
         return None
     return torch.ops.dsv3.index_topk(q, w, keys, n_visible, k)
+
+
+def hc_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """mHC's split and Sinkhorn in one native call (`dsv3::hc_sinkhorn`, csrc/hyper.c), or None off the native CPU
+    path (fp32 CPU mixes, no autograd: training differentiates the PyTorch reference)."""
+    if (not mixes.is_cpu or mixes.dtype != torch.float32 or not 1 <= n <= 16 or iters < 1
+            or torch.is_grad_enabled() or torch.compiler.is_compiling() or not kernels.load()):
+        return None
+    return torch.ops.dsv3.hc_sinkhorn(mixes, scale, base, n, iters, eps)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor | None:

@@ -387,3 +387,20 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_visible: 
     valid = torch.arange(keys.shape[1], device=keys.device) < n_visible[..., None]
     idx, ok = topk_select(index_scores(q, w, keys), valid, k)
     return idx.contiguous(), ok.contiguous()
+
+
+def hc_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC's split (pre [..., n], post [..., n], comb [..., n, n]) from the mixes [..., (2 + n)·n], as DeepSeek-V4's
+    `hc_split_sinkhorn` kernel: pre = sigmoid(·) + eps, post = 2·sigmoid(·), comb = softmax rows + eps, then one
+    column normalisation and `iters - 1` row-and-column rounds, each sum + eps (dsv3/layers/hyper.py)."""
+    scale, base = scale.float(), base.float()
+    pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
+    post = 2 * torch.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
+    comb = mixes[..., 2 * n:].unflatten(-1, (n, n)) * scale[2] + base[2 * n:].view(n, n)
+    comb = comb.softmax(-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return pre, post, comb

@@ -35,6 +35,7 @@ SCHEMAS = {
     "pack_linear": "pack_linear(Tensor weight) -> Tensor",
     "greedy": "greedy(Tensor logits) -> Tensor",
     "screened_greedy": "screened_greedy(Tensor hidden, Tensor weight, Tensor weight_bf16, float weight_norm) -> Tensor",
+    "hc_sinkhorn": "hc_sinkhorn(Tensor mixes, Tensor scale, Tensor base, int n, int iters, float eps) -> (Tensor, Tensor, Tensor)",
     "index_topk": "index_topk(Tensor q, Tensor w, Tensor keys, Tensor n_visible, int k) -> (Tensor, Tensor)",
     "mtp_step": "mtp_step(Tensor?[] weights, Tensor meta, Tensor fmeta, Tensor?[] mtp_weights, Tensor mtp_meta, "
                 "Tensor mtp_fmeta, Tensor(a!) cache, int[] layers, int mtp_layer, Tensor ids, Tensor starts, "
@@ -120,6 +121,12 @@ def _(weight):
 def _(weights, meta, fmeta, mtp_weights, mtp_meta, mtp_fmeta, cache, layers, mtp_layer, ids, starts, block_tables,
       block_size, K, hidden, logits, tokens, drafts):
     return 0
+
+
+@torch.library.register_fake("dsv3::hc_sinkhorn")
+def _(mixes, scale, base, n, iters, eps):
+    lead = mixes.shape[:-1]
+    return mixes.new_empty(*lead, n), mixes.new_empty(*lead, n), mixes.new_empty(*lead, n, n)
 
 
 @torch.library.register_fake("dsv3::index_topk")

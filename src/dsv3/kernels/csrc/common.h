@@ -333,6 +333,8 @@ void rms_norm_f32(const float *x, const float *w, float *y, long M, long D, floa
 void argmax_rows(const float *x, long M, long N, int64_t *out, int threads);
 void screened_argmax(const float *h, long M, long K, const float *w, long V, const uint16_t *approx, const float *eps,
                      int64_t *out, int threads);
+void hc_sinkhorn_f32(const float *mixes, const float *scale, const float *base, long M, long n, long iters, float eps,
+                     float *pre, float *post, float *comb, int threads);
 void index_topk_f32(const float *q, const float *w, const float *keys, const int64_t *n_visible, long B, long T,
                     long H, long D, long S, long kk, int64_t *out_idx, uint8_t *out_ok, int threads);
 void linear_lin(const Lin *L, const float *x, float *y, long M, long N, long K, int threads);

@@ -835,6 +835,34 @@ std::tuple<Tensor, Tensor> op_index_topk(const Tensor &q, const Tensor &w, const
   return {idx, ok};
 }
 
+// mHC's split and Sinkhorn for every row (hyper.c): mixes [..., (2 + n) n] fp32, scale [3], base [(2 + n) n]
+// -> (pre [..., n], post [..., n], comb [..., n, n]), fp32.
+std::tuple<Tensor, Tensor, Tensor> op_hc_sinkhorn(const Tensor &mixes, const Tensor &scale, const Tensor &base,
+                                                  int64_t n, int64_t iters, double eps) {
+  const char *op = "dsv3::hc_sinkhorn";
+  check_f32(mixes, op, "mixes");
+  check_cpu(scale, op, "scale");
+  check_cpu(base, op, "base");
+  TORCH_CHECK(n >= 1 && n <= 16, op, ": n must be in [1, 16], got ", n);
+  TORCH_CHECK(iters >= 1, op, ": iters must be >= 1, got ", iters);
+  TORCH_CHECK(mixes.dim() >= 1 && mixes.size(-1) == (2 + n) * n, op, ": mixes must be [..., (2 + n) n] = [..., ",
+              (2 + n) * n, "], got ", mixes.sizes());
+  TORCH_CHECK(scale.numel() == 3 && base.numel() == (2 + n) * n && scale.is_floating_point() && base.is_floating_point(),
+              op, ": scale must hold 3 values and base (2 + n) n");
+  const Tensor x = mixes.contiguous(), sc = scale.to(at::kFloat).contiguous(), b = base.to(at::kFloat).contiguous();
+  const int64_t M = x.numel() / ((2 + n) * n);
+  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
+  std::vector<int64_t> sp = lead, sc_ = lead;
+  sp.push_back(n);
+  sc_.push_back(n);
+  sc_.push_back(n);
+  Tensor pre = at::empty(sp, x.options()), post = at::empty(sp, x.options()), comb = at::empty(sc_, x.options());
+  if (M)
+    hc_sinkhorn_f32(x.data_ptr<float>(), sc.data_ptr<float>(), b.data_ptr<float>(), M, n, iters, (float)eps,
+                    pre.data_ptr<float>(), post.data_ptr<float>(), comb.data_ptr<float>(), at::get_num_threads());
+  return {pre, post, comb};
+}
+
 TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
   m.impl("rms_norm", &op_rms_norm);
   m.impl("greedy", &op_greedy);
@@ -850,4 +878,5 @@ TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
   m.impl("pack_linear", &op_pack_linear);
   m.impl("mtp_step", &op_mtp_step);
   m.impl("index_topk", &op_index_topk);
+  m.impl("hc_sinkhorn", &op_hc_sinkhorn);
 }

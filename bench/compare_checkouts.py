@@ -26,11 +26,16 @@ from pathlib import Path
 LOWER_IS_BETTER = {"ms", "rss", "bytes", "b", "ppl", "kl", "mib", "seconds", "s"}  # words of a figure's last label (its unit)
 
 
+STATISTICS = {"p50", "p90", "p95", "p99", "mean", "median", "min", "max"}  # a last label that names no unit
+
+
 def lower_is_better(key: str) -> bool:
     """Whether a smaller value is better: decided by the words of the last label only ("... | ms", "peak_rss"), so a
-    row named "TTFT speed-up ... | x" is not taken for seconds; a rate ("tok/s") is higher-is-better."""
-    last = key.rsplit(" | ", 1)[-1].lower()
-    if last.endswith("/s"):
+    row named "TTFT speed-up ... | x" is not taken for seconds; a rate ("tok/s") is higher-is-better. A statistic
+    ("latency_s | p50") is read by the label before it."""
+    parts = key.lower().split(" | ")
+    last = parts[-2] if parts[-1] in STATISTICS and len(parts) > 1 else parts[-1]
+    if last.endswith("/s") or last.endswith("tok_s") or last.endswith("_per_s"):  # rates: tok/s, prefill_tok_s
         return False
     return any(w in LOWER_IS_BETTER for w in re.split(r"[^a-z0-9]+", last))
 

@@ -19,6 +19,9 @@ from compare_checkouts import flatten, lower_is_better  # noqa: E402
     ("results | AWQ int4 g128 | ppl_ratio", True),
     ("results | int8 | decode_b1", False),
     ("results | int8 | top1", False),
+    ("results | fim | long | infill_latency | latency_s | p50", True),  # a statistic: the unit is the label before
+    ("results | fim | long | infill_latency | prompt_tokens", False),
+    ("results | speed | long | 1024 | prefill_tok_s", False),  # a rate written with an underscore
 ])
 def test_lower_is_better_reads_the_unit(key, lower):
     assert lower_is_better(key) is lower

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 
 from dsv3 import kernels
 from dsv3.ops import reference
+from long_model_goals import _cpu  # the bench scripts' CPU name
 
 
 def transformers_style(q, w, keys, n_visible, k):
@@ -139,16 +139,6 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -381,7 +381,12 @@ def _check_index_topk(q, w, keys, n_visible, k):
     assert ok.dtype == torch.bool and torch.equal(ok, rok)  # the chosen entries first, as many as the reference's
     assert torch.equal(torch.where(ok, idx, -1).sort(-1).values, torch.where(rok, ridx, -1).sort(-1).values)
     assert ((idx >= 0) & (idx < keys.shape[1])).all()  # every slot indexes an entry, chosen or not
-    scores = reference.index_scores(q, w, keys).gather(-1, idx)
+    from dsv3.attention.backend import TorchBackend
+
+    be = TorchBackend()  # the model's own PyTorch path (chunked), which runs where the native op does not
+    bidx, bok = be.topk_select(be.index_scores(q, w, keys), torch.arange(keys.shape[1]) < n_visible[..., None], k)
+    assert torch.equal(torch.where(ok, idx, -1).sort(-1).values, torch.where(bok, bidx, -1).sort(-1).values)
+    scores = be.index_scores(q, w, keys).gather(-1, idx)
     rank = torch.where(ok, scores, float("-inf"))  # best first; equal scores in entry order
     assert (rank[..., :-1] >= rank[..., 1:]).all()
     same = (rank[..., :-1] == rank[..., 1:]) & ok[..., 1:]

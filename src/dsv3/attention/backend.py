@@ -112,20 +112,45 @@ class TorchBackend:
     # ---- DeepSeek Sparse Attention (V3.2): the indexer's scores and the top-k choice ----------------------
     def index_scores(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Σ_h w[b,t,h] · relu(q[b,t,h] · keys[b,s]) for q [B, T, Hi, Di], w [B, T, Hi], keys [B, S, Di] -> [B, T, S]
-        fp32 (`dsv3.ops.reference.index_scores`)."""
-        return ops.reference.index_scores(q, w, keys)
+        fp32, computed a few queries at a time so prefill never holds [T, Hi, S] at once."""
+        B, T, Hi, Di = q.shape
+        S = keys.shape[1]
+        kt = keys.float().transpose(1, 2)  # [B, Di, S]
+        out = torch.empty(B, T, S, dtype=torch.float32, device=q.device)
+        step = max(1, (1 << 24) // max(1, Hi * S))
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            dots = torch.bmm(q[:, t0:t1].float().reshape(B, (t1 - t0) * Hi, Di), kt).relu_()  # [B, t·Hi, S]
+            out[:, t0:t1] = torch.matmul(w[:, t0:t1, None].float(), dots.view(B, t1 - t0, Hi, S)).squeeze(2)
+        return out
 
     def topk_select(self, scores: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k keys per query among the valid ones: (indices [..., k'], selected-and-valid [..., k']),
-        k' = min(k, S), ties to the earliest (`dsv3.ops.reference.topk_select`)."""
-        return ops.reference.topk_select(scores, valid, k)
+        k' = min(k, S). Ties at the k-th score go to the earliest positions, so a query chooses the same keys
+        whether it is scored in a full forward or in a decode step (`torch.topk` alone breaks ties by layout)."""
+        S = scores.shape[-1]
+        scores = scores.masked_fill(~valid, float("-inf"))
+        if S <= k:
+            idx = torch.arange(S, device=scores.device).expand(scores.shape)
+            return idx, valid.expand(scores.shape)
+        vals, idx = scores.topk(k, dim=-1)
+        kth = vals[..., -1:]
+        tied = (scores == kth).sum(-1) > (vals == kth).sum(-1)
+        tied &= torch.isfinite(kth[..., 0])
+        if tied.any():  # re-choose those rows with a stable sort: equal scores keep position order
+            rows = scores[tied]
+            idx[tied] = rows.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+        return idx, torch.isfinite(scores.gather(-1, idx))  # scores are finite: -inf marks the invalid keys
 
     def index_topk(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`topk_select(index_scores(q, w, keys), s < n_visible[b, t], k)` without the [B, T, S] scores where the
         native CPU kernel is loaded (`dsv3::index_topk`, csrc/index.c); the two steps above elsewhere."""
         out = ops.index_topk(q, w, keys, n_visible, k)
-        return out if out is not None else ops.reference.index_topk(q, w, keys, n_visible, k)
+        if out is not None:
+            return out
+        valid = torch.arange(keys.shape[1], device=keys.device) < n_visible[..., None]
+        return self.topk_select(self.index_scores(q, w, keys), valid, k)
 
     def sparse_mask(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
                     k: int) -> torch.Tensor:

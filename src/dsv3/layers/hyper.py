@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from dsv3 import ops
-from dsv3.ops import reference
 
 
 def _mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
@@ -30,10 +29,21 @@ def _mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
 
 def sinkhorn_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pre [..., n], post [..., n], comb [..., n, n]) from the mixes [..., (2 + n)·n], as the official kernel: one
-    native call without autograd on CPU (`dsv3::hc_sinkhorn`), else the PyTorch reference (~120 small ops)."""
-    out = ops.hc_sinkhorn(mixes, scale, base, n, iters, eps)
-    return out if out is not None else reference.hc_sinkhorn(mixes, scale, base, n, iters, eps)
+    """(pre [..., n], post [..., n], comb [..., n, n]) from the mixes [..., (2 + n)·n], as the official kernel. Without
+    autograd on CPU one native call (`dsv3::hc_sinkhorn`); the PyTorch below is ~120 small ops (20 rounds)."""
+    native = ops.hc_sinkhorn(mixes, scale, base, n, iters, eps)
+    if native is not None:
+        return native
+    scale, base = scale.float(), base.float()
+    pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
+    post = 2 * torch.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
+    comb = mixes[..., 2 * n:].unflatten(-1, (n, n)) * scale[2] + base[2 * n:].view(n, n)
+    comb = comb.softmax(-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return pre, post, comb
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int, eps: float,

@@ -342,65 +342,39 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> 
     return (a @ w.T).to(out_dtype).view(*x.shape[:-1], N)
 
 
-def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """DSA's lightning indexer: Σ_h w[b,t,h] · relu(q[b,t,h] · keys[b,s]) for q [B, T, Hi, Di], w [B, T, Hi],
-    keys [B, S, Di] -> [B, T, S] fp32, computed a few queries at a time so prefill never holds [T, Hi, S] at once."""
-    B, T, Hi, Di = q.shape
-    S = keys.shape[1]
-    kt = keys.float().transpose(1, 2)  # [B, Di, S]
-    out = torch.empty(B, T, S, dtype=torch.float32, device=q.device)
-    step = max(1, (1 << 24) // max(1, Hi * S))
-    for t0 in range(0, T, step):
-        t1 = min(T, t0 + step)
-        dots = torch.bmm(q[:, t0:t1].float().reshape(B, (t1 - t0) * Hi, Di), kt).relu_()  # [B, t·Hi, S]
-        out[:, t0:t1] = torch.matmul(w[:, t0:t1, None].float(), dots.view(B, t1 - t0, Hi, S)).squeeze(2)
-    return out
-
-
-def topk_select(scores: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k keys per query among the valid ones: (indices [..., k'], selected-and-valid [..., k']),
-    k' = min(k, S). Ties at the k-th score go to the earliest positions, so a query chooses the same keys
-    whether it is scored in a full forward or in a decode step (`torch.topk` alone breaks ties by layout)."""
-    S = scores.shape[-1]
-    scores = scores.masked_fill(~valid, float("-inf"))
-    if S <= k:
-        idx = torch.arange(S, device=scores.device).expand(scores.shape)
-        return idx, valid.expand(scores.shape)
-    vals, idx = scores.topk(k, dim=-1)
-    kth = vals[..., -1:]
-    tied = (scores == kth).sum(-1) > (vals == kth).sum(-1)
-    tied &= torch.isfinite(kth[..., 0])
-    if tied.any():  # re-choose those rows with a stable sort: equal scores keep position order
-        rows = scores[tied]
-        idx[tied] = rows.sort(dim=-1, descending=True, stable=True).indices[..., :k]
-    return idx, torch.isfinite(scores.gather(-1, idx))  # scores are finite: -inf marks the invalid keys
-
-
 def index_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
                k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's top-k entries by the indexer's score among those it sees (entries 0 .. n_visible[b, t] - 1):
-    (idx int64, ok bool) [B, T, min(k, S)], ties to the earliest entry, ok False where a slot holds no visible entry
-    with a finite score. The native kernel lists the chosen entries best first and fills the other slots with
-    entries past the visible ones; only the ok entries are specified."""
+    """DSA's lightning indexer and top-k: each query t scores entry s as Σ_h w[t,h]·relu(q[t,h]·keys[s]) (fp32) and
+    keeps the k best of the entries it sees (0 .. n_visible[b, t] - 1), ties to the earliest entry: (idx int64,
+    ok bool) [B, T, min(k, S)], best first, ok False where a slot holds no visible entry with a finite score. Written
+    as the definition (the whole [B, T, H, S] product, then a stable sort), not for speed; the model's own PyTorch
+    path (`TorchBackend.index_scores` / `topk_select`) computes the same in chunks."""
     if k < 1:
         raise ValueError(f"dsv3::index_topk: k must be >= 1, got {k}")
-    valid = torch.arange(keys.shape[1], device=keys.device) < n_visible[..., None]
-    idx, ok = topk_select(index_scores(q, w, keys), valid, k)
-    return idx.contiguous(), ok.contiguous()
-
+    dots = torch.einsum("bthd,bsd->bths", q.float(), keys.float())
+    scores = (w.float()[..., None] * dots.clamp_min(0)).sum(2)  # [B, T, S]
+    visible = torch.arange(keys.shape[1], device=keys.device) < n_visible[..., None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    order = scores.sort(dim=-1, descending=True, stable=True).indices[..., :min(k, keys.shape[1])]
+    return order.contiguous(), torch.isfinite(scores.gather(-1, order)).contiguous()
 
 def hc_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mHC's split (pre [..., n], post [..., n], comb [..., n, n]) from the mixes [..., (2 + n)·n], as DeepSeek-V4's
-    `hc_split_sinkhorn` kernel: pre = sigmoid(·) + eps, post = 2·sigmoid(·), comb = softmax rows + eps, then one
-    column normalisation and `iters - 1` row-and-column rounds, each sum + eps (dsv3/layers/hyper.py)."""
-    scale, base = scale.float(), base.float()
-    pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
-    post = 2 * torch.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
-    comb = mixes[..., 2 * n:].unflatten(-1, (n, n)) * scale[2] + base[2 * n:].view(n, n)
-    comb = comb.softmax(-1) + eps
-    comb = comb / (comb.sum(-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    """mHC's split of the mixes [..., (2 + n)·n] as DeepSeek-V4's `hc_split_sinkhorn` kernel defines it:
+    pre = sigmoid(m[:n]·s0 + b[:n]) + eps, post = 2·sigmoid(m[n:2n]·s1 + b[n:2n]), and comb = the row softmax of
+    m[2n:]·s2 + b[2n:] (n × n) plus eps, normalised over columns once and then `iters - 1` times over rows and
+    columns, each normalisation dividing by (sum + eps). -> (pre [..., n], post [..., n], comb [..., n, n])."""
+    s0, s1, s2 = scale.float().unbind()
+    b = base.float()
+    logits = mixes[..., 2 * n:] * s2 + b[2 * n:]
+    comb = torch.softmax(logits.reshape(*mixes.shape[:-1], n, n), dim=-1) + eps
+
+    def normalise(m: torch.Tensor, dim: int) -> torch.Tensor:
+        return m / (m.sum(dim, keepdim=True) + eps)
+
+    comb = normalise(comb, -2)
+    for _ in range(1, iters):
+        comb = normalise(normalise(comb, -1), -2)
+    pre = torch.sigmoid(mixes[..., :n] * s0 + b[:n]) + eps
+    post = torch.sigmoid(mixes[..., n:2 * n] * s1 + b[n:2 * n]) * 2
     return pre, post, comb

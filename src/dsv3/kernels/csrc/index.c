@@ -11,7 +11,7 @@
  * k-th score is written again. Threads split the entries when there are fewer batch rows than threads; their
  * candidates merge at the end.
  *
- * Ties go to the earliest entry, as in the reference (`dsv3.ops.reference.topk_select`): entries arrive in
+ * Ties go to the earliest entry, as in the reference (`dsv3.ops.reference.index_topk`): entries arrive in
  * increasing order, so one whose score only equals the k-th kept is later and worse; merging parts compares
  * (score, index) in full. A NaN score is never chosen; picked entries with a non-finite
  * score are marked not ok, as the reference marks them. */

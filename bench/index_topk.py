@@ -5,13 +5,14 @@
 Each query of a V3.2/V4 sparse layer scores every compressed entry it may see, Σ_h w_h·relu(q_h·k_s), and keeps
 the top k. Three implementations choose the same entries:
   native       `dsv3::index_topk` (csrc/index.c): tiles of entries scored in registers, a k-entry heap per query;
-  reference    `dsv3.ops.reference.index_topk`: the PyTorch ops dsv3 ran before (a chunked bmm, relu, a weighting
-               matmul into [T, S] scores, then `topk_select`);
+  PyTorch      the model's own PyTorch path, which runs where the native op does not and ran everywhere before
+               it (`TorchBackend.index_scores`: a chunked bmm, relu, a weighting matmul into [T, S] scores; then
+               `topk_select`);
   transformers the formulation of transformers' DeepSeek-V4 indexer: one matmul into [B, T, H, S], relu, weights,
                sum over heads, then `topk` (no tie rule).
 Shapes: the embedded long model's indexer (4 heads of 32, top 64) for a prefill chunk of 256 queries and a decode
 step of one, at entry counts up to 262,144 (a 1M-token context at CSA's 4:1), and the released V4's (64 heads of
-128, top 512) at a few sizes. Every row checks that the native op's chosen set equals the reference's. The
+128, top 512) at a few sizes. Every row checks that the native op's chosen set equals the PyTorch path's. The
 machine's bound: the indexer is 2·H·D flops per query-entry pair, all multiply-adds, so it cannot beat the fp32
 FMA peak, threads x nominal clock x flops per cycle (AVX-512: 64 on Intel and on AMD from Zen 5, family 26; 32 on
 Zen 4's double-pumped units and with AVX2; boost clocks can pass the nominal one). torch's own fp32 GEMM rate (a
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from dsv3 import kernels
-from dsv3.ops import reference
+from dsv3.attention.backend import TorchBackend
 from long_model_goals import _cpu  # the bench scripts' CPU name
 
 
@@ -38,6 +39,13 @@ def transformers_style(q, w, keys, n_visible, k):
     scores = (scores * w.float()[..., None]).sum(dim=2)
     valid = torch.arange(keys.shape[1]) < n_visible[..., None]
     return scores.masked_fill(~valid, float("-inf")).topk(min(k, keys.shape[1]), dim=-1).indices
+
+
+def pytorch_path(q, w, keys, n_visible, k):
+    """What the model runs without the native op: TorchBackend's chunked scores, then its tie-stable top-k."""
+    be = TorchBackend()
+    valid = torch.arange(keys.shape[1]) < n_visible[..., None]
+    return be.topk_select(be.index_scores(q, w, keys), valid, k)
 
 
 def timed(fn, *args, budget: float = 2.0) -> float:
@@ -85,7 +93,7 @@ def main(argv=None) -> int:
     print(f"bound: fp32 FMA peak {peak:.0f} GFLOP/s ({how}); torch's fp32 GEMM (2048^3) on {a.threads} threads: "
           f"{rate:.0f} GFLOP/s")
     print(f"{'shape':<12} {'T':>4} {'S':>7} | {'native ms':>9} {'ns/pair':>7} {'GFLOP/s':>7} {'of peak':>7} | "
-          f"{'reference':>9} {'x':>5} | {'transformers':>12} {'x':>5} | same set")
+          f"{'PyTorch':>9} {'x':>5} | {'transformers':>12} {'x':>5} | same set")
     rows = []
     g = torch.Generator().manual_seed(0)
     for name, T, H, D, k, S in shapes:
@@ -93,10 +101,10 @@ def main(argv=None) -> int:
         n_visible = torch.full((1, T), S)
         with torch.no_grad():
             nat = timed(torch.ops.dsv3.index_topk, q, w, keys, n_visible, k)
-            ref = timed(reference.index_topk, q, w, keys, n_visible, k)
+            ref = timed(pytorch_path, q, w, keys, n_visible, k)
             hf = timed(transformers_style, q, w, keys, n_visible, k) if S <= a.no_transformers_above else None
             i1, _ = torch.ops.dsv3.index_topk(q, w, keys, n_visible, k)
-            i2, _ = reference.index_topk(q, w, keys, n_visible, k)
+            i2, _ = pytorch_path(q, w, keys, n_visible, k)
         same = float((i1.sort(-1).values == i2.sort(-1).values).all(-1).float().mean())
         flops = 2 * T * S * H * D
         row = {"shape": name, "T": T, "S": S, "heads": H, "head_dim": D, "k": k, "native_s": nat, "reference_s": ref,
@@ -126,7 +134,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, T in zip(axes, (256, 1)):
         rs = [r for r in rows if r["shape"] == "long" and r["T"] == T]
-        for key, label in (("native_s", "dsv3::index_topk"), ("reference_s", "PyTorch ops (reference)"),
+        for key, label in (("native_s", "dsv3::index_topk"), ("reference_s", "dsv3's PyTorch path"),
                            ("transformers_s", "transformers' formulation")):
             pts = [(r["S"], r[key] / (T * r["S"]) * 1e9) for r in rs if r[key]]
             if pts:

@@ -4,7 +4,8 @@
 
 Each query of a V3.2/V4 sparse layer scores every compressed entry it may see, Σ_h w_h·relu(q_h·k_s), and keeps
 the top k. Three implementations choose the same entries:
-  native       `dsv3::index_topk` (csrc/index.c): tiles of entries scored in registers, a k-entry heap per query;
+  native       `dsv3::index_topk` (csrc/index.c): tiles of entries scored in registers, each query's
+               candidates cut back to its k best as they come;
   PyTorch      the model's own PyTorch path, which runs where the native op does not and ran everywhere before
                it (`TorchBackend.index_scores`: a chunked bmm, relu, a weighting matmul into [T, S] scores; then
                `topk_select`);
@@ -16,7 +17,9 @@ step of one, at entry counts up to 262,144 (a 1M-token context at CSA's 4:1), an
 machine's bound: the indexer is 2·H·D flops per query-entry pair, all multiply-adds, so it cannot beat the fp32
 FMA peak, threads x nominal clock x flops per cycle (AVX-512: 64 on Intel and on AMD from Zen 5, family 26; 32 on
 Zen 4's double-pumped units and with AVX2; boost clocks can pass the nominal one). torch's own fp32 GEMM rate (a
-2048³ matmul) is printed beside it. Writes results.json and index_topk.png (time per query-entry pair).
+2048³ matmul) is printed beside it. A decode step (one query) is bound instead by reading every index key once:
+S·D·4 bytes at the streaming bandwidth `roofline.stream_bandwidth` measures (the "bound ms" of the T = 1 rows).
+Writes results.json and index_topk.png (time per query-entry pair).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from dsv3 import kernels
 from dsv3.attention.backend import TorchBackend
 from long_model_goals import _cpu  # the bench scripts' CPU name
+from roofline import stream_bandwidth
 
 
 def transformers_style(q, w, keys, n_visible, k):
@@ -46,6 +50,15 @@ def pytorch_path(q, w, keys, n_visible, k):
     be = TorchBackend()
     valid = torch.arange(keys.shape[1]) < n_visible[..., None]
     return be.topk_select(be.index_scores(q, w, keys), valid, k)
+
+
+def native_ready(threads: int) -> bool:
+    """Set the threads and load the native library; say so and return False without it (nothing to compare)."""
+    torch.set_num_threads(threads)
+    if kernels.load():
+        return True
+    print("error: the native library did not load (no C compiler?): nothing to compare")
+    return False
 
 
 def timed(fn, *args, budget: float = 2.0) -> float:
@@ -69,7 +82,8 @@ def fma_peak(threads: int) -> tuple[float, str]:
     return threads * mhz / 1e3 * per_cycle, f"{threads} x {mhz / 1e3:.2f} GHz x {per_cycle} flops/cycle"
 
 
-def gemm_rate(threads: int) -> float:
+def gemm_rate() -> float:
+    """torch's fp32 GEMM rate (GFLOP/s) on the threads set now."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     return 2 * 2048 ** 3 / timed(torch.mm, a, b) / 1e9
 
@@ -83,16 +97,15 @@ def main(argv=None) -> int:
                    help="skip the transformers formulation above this many entries (it holds [T, H, S] floats)")
     p.add_argument("--out", default="bench/results/index_topk")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    if not kernels.load():
-        print("error: the native library did not load (no C compiler?): nothing to compare")
+    if not native_ready(a.threads):
         return 1
     shapes = [("long", T, 4, 32, 64, S) for S in map(int, a.sizes.split(",")) for T in (256, 1)]
     shapes += [("released V4", 64, 64, 128, 512, S) for S in map(int, a.released_sizes.split(",") if a.released_sizes else [])]
-    rate, (peak, how) = gemm_rate(a.threads), fma_peak(a.threads)
+    rate, (peak, how) = gemm_rate(), fma_peak(a.threads)
+    bw = stream_bandwidth(a.threads, total_mb=512)
     print(f"bound: fp32 FMA peak {peak:.0f} GFLOP/s ({how}); torch's fp32 GEMM (2048^3) on {a.threads} threads: "
-          f"{rate:.0f} GFLOP/s")
-    print(f"{'shape':<12} {'T':>4} {'S':>7} | {'native ms':>9} {'ns/pair':>7} {'GFLOP/s':>7} {'of peak':>7} | "
+          f"{rate:.0f} GFLOP/s; streaming bandwidth {bw:.1f} GB/s (decode's bound)")
+    print(f"{'shape':<12} {'T':>4} {'S':>7} | {'native ms':>9} {'ns/pair':>7} {'GFLOP/s':>7} {'peak|bound':>11} | "
           f"{'PyTorch':>9} {'x':>5} | {'transformers':>12} {'x':>5} | same set")
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -110,14 +123,17 @@ def main(argv=None) -> int:
         row = {"shape": name, "T": T, "S": S, "heads": H, "head_dim": D, "k": k, "native_s": nat, "reference_s": ref,
                "transformers_s": hf, "ns_per_pair": nat / (T * S) * 1e9, "gflops": flops / nat / 1e9,
                "share_of_peak": flops / nat / 1e9 / peak if peak else None, "vs_reference": ref / nat,
-               "vs_transformers": hf / nat if hf else None, "same_set_share": same}
+               "vs_transformers": hf / nat if hf else None, "same_set_share": same,
+               "read_bound_s": S * D * 4 / (bw * 1e9) if T == 1 else None}
         rows.append(row)
         hf_s = f"{hf * 1e3:>10.1f}ms {hf / nat:>5.1f}" if hf else f"{'-':>12} {'-':>5}"
-        print(f"{name:<12} {T:>4} {S:>7} | {nat * 1e3:>9.2f} {row['ns_per_pair']:>7.2f} {row['gflops']:>7.0f} "
-              f"{row['share_of_peak'] or 0:>7.0%} | {ref * 1e3:>7.1f}ms {ref / nat:>5.1f} | {hf_s} | {same:.0%}", flush=True)
+        fit = f"{row['share_of_peak'] or 0:>11.0%}" if T > 1 else f"{row['read_bound_s'] * 1e3:>9.2f}ms"
+        print(f"{name:<12} {T:>4} {S:>7} | {nat * 1e3:>9.2f} {row['ns_per_pair']:>7.2f} {row['gflops']:>7.0f} {fit} | "
+              f"{ref * 1e3:>7.1f}ms {ref / nat:>5.1f} | {hf_s} | {same:.0%}", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"threads": a.threads, "cpu": _cpu(), "fma_peak_gflops": peak, "fma_peak": how, "gemm_gflops": rate,
+           "stream_gb_s": bw,
            "rows": rows}
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     plot(rows, out / "index_topk.png")

@@ -36,3 +36,17 @@ def test_index_topk_bench_runs_the_three_side_by_side_and_agrees(tmp_path, capsy
     assert (tmp_path / "index_topk.png").stat().st_size > 0
     assert "torch's fp32 GEMM (2048^3) on 1 threads" in capsys.readouterr().out
     assert res["fma_peak_gflops"] > 0 and res["fma_peak"].startswith("1 x ")
+
+
+def test_hc_sinkhorn_bench_runs_both_paths_and_they_agree(tmp_path, capsys):
+    from dsv3 import kernels
+
+    if not kernels.load():
+        pytest.skip("no native library (no C compiler)")
+    from hc_sinkhorn import main
+
+    assert main(["--rows", "1,5", "--streams", "2", "--threads", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["n"], r["rows"]) for r in rows] == [(2, 1), (2, 5)]
+    assert all(r["agree"] and r["native_s"] > 0 and r["pytorch_s"] > 0 for r in rows)
+    assert "DIFFER" not in capsys.readouterr().out

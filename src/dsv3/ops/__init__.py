@@ -103,7 +103,7 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_visible: 
 def hc_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """mHC's split and Sinkhorn in one native call (`dsv3::hc_sinkhorn`, csrc/hyper.c), or None off the native CPU
-    path (fp32 CPU mixes, no autograd: training differentiates the PyTorch reference)."""
+    path (fp32 CPU mixes, no autograd: training differentiates the layer's PyTorch code, `hyper.sinkhorn_split`)."""
     if (not mixes.is_cpu or mixes.dtype != torch.float32 or not 1 <= n <= 16 or iters < 1
             or torch.is_grad_enabled() or torch.compiler.is_compiling() or not kernels.load()):
         return None

@@ -358,6 +358,7 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_visible: 
     order = scores.sort(dim=-1, descending=True, stable=True).indices[..., :min(k, keys.shape[1])]
     return order.contiguous(), torch.isfinite(scores.gather(-1, order)).contiguous()
 
+
 def hc_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC's split of the mixes [..., (2 + n)·n] as DeepSeek-V4's `hc_split_sinkhorn` kernel defines it:

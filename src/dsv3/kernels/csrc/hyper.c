@@ -2,7 +2,7 @@
  *
  * Per block and token the official `hc_split_sinkhorn` turns (2 + n)·n mixes into pre [n], post [n] and an n x n
  * near doubly stochastic comb: a softmax, then a column normalisation and `iters - 1` row-and-column rounds. In
- * PyTorch that is ~120 tensor ops of a few values each per call (20 rounds): 0.23 ms, nine calls a decode step of
+ * PyTorch that is ~120 tensor ops of a few values each per call (20 rounds): ~0.25 ms (bench/hc_sinkhorn.py), nine calls a decode step of
  * the embedded long model, a fifth of its step. Here it is one pass over the rows, in fp32, in the reference's
  * order of operations (`dsv3.ops.reference.hc_sinkhorn`). */
 #include "common.h"

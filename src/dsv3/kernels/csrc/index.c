@@ -8,8 +8,8 @@
  * tokens, almost all of it in the indexer. Here a thread takes a tile of entries, transposes it once into a
  * [D, TILE] buffer that stays in L2, scores every query of the call against it in registers (4 heads x 64 entries
  * a step) and offers the scores to the query's candidates (`Cands`): only an entry that beats the query's current
- * k-th score is written again. Threads split the entries when there are fewer batch rows than threads; their
- * candidates merge at the end.
+ * k-th score is written again. Threads share the work by batch row, then by groups of queries, then (decode: one
+ * query, many entries) by parts of the entries, whose candidates merge at the end.
  *
  * Ties go to the earliest entry, as in the reference (`dsv3.ops.reference.index_topk`): entries arrive in
  * increasing order, so one whose score only equals the k-th kept is later and worse; merging parts compares
@@ -63,25 +63,24 @@ static void select_top(float *s, int64_t *ix, long n, long k) {
     }
 }
 
-static void compact(Cands *c) {
-    select_top(c->s, c->i, c->n, c->k);
-    c->n = c->k;
+/* thr = the worst of the k kept in [0, k): what a later entry must beat */
+static void set_threshold(Cands *c) {
     long w = 0;
     for (long j = 1; j < c->k; j++)
         if (better(c->s[w], c->i[w], c->s[j], c->i[j])) w = j;
     c->thr = c->s[w], c->thr_i = c->i[w], c->full = 1;
 }
 
+static void compact(Cands *c) {
+    select_top(c->s, c->i, c->n, c->k);
+    c->n = c->k;
+    set_threshold(c);
+}
+
 static inline void push(Cands *c, float s, int64_t i) {
     c->s[c->n] = s, c->i[c->n] = i;
-    if (++c->n == c->cap) {
-        compact(c);
-    } else if (!c->full && c->n == c->k) { /* the first k offered are the k best so far: the worst sets thr */
-        long w = 0;
-        for (long j = 1; j < c->k; j++)
-            if (better(c->s[w], c->i[w], c->s[j], c->i[j])) w = j;
-        c->thr = c->s[w], c->thr_i = c->i[w], c->full = 1;
-    }
+    if (++c->n == c->cap) compact(c);
+    else if (!c->full && c->n == c->k) set_threshold(c); /* the first k offered are the k best so far */
 }
 
 /* Scores of one query (q [Hp, D], w [Hp], heads padded to a multiple of HB with zeros) against n entries of the
@@ -205,7 +204,6 @@ void index_topk_f32(const float *q, const float *w, const float *keys, const int
     const long Hp = (H + HB - 1) / HB * HB;
     long maxvis = 0;
     for (long x = 0; x < B * T; x++) maxvis = n_visible[x] > maxvis ? n_visible[x] : maxvis;
-    /* parts: split the entries between threads when there are fewer batch rows than threads */
     /* threads share the work by batch row, then by groups of at least 16 queries (each group transposes the same
      * tiles), then by parts of the entries (decode: one query, many entries; the parts' candidates merge) */
     const long G = B >= threads ? 1 : MIN2((threads + B - 1) / B, (T + 15) / 16);
